@@ -1,0 +1,111 @@
+//! The contract between oxserve and an inference engine, shaped like Triton's backend API:
+//! a [`Backend`] (one per engine) loads a model version into a [`LoadedModel`], which makes one
+//! [`ModelInstance`] per configured instance. An instance is owned by exactly one scheduler
+//! thread and runs batches synchronously, so engines need no locks inside.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use oxserve_core::{Tensor, TensorMeta};
+
+/// What went wrong inside an engine. Opaque apart from its kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendErrorKind {
+    /// The model file is missing, corrupt or not understood.
+    InvalidModel,
+    /// The model uses something the engine cannot run (an operator, a data type).
+    Unsupported,
+    /// The inputs handed to `execute` were rejected by the engine.
+    InvalidInput,
+    /// Anything else.
+    Internal,
+}
+
+#[derive(Debug, Clone)]
+pub struct BackendError {
+    kind: BackendErrorKind,
+    message: String,
+}
+
+impl BackendError {
+    pub fn new(kind: BackendErrorKind, message: impl Into<String>) -> Self {
+        BackendError {
+            kind,
+            message: message.into(),
+        }
+    }
+    pub fn kind(&self) -> BackendErrorKind {
+        self.kind
+    }
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+}
+
+impl fmt::Display for BackendError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for BackendError {}
+
+/// Inputs and outputs a model file declares, with full shapes (`-1` = variable, including a
+/// leading batch dimension when the model has one).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ModelSignature {
+    pub inputs: Vec<TensorMeta>,
+    pub outputs: Vec<TensorMeta>,
+}
+
+/// Everything a backend needs to load one model version.
+#[derive(Debug, Clone)]
+pub struct LoadSpec {
+    pub model_name: String,
+    pub version: u64,
+    /// The model definition file (or directory) inside the version directory.
+    pub model_path: PathBuf,
+    /// Model-facing inputs in the order the engine receives them: shapes after `reshape`, with
+    /// a leading `-1` when the model is batched (`max_batch_size > 0`).
+    pub inputs: Vec<TensorMeta>,
+    /// Model-facing outputs, shaped like `inputs`.
+    pub outputs: Vec<TensorMeta>,
+    pub max_batch_size: u32,
+    /// Instances that will run concurrently, so the engine can size its thread pools.
+    pub instance_count: usize,
+    /// Free-form `parameters` from the model configuration.
+    pub parameters: BTreeMap<String, String>,
+}
+
+/// One batch to run: inputs in the order of [`LoadSpec::inputs`], all with the same first
+/// dimension when the model is batched, and the names of the outputs to produce.
+#[derive(Debug, Clone)]
+pub struct Batch {
+    pub inputs: Vec<Tensor>,
+    pub outputs: Vec<String>,
+}
+
+pub trait Backend: Send + Sync {
+    /// Short engine name, as in config.pbtxt's `backend` field.
+    fn name(&self) -> &'static str;
+
+    /// Reads the inputs and outputs the model file declares, for auto-completing and checking
+    /// the model configuration.
+    fn inspect(&self, model_path: &Path) -> Result<ModelSignature, BackendError>;
+
+    /// Loads and prepares a model version; errors here keep the version from serving.
+    fn load(&self, spec: &LoadSpec) -> Result<Box<dyn LoadedModel>, BackendError>;
+}
+
+pub trait LoadedModel: Send + Sync {
+    /// Creates the `index`-th instance. Called once per configured instance, on the thread
+    /// that will own it.
+    fn new_instance(&self, index: usize) -> Result<Box<dyn ModelInstance>, BackendError>;
+}
+
+pub trait ModelInstance: Send {
+    /// Runs one batch and returns the requested outputs in the order of `batch.outputs`, with
+    /// model-facing shapes.
+    fn execute(&mut self, batch: Batch) -> Result<Vec<Tensor>, BackendError>;
+}

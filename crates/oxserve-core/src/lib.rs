@@ -1,0 +1,14 @@
+//! Protocol- and engine-independent domain types: data types, tensors, inference requests and
+//! responses, model metadata and the closed error set every front-end maps exactly once.
+
+mod dtype;
+mod error;
+mod metadata;
+mod request;
+mod tensor;
+
+pub use dtype::DataType;
+pub use error::{Error, ErrorKind, Result};
+pub use metadata::{ModelMetadata, TensorMeta};
+pub use request::{InferRequest, InferResponse, ParamValue, Parameters, RequestedOutput};
+pub use tensor::{Tensor, TensorData, element_count};

@@ -1,0 +1,13 @@
+//! The engine facade every protocol front-end calls: it resolves model and version, validates
+//! requests against the model's configuration, runs them on the version's instances and shapes
+//! the outputs. It also owns the model table that the lifecycle path fills.
+
+mod autocomplete;
+mod classification;
+mod manager;
+mod model;
+mod service;
+mod validate;
+
+pub use manager::{ManagerOptions, ModelManager};
+pub use service::{IndexEntry, InferenceService, ServerMetadata};

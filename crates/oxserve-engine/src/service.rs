@@ -1,0 +1,215 @@
+//! The facade the protocol front-ends call. It knows nothing about HTTP or gRPC.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use oxserve_core::{Error, ErrorKind, InferRequest, InferResponse, ModelMetadata, Result};
+use oxserve_repository::pb::ModelConfig;
+use oxserve_scheduler::ExecError;
+
+use crate::manager::{ModelManager, VersionState};
+use crate::validate::{finish, prepare};
+
+/// The KServe v2 extensions this server implements, as reported by server metadata.
+const EXTENSIONS: &[&str] = &[
+    "classification",
+    "model_repository",
+    "model_configuration",
+    "binary_tensor_data",
+    "parameters",
+];
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerMetadata {
+    pub name: String,
+    pub version: String,
+    pub extensions: Vec<String>,
+}
+
+/// One row of the repository index.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IndexEntry {
+    pub name: String,
+    pub version: Option<u64>,
+    /// "READY" or "UNAVAILABLE" (Triton's names; LOADING/UNLOADING come with live reloads).
+    pub state: String,
+    pub reason: String,
+}
+
+struct Inner {
+    manager: ModelManager,
+    /// Set once the startup load pass has finished.
+    loaded: AtomicBool,
+    /// Set when shutdown starts: readiness drops so load balancers drain us.
+    stopping: AtomicBool,
+    /// Ready only when every model is ready (Triton's `--strict-readiness`, default true).
+    strict_readiness: bool,
+}
+
+#[derive(Clone)]
+pub struct InferenceService {
+    inner: Arc<Inner>,
+}
+
+impl InferenceService {
+    pub fn new(manager: ModelManager, strict_readiness: bool) -> Self {
+        InferenceService {
+            inner: Arc::new(Inner {
+                manager,
+                loaded: AtomicBool::new(false),
+                stopping: AtomicBool::new(false),
+                strict_readiness,
+            }),
+        }
+    }
+
+    /// Loads the repositories on a blocking thread; readiness turns on when it is done.
+    pub async fn load_models(&self) {
+        let this = self.clone();
+        let done = tokio::task::spawn_blocking(move || this.inner.manager.load_all()).await;
+        if done.is_err() {
+            tracing::error!("model loading panicked");
+        }
+        self.inner.loaded.store(true, Ordering::Release);
+    }
+
+    /// Marks the server as going away: not ready any more, live until it exits.
+    pub fn begin_shutdown(&self) {
+        self.inner.stopping.store(true, Ordering::Release);
+    }
+
+    pub fn is_live(&self) -> bool {
+        true
+    }
+
+    pub fn is_ready(&self) -> bool {
+        if !self.inner.loaded.load(Ordering::Acquire) || self.inner.stopping.load(Ordering::Acquire) {
+            return false;
+        }
+        if !self.inner.strict_readiness {
+            return true;
+        }
+        let table = self.inner.manager.snapshot();
+        table.models.values().all(|m| {
+            m.error.is_none()
+                && m
+                    .versions
+                    .values()
+                    .all(|v| matches!(v, VersionState::Ready(_)))
+        })
+    }
+
+    pub fn server_metadata(&self) -> ServerMetadata {
+        ServerMetadata {
+            name: "oxserve".into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            extensions: EXTENSIONS.iter().map(|s| (*s).to_string()).collect(),
+        }
+    }
+
+    pub fn model_ready(&self, name: &str, version: Option<u64>) -> bool {
+        self.inner.manager.snapshot().resolve(name, version).is_ok()
+    }
+
+    /// Like [`Self::model_ready`], but tells an unknown model from one that is not ready.
+    pub fn check_model_ready(&self, name: &str, version: Option<u64>) -> Result<()> {
+        self.inner.manager.snapshot().resolve(name, version).map(|_| ())
+    }
+
+    pub fn model_metadata(&self, name: &str, version: Option<u64>) -> Result<ModelMetadata> {
+        let table = self.inner.manager.snapshot();
+        let served = table.resolve(name, version)?;
+        let mut metadata = served.metadata.clone();
+        if version.is_none() {
+            // Without a version the metadata lists every ready version, as Triton does.
+            if let Some(record) = table.models.get(name) {
+                metadata.versions = record
+                    .versions
+                    .iter()
+                    .filter(|(_, s)| matches!(s, VersionState::Ready(_)))
+                    .map(|(v, _)| v.to_string())
+                    .collect();
+            }
+        }
+        Ok(metadata)
+    }
+
+    pub fn model_config(&self, name: &str, version: Option<u64>) -> Result<Arc<ModelConfig>> {
+        let served = self.inner.manager.snapshot().resolve(name, version)?;
+        Ok(Arc::clone(&served.config))
+    }
+
+    pub fn repository_index(&self, ready_only: bool) -> Vec<IndexEntry> {
+        let table = self.inner.manager.snapshot();
+        let mut entries = Vec::new();
+        for (name, record) in &table.models {
+            if let Some(reason) = &record.error {
+                if !ready_only {
+                    entries.push(IndexEntry {
+                        name: name.clone(),
+                        version: None,
+                        state: "UNAVAILABLE".into(),
+                        reason: reason.clone(),
+                    });
+                }
+                continue;
+            }
+            for (version, state) in &record.versions {
+                let (state, reason) = match state {
+                    VersionState::Ready(_) => ("READY", String::new()),
+                    VersionState::Unavailable(reason) => ("UNAVAILABLE", reason.clone()),
+                };
+                if ready_only && state != "READY" {
+                    continue;
+                }
+                entries.push(IndexEntry {
+                    name: name.clone(),
+                    version: Some(*version),
+                    state: state.into(),
+                    reason,
+                });
+            }
+        }
+        entries
+    }
+
+    /// Validates and runs one request.
+    pub async fn infer(&self, request: InferRequest) -> Result<InferResponse> {
+        let served = self
+            .inner
+            .manager
+            .snapshot()
+            .resolve(&request.model_name, request.model_version)?;
+        let prepared = prepare(&served.io, &served.model_name, request.inputs, request.outputs)?;
+        let produced = match served.pool.execute(prepared.batch).await {
+            Ok(outputs) => outputs,
+            Err(ExecError::Overloaded) => {
+                return Err(Error::new(
+                    ErrorKind::Overloaded,
+                    format!("model '{}' has too many queued requests", served.model_name),
+                ));
+            }
+            Err(ExecError::Stopped) => {
+                return Err(Error::unavailable(format!("model '{}' is unloading", served.model_name)));
+            }
+            Err(ExecError::Backend(e)) => {
+                tracing::warn!(model = %served.model_name, version = served.version, error = %e, "inference failed");
+                let kind = match e.kind() {
+                    oxserve_backend::BackendErrorKind::InvalidInput => ErrorKind::InvalidArgument,
+                    oxserve_backend::BackendErrorKind::Unsupported => ErrorKind::Unsupported,
+                    oxserve_backend::BackendErrorKind::InvalidModel
+                    | oxserve_backend::BackendErrorKind::Internal => ErrorKind::Internal,
+                };
+                return Err(Error::new(kind, format!("inference failed: {}", e.message())));
+            }
+        };
+        let outputs = finish(&served.io, &prepared.outputs, produced)?;
+        Ok(InferResponse {
+            model_name: served.model_name.clone(),
+            model_version: served.version,
+            id: request.id,
+            parameters: Default::default(),
+            outputs,
+        })
+    }
+}

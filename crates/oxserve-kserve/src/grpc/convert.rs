@@ -1,0 +1,257 @@
+//! Pure conversions between the gRPC wire messages and oxserve's domain types.
+
+use bytes::Bytes;
+use oxserve_core::{
+    DataType, Error, InferRequest, InferResponse, ModelMetadata, RequestedOutput, Result, Tensor,
+    TensorData, TensorMeta, element_count,
+};
+use oxserve_engine::{IndexEntry, ServerMetadata};
+
+use super::contents::typed_to_data;
+use super::params::{WireParams, param_from_wire, params_from_wire, params_to_wire};
+use super::pb::{
+    InferTensorContents, ModelInferRequest, ModelInferResponse, ModelMetadataResponse,
+    ServerMetadataResponse,
+    model_infer_request::{InferInputTensor, InferRequestedOutputTensor},
+    model_infer_response::InferOutputTensor,
+    model_metadata_response::TensorMetadata,
+    repository_index_response::ModelIndex,
+};
+
+/// Triton's tensor parameters for shared-memory I/O. oxserve has no shared memory, and
+/// ignoring them would read or write data the client does not expect, so they are refused.
+const SHARED_MEMORY_PARAMS: [&str; 3] = [
+    "shared_memory_region",
+    "shared_memory_offset",
+    "shared_memory_byte_size",
+];
+
+/// Parses a version string from a request: empty means "let the server pick" (the latest
+/// ready version); anything else must be a non-negative integer.
+pub fn parse_version(version: &str) -> Result<Option<u64>> {
+    if version.is_empty() {
+        return Ok(None);
+    }
+    version.parse::<u64>().map(Some).map_err(|_| {
+        Error::invalid(format!(
+            "failed to get model version from specified version string '{version}', \
+             version should be an integral value > 0"
+        ))
+    })
+}
+
+/// Decodes an inference request. Tensor data is taken from `raw_input_contents` when present
+/// (one entry per input, no typed contents anywhere) and from each input's typed `contents`
+/// otherwise; raw data is handed on as `Bytes` slices of the received message.
+pub fn infer_request_from_wire(request: ModelInferRequest) -> Result<InferRequest> {
+    let ModelInferRequest {
+        model_name,
+        model_version,
+        id,
+        parameters,
+        inputs,
+        outputs,
+        raw_input_contents,
+    } = request;
+
+    let model_version = parse_version(&model_version)?;
+    let parameters = params_from_wire("request", &parameters)?;
+
+    let use_raw = !raw_input_contents.is_empty();
+    if use_raw && raw_input_contents.len() != inputs.len() {
+        return Err(Error::invalid(format!(
+            "expected {} entries in raw_input_contents, one per input, but got {}",
+            inputs.len(),
+            raw_input_contents.len()
+        )));
+    }
+    // With the counts equal, `raw.next()` yields exactly one entry per input in raw mode.
+    let mut raw = raw_input_contents.into_iter();
+    let inputs = inputs
+        .into_iter()
+        .map(|input| {
+            let raw = if use_raw { raw.next() } else { None };
+            input_from_wire(input, raw)
+        })
+        .collect::<Result<Vec<_>>>()?;
+
+    let outputs = outputs
+        .into_iter()
+        .map(output_from_wire)
+        .collect::<Result<Vec<_>>>()?;
+
+    Ok(InferRequest {
+        model_name,
+        model_version,
+        id: (!id.is_empty()).then_some(id),
+        parameters,
+        inputs,
+        outputs,
+    })
+}
+
+/// One input; `raw` is its entry of `raw_input_contents` when the request uses raw contents.
+fn input_from_wire(input: InferInputTensor, raw: Option<Bytes>) -> Result<Tensor> {
+    let InferInputTensor {
+        name,
+        datatype,
+        shape,
+        parameters,
+        contents,
+    } = input;
+
+    let datatype = DataType::from_wire_name(&datatype).ok_or_else(|| {
+        Error::invalid(format!("input '{name}' has unknown datatype '{datatype}'"))
+    })?;
+    // Rejects negative dimensions and overflowing products before any data is looked at.
+    let count = element_count(&shape)
+        .map_err(|e| Error::invalid(format!("input '{name}': {}", e.message())))?;
+    refuse_shared_memory("input", &name, &parameters)?;
+
+    let data = match raw {
+        Some(raw) => {
+            if contents.is_some() {
+                return Err(Error::invalid(format!(
+                    "input '{name}' has contents, which must not be set when the request uses \
+                     raw_input_contents"
+                )));
+            }
+            match datatype.size() {
+                Some(_) => TensorData::Raw(raw),
+                None => TensorData::Strings(Tensor::strings_from_wire(&name, &raw)?),
+            }
+        }
+        None => {
+            let contents = match contents {
+                Some(contents) => contents,
+                // A zero-element tensor needs no data; treat it as empty contents.
+                None if count == 0 => InferTensorContents::default(),
+                None => {
+                    return Err(Error::invalid(format!(
+                        "input '{name}' has no data: set its contents or raw_input_contents"
+                    )));
+                }
+            };
+            typed_to_data(&name, datatype, count, contents)?
+        }
+    };
+
+    let tensor = Tensor::new(name, datatype, shape, data);
+    // Byte length for raw fixed-size data, element count for BYTES.
+    tensor.check_consistent()?;
+    Ok(tensor)
+}
+
+fn output_from_wire(output: InferRequestedOutputTensor) -> Result<RequestedOutput> {
+    let InferRequestedOutputTensor { name, parameters } = output;
+    refuse_shared_memory("output", &name, &parameters)?;
+    // Triton's classification extension: `classification` = N asks for the top N classes;
+    // 0 (what tritonclient sends for "not set" in some versions) means the plain tensor.
+    let classification = match parameters.get("classification") {
+        None => None,
+        Some(param) => {
+            let value = param_from_wire("output", "classification", param)?;
+            match value.as_i64() {
+                Some(0) => None,
+                Some(n) if n > 0 => Some(usize::try_from(n).map_err(|_| {
+                    Error::invalid(format!(
+                        "output '{name}': classification count {n} is too large"
+                    ))
+                })?),
+                _ => {
+                    return Err(Error::invalid(format!(
+                        "output '{name}': parameter 'classification' must be a non-negative \
+                         int64, got {value:?}"
+                    )));
+                }
+            }
+        }
+    };
+    Ok(RequestedOutput {
+        name,
+        classification,
+    })
+}
+
+fn refuse_shared_memory(what: &str, name: &str, parameters: &WireParams) -> Result<()> {
+    match SHARED_MEMORY_PARAMS
+        .iter()
+        .find(|key| parameters.contains_key(**key))
+    {
+        Some(key) => Err(Error::unsupported(format!(
+            "{what} '{name}' uses parameter '{key}', but shared memory is not supported; \
+             send the data in the request"
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// Encodes an inference response with every output in `raw_output_contents` (one entry per
+/// output, in order; BYTES length-prefixed), which is what tritonclient reads.
+pub fn infer_response_to_wire(response: InferResponse) -> ModelInferResponse {
+    let InferResponse {
+        model_name,
+        model_version,
+        id,
+        parameters,
+        outputs,
+    } = response;
+    let mut wire_outputs = Vec::with_capacity(outputs.len());
+    let mut raw_output_contents = Vec::with_capacity(outputs.len());
+    for tensor in outputs {
+        // Fixed-size data is a cheap `Bytes` clone; BYTES is encoded once here.
+        raw_output_contents.push(tensor.to_wire_bytes());
+        wire_outputs.push(InferOutputTensor {
+            name: tensor.name,
+            datatype: tensor.datatype.wire_name().to_owned(),
+            shape: tensor.shape,
+            parameters: WireParams::new(),
+            contents: None,
+        });
+    }
+    ModelInferResponse {
+        model_name,
+        model_version: model_version.to_string(),
+        id: id.unwrap_or_default(),
+        parameters: params_to_wire(&parameters),
+        outputs: wire_outputs,
+        raw_output_contents,
+    }
+}
+
+pub fn model_metadata_to_wire(metadata: ModelMetadata) -> ModelMetadataResponse {
+    let tensor = |t: TensorMeta| TensorMetadata {
+        name: t.name,
+        datatype: t.datatype.wire_name().to_owned(),
+        shape: t.shape,
+    };
+    ModelMetadataResponse {
+        name: metadata.name,
+        versions: metadata.versions,
+        platform: metadata.platform,
+        inputs: metadata.inputs.into_iter().map(tensor).collect(),
+        outputs: metadata.outputs.into_iter().map(tensor).collect(),
+    }
+}
+
+pub fn server_metadata_to_wire(metadata: ServerMetadata) -> ServerMetadataResponse {
+    ServerMetadataResponse {
+        name: metadata.name,
+        version: metadata.version,
+        extensions: metadata.extensions,
+    }
+}
+
+/// A repository index row; a model that failed as a whole has no version, sent as "".
+pub fn index_entry_to_wire(entry: IndexEntry) -> ModelIndex {
+    ModelIndex {
+        name: entry.name,
+        version: entry.version.map(|v| v.to_string()).unwrap_or_default(),
+        state: entry.state,
+        reason: entry.reason,
+    }
+}
+
+#[cfg(test)]
+#[path = "convert_tests.rs"]
+mod tests;

@@ -1,0 +1,24 @@
+//! KServe v2 / Triton gRPC front-end: `inference.GRPCInferenceService` over tonic.
+//!
+//! Wire messages live in [`pb`] (generated from `proto/inference/grpc_service.proto`);
+//! [`convert`] turns them into oxserve's domain types and back; [`status`] maps every
+//! [`oxserve_core::ErrorKind`] to a gRPC code once; [`service`] wires the engine facade to the
+//! generated server.
+
+mod contents;
+pub mod convert;
+mod params;
+mod service;
+pub mod status;
+
+pub use service::{GrpcFrontend, GrpcOptions, GrpcServer, grpc_service, grpc_service_with_options};
+
+/// Messages, server and client generated from `proto/inference/grpc_service.proto`. The
+/// model configuration types come from [`oxserve_repository::pb`].
+pub mod pb {
+    #![allow(clippy::all, clippy::unwrap_used, missing_docs)]
+    tonic::include_proto!("inference");
+
+    pub use grpc_inference_service_client::GrpcInferenceServiceClient;
+    pub use grpc_inference_service_server::{GrpcInferenceService, GrpcInferenceServiceServer};
+}

@@ -1,0 +1,173 @@
+//! `inference.GRPCInferenceService` on top of the engine facade. Each handler decodes, calls
+//! the engine once and encodes; every error goes through [`to_status`].
+
+use oxserve_core::Error;
+use oxserve_engine::InferenceService;
+use tonic::codec::CompressionEncoding;
+use tonic::{Request, Response, Status};
+
+use super::convert::{
+    index_entry_to_wire, infer_request_from_wire, infer_response_to_wire, model_metadata_to_wire,
+    parse_version, server_metadata_to_wire,
+};
+use super::pb::{
+    GrpcInferenceService, GrpcInferenceServiceServer, ModelConfigRequest, ModelConfigResponse,
+    ModelInferRequest, ModelInferResponse, ModelMetadataRequest, ModelMetadataResponse,
+    ModelReadyRequest, ModelReadyResponse, RepositoryIndexRequest, RepositoryIndexResponse,
+    ServerLiveRequest, ServerLiveResponse, ServerMetadataRequest, ServerMetadataResponse,
+    ServerReadyRequest, ServerReadyResponse,
+};
+use super::status::to_status;
+
+/// Settings of the gRPC front-end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GrpcOptions {
+    /// Largest request or response message, in bytes (tonic's own default is 4 MiB, too small
+    /// for image batches). Same default as the HTTP body limit.
+    pub max_message_bytes: usize,
+}
+
+impl Default for GrpcOptions {
+    fn default() -> Self {
+        GrpcOptions {
+            max_message_bytes: 64 * 1024 * 1024,
+        }
+    }
+}
+
+/// The tonic service: the generated server wrapping [`GrpcFrontend`].
+pub type GrpcServer = GrpcInferenceServiceServer<GrpcFrontend>;
+
+/// [`grpc_service_with_options`] with the default options.
+pub fn grpc_service(engine: InferenceService) -> GrpcServer {
+    grpc_service_with_options(engine, GrpcOptions::default())
+}
+
+/// The gRPC service, ready to be added to a `tonic::transport::Server` (or routed by path
+/// `/inference.GRPCInferenceService/*`).
+pub fn grpc_service_with_options(engine: InferenceService, options: GrpcOptions) -> GrpcServer {
+    GrpcInferenceServiceServer::new(GrpcFrontend { engine })
+        .max_decoding_message_size(options.max_message_bytes)
+        .max_encoding_message_size(options.max_message_bytes)
+        // tritonclient can compress requests. Responses stay uncompressed, as in Triton's
+        // default: gRPC clients advertise gzip by default, and compressing every tensor
+        // would cost more CPU than it saves on the networks models are served on.
+        .accept_compressed(CompressionEncoding::Gzip)
+        .accept_compressed(CompressionEncoding::Deflate)
+}
+
+/// Implements the generated service trait on the engine facade.
+#[derive(Clone)]
+pub struct GrpcFrontend {
+    engine: InferenceService,
+}
+
+impl GrpcFrontend {
+    pub fn new(engine: InferenceService) -> Self {
+        GrpcFrontend { engine }
+    }
+}
+
+fn status(err: Error) -> Status {
+    to_status(&err)
+}
+
+#[tonic::async_trait]
+impl GrpcInferenceService for GrpcFrontend {
+    async fn server_live(
+        &self,
+        _request: Request<ServerLiveRequest>,
+    ) -> Result<Response<ServerLiveResponse>, Status> {
+        Ok(Response::new(ServerLiveResponse {
+            live: self.engine.is_live(),
+        }))
+    }
+
+    async fn server_ready(
+        &self,
+        _request: Request<ServerReadyRequest>,
+    ) -> Result<Response<ServerReadyResponse>, Status> {
+        Ok(Response::new(ServerReadyResponse {
+            ready: self.engine.is_ready(),
+        }))
+    }
+
+    /// Like Triton: an unknown model or version is `ready: false` with status OK; only a
+    /// malformed version string is an error (INVALID_ARGUMENT).
+    async fn model_ready(
+        &self,
+        request: Request<ModelReadyRequest>,
+    ) -> Result<Response<ModelReadyResponse>, Status> {
+        let request = request.into_inner();
+        let version = parse_version(&request.version).map_err(status)?;
+        Ok(Response::new(ModelReadyResponse {
+            ready: self.engine.model_ready(&request.name, version),
+        }))
+    }
+
+    async fn server_metadata(
+        &self,
+        _request: Request<ServerMetadataRequest>,
+    ) -> Result<Response<ServerMetadataResponse>, Status> {
+        Ok(Response::new(server_metadata_to_wire(
+            self.engine.server_metadata(),
+        )))
+    }
+
+    async fn model_metadata(
+        &self,
+        request: Request<ModelMetadataRequest>,
+    ) -> Result<Response<ModelMetadataResponse>, Status> {
+        let request = request.into_inner();
+        let version = parse_version(&request.version).map_err(status)?;
+        let metadata = self
+            .engine
+            .model_metadata(&request.name, version)
+            .map_err(status)?;
+        Ok(Response::new(model_metadata_to_wire(metadata)))
+    }
+
+    async fn model_infer(
+        &self,
+        request: Request<ModelInferRequest>,
+    ) -> Result<Response<ModelInferResponse>, Status> {
+        let request = infer_request_from_wire(request.into_inner()).map_err(status)?;
+        let response = self.engine.infer(request).await.map_err(status)?;
+        Ok(Response::new(infer_response_to_wire(response)))
+    }
+
+    async fn model_config(
+        &self,
+        request: Request<ModelConfigRequest>,
+    ) -> Result<Response<ModelConfigResponse>, Status> {
+        let request = request.into_inner();
+        let version = parse_version(&request.version).map_err(status)?;
+        let config = self
+            .engine
+            .model_config(&request.name, version)
+            .map_err(status)?;
+        Ok(Response::new(ModelConfigResponse {
+            config: Some((*config).clone()),
+        }))
+    }
+
+    async fn repository_index(
+        &self,
+        request: Request<RepositoryIndexRequest>,
+    ) -> Result<Response<RepositoryIndexResponse>, Status> {
+        let request = request.into_inner();
+        if !request.repository_name.is_empty() {
+            // Triton answers the same (UNSUPPORTED → UNIMPLEMENTED).
+            return Err(status(Error::unsupported(
+                "'repository_name' specification is not supported",
+            )));
+        }
+        let models = self
+            .engine
+            .repository_index(request.ready)
+            .into_iter()
+            .map(index_entry_to_wire)
+            .collect();
+        Ok(Response::new(RepositoryIndexResponse { models }))
+    }
+}

@@ -1,0 +1,302 @@
+//! KServe v2 over HTTP/1.1 and HTTP/2 (axum), with Triton's binary tensor data, classification,
+//! model configuration and repository index extensions.
+
+mod body;
+mod error;
+mod infer;
+mod json_data;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use bytes::Bytes;
+use oxserve_core::{Error, ErrorKind, ModelMetadata};
+use oxserve_engine::InferenceService;
+use serde::{Deserialize, Serialize};
+
+pub use error::{ApiError, http_status};
+pub use infer::{EncodedResponse, OutputEncoding, encode_response, parse_request};
+pub use json_data::JsonData;
+
+/// Triton's header naming the JSON part's length in a binary-extension body.
+pub const INFERENCE_HEADER_CONTENT_LENGTH: &str = "inference-header-content-length";
+
+#[derive(Debug, Clone)]
+pub struct HttpOptions {
+    /// Largest request body accepted, before and after decompression (Triton's default 64 MiB).
+    pub max_body_bytes: usize,
+}
+
+impl Default for HttpOptions {
+    fn default() -> Self {
+        HttpOptions {
+            max_body_bytes: 64 << 20,
+        }
+    }
+}
+
+#[derive(Clone)]
+struct AppState {
+    engine: InferenceService,
+    options: HttpOptions,
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+/// All KServe v2 routes.
+pub fn router(engine: InferenceService, options: HttpOptions) -> Router {
+    Router::new()
+        .route("/v2", get(server_metadata))
+        .route("/v2/health/live", get(live))
+        .route("/v2/health/ready", get(ready))
+        .route("/v2/models/{model}", get(model_metadata))
+        .route("/v2/models/{model}/versions/{version}", get(model_metadata_version))
+        .route("/v2/models/{model}/ready", get(model_ready))
+        .route("/v2/models/{model}/versions/{version}/ready", get(model_ready_version))
+        .route("/v2/models/{model}/config", get(model_config))
+        .route("/v2/models/{model}/versions/{version}/config", get(model_config_version))
+        .route("/v2/models/{model}/infer", post(infer))
+        .route("/v2/models/{model}/versions/{version}/infer", post(infer_version))
+        .route("/v2/repository/index", post(repository_index))
+        .route("/v2/repository/models/{model}/load", post(load_unload))
+        .route("/v2/repository/models/{model}/unload", post(load_unload))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(AppState { engine, options })
+}
+
+async fn not_found() -> ApiError {
+    ApiError(Error::not_found("no such endpoint"))
+}
+
+async fn method_not_allowed() -> Response {
+    let mut r = ApiError(Error::invalid("method not allowed for this endpoint")).into_response();
+    *r.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
+    r
+}
+
+fn parse_version(version: &str) -> ApiResult<Option<u64>> {
+    version
+        .parse::<u64>()
+        .map(Some)
+        .map_err(|_| ApiError(Error::invalid(format!("model version '{version}' is not a number"))))
+}
+
+fn json_response<T: Serialize>(value: &T) -> Response {
+    match serde_json::to_vec(value) {
+        Ok(body) => ([(header::CONTENT_TYPE, "application/json")], body).into_response(),
+        Err(e) => ApiError(Error::internal(e.to_string())).into_response(),
+    }
+}
+
+#[derive(Serialize)]
+struct ServerMetadataJson {
+    name: String,
+    version: String,
+    extensions: Vec<String>,
+}
+
+async fn server_metadata(State(s): State<AppState>) -> Response {
+    let m = s.engine.server_metadata();
+    json_response(&ServerMetadataJson {
+        name: m.name,
+        version: m.version,
+        extensions: m.extensions,
+    })
+}
+
+async fn live(State(s): State<AppState>) -> StatusCode {
+    if s.engine.is_live() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }
+}
+
+async fn ready(State(s): State<AppState>) -> StatusCode {
+    if s.engine.is_ready() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }
+}
+
+#[derive(Serialize)]
+struct TensorMetaJson<'a> {
+    name: &'a str,
+    datatype: &'static str,
+    shape: &'a [i64],
+}
+
+#[derive(Serialize)]
+struct ModelMetadataJson<'a> {
+    name: &'a str,
+    versions: &'a [String],
+    platform: &'a str,
+    inputs: Vec<TensorMetaJson<'a>>,
+    outputs: Vec<TensorMetaJson<'a>>,
+}
+
+fn meta(t: &oxserve_core::TensorMeta) -> TensorMetaJson<'_> {
+    TensorMetaJson {
+        name: &t.name,
+        datatype: t.datatype.wire_name(),
+        shape: &t.shape,
+    }
+}
+
+fn metadata_json(m: &ModelMetadata) -> Response {
+    let body = ModelMetadataJson {
+        name: &m.name,
+        versions: &m.versions,
+        platform: &m.platform,
+        inputs: m.inputs.iter().map(meta).collect(),
+        outputs: m.outputs.iter().map(meta).collect(),
+    };
+    json_response(&body)
+}
+
+async fn model_metadata(State(s): State<AppState>, Path(model): Path<String>) -> ApiResult<Response> {
+    Ok(metadata_json(&s.engine.model_metadata(&model, None)?))
+}
+
+async fn model_metadata_version(
+    State(s): State<AppState>,
+    Path((model, version)): Path<(String, String)>,
+) -> ApiResult<Response> {
+    Ok(metadata_json(&s.engine.model_metadata(&model, parse_version(&version)?)?))
+}
+
+fn ready_status(s: &AppState, model: &str, version: Option<u64>) -> ApiResult<StatusCode> {
+    match s.engine.check_model_ready(model, version) {
+        Ok(()) => Ok(StatusCode::OK),
+        Err(e) if e.kind() == ErrorKind::NotFound => Err(ApiError(e)),
+        Err(_) => Ok(StatusCode::SERVICE_UNAVAILABLE),
+    }
+}
+
+async fn model_ready(State(s): State<AppState>, Path(model): Path<String>) -> ApiResult<StatusCode> {
+    ready_status(&s, &model, None)
+}
+
+async fn model_ready_version(
+    State(s): State<AppState>,
+    Path((model, version)): Path<(String, String)>,
+) -> ApiResult<StatusCode> {
+    ready_status(&s, &model, parse_version(&version)?)
+}
+
+fn config_response(s: &AppState, model: &str, version: Option<u64>) -> ApiResult<Response> {
+    let config = s.engine.model_config(model, version)?;
+    let json = oxserve_repository::config_to_json(&config);
+    Ok(([(header::CONTENT_TYPE, "application/json")], json).into_response())
+}
+
+async fn model_config(State(s): State<AppState>, Path(model): Path<String>) -> ApiResult<Response> {
+    config_response(&s, &model, None)
+}
+
+async fn model_config_version(
+    State(s): State<AppState>,
+    Path((model, version)): Path<(String, String)>,
+) -> ApiResult<Response> {
+    config_response(&s, &model, parse_version(&version)?)
+}
+
+async fn infer(
+    State(s): State<AppState>,
+    Path(model): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Response> {
+    run_infer(s, model, None, headers, body).await
+}
+
+async fn infer_version(
+    State(s): State<AppState>,
+    Path((model, version)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Response> {
+    let version = parse_version(&version)?;
+    run_infer(s, model, version, headers, body).await
+}
+
+fn header_length(headers: &HeaderMap) -> ApiResult<Option<usize>> {
+    match headers.get(INFERENCE_HEADER_CONTENT_LENGTH) {
+        None => Ok(None),
+        Some(v) => v
+            .to_str()
+            .ok()
+            .and_then(|s| s.trim().parse::<usize>().ok())
+            .map(Some)
+            .ok_or_else(|| ApiError(Error::invalid("Inference-Header-Content-Length is not a non-negative integer"))),
+    }
+}
+
+async fn run_infer(
+    s: AppState,
+    model: String,
+    version: Option<u64>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Response> {
+    let header_len = header_length(&headers)?;
+    let body = body::read_body(&headers, body, s.options.max_body_bytes).await?;
+    let (request, encoding) = match header_len {
+        Some(0) => {
+            let metadata = s.engine.model_metadata(&model, version)?;
+            infer::parse_raw_request(&metadata, version, body)?
+        }
+        _ => infer::parse_request(&model, version, &body, header_len)?,
+    };
+    let response = s.engine.infer(request).await?;
+    let encoded = infer::encode_response(&response, &encoding)?;
+    Ok(match encoded.header_len {
+        None => ([(header::CONTENT_TYPE, "application/json")], encoded.body).into_response(),
+        Some(n) => {
+            let mut r = ([(header::CONTENT_TYPE, "application/octet-stream")], encoded.body).into_response();
+            r.headers_mut().insert(INFERENCE_HEADER_CONTENT_LENGTH, HeaderValue::from(n));
+            r
+        }
+    })
+}
+
+#[derive(Deserialize, Default)]
+struct IndexRequest {
+    #[serde(default)]
+    ready: bool,
+}
+
+#[derive(Serialize)]
+struct IndexEntryJson {
+    name: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    version: Option<String>,
+    state: String,
+    reason: String,
+}
+
+async fn repository_index(State(s): State<AppState>, headers: HeaderMap, body: Body) -> ApiResult<Response> {
+    let body: Bytes = body::read_body(&headers, body, s.options.max_body_bytes).await?;
+    let request: IndexRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        IndexRequest::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|e| Error::invalid(format!("malformed repository index request: {e}")))?
+    };
+    let entries: Vec<IndexEntryJson> = s
+        .engine
+        .repository_index(request.ready)
+        .into_iter()
+        .map(|e| IndexEntryJson {
+            name: e.name,
+            version: e.version.map(|v| v.to_string()),
+            state: e.state,
+            reason: e.reason,
+        })
+        .collect();
+    Ok(json_response(&entries))
+}
+
+/// Models are loaded at startup (Triton's model control mode "none"); explicit load and unload
+/// are refused the way Triton refuses them in that mode.
+async fn load_unload(Path(model): Path<String>) -> ApiError {
+    ApiError(Error::unsupported(format!(
+        "cannot load or unload '{model}': this server loads the repository at startup (model control mode 'none')"
+    )))
+}

@@ -1,0 +1,115 @@
+//! The model repository: Triton's directory layout (`<root>/<model>/<version>/<file>`), the
+//! model configuration schema (`config.pbtxt`, a subset of Triton's `inference.ModelConfig`),
+//! version policies and label files.
+
+use std::sync::LazyLock;
+
+use prost_reflect::{DescriptorPool, MessageDescriptor};
+
+mod config;
+mod error;
+mod layout;
+mod pbtxt;
+
+pub use config::{
+    config_from_json, config_to_json, config_to_json_value, data_type_of, data_type_to_config,
+    parse_config_text, validate_config,
+};
+pub use error::{ConfigError, RepositoryError};
+pub use layout::{
+    ModelDir, list_models, list_versions, model_file_path, read_labels, read_model_config,
+    select_versions,
+};
+
+/// Prost types generated from `proto/inference/model_config.proto` (package `inference`).
+/// Crates compiling protos that import it can map `.inference` here with `extern_path`.
+pub mod pb {
+    #![allow(clippy::all, missing_docs)]
+    include!(concat!(env!("OUT_DIR"), "/inference.rs"));
+}
+
+/// Encoded `FileDescriptorSet` of `inference/model_config.proto` (e.g. for gRPC reflection).
+pub const MODEL_CONFIG_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/model_config_descriptor.bin"));
+
+struct Descriptors {
+    pool: DescriptorPool,
+    model_config: MessageDescriptor,
+}
+
+// The bytes are produced by build.rs from our own proto, so failing to decode them is a
+// build defect, not a runtime condition; a unit test decodes them.
+#[allow(clippy::expect_used)]
+static DESCRIPTORS: LazyLock<Descriptors> = LazyLock::new(|| {
+    let pool = DescriptorPool::decode(MODEL_CONFIG_DESCRIPTOR_SET)
+        .expect("built-in model_config descriptor set decodes");
+    let model_config = pool
+        .get_message_by_name("inference.ModelConfig")
+        .expect("built-in descriptor set defines inference.ModelConfig");
+    Descriptors { pool, model_config }
+});
+
+/// The reflection pool for `inference/model_config.proto`, built on first use.
+pub fn descriptor_pool() -> &'static DescriptorPool {
+    &DESCRIPTORS.pool
+}
+
+fn model_config_descriptor() -> MessageDescriptor {
+    DESCRIPTORS.model_config.clone()
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn descriptor_pool_has_every_message() {
+        let pool = descriptor_pool();
+        for name in [
+            "inference.ModelConfig",
+            "inference.ModelInput",
+            "inference.ModelOutput",
+            "inference.ModelTensorReshape",
+            "inference.ModelInstanceGroup",
+            "inference.ModelVersionPolicy",
+            "inference.ModelVersionPolicy.Latest",
+            "inference.ModelParameter",
+        ] {
+            assert!(pool.get_message_by_name(name).is_some(), "{name}");
+        }
+        assert!(pool.get_enum_by_name("inference.DataType").is_some());
+    }
+
+    #[test]
+    fn field_numbers_match_triton() {
+        let cfg = model_config_descriptor();
+        let numbers: Vec<(String, u32)> = cfg
+            .fields()
+            .map(|f| (f.name().to_owned(), f.number()))
+            .collect();
+        for (name, number) in [
+            ("name", 1),
+            ("platform", 2),
+            ("version_policy", 3),
+            ("max_batch_size", 4),
+            ("input", 5),
+            ("output", 6),
+            ("instance_group", 7),
+            ("default_model_filename", 8),
+            ("parameters", 14),
+            ("backend", 17),
+        ] {
+            assert!(
+                numbers.contains(&(name.to_owned(), number)),
+                "{name} = {number}"
+            );
+        }
+        assert_eq!(numbers.len(), 10, "no fields beyond the agreed subset");
+        let dt = descriptor_pool()
+            .get_enum_by_name("inference.DataType")
+            .unwrap();
+        assert_eq!(dt.get_value_by_name("TYPE_STRING").unwrap().number(), 13);
+        assert_eq!(dt.get_value_by_name("TYPE_BF16").unwrap().number(), 14);
+    }
+}

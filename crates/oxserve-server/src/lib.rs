@@ -1,0 +1,155 @@
+//! Listeners and lifecycle of a running server: bind the HTTP and gRPC ports, serve the
+//! protocol front-ends over one engine, report health, and shut down gracefully.
+
+use std::future::Future;
+use std::net::SocketAddr;
+
+use anyhow::Context;
+use oxserve_engine::InferenceService;
+use oxserve_kserve::grpc::{GrpcOptions, grpc_service_with_options};
+use oxserve_kserve::http::{HttpOptions, router};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tonic::transport::server::TcpIncoming;
+
+/// Where and how to listen.
+#[derive(Debug, Clone)]
+pub struct ServerOptions {
+    pub host: String,
+    pub http_port: u16,
+    pub grpc_port: u16,
+    pub http: HttpOptions,
+    pub grpc: GrpcOptions,
+}
+
+/// Bound sockets, so the caller can report the real ports (port 0 picks a free one) before
+/// serving starts.
+pub struct Listeners {
+    http: TcpListener,
+    grpc: TcpListener,
+}
+
+impl Listeners {
+    pub async fn bind(options: &ServerOptions) -> anyhow::Result<Self> {
+        let http = TcpListener::bind((options.host.as_str(), options.http_port))
+            .await
+            .with_context(|| format!("cannot listen for HTTP on {}:{}", options.host, options.http_port))?;
+        let grpc = TcpListener::bind((options.host.as_str(), options.grpc_port))
+            .await
+            .with_context(|| format!("cannot listen for gRPC on {}:{}", options.host, options.grpc_port))?;
+        Ok(Listeners { http, grpc })
+    }
+
+    pub fn http_addr(&self) -> std::io::Result<SocketAddr> {
+        self.http.local_addr()
+    }
+
+    pub fn grpc_addr(&self) -> std::io::Result<SocketAddr> {
+        self.grpc.local_addr()
+    }
+}
+
+/// Serves until `shutdown` resolves, then stops accepting, lets in-flight requests finish and
+/// returns.
+pub async fn serve(
+    engine: InferenceService,
+    listeners: Listeners,
+    options: &ServerOptions,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    tokio::spawn(report_health(engine.clone(), health, stop_rx.clone()));
+
+    let app = router(engine.clone(), options.http.clone());
+    let http_listener = axum::serve::ListenerExt::tap_io(listeners.http, |tcp| {
+        // Small responses must not wait for Nagle's algorithm.
+        let _ = tcp.set_nodelay(true);
+    });
+    let http = axum::serve(http_listener, app).with_graceful_shutdown(stopped(stop_rx.clone()));
+
+    let grpc = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(grpc_service_with_options(engine.clone(), options.grpc))
+        .serve_with_incoming_shutdown(
+            TcpIncoming::from(listeners.grpc).with_nodelay(Some(true)),
+            stopped(stop_rx.clone()),
+        );
+
+    let engine_for_signal = engine.clone();
+    tokio::spawn(async move {
+        shutdown.await;
+        tracing::info!("shutting down: no new connections, finishing in-flight requests");
+        engine_for_signal.begin_shutdown();
+        let _ = stop_tx.send(true);
+    });
+
+    let (http_result, grpc_result) = tokio::join!(
+        async { http.await.context("HTTP server failed") },
+        async { grpc.await.context("gRPC server failed") }
+    );
+    http_result?;
+    grpc_result?;
+    tracing::info!("all connections closed");
+    Ok(())
+}
+
+/// Keeps grpc.health.v1 in step with the engine's readiness.
+async fn report_health(
+    engine: InferenceService,
+    reporter: tonic_health::server::HealthReporter,
+    mut stop: watch::Receiver<bool>,
+) {
+    const SERVICES: [&str; 2] = ["", "inference.GRPCInferenceService"];
+    let mut last: Option<bool> = None;
+    loop {
+        let ready = engine.is_ready() && !*stop.borrow();
+        if last != Some(ready) {
+            for service in SERVICES {
+                let status = if ready {
+                    tonic_health::ServingStatus::Serving
+                } else {
+                    tonic_health::ServingStatus::NotServing
+                };
+                reporter.set_service_status(service, status).await;
+            }
+            last = Some(ready);
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(std::time::Duration::from_millis(200)) => {}
+            _ = stop.changed() => {}
+        }
+        if *stop.borrow() && last == Some(false) {
+            return;
+        }
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+}

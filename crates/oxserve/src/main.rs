@@ -1,0 +1,206 @@
+//! The `oxserve` command: run the server, inspect a model repository, send a request, or
+//! generate load.
+
+mod bench;
+mod client;
+mod settings;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use oxserve_backend::Backend;
+use oxserve_engine::{InferenceService, ManagerOptions, ModelManager};
+use oxserve_kserve::grpc::GrpcOptions;
+use oxserve_kserve::http::HttpOptions;
+use oxserve_server::{Listeners, ServerOptions};
+use settings::Settings;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Parser)]
+#[command(name = "oxserve", version, about = "A production model server for ONNX, TensorFlow and PyTorch models")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the models of one or more repositories over KServe v2 HTTP and gRPC.
+    Serve(ServeArgs),
+    /// Load a repository and print what would serve, with the reason for each failure.
+    Models(ModelsArgs),
+    /// Send one inference request to a running server and print the result.
+    Infer(client::InferArgs),
+    /// Generate load against a server (or the engine in-process) and report latency.
+    Bench(bench::BenchArgs),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// Model repository directory (repeatable). Triton's `--model-store` works too.
+    #[arg(long = "model-repository", alias = "model-store", value_name = "DIR")]
+    model_repository: Vec<PathBuf>,
+    /// Address to listen on.
+    #[arg(long, alias = "http-address")]
+    host: Option<String>,
+    /// HTTP port (0 picks a free port).
+    #[arg(long)]
+    http_port: Option<u16>,
+    /// gRPC port (0 picks a free port).
+    #[arg(long)]
+    grpc_port: Option<u16>,
+    /// Largest HTTP request body / gRPC message in bytes.
+    #[arg(long, alias = "http-max-input-size")]
+    max_input_size: Option<usize>,
+    /// Report ready only when every model is ready.
+    #[arg(long, value_name = "BOOL")]
+    strict_readiness: Option<bool>,
+    /// Configuration file (default: ./oxserve.toml when present).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Log format: text or json.
+    #[arg(long)]
+    log_format: Option<String>,
+}
+
+#[derive(Args)]
+struct ModelsArgs {
+    /// Model repository directories.
+    #[arg(required = true, value_name = "DIR")]
+    repositories: Vec<PathBuf>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve(args) => serve(args),
+        Command::Models(args) => models(args),
+        Command::Infer(args) => runtime().and_then(|rt| rt.block_on(client::run(args))),
+        Command::Bench(args) => runtime().and_then(|rt| rt.block_on(bench::run(args))),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+fn init_logging(format: &str, level: &str) -> anyhow::Result<()> {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("OXSERVE_LOG")
+        .or_else(|_| EnvFilter::try_new(level))
+        .context("invalid log level")?;
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        "json" => builder.json().init(),
+        "text" => builder.init(),
+        other => anyhow::bail!("unknown log format '{other}' (use text or json)"),
+    }
+    Ok(())
+}
+
+/// The engines compiled into this binary.
+fn backends() -> Vec<Arc<dyn Backend>> {
+    vec![Arc::new(oxserve_tract::TractBackend::new())]
+}
+
+fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let mut settings = Settings::load(args.config.as_deref())?;
+    if !args.model_repository.is_empty() {
+        settings.models.repositories = args.model_repository;
+    }
+    let s = &mut settings.server;
+    s.host = args.host.unwrap_or(std::mem::take(&mut s.host));
+    s.http_port = args.http_port.unwrap_or(s.http_port);
+    s.grpc_port = args.grpc_port.unwrap_or(s.grpc_port);
+    s.max_input_size = args.max_input_size.unwrap_or(s.max_input_size);
+    settings.models.strict_readiness = args.strict_readiness.unwrap_or(settings.models.strict_readiness);
+    if let Some(f) = args.log_format {
+        settings.log.format = f;
+    }
+    init_logging(&settings.log.format, &settings.log.level)?;
+    if settings.models.repositories.is_empty() {
+        anyhow::bail!("no model repository given (use --model-repository DIR)");
+    }
+
+    let options = ServerOptions {
+        host: settings.server.host.clone(),
+        http_port: settings.server.http_port,
+        grpc_port: settings.server.grpc_port,
+        http: HttpOptions {
+            max_body_bytes: settings.server.max_input_size,
+        },
+        grpc: GrpcOptions {
+            max_message_bytes: settings.server.max_input_size,
+        },
+    };
+    let manager = ModelManager::new(
+        backends(),
+        ManagerOptions {
+            repositories: settings.models.repositories.clone(),
+            queue_capacity: settings.models.queue_capacity,
+        },
+    );
+    let engine = InferenceService::new(manager, settings.models.strict_readiness);
+
+    runtime()?.block_on(async move {
+        let listeners = Listeners::bind(&options).await?;
+        let (http, grpc) = (listeners.http_addr()?, listeners.grpc_addr()?);
+        // One machine-readable line on stdout for scripts and tests; logs go to stderr.
+        println!("{}", serde_json::json!({"event": "listening", "http": http.to_string(), "grpc": grpc.to_string()}));
+        tracing::info!(%http, %grpc, "listening");
+        let loader = engine.clone();
+        tokio::spawn(async move {
+            loader.load_models().await;
+            tracing::info!(ready = loader.is_ready(), "model repository loaded");
+        });
+        oxserve_server::serve(engine, listeners, &options, oxserve_server::shutdown_signal()).await
+    })
+}
+
+fn models(args: ModelsArgs) -> anyhow::Result<()> {
+    init_logging("text", "warn")?;
+    let manager = ModelManager::new(
+        backends(),
+        ManagerOptions {
+            repositories: args.repositories,
+            ..ManagerOptions::default()
+        },
+    );
+    let engine = InferenceService::new(manager, true);
+    runtime()?.block_on(engine.load_models());
+    let index = engine.repository_index(false);
+    if args.json {
+        let rows: Vec<_> = index
+            .iter()
+            .map(|e| serde_json::json!({"name": e.name, "version": e.version.map(|v| v.to_string()), "state": e.state, "reason": e.reason}))
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+    } else {
+        println!("{:<24} {:>7}  {:<12} REASON", "MODEL", "VERSION", "STATE");
+        for e in &index {
+            let version = e.version.map_or("-".to_string(), |v| v.to_string());
+            println!("{:<24} {:>7}  {:<12} {}", e.name, version, e.state, e.reason);
+        }
+    }
+    if index.iter().any(|e| e.state != "READY") {
+        anyhow::bail!("some models failed to load");
+    }
+    Ok(())
+}

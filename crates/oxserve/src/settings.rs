@@ -1,0 +1,137 @@
+//! Layered configuration: built-in defaults → `oxserve.toml` → `OXSERVE__SECTION__KEY`
+//! environment variables → command-line flags.
+
+use std::path::{Path, PathBuf};
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Settings {
+    pub server: ServerSettings,
+    pub models: ModelSettings,
+    pub log: LogSettings,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerSettings {
+    pub host: String,
+    pub http_port: u16,
+    pub grpc_port: u16,
+    /// Largest HTTP request body and gRPC message, in bytes.
+    pub max_input_size: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelSettings {
+    pub repositories: Vec<PathBuf>,
+    /// Ready only when every model is ready (Triton's default).
+    pub strict_readiness: bool,
+    /// Requests that may wait per model version before new ones get 429.
+    pub queue_capacity: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogSettings {
+    /// `text` or `json`.
+    pub format: String,
+    /// A tracing filter, e.g. `info` or `oxserve_engine=debug,info`.
+    pub level: String,
+}
+
+impl Default for ServerSettings {
+    fn default() -> Self {
+        ServerSettings {
+            host: "127.0.0.1".into(),
+            http_port: 8000,
+            grpc_port: 8001,
+            max_input_size: 64 << 20,
+        }
+    }
+}
+
+impl Default for ModelSettings {
+    fn default() -> Self {
+        ModelSettings {
+            repositories: Vec::new(),
+            strict_readiness: true,
+            queue_capacity: 1024,
+        }
+    }
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        LogSettings {
+            format: "text".into(),
+            level: "info".into(),
+        }
+    }
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            server: ServerSettings::default(),
+            models: ModelSettings::default(),
+            log: LogSettings::default(),
+        }
+    }
+}
+
+impl Settings {
+    /// Defaults, then the TOML file (the given one must exist; `./oxserve.toml` is read when
+    /// present), then the environment.
+    pub fn load(file: Option<&Path>) -> anyhow::Result<Settings> {
+        let mut figment = Figment::from(Serialized::defaults(Settings::default()));
+        match file {
+            Some(path) => {
+                if !path.is_file() {
+                    anyhow::bail!("configuration file {} does not exist", path.display());
+                }
+                figment = figment.merge(Toml::file_exact(path));
+            }
+            None => figment = figment.merge(Toml::file("oxserve.toml")),
+        }
+        let settings = figment
+            .merge(Env::prefixed("OXSERVE__").split("__"))
+            .extract()
+            .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
+        Ok(settings)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layers_apply_in_order() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("custom.toml", "[server]\nhttp_port = 9000\ngrpc_port = 9001\n")?;
+            jail.set_env("OXSERVE__SERVER__GRPC_PORT", "9100");
+            let s = Settings::load(Some(Path::new("custom.toml"))).map_err(|e| e.to_string())?;
+            assert_eq!(s.server.http_port, 9000);
+            assert_eq!(s.server.grpc_port, 9100);
+            assert_eq!(s.server.host, "127.0.0.1");
+            assert!(s.models.strict_readiness);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn unknown_keys_and_missing_files_are_errors() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("bad.toml", "[server]\nhttp_prot = 1\n")?;
+            let e = Settings::load(Some(Path::new("bad.toml"))).unwrap_err().to_string();
+            assert!(e.contains("http_prot"), "{e}");
+            assert!(Settings::load(Some(Path::new("missing.toml"))).is_err());
+            Ok(())
+        });
+    }
+}
