@@ -12,10 +12,7 @@ fn main() -> Result<(), Box<dyn Error>> {
 
     let fds = protox::compile(["inference/model_config.proto"], [proto_root])?;
     let out_dir = PathBuf::from(env::var("OUT_DIR")?);
-    fs::write(
-        out_dir.join("model_config_descriptor.bin"),
-        fds.encode_to_vec(),
-    )?;
+    fs::write(out_dir.join("model_config_descriptor.bin"), fds.encode_to_vec())?;
     prost_build::Config::new().compile_fds(fds)?;
     Ok(())
 }

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import shutil
 import signal
 import subprocess
 import tempfile
@@ -236,6 +237,11 @@ class ServerProcess:
         extra = [line for line in self.stdout_lines[1:] if line.strip()]
         if extra:
             self.fail(f"stdout must hold exactly one line (the listening event); also got: {extra[:5]!r}")
+        self.remove_logs()
+
+    def remove_logs(self) -> None:
+        """Deletes the stderr log after a clean stop (it is kept whenever a check failed)."""
+        shutil.rmtree(self._stderr_dir, ignore_errors=True)
 
     def _kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

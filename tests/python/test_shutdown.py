@@ -163,6 +163,7 @@ def test_sigterm_completes_in_flight_requests_and_exits_zero():
         code = srv.wait_exit()
         if code != 0:
             srv.fail(f"exit code {code} after SIGTERM, expected 0")
+        srv.remove_logs()
     finally:
         for conn, *_ in conns:
             conn.close()

@@ -41,7 +41,12 @@ impl Tensor {
     }
 
     /// A tensor of fixed-size elements from their little-endian bytes.
-    pub fn from_raw(name: impl Into<String>, datatype: DataType, shape: Vec<i64>, raw: impl Into<Bytes>) -> Self {
+    pub fn from_raw(
+        name: impl Into<String>,
+        datatype: DataType,
+        shape: Vec<i64>,
+        raw: impl Into<Bytes>,
+    ) -> Self {
         Self::new(name, datatype, shape, TensorData::Raw(raw.into()))
     }
 
@@ -170,13 +175,22 @@ mod tests {
         assert!(t.check_consistent().is_ok());
         let t = Tensor::from_raw("x", DataType::F32, vec![3], vec![0u8; 8]);
         assert!(t.check_consistent().is_err());
-        let t = Tensor::new("s", DataType::Bytes, vec![2], TensorData::Strings(vec![Bytes::from_static(b"a")]));
+        let t = Tensor::new(
+            "s",
+            DataType::Bytes,
+            vec![2],
+            TensorData::Strings(vec![Bytes::from_static(b"a")]),
+        );
         assert!(t.check_consistent().is_err());
     }
 
     #[test]
     fn bytes_wire_round_trip_and_truncation() {
-        let items = vec![Bytes::from_static(b"hello"), Bytes::new(), Bytes::from_static(b"\xff\x00")];
+        let items = vec![
+            Bytes::from_static(b"hello"),
+            Bytes::new(),
+            Bytes::from_static(b"\xff\x00"),
+        ];
         let t = Tensor::new("s", DataType::Bytes, vec![3], TensorData::Strings(items.clone()));
         let wire = t.to_wire_bytes();
         assert_eq!(Tensor::strings_from_wire("s", &wire).ok(), Some(items));

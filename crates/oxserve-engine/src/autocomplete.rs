@@ -4,7 +4,11 @@
 
 use oxserve_backend::ModelSignature;
 use oxserve_core::{DataType, TensorMeta};
-use oxserve_repository::pb::{ModelConfig, ModelInput, ModelOutput, ModelTensorReshape};
+use oxserve_repository::pb::model_instance_group::Kind;
+use oxserve_repository::pb::model_version_policy::{Latest, PolicyChoice};
+use oxserve_repository::pb::{
+    ModelConfig, ModelInput, ModelInstanceGroup, ModelOutput, ModelTensorReshape, ModelVersionPolicy,
+};
 use oxserve_repository::{data_type_of, data_type_to_config};
 
 /// Triton's `default-max-batch-size` for models whose configuration leaves batching unsaid.
@@ -30,13 +34,11 @@ pub(crate) fn complete(cfg: &mut ModelConfig, sig: &ModelSignature) -> Result<()
         cfg.max_batch_size = DEFAULT_MAX_BATCH_SIZE;
     }
     let batched = cfg.max_batch_size > 0;
-    if batched {
-        if let Some(t) = sig.inputs.iter().chain(&sig.outputs).find(|t| !has_batch_dim(t)) {
-            return Err(format!(
-                "max_batch_size is {} but model tensor '{}' has shape {:?} without a variable first (batch) dimension",
-                cfg.max_batch_size, t.name, t.shape
-            ));
-        }
+    if batched && let Some(t) = sig.inputs.iter().chain(&sig.outputs).find(|t| !has_batch_dim(t)) {
+        return Err(format!(
+            "max_batch_size is {} but model tensor '{}' has shape {:?} without a variable first (batch) dimension",
+            cfg.max_batch_size, t.name, t.shape
+        ));
     }
     if cfg.input.is_empty() {
         cfg.input = sig
@@ -95,6 +97,32 @@ pub(crate) fn complete(cfg: &mut ModelConfig, sig: &ModelSignature) -> Result<()
     Ok(())
 }
 
+/// Makes the defaults explicit, as Triton's config endpoint shows them: version policy
+/// latest 1, and one CPU instance.
+pub(crate) fn fill_defaults(cfg: &mut ModelConfig) {
+    if cfg.version_policy.is_none() {
+        cfg.version_policy = Some(ModelVersionPolicy {
+            policy_choice: Some(PolicyChoice::Latest(Latest { num_versions: 1 })),
+        });
+    }
+    if cfg.instance_group.is_empty() {
+        cfg.instance_group.push(ModelInstanceGroup {
+            name: cfg.name.clone(),
+            kind: Kind::Cpu as i32,
+            count: 1,
+            ..Default::default()
+        });
+    }
+    for group in &mut cfg.instance_group {
+        if group.count == 0 {
+            group.count = 1;
+        }
+        if group.name.is_empty() {
+            group.name = cfg.name.clone();
+        }
+    }
+}
+
 /// Triton forbids empty `dims`; a scalar is `dims: [1]` reshaped to `[]`.
 fn dims_or_scalar(dims: Vec<i64>) -> (Vec<i64>, Option<ModelTensorReshape>) {
     if dims.is_empty() {
@@ -105,7 +133,11 @@ fn dims_or_scalar(dims: Vec<i64>) -> (Vec<i64>, Option<ModelTensorReshape>) {
 }
 
 /// The shape the engine sees for a configured tensor: batch dim + (reshape or dims).
-pub(crate) fn model_facing_shape(dims: &[i64], reshape: Option<&ModelTensorReshape>, batched: bool) -> Vec<i64> {
+pub(crate) fn model_facing_shape(
+    dims: &[i64],
+    reshape: Option<&ModelTensorReshape>,
+    batched: bool,
+) -> Vec<i64> {
     let inner = reshape.map_or(dims, |r| r.shape.as_slice());
     let mut shape = Vec::with_capacity(inner.len() + 1);
     if batched {
@@ -159,7 +191,10 @@ pub(crate) fn check(cfg: &ModelConfig, sig: &ModelSignature) -> Result<(), Strin
     }
     for t in &sig.inputs {
         if !cfg.input.iter().any(|i| i.name == t.name) {
-            return Err(format!("model input '{}' is missing from the configuration", t.name));
+            return Err(format!(
+                "model input '{}' is missing from the configuration",
+                t.name
+            ));
         }
     }
     for output in &cfg.output {
@@ -183,7 +218,10 @@ mod tests {
 
     fn add_sub_sig() -> ModelSignature {
         ModelSignature {
-            inputs: vec![meta("A", DataType::F32, &[-1, 16]), meta("B", DataType::F32, &[-1, 16])],
+            inputs: vec![
+                meta("A", DataType::F32, &[-1, 16]),
+                meta("B", DataType::F32, &[-1, 16]),
+            ],
             outputs: vec![meta("S", DataType::F32, &[-1, 16])],
         }
     }

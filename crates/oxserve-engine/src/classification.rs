@@ -20,7 +20,10 @@ fn decode(dtype: DataType, raw: &[u8]) -> Result<Vec<(f64, String)>> {
         };
     }
     Ok(match dtype {
-        DataType::Bool => raw.iter().map(|&b| (f64::from(b), (b != 0).to_string())).collect(),
+        DataType::Bool => raw
+            .iter()
+            .map(|&b| (f64::from(b), (b != 0).to_string()))
+            .collect(),
         DataType::U8 => each!(u8, 1, f64::from),
         DataType::U16 => each!(u16, 2, f64::from),
         DataType::U32 => each!(u32, 4, f64::from),
@@ -40,7 +43,12 @@ fn decode(dtype: DataType, raw: &[u8]) -> Result<Vec<(f64, String)>> {
 }
 
 /// Replaces `tensor` by its top-`count` classes per batch row.
-pub(crate) fn classify(tensor: &Tensor, count: usize, batched: bool, labels: Option<&[String]>) -> Result<Tensor> {
+pub(crate) fn classify(
+    tensor: &Tensor,
+    count: usize,
+    batched: bool,
+    labels: Option<&[String]>,
+) -> Result<Tensor> {
     let Some(raw) = tensor.raw() else {
         return Err(Error::invalid(format!(
             "output '{}' is BYTES; classification needs a numeric output",
@@ -48,7 +56,11 @@ pub(crate) fn classify(tensor: &Tensor, count: usize, batched: bool, labels: Opt
         )));
     };
     let values = decode(tensor.datatype, raw)?;
-    let rows = if batched { tensor.shape.first().copied().unwrap_or(1).max(1) as usize } else { 1 };
+    let rows = if batched {
+        tensor.shape.first().copied().unwrap_or(1).max(1) as usize
+    } else {
+        1
+    };
     let per_row = values.len() / rows.max(1);
     let n = count.min(per_row);
     let mut out = Vec::with_capacity(rows * n);
@@ -70,8 +82,17 @@ pub(crate) fn classify(tensor: &Tensor, count: usize, batched: bool, labels: Opt
             out.push(Bytes::from(text));
         }
     }
-    let shape = if batched { vec![rows as i64, n as i64] } else { vec![n as i64] };
-    Ok(Tensor::new(tensor.name.clone(), DataType::Bytes, shape, TensorData::Strings(out)))
+    let shape = if batched {
+        vec![rows as i64, n as i64]
+    } else {
+        vec![n as i64]
+    };
+    Ok(Tensor::new(
+        tensor.name.clone(),
+        DataType::Bytes,
+        shape,
+        TensorData::Strings(out),
+    ))
 }
 
 #[cfg(test)]
@@ -85,7 +106,10 @@ mod tests {
 
     fn strings(t: &Tensor) -> Vec<String> {
         match &t.data {
-            TensorData::Strings(s) => s.iter().map(|b| String::from_utf8_lossy(b).into_owned()).collect(),
+            TensorData::Strings(s) => s
+                .iter()
+                .map(|b| String::from_utf8_lossy(b).into_owned())
+                .collect(),
             TensorData::Raw(_) => panic!("not strings"),
         }
     }
@@ -106,7 +130,10 @@ mod tests {
         let t = f32_tensor(vec![2, 3], &[0.1, 0.7, 0.2, 0.9, 0.05, 0.05]);
         let c = classify(&t, 5, true, None).unwrap();
         assert_eq!(c.shape, vec![2, 3]);
-        assert_eq!(strings(&c), vec!["0.7:1", "0.2:2", "0.1:0", "0.9:0", "0.05:1", "0.05:2"]);
+        assert_eq!(
+            strings(&c),
+            vec!["0.7:1", "0.2:2", "0.1:0", "0.9:0", "0.05:1", "0.05:2"]
+        );
     }
 
     #[test]
@@ -114,7 +141,12 @@ mod tests {
         let raw: Vec<u8> = [5i32, -2, 9].iter().flat_map(|v| v.to_le_bytes()).collect();
         let t = Tensor::from_raw("o", DataType::I32, vec![3], raw);
         assert_eq!(strings(&classify(&t, 1, false, None).unwrap()), vec!["9:2"]);
-        let s = Tensor::new("s", DataType::Bytes, vec![1], TensorData::Strings(vec![Bytes::new()]));
+        let s = Tensor::new(
+            "s",
+            DataType::Bytes,
+            vec![1],
+            TensorData::Strings(vec![Bytes::new()]),
+        );
         assert!(classify(&s, 1, false, None).is_err());
     }
 }

@@ -11,6 +11,7 @@ use arc_swap::ArcSwap;
 use oxserve_backend::{Backend, LoadSpec};
 use oxserve_core::{DataType, Error, ModelMetadata, Result, TensorMeta};
 use oxserve_repository::pb::ModelConfig;
+use oxserve_repository::pb::model_instance_group::Kind;
 use oxserve_repository::{self as repo, ModelDir};
 use oxserve_scheduler::{InstancePool, PoolOptions};
 
@@ -135,7 +136,7 @@ impl ModelManager {
                 Ok(served) => {
                     tracing::info!(
                         model = %dir.name, version, backend = backend.name(),
-                        reason = %backend_reason(&config),
+                        reason = "ONNX model; tract is the built-in ONNX engine",
                         load_ms = started.elapsed().as_millis() as u64,
                         "model version ready"
                     );
@@ -182,6 +183,14 @@ impl ModelManager {
         let signature = backend.inspect(&model_path).map_err(|e| e.to_string())?;
         let mut config = base.clone();
         autocomplete::complete(&mut config, &signature)?;
+        autocomplete::fill_defaults(&mut config);
+        if let Some(g) = config.instance_group.iter().find(|g| g.kind == Kind::Gpu as i32) {
+            return Err(format!(
+                "instance group '{}' asks for KIND_GPU, but the {} engine runs on CPU only",
+                g.name,
+                backend.name()
+            ));
+        }
         if config.platform.is_empty() {
             config.platform = "onnxruntime_onnx".into();
         }
@@ -197,12 +206,24 @@ impl ModelManager {
             inputs: config
                 .input
                 .iter()
-                .map(|i| tensor_meta(&i.name, i.data_type, model_facing_shape(&i.dims, i.reshape.as_ref(), batched)))
+                .map(|i| {
+                    tensor_meta(
+                        &i.name,
+                        i.data_type,
+                        model_facing_shape(&i.dims, i.reshape.as_ref(), batched),
+                    )
+                })
                 .collect::<Result<_, _>>()?,
             outputs: config
                 .output
                 .iter()
-                .map(|o| tensor_meta(&o.name, o.data_type, model_facing_shape(&o.dims, o.reshape.as_ref(), batched)))
+                .map(|o| {
+                    tensor_meta(
+                        &o.name,
+                        o.data_type,
+                        model_facing_shape(&o.dims, o.reshape.as_ref(), batched),
+                    )
+                })
                 .collect::<Result<_, _>>()?,
             max_batch_size: config.max_batch_size as u32,
             instance_count: instance_count(&config),
@@ -234,13 +255,6 @@ impl ModelManager {
     }
 }
 
-fn backend_reason(cfg: &ModelConfig) -> String {
-    match (cfg.platform.as_str(), cfg.backend.as_str()) {
-        (_, "tract") => "ONNX model; tract is the built-in ONNX engine".into(),
-        (p, b) => format!("platform '{p}', backend '{b}'"),
-    }
-}
-
 fn instance_count(cfg: &ModelConfig) -> usize {
     let total: i64 = cfg.instance_group.iter().map(|g| i64::from(g.count.max(1))).sum();
     usize::try_from(total).unwrap_or(1).max(1)
@@ -264,7 +278,10 @@ fn model_io(cfg: &ModelConfig, model_dir: &Path) -> Result<ModelIo, String> {
         .iter()
         .map(|i| {
             if i.optional {
-                return Err(format!("input '{}': optional inputs are not supported by the tract engine", i.name));
+                return Err(format!(
+                    "input '{}': optional inputs are not supported by the tract engine",
+                    i.name
+                ));
             }
             Ok(InputSpec {
                 name: i.name.clone(),

@@ -90,13 +90,10 @@ impl InferenceService {
             return true;
         }
         let table = self.inner.manager.snapshot();
-        table.models.values().all(|m| {
-            m.error.is_none()
-                && m
-                    .versions
-                    .values()
-                    .all(|v| matches!(v, VersionState::Ready(_)))
-        })
+        table
+            .models
+            .values()
+            .all(|m| m.error.is_none() && m.versions.values().all(|v| matches!(v, VersionState::Ready(_))))
     }
 
     pub fn server_metadata(&self) -> ServerMetadata {
@@ -190,7 +187,10 @@ impl InferenceService {
                 ));
             }
             Err(ExecError::Stopped) => {
-                return Err(Error::unavailable(format!("model '{}' is unloading", served.model_name)));
+                return Err(Error::unavailable(format!(
+                    "model '{}' is unloading",
+                    served.model_name
+                )));
             }
             Err(ExecError::Backend(e)) => {
                 tracing::warn!(model = %served.model_name, version = served.version, error = %e, "inference failed");

@@ -24,7 +24,9 @@ fn resolve_reshape(target: &[i64], elements: usize) -> Result<Vec<i64>> {
     let mut out = target.to_vec();
     if let Some(slot) = out.iter_mut().find(|d| **d == -1) {
         if known <= 0 || elements as i64 % known != 0 {
-            return Err(Error::invalid(format!("cannot reshape {elements} elements to {target:?}")));
+            return Err(Error::invalid(format!(
+                "cannot reshape {elements} elements to {target:?}"
+            )));
         }
         *slot = elements as i64 / known;
     }
@@ -49,7 +51,10 @@ pub(crate) fn prepare(
         };
         let spec = &io.inputs[index];
         if slots[index].is_some() {
-            return Err(Error::invalid(format!("input '{}' is given more than once", tensor.name)));
+            return Err(Error::invalid(format!(
+                "input '{}' is given more than once",
+                tensor.name
+            )));
         }
         if tensor.datatype != spec.datatype {
             return Err(Error::invalid(format!(
@@ -140,7 +145,10 @@ pub(crate) fn prepare(
                 )));
             };
             if outputs.iter().any(|&(i, _)| i == index) {
-                return Err(Error::invalid(format!("output '{}' is requested more than once", r.name)));
+                return Err(Error::invalid(format!(
+                    "output '{}' is requested more than once",
+                    r.name
+                )));
             }
             if let Some(count) = r.classification {
                 if !spec.datatype.is_numeric() {
@@ -181,7 +189,11 @@ fn client_shape(spec: &OutputSpec, model_shape: &[i64], batched: bool) -> Vec<i6
 }
 
 /// Turns engine outputs into the response's outputs.
-pub(crate) fn finish(io: &ModelIo, plan: &[(usize, Option<usize>)], produced: Vec<Tensor>) -> Result<Vec<Tensor>> {
+pub(crate) fn finish(
+    io: &ModelIo,
+    plan: &[(usize, Option<usize>)],
+    produced: Vec<Tensor>,
+) -> Result<Vec<Tensor>> {
     if produced.len() != plan.len() {
         return Err(Error::internal(format!(
             "engine returned {} outputs, {} were requested",
@@ -256,7 +268,13 @@ mod tests {
 
     #[test]
     fn valid_request_is_reshaped_for_the_engine() {
-        let p = prepare(&io(), "m", vec![i32s("B", vec![2, 3], 6), f32s("A", vec![2, 4], 8)], vec![]).unwrap();
+        let p = prepare(
+            &io(),
+            "m",
+            vec![i32s("B", vec![2, 3], 6), f32s("A", vec![2, 4], 8)],
+            vec![],
+        )
+        .unwrap();
         assert_eq!(p.batch.inputs[0].name, "A");
         assert_eq!(p.batch.inputs[0].shape, vec![2, 2, 2]);
         assert_eq!(p.batch.outputs, vec!["O".to_string()]);
@@ -268,14 +286,18 @@ mod tests {
     fn rejects_bad_requests_with_clear_messages() {
         assert!(err(vec![f32s("A", vec![1, 4], 4)], vec![]).contains("missing input 'B'"));
         assert!(err(vec![f32s("Z", vec![1, 4], 4)], vec![]).contains("unexpected inference input 'Z'"));
-        assert!(err(vec![f32s("A", vec![1, 4], 4), f32s("A", vec![1, 4], 4)], vec![]).contains("more than once"));
+        assert!(
+            err(vec![f32s("A", vec![1, 4], 4), f32s("A", vec![1, 4], 4)], vec![]).contains("more than once")
+        );
         assert!(err(vec![i32s("A", vec![1, 4], 4)], vec![]).contains("datatype INT32"));
         assert!(err(vec![f32s("A", vec![1, 5], 5)], vec![]).contains("expects [-1, 4]"));
         assert!(err(vec![f32s("A", vec![9, 4], 36)], vec![]).contains("batch size 9"));
         assert!(err(vec![f32s("A", vec![0, 4], 0)], vec![]).contains("batch size 0"));
         assert!(err(vec![f32s("A", vec![1, 4], 3)], vec![]).contains("bytes"));
         assert!(err(vec![f32s("A", vec![], 1)], vec![]).contains("batch dimension"));
-        assert!(err(vec![f32s("A", vec![1, 4], 4), i32s("B", vec![2, 1], 2)], vec![]).contains("batch size 2"));
+        assert!(
+            err(vec![f32s("A", vec![1, 4], 4), i32s("B", vec![2, 1], 2)], vec![]).contains("batch size 2")
+        );
         assert!(err(vec![f32s("A", vec![i64::MAX, i64::MAX], 0)], vec![]).contains("too many"));
         let both = || vec![f32s("A", vec![1, 4], 4), i32s("B", vec![1, 1], 1)];
         assert!(err(both(), vec![RequestedOutput::new("X")]).contains("unexpected inference output 'X'"));

@@ -4,9 +4,7 @@
 use std::collections::HashSet;
 
 use oxserve_core::DataType;
-use prost_reflect::{
-    DeserializeOptions, DynamicMessage, SerializeOptions, text_format::ParseError,
-};
+use prost_reflect::{DeserializeOptions, DynamicMessage, SerializeOptions, text_format::ParseError};
 
 use crate::{
     error::ConfigError,
@@ -52,15 +50,9 @@ fn unknown_field_message(raw: &str) -> Option<String> {
 /// 1-based line and column (in characters) of a byte offset.
 fn line_column(text: &str, offset: usize) -> (usize, usize) {
     let before = &text.as_bytes()[..offset.min(text.len())];
-    let line_start = before
-        .iter()
-        .rposition(|&b| b == b'\n')
-        .map_or(0, |i| i + 1);
+    let line_start = before.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
     let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
-    let column = String::from_utf8_lossy(&before[line_start..])
-        .chars()
-        .count()
-        + 1;
+    let column = String::from_utf8_lossy(&before[line_start..]).chars().count() + 1;
     (line, column)
 }
 
@@ -231,10 +223,7 @@ struct TensorSpec<'a> {
     reshape: Option<&'a pb::ModelTensorReshape>,
 }
 
-fn check_tensors<'a>(
-    kind: &str,
-    tensors: impl Iterator<Item = TensorSpec<'a>>,
-) -> Result<(), String> {
+fn check_tensors<'a>(kind: &str, tensors: impl Iterator<Item = TensorSpec<'a>>) -> Result<(), String> {
     let mut seen = HashSet::new();
     for (index, t) in tensors.enumerate() {
         if t.name.is_empty() {
@@ -430,10 +419,7 @@ output [
         assert_eq!(input.dims, [3, 224, 224]);
         assert_eq!(input.reshape.as_ref().unwrap().shape, [1, 3, 224, 224]);
         assert_eq!(cfg.output[0].label_filename, "densenet_labels.txt");
-        assert_eq!(
-            cfg.output[0].reshape.as_ref().unwrap().shape,
-            [1, 1000, 1, 1]
-        );
+        assert_eq!(cfg.output[0].reshape.as_ref().unwrap().shape, [1, 1000, 1, 1]);
         validate_config(&cfg).unwrap();
     }
 
@@ -450,9 +436,7 @@ output [
         );
         assert_eq!(
             policy("version_policy: { specific: { versions: [ 1, 3 ] } }"),
-            PolicyChoice::Specific(pb::model_version_policy::Specific {
-                versions: vec![1, 3]
-            })
+            PolicyChoice::Specific(pb::model_version_policy::Specific { versions: vec![1, 3] })
         );
         // The oneof takes one choice.
         let err = parse_err("version_policy { all { } latest { num_versions: 1 } }");
@@ -518,22 +502,15 @@ parameters: { key: "intra_op_thread_count" value: { string_value: "4" } }
 
     #[test]
     fn json_has_tritons_shape() {
-        let json: serde_json::Value =
-            serde_json::from_str(&config_to_json(&parse(DENSENET))).unwrap();
+        let json: serde_json::Value = serde_json::from_str(&config_to_json(&parse(DENSENET))).unwrap();
         assert_eq!(json["name"], "densenet_onnx");
-        assert_eq!(
-            json["max_batch_size"], 0,
-            "defaults are included, as numbers"
-        );
+        assert_eq!(json["max_batch_size"], 0, "defaults are included, as numbers");
         assert_eq!(json["backend"], "");
         let input = &json["input"][0];
         assert_eq!(input["data_type"], "TYPE_FP32");
         assert_eq!(input["format"], "FORMAT_NCHW");
         assert_eq!(input["dims"], serde_json::json!([3, 224, 224]));
-        assert_eq!(
-            input["reshape"]["shape"],
-            serde_json::json!([1, 3, 224, 224])
-        );
+        assert_eq!(input["reshape"]["shape"], serde_json::json!([1, 3, 224, 224]));
         assert_eq!(input["is_shape_tensor"], false);
         assert_eq!(json["output"][0]["label_filename"], "densenet_labels.txt");
         assert_eq!(json["instance_group"], serde_json::json!([]));
@@ -607,16 +584,10 @@ parameters: { key: "intra_op_thread_count" value: { string_value: "4" } }
             let mut cfg = base.clone();
             edit(&mut cfg);
             let err = invalid(&cfg);
-            assert!(
-                err.starts_with("invalid config for model 'simple': "),
-                "{err}"
-            );
+            assert!(err.starts_with("invalid config for model 'simple': "), "{err}");
             assert!(err.contains(expected), "expected '{expected}' in '{err}'");
         };
-        check(
-            &|c| c.max_batch_size = -1,
-            "max_batch_size must be >= 0, got -1",
-        );
+        check(&|c| c.max_batch_size = -1, "max_batch_size must be >= 0, got -1");
         check(&|c| c.input[1].name.clear(), "input #1 has no name");
         check(
             &|c| c.output[1].name = "OUTPUT0".into(),
@@ -635,10 +606,7 @@ parameters: { key: "intra_op_thread_count" value: { string_value: "4" } }
             "input 'INPUT0': dims must not be empty",
         );
         check(&|c| c.input[0].dims = vec![4, -2], "invalid dimension -2");
-        check(
-            &|c| c.input[0].format = 7,
-            "input 'INPUT0': unknown format 7",
-        );
+        check(&|c| c.input[0].format = 7, "input 'INPUT0': unknown format 7");
         check(
             &|c| {
                 c.input[0].reshape = Some(pb::ModelTensorReshape { shape: vec![4, 5] });
@@ -682,10 +650,7 @@ parameters: { key: "intra_op_thread_count" value: { string_value: "4" } }
         assert!(with("version_policy { latest { num_versions: 2 } }").is_ok());
         assert!(with("version_policy { all { } }").is_ok());
         assert!(with("version_policy { specific { versions: [ 1, 4 ] } }").is_ok());
-        assert!(
-            with("version_policy { }").is_ok(),
-            "no choice means the default"
-        );
+        assert!(with("version_policy { }").is_ok(), "no choice means the default");
         let err = with("version_policy { latest { } }").unwrap_err();
         assert!(err.contains("num_versions must be >= 1"), "{err}");
         let err = with("version_policy { specific { versions: [ 1, 0 ] } }").unwrap_err();

@@ -15,9 +15,7 @@ pub enum ConfigError {
     Json(String),
     #[error("invalid config for model '{model}': {message}")]
     Invalid { model: String, message: String },
-    #[error(
-        "unexpected directory name '{dir}' for model '{name}', directory name must equal model name"
-    )]
+    #[error("unexpected directory name '{dir}' for model '{name}', directory name must equal model name")]
     NameMismatch { dir: String, name: String },
     #[error("cannot read {}: {source}", path.display())]
     Io {

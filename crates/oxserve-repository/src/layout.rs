@@ -99,9 +99,7 @@ pub fn select_versions(policy: Option<&pb::ModelVersionPolicy>, available: &[u64
     match policy.and_then(|p| p.policy_choice.as_ref()) {
         None => latest(1),
         // validate_config rejects 0; treat it as the proto default here rather than serving none.
-        Some(PolicyChoice::Latest(l)) => {
-            latest(usize::try_from(l.num_versions.max(1)).unwrap_or(usize::MAX))
-        }
+        Some(PolicyChoice::Latest(l)) => latest(usize::try_from(l.num_versions.max(1)).unwrap_or(usize::MAX)),
         Some(PolicyChoice::All(_)) => available,
         Some(PolicyChoice::Specific(s)) => available
             .iter()
@@ -184,10 +182,7 @@ mod tests {
     #[test]
     fn version_directories_follow_tritons_rules() {
         let model = tempfile::tempdir().unwrap();
-        mkdirs(
-            model.path(),
-            &["1", "2", "10", "01", "0", "abc", "1a", ".5"],
-        );
+        mkdirs(model.path(), &["1", "2", "10", "01", "0", "abc", "1a", ".5"]);
         fs::write(model.path().join("3"), "a file, not a version").unwrap();
         fs::write(model.path().join("config.pbtxt"), "").unwrap();
         assert_eq!(list_versions(model.path()).unwrap(), [1, 2, 10]);
@@ -199,9 +194,7 @@ mod tests {
     #[test]
     fn default_policy_serves_the_latest_version() {
         assert_eq!(select_versions(None, &[1, 10, 2]), [10]);
-        let empty = pb::ModelVersionPolicy {
-            policy_choice: None,
-        };
+        let empty = pb::ModelVersionPolicy { policy_choice: None };
         assert_eq!(select_versions(Some(&empty), &[3, 1]), [3]);
         assert_eq!(select_versions(None, &[]), Vec::<u64>::new());
     }
@@ -228,10 +221,7 @@ mod tests {
     #[test]
     fn reads_config_and_fills_or_checks_the_name() {
         let root = tempfile::tempdir().unwrap();
-        mkdirs(
-            root.path(),
-            &["named", "unnamed", "bare", "wrong", "broken"],
-        );
+        mkdirs(root.path(), &["named", "unnamed", "bare", "wrong", "broken"]);
         let write = |dir: &str, text: &str| {
             fs::write(root.path().join(dir).join("config.pbtxt"), text).unwrap();
         };
@@ -247,10 +237,7 @@ mod tests {
         let named = read_model_config(&dir("named")).unwrap();
         assert_eq!((named.name.as_str(), named.max_batch_size), ("named", 4));
         let unnamed = read_model_config(&dir("unnamed")).unwrap();
-        assert_eq!(
-            (unnamed.name.as_str(), unnamed.max_batch_size),
-            ("unnamed", 2)
-        );
+        assert_eq!((unnamed.name.as_str(), unnamed.max_batch_size), ("unnamed", 2));
         let bare = read_model_config(&dir("bare")).unwrap();
         assert_eq!(
             bare,
@@ -297,17 +284,11 @@ mod tests {
         };
         let file = |c: pb::ModelConfig| model_file_path(dir, 3, &c);
         assert_eq!(file(cfg("", "", "")), dir.join("3/model.onnx"));
-        assert_eq!(
-            file(cfg("onnxruntime_onnx", "", "")),
-            dir.join("3/model.onnx")
-        );
+        assert_eq!(file(cfg("onnxruntime_onnx", "", "")), dir.join("3/model.onnx"));
         assert_eq!(file(cfg("", "onnxruntime", "")), dir.join("3/model.onnx"));
         assert_eq!(file(cfg("", "tract", "")), dir.join("3/model.onnx"));
         assert_eq!(file(cfg("", "", "net.onnx")), dir.join("3/net.onnx"));
-        assert_eq!(
-            file(cfg("pytorch_libtorch", "", "")),
-            dir.join("3/model.pt")
-        );
+        assert_eq!(file(cfg("pytorch_libtorch", "", "")), dir.join("3/model.pt"));
         assert_eq!(
             file(cfg("tensorflow_savedmodel", "", "")),
             dir.join("3/model.savedmodel")
@@ -323,10 +304,7 @@ mod tests {
             read_labels(dir.path(), "labels.txt").unwrap(),
             ["cat", "dog", "", "bird"]
         );
-        assert_eq!(
-            read_labels(dir.path(), "no_newline.txt").unwrap(),
-            ["a", "b"]
-        );
+        assert_eq!(read_labels(dir.path(), "no_newline.txt").unwrap(), ["a", "b"]);
         let err = read_labels(dir.path(), "missing.txt").unwrap_err();
         assert!(matches!(err, RepositoryError::Io { .. }), "{err:?}");
     }
@@ -337,14 +315,7 @@ mod tests {
         mkdirs(root.path(), &["m"]);
         fs::write(root.path().join("secret.txt"), "x\n").unwrap();
         let model = root.path().join("m");
-        for bad in [
-            "../secret.txt",
-            "..",
-            "sub/labels.txt",
-            "",
-            "/etc/passwd",
-            "a\\b",
-        ] {
+        for bad in ["../secret.txt", "..", "sub/labels.txt", "", "/etc/passwd", "a\\b"] {
             let err = read_labels(&model, bad).unwrap_err();
             assert!(
                 matches!(err, RepositoryError::InvalidLabelFile(ref f) if f == bad),

@@ -17,8 +17,7 @@ pub use config::{
 };
 pub use error::{ConfigError, RepositoryError};
 pub use layout::{
-    ModelDir, list_models, list_versions, model_file_path, read_labels, read_model_config,
-    select_versions,
+    ModelDir, list_models, list_versions, model_file_path, read_labels, read_model_config, select_versions,
 };
 
 /// Prost types generated from `proto/inference/model_config.proto` (package `inference`).
@@ -84,10 +83,7 @@ mod tests {
     #[test]
     fn field_numbers_match_triton() {
         let cfg = model_config_descriptor();
-        let numbers: Vec<(String, u32)> = cfg
-            .fields()
-            .map(|f| (f.name().to_owned(), f.number()))
-            .collect();
+        let numbers: Vec<(String, u32)> = cfg.fields().map(|f| (f.name().to_owned(), f.number())).collect();
         for (name, number) in [
             ("name", 1),
             ("platform", 2),
@@ -100,15 +96,10 @@ mod tests {
             ("parameters", 14),
             ("backend", 17),
         ] {
-            assert!(
-                numbers.contains(&(name.to_owned(), number)),
-                "{name} = {number}"
-            );
+            assert!(numbers.contains(&(name.to_owned(), number)), "{name} = {number}");
         }
         assert_eq!(numbers.len(), 10, "no fields beyond the agreed subset");
-        let dt = descriptor_pool()
-            .get_enum_by_name("inference.DataType")
-            .unwrap();
+        let dt = descriptor_pool().get_enum_by_name("inference.DataType").unwrap();
         assert_eq!(dt.get_value_by_name("TYPE_STRING").unwrap().number(), 13);
         assert_eq!(dt.get_value_by_name("TYPE_BF16").unwrap().number(), 14);
     }

@@ -119,10 +119,7 @@ mod tests {
 
     #[test]
     fn inserts_colon_before_message_lists_only() {
-        assert_eq!(
-            fixed("input [ { dims: [ 1 ] } ]"),
-            "input: [ { dims: [ 1 ] } ]"
-        );
+        assert_eq!(fixed("input [ { dims: [ 1 ] } ]"), "input: [ { dims: [ 1 ] } ]");
         assert_eq!(fixed("input\n  [ {} ]"), "input:\n  [ {} ]");
         assert_eq!(fixed("input # c\n[ ]"), "input: # c\n[ ]");
         // Already has a colon, or the identifier is a value.

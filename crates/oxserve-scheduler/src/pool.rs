@@ -3,7 +3,7 @@ use std::sync::mpsc;
 use std::thread::JoinHandle;
 
 use crossbeam_channel::{Receiver, Sender, TrySendError};
-use oxserve_backend::{Batch, BackendError, LoadedModel};
+use oxserve_backend::{BackendError, Batch, LoadedModel};
 use oxserve_core::Tensor;
 use tokio::sync::oneshot;
 
@@ -179,7 +179,10 @@ mod tests {
     struct FailsToStart;
     impl LoadedModel for FailsToStart {
         fn new_instance(&self, index: usize) -> Result<Box<dyn ModelInstance>, BackendError> {
-            Err(BackendError::new(BackendErrorKind::Internal, format!("instance {index} failed")))
+            Err(BackendError::new(
+                BackendErrorKind::Internal,
+                format!("instance {index} failed"),
+            ))
         }
     }
 
@@ -218,7 +221,9 @@ mod tests {
 
     #[test]
     fn instance_creation_failure_is_reported() {
-        let err = InstancePool::start(Arc::new(FailsToStart), &options(2)).err().unwrap();
+        let err = InstancePool::start(Arc::new(FailsToStart), &options(2))
+            .err()
+            .unwrap();
         assert!(err.message().contains("failed"));
     }
 }

@@ -20,6 +20,9 @@ pub struct ServerOptions {
     pub grpc_port: u16,
     pub http: HttpOptions,
     pub grpc: GrpcOptions,
+    /// How long shutdown waits for in-flight requests and open connections before exiting
+    /// anyway (Triton's `--exit-timeout-secs`).
+    pub exit_timeout: std::time::Duration,
 }
 
 /// Bound sockets, so the caller can report the real ports (port 0 picks a free one) before
@@ -88,13 +91,27 @@ pub async fn serve(
         let _ = stop_tx.send(true);
     });
 
-    let (http_result, grpc_result) = tokio::join!(
-        async { http.await.context("HTTP server failed") },
-        async { grpc.await.context("gRPC server failed") }
-    );
-    http_result?;
-    grpc_result?;
-    tracing::info!("all connections closed");
+    let servers = async {
+        tokio::join!(async { http.await.context("HTTP server failed") }, async {
+            grpc.await.context("gRPC server failed")
+        })
+    };
+    // A client that never lets its connection close must not keep the process alive forever.
+    let grace = options.exit_timeout;
+    let deadline = async move {
+        stopped(stop_rx).await;
+        tokio::time::sleep(grace).await;
+    };
+    tokio::select! {
+        (http_result, grpc_result) = servers => {
+            http_result?;
+            grpc_result?;
+            tracing::info!("all connections closed");
+        }
+        () = deadline => {
+            tracing::warn!(timeout_s = grace.as_secs_f64(), "exit timeout reached with connections still open; exiting");
+        }
+    }
     Ok(())
 }
 

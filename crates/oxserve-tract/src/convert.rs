@@ -42,11 +42,7 @@ pub(crate) fn output_compatible(actual: DatumType, expected: DatumType) -> bool 
 
 /// Builds a tract tensor from an oxserve tensor whose type, shape and byte length the caller
 /// has checked; `dims` is its shape.
-pub(crate) fn to_tract(
-    tensor: &Tensor,
-    datum: DatumType,
-    dims: &[usize],
-) -> Result<TValue, BackendError> {
+pub(crate) fn to_tract(tensor: &Tensor, datum: DatumType, dims: &[usize]) -> Result<TValue, BackendError> {
     let name = &tensor.name;
     match &tensor.data {
         TensorData::Raw(raw) => {
@@ -63,9 +59,7 @@ pub(crate) fn to_tract(
             // then one byte copy. The copy also takes care of request bytes that are not aligned
             // for the element type, which is the common case for slices of a request body.
             let mut t = TractTensor::zero_dt(datum, dims).map_err(|e| tract_internal(name, &e))?;
-            let mut view = t
-                .try_as_plain_ram_mut()
-                .map_err(|e| tract_internal(name, &e))?;
+            let mut view = t.try_as_plain_ram_mut().map_err(|e| tract_internal(name, &e))?;
             let dst = view.as_bytes_mut();
             if dst.len() != raw.len() {
                 return Err(invalid_input(format!(
@@ -108,11 +102,7 @@ pub(crate) fn to_tract(
 
 /// Turns a tract output into an oxserve tensor of type `dtype`, taking over tract's buffer
 /// when tract no longer shares it.
-pub(crate) fn from_tract(
-    name: &str,
-    dtype: DataType,
-    value: TValue,
-) -> Result<Tensor, BackendError> {
+pub(crate) fn from_tract(name: &str, dtype: DataType, value: TValue) -> Result<Tensor, BackendError> {
     let shape = value
         .shape()
         .iter()
@@ -126,9 +116,7 @@ pub(crate) fn from_tract(
         if expected != DatumType::String {
             return Err(mismatch(name, dtype, actual));
         }
-        let view = value
-            .try_as_plain_ram()
-            .map_err(|e| tract_internal(name, &e))?;
+        let view = value.try_as_plain_ram().map_err(|e| tract_internal(name, &e))?;
         let items = view
             .as_slice::<String>()
             .map_err(|e| tract_internal(name, &e))?
@@ -236,11 +224,7 @@ mod tests {
     fn bad_bool_and_utf8_are_rejected() {
         let t = Tensor::from_raw("b", DataType::Bool, vec![2], vec![1u8, 2]);
         let err = to_tract(&t, DatumType::Bool, &[2]).unwrap_err();
-        assert!(
-            err.message().contains("BOOL element 1 is 2"),
-            "{}",
-            err.message()
-        );
+        assert!(err.message().contains("BOOL element 1 is 2"), "{}", err.message());
         let t = Tensor::new(
             "s",
             DataType::Bytes,

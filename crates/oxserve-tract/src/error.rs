@@ -62,11 +62,7 @@ fn push_unique<'a>(kept: &mut Vec<&'a str>, cause: &'a str) {
 }
 
 fn first_line(s: &str) -> String {
-    let line = s
-        .lines()
-        .map(str::trim)
-        .find(|l| !l.is_empty())
-        .unwrap_or("");
+    let line = s.lines().map(str::trim).find(|l| !l.is_empty()).unwrap_or("");
     truncate(line, MAX_CAUSE_CHARS)
 }
 
@@ -75,6 +71,17 @@ pub(crate) fn truncate(s: &str, max: usize) -> String {
     match s.char_indices().nth(max) {
         Some((at, _)) => format!("{}…", &s[..at]),
         None => s.to_string(),
+    }
+}
+
+/// The message of a caught panic, when it has one.
+pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "non-string panic payload".to_string()
     }
 }
 

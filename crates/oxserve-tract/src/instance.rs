@@ -9,7 +9,7 @@ use oxserve_core::Tensor;
 use tract_onnx::prelude::{TValue, TVec, TypedSimpleState};
 
 use crate::convert::{from_tract, to_tract};
-use crate::error::{internal, invalid_input, summarize, truncate};
+use crate::error::{internal, invalid_input, panic_message, summarize, truncate};
 use crate::model::{InputSlot, Prepared};
 
 pub(crate) struct TractInstance {
@@ -133,7 +133,7 @@ fn prepare_inputs(prepared: &Prepared, inputs: &[Tensor]) -> Result<TVec<TValue>
                 None => batch_size = n,
                 Some(b) if Some(b) != n => {
                     return Err(invalid_input(format!(
-                        "input '{}' has batch size {:?} but the first input has {b}",
+                        "input '{}' has batch size {} but the first input has {b}",
                         slot.name,
                         n.unwrap_or_default()
                     )));
@@ -213,14 +213,4 @@ fn collect_outputs(
         result.push(from_tract(&slot.name, slot.dtype, value)?);
     }
     Ok(result)
-}
-
-fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
-    if let Some(s) = payload.downcast_ref::<&str>() {
-        (*s).to_string()
-    } else if let Some(s) = payload.downcast_ref::<String>() {
-        s.clone()
-    } else {
-        "non-string panic payload".to_string()
-    }
 }

@@ -2,6 +2,7 @@
 //! tract analyse, optimise and plan the model, so every problem shows up at load time.
 
 use std::collections::HashSet;
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -9,13 +10,13 @@ use oxserve_backend::{BackendError, LoadSpec, LoadedModel, ModelInstance};
 use oxserve_core::{DataType, TensorMeta};
 use tract_onnx::pb;
 use tract_onnx::prelude::{
-    DatumType, InferenceFact, InferenceModel, InferenceModelExt, RunOptions, TDim, ToDim,
-    TractResult, TypedRunnableModel, TypedSimplePlan, multithread::Executor,
+    DatumType, InferenceFact, InferenceModel, InferenceModelExt, RunOptions, TDim, ToDim, TractResult,
+    TypedRunnableModel, TypedSimplePlan, multithread::Executor,
 };
 use tract_onnx::tract_hir::infer::{DimFact, ShapeFactoid};
 
 use crate::convert::{datum_type, output_compatible};
-use crate::error::{file_label, invalid_model, summarize, unsupported};
+use crate::error::{file_label, invalid_model, panic_message, summarize, truncate, unsupported};
 use crate::instance::TractInstance;
 use crate::signature::{Declared, DeclaredDim, declared_inputs, declared_outputs, read_proto};
 
@@ -92,6 +93,11 @@ pub(crate) fn load(spec: &LoadSpec) -> Result<TractModel, BackendError> {
     // failure try again without them before giving up.
     let plan = match build_plan(&proto, model_dir, &inputs, &outputs, false) {
         Ok(plan) => plan,
+        Err(first) if graph.value_info.is_empty() => {
+            return Err(invalid_model(format!(
+                "{label}: tract could not prepare the model: {first}"
+            )));
+        }
         Err(first) => match build_plan(&proto, model_dir, &inputs, &outputs, true) {
             Ok(plan) => {
                 tracing::warn!(
@@ -320,9 +326,10 @@ fn no_tract_type(role: &str, name: &str, dtype: DataType) -> BackendError {
 }
 
 /// Checks a configured shape against the declared one, if the model declares any, and returns
-/// the declared dims. Rules: ranks match; a fixed configured dim must match a fixed declared
-/// one; a variable configured dim needs a variable declared one (otherwise requests the
-/// configuration allows would fail on every call).
+/// the declared dims. Ranks must match and a fixed configured dim must match a fixed declared
+/// one. For inputs, a variable configured dim also needs a variable declared one: otherwise
+/// requests the configuration allows would fail on every call. Declared output shapes are only
+/// documentation to tract (it computes them), so a configuration may be vaguer there.
 fn check_shape<'d>(
     role: &str,
     meta: &TensorMeta,
@@ -338,11 +345,12 @@ fn check_shape<'d>(
             _ => -1,
         })
         .collect();
+    let strict = role == "input";
     let compatible = declared.len() == meta.shape.len()
         && declared
             .iter()
             .zip(&meta.shape)
-            .all(|(&m, &c)| c >= -1 && (m == -1 || m == c));
+            .all(|(&m, &c)| c >= -1 && (m == -1 || m == c || (!strict && c == -1)));
     if !compatible {
         return Err(invalid_model(format!(
             "{role} '{}' is configured with shape {:?} but the model declares {:?}",
@@ -356,15 +364,15 @@ fn check_shape<'d>(
 /// the placeholders exporters write for unknown dims.
 fn is_plain_symbol(p: &str) -> bool {
     let mut chars = p.chars();
-    chars
-        .next()
-        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+    chars.next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
         && !p.starts_with("unk__")
 }
 
 /// Parses the graph into tract, pins the input facts and output selection, and optimises.
-/// Returns a one-line summary of tract's error on failure.
+/// Returns a one-line summary of tract's error on failure. A panic inside tract's analysis
+/// (some operators assert on odd models) becomes an error too: a bad model file must not take
+/// down the thread that loads it.
 fn build_plan(
     proto: &pb::ModelProto,
     model_dir: Option<&Path>,
@@ -372,8 +380,14 @@ fn build_plan(
     outputs: &[OutputSlot],
     ignore_value_info: bool,
 ) -> Result<Arc<TypedRunnableModel>, String> {
-    build_plan_inner(proto, model_dir, inputs, outputs, ignore_value_info)
-        .map_err(|e| summarize(&e))
+    let attempt = || build_plan_inner(proto, model_dir, inputs, outputs, ignore_value_info);
+    match catch_unwind(AssertUnwindSafe(attempt)) {
+        Ok(result) => result.map_err(|e| summarize(&e)),
+        Err(panic) => Err(format!(
+            "tract panicked: {}",
+            truncate(&panic_message(panic.as_ref()), 200)
+        )),
+    }
 }
 
 fn build_plan_inner(

@@ -21,16 +21,14 @@ use crate::error::{file_label, invalid_model, unsupported};
 /// error.
 pub(crate) fn read_proto(path: &Path) -> Result<pb::ModelProto, BackendError> {
     let label = file_label(path);
-    let mut file = File::open(path)
-        .map_err(|e| invalid_model(format!("cannot open ONNX model '{label}': {e}")))?;
-    let proto = tract_onnx::onnx()
-        .proto_model_for_read(&mut file)
-        .map_err(|e| {
-            invalid_model(format!(
-                "'{label}' is not a valid ONNX model (truncated or not ONNX): {}",
-                crate::error::summarize(&e)
-            ))
-        })?;
+    let mut file =
+        File::open(path).map_err(|e| invalid_model(format!("cannot open ONNX model '{label}': {e}")))?;
+    let proto = tract_onnx::onnx().proto_model_for_read(&mut file).map_err(|e| {
+        invalid_model(format!(
+            "'{label}' is not a valid ONNX model (truncated or not ONNX): {}",
+            crate::error::summarize(&e)
+        ))
+    })?;
     // Protobuf decoding is lenient: an empty file, or some unrelated bytes, can decode into an
     // empty message. Insist on the parts every ONNX model has.
     let graph = proto.graph.as_ref().ok_or_else(|| {
@@ -78,14 +76,10 @@ pub(crate) struct Declared {
 
 impl Declared {
     fn from_value_info(info: &pb::ValueInfoProto) -> Declared {
-        let tensor_type = info
-            .r#type
-            .as_ref()
-            .and_then(|t| t.value.as_ref())
-            .map(|v| {
-                let pb::type_proto::Value::TensorType(t) = v;
-                t
-            });
+        let tensor_type = info.r#type.as_ref().and_then(|t| t.value.as_ref()).map(|v| {
+            let pb::type_proto::Value::TensorType(t) = v;
+            t
+        });
         let dims = tensor_type.and_then(|t| t.shape.as_ref()).map(|shape| {
             shape
                 .dim

@@ -70,8 +70,10 @@ struct Point {
     p99_us: u64,
 }
 
-/// One way of sending the request, cheap to clone per worker.
+/// One way of sending the request, cheap to clone per worker. Built once per run, so the
+/// variants' size difference does not matter.
 #[derive(Clone)]
+#[allow(clippy::large_enum_variant)]
 enum Sender {
     Http {
         client: reqwest::Client,
@@ -100,7 +102,9 @@ impl Sender {
             } => {
                 let mut r = client.post(url.as_str()).body(body.clone());
                 if let Some(n) = header_len {
-                    r = r.header("inference-header-content-length", *n).header("content-type", "application/octet-stream");
+                    r = r
+                        .header("inference-header-content-length", *n)
+                        .header("content-type", "application/octet-stream");
                 } else {
                     r = r.header("content-type", "application/json");
                 }
@@ -115,13 +119,23 @@ impl Sender {
     }
 }
 
-async fn sender_for(args: &BenchArgs, protocol: BenchProtocol, engine: Option<&InferenceService>) -> anyhow::Result<Sender> {
+async fn sender_for(
+    args: &BenchArgs,
+    protocol: BenchProtocol,
+    engine: Option<&InferenceService>,
+) -> anyhow::Result<Sender> {
     let http_url = args.http_url.trim_end_matches('/');
     Ok(match protocol {
         BenchProtocol::HttpJson | BenchProtocol::HttpBinary => {
-            let client = reqwest::Client::builder().tcp_nodelay(true).pool_max_idle_per_host(1024).build()?;
+            let client = reqwest::Client::builder()
+                .tcp_nodelay(true)
+                .pool_max_idle_per_host(1024)
+                .build()?;
             let meta = http_metadata(&client, http_url, &args.model, None).await?;
-            let (body, header_len) = http_body(&random_request(&meta, None, args.batch), protocol == BenchProtocol::HttpBinary)?;
+            let (body, header_len) = http_body(
+                &random_request(&meta, None, args.batch),
+                protocol == BenchProtocol::HttpBinary,
+            )?;
             Sender::Http {
                 client,
                 url: format!("{http_url}/v2/models/{}/infer", args.model),
@@ -148,7 +162,12 @@ async fn sender_for(args: &BenchArgs, protocol: BenchProtocol, engine: Option<&I
     })
 }
 
-async fn measure(sender: &Sender, concurrency: usize, warmup: Duration, duration: Duration) -> anyhow::Result<(Histogram<u64>, u64, Duration)> {
+async fn measure(
+    sender: &Sender,
+    concurrency: usize,
+    warmup: Duration,
+    duration: Duration,
+) -> anyhow::Result<(Histogram<u64>, u64, Duration)> {
     let start = Instant::now();
     let measure_from = start + warmup;
     let end = measure_from + duration;
@@ -182,7 +201,11 @@ async fn measure(sender: &Sender, concurrency: usize, warmup: Duration, duration
         total.add(h)?;
         errors += e;
     }
-    Ok((total, errors, Instant::now().saturating_duration_since(measure_from)))
+    Ok((
+        total,
+        errors,
+        Instant::now().saturating_duration_since(measure_from),
+    ))
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
@@ -206,7 +229,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let warmup = Duration::from_secs_f64(args.warmup);
     let duration = Duration::from_secs_f64(args.duration);
     if !args.json {
-        println!("{:<12} {:>5} {:>10} {:>7} {:>12} {:>9} {:>9} {:>9}", "protocol", "conc", "requests", "errors", "req/s", "p50 µs", "p90 µs", "p99 µs");
+        println!(
+            "{:<12} {:>5} {:>10} {:>7} {:>12} {:>9} {:>9} {:>9}",
+            "protocol", "conc", "requests", "errors", "req/s", "p50 µs", "p90 µs", "p99 µs"
+        );
     }
     for &protocol in &args.protocol {
         let sender = Arc::new(sender_for(&args, protocol, engine.as_ref()).await?);
@@ -225,10 +251,20 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             if args.json {
                 println!("{}", serde_json::to_string(&point)?);
             } else {
-                let name = serde_json::to_value(protocol)?.as_str().unwrap_or_default().to_string();
+                let name = serde_json::to_value(protocol)?
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string();
                 println!(
                     "{:<12} {:>5} {:>10} {:>7} {:>12.0} {:>9} {:>9} {:>9}",
-                    name, point.concurrency, point.requests, point.errors, point.throughput_rps, point.p50_us, point.p90_us, point.p99_us
+                    name,
+                    point.concurrency,
+                    point.requests,
+                    point.errors,
+                    point.throughput_rps,
+                    point.p50_us,
+                    point.p90_us,
+                    point.p99_us
                 );
             }
         }

@@ -58,8 +58,13 @@ struct ModelMetadataJson {
 }
 
 fn tensor_meta(name: String, datatype: &str, shape: Vec<i64>) -> anyhow::Result<TensorMeta> {
-    let datatype = DataType::from_wire_name(datatype).with_context(|| format!("unknown datatype {datatype}"))?;
-    Ok(TensorMeta { name, datatype, shape })
+    let datatype =
+        DataType::from_wire_name(datatype).with_context(|| format!("unknown datatype {datatype}"))?;
+    Ok(TensorMeta {
+        name,
+        datatype,
+        shape,
+    })
 }
 
 fn model_path(model: &str, version: Option<u64>) -> String {
@@ -69,8 +74,16 @@ fn model_path(model: &str, version: Option<u64>) -> String {
     }
 }
 
-pub async fn http_metadata(client: &reqwest::Client, url: &str, model: &str, version: Option<u64>) -> anyhow::Result<ModelMetadata> {
-    let response = client.get(format!("{url}{}", model_path(model, version))).send().await?;
+pub async fn http_metadata(
+    client: &reqwest::Client,
+    url: &str,
+    model: &str,
+    version: Option<u64>,
+) -> anyhow::Result<ModelMetadata> {
+    let response = client
+        .get(format!("{url}{}", model_path(model, version)))
+        .send()
+        .await?;
     let status = response.status();
     let text = response.text().await?;
     if !status.is_success() {
@@ -81,8 +94,16 @@ pub async fn http_metadata(client: &reqwest::Client, url: &str, model: &str, ver
         name: m.name,
         versions: m.versions,
         platform: m.platform,
-        inputs: m.inputs.into_iter().map(|t| tensor_meta(t.name, &t.datatype, t.shape)).collect::<Result<_, _>>()?,
-        outputs: m.outputs.into_iter().map(|t| tensor_meta(t.name, &t.datatype, t.shape)).collect::<Result<_, _>>()?,
+        inputs: m
+            .inputs
+            .into_iter()
+            .map(|t| tensor_meta(t.name, &t.datatype, t.shape))
+            .collect::<Result<_, _>>()?,
+        outputs: m
+            .outputs
+            .into_iter()
+            .map(|t| tensor_meta(t.name, &t.datatype, t.shape))
+            .collect::<Result<_, _>>()?,
     })
 }
 
@@ -99,7 +120,9 @@ pub async fn grpc_metadata(
         .await?
         .into_inner();
     let convert = |ts: Vec<pb::model_metadata_response::TensorMetadata>| -> anyhow::Result<Vec<TensorMeta>> {
-        ts.into_iter().map(|t| tensor_meta(t.name, &t.datatype, t.shape)).collect()
+        ts.into_iter()
+            .map(|t| tensor_meta(t.name, &t.datatype, t.shape))
+            .collect()
     };
     Ok(ModelMetadata {
         name: m.name,
@@ -122,7 +145,15 @@ pub fn random_request(meta: &ModelMetadata, version: Option<u64>, batch: i64) ->
                 .shape
                 .iter()
                 .enumerate()
-                .map(|(i, &d)| if d >= 0 { d } else if i == 0 { batch } else { 1 })
+                .map(|(i, &d)| {
+                    if d >= 0 {
+                        d
+                    } else if i == 0 {
+                        batch
+                    } else {
+                        1
+                    }
+                })
                 .collect();
             let n = shape.iter().product::<i64>().max(0) as usize;
             let mut raw = Vec::new();
@@ -163,7 +194,8 @@ pub fn http_body(request: &InferRequest, binary: bool) -> anyhow::Result<(Bytes,
         .inputs
         .iter()
         .map(|t| -> anyhow::Result<serde_json::Value> {
-            let mut v = serde_json::json!({"name": t.name, "shape": t.shape, "datatype": t.datatype.wire_name()});
+            let mut v =
+                serde_json::json!({"name": t.name, "shape": t.shape, "datatype": t.datatype.wire_name()});
             if binary {
                 v["parameters"] = serde_json::json!({"binary_data_size": t.to_wire_bytes().len()});
             } else {
@@ -208,7 +240,8 @@ pub fn grpc_request(request: &InferRequest) -> pb::ModelInferRequest {
 fn grpc_response(r: pb::ModelInferResponse) -> anyhow::Result<InferResponse> {
     let mut outputs = Vec::with_capacity(r.outputs.len());
     for (o, raw) in r.outputs.into_iter().zip(r.raw_output_contents) {
-        let datatype = DataType::from_wire_name(&o.datatype).with_context(|| format!("unknown datatype {}", o.datatype))?;
+        let datatype = DataType::from_wire_name(&o.datatype)
+            .with_context(|| format!("unknown datatype {}", o.datatype))?;
         let data = if datatype == DataType::Bytes {
             TensorData::Strings(Tensor::strings_from_wire(&o.name, &raw)?)
         } else {
@@ -229,7 +262,8 @@ pub async fn run(args: InferArgs) -> anyhow::Result<()> {
     let url = args.url.trim_end_matches('/').to_string();
     let file_request = match &args.input {
         Some(path) => {
-            let body = Bytes::from(std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?);
+            let body =
+                Bytes::from(std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?);
             Some(oxserve_kserve::http::parse_request(&args.model, args.version, &body, None)?.0)
         }
         None => None,
@@ -239,7 +273,11 @@ pub async fn run(args: InferArgs) -> anyhow::Result<()> {
             let client = reqwest::Client::new();
             let request = match file_request {
                 Some(r) => r,
-                None => random_request(&http_metadata(&client, &url, &args.model, args.version).await?, args.version, args.batch),
+                None => random_request(
+                    &http_metadata(&client, &url, &args.model, args.version).await?,
+                    args.version,
+                    args.batch,
+                ),
             };
             let (body, _) = http_body(&request, false)?;
             let response = client
@@ -261,7 +299,11 @@ pub async fn run(args: InferArgs) -> anyhow::Result<()> {
                 .with_context(|| format!("cannot connect to {url}"))?;
             let request = match file_request {
                 Some(r) => r,
-                None => random_request(&grpc_metadata(&mut client, &args.model, args.version).await?, args.version, args.batch),
+                None => random_request(
+                    &grpc_metadata(&mut client, &args.model, args.version).await?,
+                    args.version,
+                    args.batch,
+                ),
             };
             let response = client.model_infer(grpc_request(&request)).await?.into_inner();
             let encoded = encode_response(&grpc_response(response)?, &OutputEncoding::default())?;

@@ -21,7 +21,11 @@ use settings::Settings;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser)]
-#[command(name = "oxserve", version, about = "A production model server for ONNX, TensorFlow and PyTorch models")]
+#[command(
+    name = "oxserve",
+    version,
+    about = "A production model server for ONNX, TensorFlow and PyTorch models"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -53,12 +57,15 @@ struct ServeArgs {
     /// gRPC port (0 picks a free port).
     #[arg(long)]
     grpc_port: Option<u16>,
-    /// Largest HTTP request body / gRPC message in bytes.
-    #[arg(long, alias = "http-max-input-size")]
+    /// Largest HTTP request body / gRPC message in bytes (Triton: --http-max-input-size).
+    #[arg(long, visible_alias = "http-max-input-size")]
     max_input_size: Option<usize>,
     /// Report ready only when every model is ready.
     #[arg(long, value_name = "BOOL")]
     strict_readiness: Option<bool>,
+    /// Seconds shutdown waits for in-flight requests before exiting anyway.
+    #[arg(long)]
+    exit_timeout_secs: Option<u64>,
     /// Configuration file (default: ./oxserve.toml when present).
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
@@ -106,7 +113,11 @@ fn init_logging(format: &str, level: &str) -> anyhow::Result<()> {
     let filter = EnvFilter::try_from_env("OXSERVE_LOG")
         .or_else(|_| EnvFilter::try_new(level))
         .context("invalid log level")?;
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    use std::io::IsTerminal;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     match format {
         "json" => builder.json().init(),
         "text" => builder.init(),
@@ -130,6 +141,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     s.http_port = args.http_port.unwrap_or(s.http_port);
     s.grpc_port = args.grpc_port.unwrap_or(s.grpc_port);
     s.max_input_size = args.max_input_size.unwrap_or(s.max_input_size);
+    s.exit_timeout_secs = args.exit_timeout_secs.unwrap_or(s.exit_timeout_secs);
     settings.models.strict_readiness = args.strict_readiness.unwrap_or(settings.models.strict_readiness);
     if let Some(f) = args.log_format {
         settings.log.format = f;
@@ -149,6 +161,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         grpc: GrpcOptions {
             max_message_bytes: settings.server.max_input_size,
         },
+        exit_timeout: std::time::Duration::from_secs(settings.server.exit_timeout_secs),
     };
     let manager = ModelManager::new(
         backends(),
@@ -163,7 +176,10 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let listeners = Listeners::bind(&options).await?;
         let (http, grpc) = (listeners.http_addr()?, listeners.grpc_addr()?);
         // One machine-readable line on stdout for scripts and tests; logs go to stderr.
-        println!("{}", serde_json::json!({"event": "listening", "http": http.to_string(), "grpc": grpc.to_string()}));
+        println!(
+            "{}",
+            serde_json::json!({"event": "listening", "http": http.to_string(), "grpc": grpc.to_string()})
+        );
         tracing::info!(%http, %grpc, "listening");
         let loader = engine.clone();
         tokio::spawn(async move {

@@ -7,7 +7,7 @@ use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Settings {
     pub server: ServerSettings,
@@ -23,6 +23,8 @@ pub struct ServerSettings {
     pub grpc_port: u16,
     /// Largest HTTP request body and gRPC message, in bytes.
     pub max_input_size: usize,
+    /// Seconds shutdown waits for in-flight work before exiting anyway.
+    pub exit_timeout_secs: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -51,6 +53,7 @@ impl Default for ServerSettings {
             http_port: 8000,
             grpc_port: 8001,
             max_input_size: 64 << 20,
+            exit_timeout_secs: 30,
         }
     }
 }
@@ -70,16 +73,6 @@ impl Default for LogSettings {
         LogSettings {
             format: "text".into(),
             level: "info".into(),
-        }
-    }
-}
-
-impl Default for Settings {
-    fn default() -> Self {
-        Settings {
-            server: ServerSettings::default(),
-            models: ModelSettings::default(),
-            log: LogSettings::default(),
         }
     }
 }
@@ -107,6 +100,8 @@ impl Settings {
 }
 
 #[cfg(test)]
+// figment's Jail returns its own large error type.
+#[allow(clippy::result_large_err)]
 mod tests {
     use super::*;
 
@@ -128,7 +123,9 @@ mod tests {
     fn unknown_keys_and_missing_files_are_errors() {
         figment::Jail::expect_with(|jail| {
             jail.create_file("bad.toml", "[server]\nhttp_prot = 1\n")?;
-            let e = Settings::load(Some(Path::new("bad.toml"))).unwrap_err().to_string();
+            let e = Settings::load(Some(Path::new("bad.toml")))
+                .unwrap_err()
+                .to_string();
             assert!(e.contains("http_prot"), "{e}");
             assert!(Settings::load(Some(Path::new("missing.toml"))).is_err());
             Ok(())

@@ -2,8 +2,8 @@
 
 use bytes::Bytes;
 use oxserve_core::{
-    DataType, Error, InferRequest, InferResponse, ModelMetadata, RequestedOutput, Result, Tensor,
-    TensorData, TensorMeta, element_count,
+    DataType, Error, InferRequest, InferResponse, ModelMetadata, RequestedOutput, Result, Tensor, TensorData,
+    TensorMeta, element_count,
 };
 use oxserve_engine::{IndexEntry, ServerMetadata};
 
@@ -100,12 +100,11 @@ fn input_from_wire(input: InferInputTensor, raw: Option<Bytes>) -> Result<Tensor
         contents,
     } = input;
 
-    let datatype = DataType::from_wire_name(&datatype).ok_or_else(|| {
-        Error::invalid(format!("input '{name}' has unknown datatype '{datatype}'"))
-    })?;
+    let datatype = DataType::from_wire_name(&datatype)
+        .ok_or_else(|| Error::invalid(format!("input '{name}' has unknown datatype '{datatype}'")))?;
     // Rejects negative dimensions and overflowing products before any data is looked at.
-    let count = element_count(&shape)
-        .map_err(|e| Error::invalid(format!("input '{name}': {}", e.message())))?;
+    let count =
+        element_count(&shape).map_err(|e| Error::invalid(format!("input '{name}': {}", e.message())))?;
     refuse_shared_memory("input", &name, &parameters)?;
 
     let data = match raw {
@@ -154,9 +153,7 @@ fn output_from_wire(output: InferRequestedOutputTensor) -> Result<RequestedOutpu
             match value.as_i64() {
                 Some(0) => None,
                 Some(n) if n > 0 => Some(usize::try_from(n).map_err(|_| {
-                    Error::invalid(format!(
-                        "output '{name}': classification count {n} is too large"
-                    ))
+                    Error::invalid(format!("output '{name}': classification count {n} is too large"))
                 })?),
                 _ => {
                     return Err(Error::invalid(format!(
@@ -167,10 +164,7 @@ fn output_from_wire(output: InferRequestedOutputTensor) -> Result<RequestedOutpu
             }
         }
     };
-    Ok(RequestedOutput {
-        name,
-        classification,
-    })
+    Ok(RequestedOutput { name, classification })
 }
 
 fn refuse_shared_memory(what: &str, name: &str, parameters: &WireParams) -> Result<()> {

@@ -45,10 +45,7 @@ fn typed(datatype: &str, shape: &[i64], contents: InferTensorContents) -> Result
 
 /// Decodes a single-input request with raw contents.
 fn raw(datatype: &str, shape: &[i64], bytes: Vec<u8>) -> Result<Tensor> {
-    let req = request(
-        vec![input("x", datatype, shape, None)],
-        vec![Bytes::from(bytes)],
-    );
+    let req = request(vec![input("x", datatype, shape, None)], vec![Bytes::from(bytes)]);
     let mut decoded = infer_request_from_wire(req)?;
     Ok(decoded.inputs.remove(0))
 }
@@ -87,11 +84,7 @@ fn version_strings() {
     }
     let mut req = request(vec![], vec![]);
     req.model_version = "two".into();
-    fails_with(
-        infer_request_from_wire(req),
-        ErrorKind::InvalidArgument,
-        "'two'",
-    );
+    fails_with(infer_request_from_wire(req), ErrorKind::InvalidArgument, "'two'");
 }
 
 // ---- typed contents, every datatype ---------------------------------------------------------
@@ -114,10 +107,7 @@ fn typed_signed_integers() {
         int_contents: ints.clone(),
         ..Default::default()
     };
-    assert_eq!(
-        raw_bytes(&typed("INT8", &[3], c())),
-        Some(vec![0x80, 0, 0x7f])
-    );
+    assert_eq!(raw_bytes(&typed("INT8", &[3], c())), Some(vec![0x80, 0, 0x7f]));
     assert_eq!(
         raw_bytes(&typed("INT16", &[3], c())),
         Some(le(&[-128i16, 0, 127], |v| v.to_le_bytes()))
@@ -216,10 +206,9 @@ fn raw_every_fixed_size_datatype() {
 
 #[test]
 fn raw_fp16_and_bf16_are_accepted() {
-    let half = le(
-        &[half::f16::from_f32(1.0), half::f16::from_f32(-2.0)],
-        |v| v.to_le_bytes(),
-    );
+    let half = le(&[half::f16::from_f32(1.0), half::f16::from_f32(-2.0)], |v| {
+        v.to_le_bytes()
+    });
     assert_eq!(raw_bytes(&raw("FP16", &[2], half.clone())), Some(half));
     let bf = le(&[half::bf16::from_f32(0.5)], |v| v.to_le_bytes());
     assert_eq!(raw_bytes(&raw("BF16", &[1], bf.clone())), Some(bf));
@@ -240,11 +229,7 @@ fn raw_bytes_are_length_prefixed() {
     ];
     assert_eq!(t.map(|t| t.data), Some(TensorData::Strings(expected)));
     // Three elements on the wire, shape says two.
-    fails_with(
-        raw("BYTES", &[2], wire),
-        ErrorKind::InvalidArgument,
-        "3 elements",
-    );
+    fails_with(raw("BYTES", &[2], wire), ErrorKind::InvalidArgument, "3 elements");
     // Truncated length prefix.
     fails_with(
         raw("BYTES", &[1], vec![5, 0]),
@@ -270,10 +255,7 @@ fn raw_data_is_not_copied() {
 #[test]
 fn raw_count_must_match_inputs() {
     let req = request(
-        vec![
-            input("a", "UINT8", &[1], None),
-            input("b", "UINT8", &[1], None),
-        ],
+        vec![input("a", "UINT8", &[1], None), input("b", "UINT8", &[1], None)],
         vec![Bytes::from_static(&[1])],
     );
     fails_with(
@@ -303,12 +285,7 @@ fn raw_and_contents_are_exclusive() {
     );
     // Even empty contents count as set, as in Triton (`has_contents()`).
     let req = request(
-        vec![input(
-            "a",
-            "UINT8",
-            &[1],
-            Some(InferTensorContents::default()),
-        )],
+        vec![input("a", "UINT8", &[1], Some(InferTensorContents::default()))],
         vec![Bytes::from_static(&[1])],
     );
     fails_with(
@@ -369,11 +346,7 @@ fn element_count_must_match_shape() {
         bytes_contents: vec![Bytes::from_static(b"a")],
         ..Default::default()
     };
-    fails_with(
-        typed("BYTES", &[2], c),
-        ErrorKind::InvalidArgument,
-        "needs 2",
-    );
+    fails_with(typed("BYTES", &[2], c), ErrorKind::InvalidArgument, "needs 2");
 }
 
 #[test]
@@ -382,11 +355,7 @@ fn negative_dimension_is_rejected() {
         fp32_contents: vec![1.0],
         ..Default::default()
     };
-    fails_with(
-        typed("FP32", &[-1, 1], c),
-        ErrorKind::InvalidArgument,
-        "negative",
-    );
+    fails_with(typed("FP32", &[-1, 1], c), ErrorKind::InvalidArgument, "negative");
     fails_with(
         raw("FP32", &[-1], vec![0; 4]),
         ErrorKind::InvalidArgument,
@@ -409,11 +378,7 @@ fn integers_out_of_range_are_rejected() {
         ErrorKind::InvalidArgument,
         "value 300 at index 1",
     );
-    fails_with(
-        typed("INT8", &[2], int(-129)),
-        ErrorKind::InvalidArgument,
-        "INT8",
-    );
+    fails_with(typed("INT8", &[2], int(-129)), ErrorKind::InvalidArgument, "INT8");
     fails_with(
         typed("INT16", &[2], int(40_000)),
         ErrorKind::InvalidArgument,
@@ -537,12 +502,10 @@ fn requested_outputs_and_classification() {
     let mut req = request(vec![], vec![]);
     req.outputs.push(output("plain"));
     let mut top3 = output("top3");
-    top3.parameters
-        .insert("classification".into(), int_param(3));
+    top3.parameters.insert("classification".into(), int_param(3));
     req.outputs.push(top3);
     let mut zero = output("zero");
-    zero.parameters
-        .insert("classification".into(), int_param(0));
+    zero.parameters.insert("classification".into(), int_param(0));
     req.outputs.push(zero);
     let outputs = infer_request_from_wire(req).ok().map(|r| r.outputs);
     assert_eq!(
@@ -585,12 +548,7 @@ fn response_uses_raw_output_contents() {
         parameters,
         outputs: vec![
             Tensor::from_raw("y", DataType::F32, vec![1, 2], floats.clone()),
-            Tensor::new(
-                "labels",
-                DataType::Bytes,
-                vec![2],
-                TensorData::Strings(strings),
-            ),
+            Tensor::new("labels", DataType::Bytes, vec![2], TensorData::Strings(strings)),
         ],
     };
     let wire = infer_response_to_wire(response);
@@ -614,10 +572,7 @@ fn response_uses_raw_output_contents() {
     );
     assert!(wire.outputs.iter().all(|o| o.contents.is_none()));
     assert_eq!(wire.raw_output_contents[0].as_ref(), floats.as_slice());
-    assert_eq!(
-        wire.raw_output_contents[1].as_ref(),
-        b"\x03\0\0\0cat\0\0\0\0"
-    );
+    assert_eq!(wire.raw_output_contents[1].as_ref(), b"\x03\0\0\0cat\0\0\0\0");
 
     // No id: the field stays empty.
     let response = InferResponse {
@@ -666,10 +621,7 @@ fn metadata_conversions() {
         version: "0.1.0".into(),
         extensions: vec!["classification".into()],
     });
-    assert_eq!(
-        (server.name.as_str(), server.extensions.len()),
-        ("oxserve", 1)
-    );
+    assert_eq!((server.name.as_str(), server.extensions.len()), ("oxserve", 1));
 
     let row = index_entry_to_wire(IndexEntry {
         name: "broken".into(),
@@ -678,11 +630,7 @@ fn metadata_conversions() {
         reason: "bad config".into(),
     });
     assert_eq!(
-        (
-            row.version.as_str(),
-            row.state.as_str(),
-            row.reason.as_str()
-        ),
+        (row.version.as_str(), row.state.as_str(), row.reason.as_str()),
         ("", "UNAVAILABLE", "bad config")
     );
     let row = index_entry_to_wire(IndexEntry {
@@ -699,17 +647,11 @@ fn metadata_conversions() {
 #[test]
 fn infer_request_field_numbers() {
     // model_name=1, model_version=2, id=3, raw_input_contents=7 (all length-delimited).
-    let wire = [
-        0x0a, 1, b'm', 0x12, 1, b'1', 0x1a, 1, b'x', 0x3a, 2, b'a', b'b',
-    ];
+    let wire = [0x0a, 1, b'm', 0x12, 1, b'1', 0x1a, 1, b'x', 0x3a, 2, b'a', b'b'];
     let decoded = ModelInferRequest::decode(&wire[..]).ok();
     let d = decoded.as_ref();
     assert_eq!(
-        d.map(|r| (
-            r.model_name.as_str(),
-            r.model_version.as_str(),
-            r.id.as_str()
-        )),
+        d.map(|r| (r.model_name.as_str(), r.model_version.as_str(), r.id.as_str())),
         Some(("m", "1", "x"))
     );
     assert_eq!(
@@ -750,10 +692,7 @@ fn model_config_is_the_repository_type() {
         config: Some(config.clone()),
     };
     // config = 1, length-delimited, holding ModelConfig.name = 1 and max_batch_size = 4.
-    assert_eq!(
-        response.encode_to_vec(),
-        vec![0x0a, 5, 0x0a, 1, b'm', 0x20, 8]
-    );
+    assert_eq!(response.encode_to_vec(), vec![0x0a, 5, 0x0a, 1, b'm', 0x20, 8]);
     let back = ModelConfigResponse::decode(response.encode_to_vec().as_slice()).ok();
     assert_eq!(back.and_then(|r| r.config), Some(config));
 }

@@ -2,8 +2,8 @@
 //!
 //! Wire messages live in [`pb`] (generated from `proto/inference/grpc_service.proto`);
 //! [`convert`] turns them into oxserve's domain types and back; [`status`] maps every
-//! [`oxserve_core::ErrorKind`] to a gRPC code once; [`service`] wires the engine facade to the
-//! generated server.
+//! [`oxserve_core::ErrorKind`] to a gRPC code once; [`grpc_service`] wires the engine facade
+//! to the generated server.
 
 mod contents;
 pub mod convert;
@@ -16,7 +16,8 @@ pub use service::{GrpcFrontend, GrpcOptions, GrpcServer, grpc_service, grpc_serv
 /// Messages, server and client generated from `proto/inference/grpc_service.proto`. The
 /// model configuration types come from [`oxserve_repository::pb`].
 pub mod pb {
-    #![allow(clippy::all, clippy::unwrap_used, missing_docs)]
+    // Generated code: its style (and the doc comments copied from the proto) is not ours to lint.
+    #![allow(clippy::all, missing_docs)]
     tonic::include_proto!("inference");
 
     pub use grpc_inference_service_client::GrpcInferenceServiceClient;

@@ -19,9 +19,7 @@ pub(crate) fn param_from_wire(what: &str, key: &str, param: &InferParameter) -> 
         Some(ParameterChoice::Uint64Param(v)) => ParamValue::Uint(*v),
         // An unset oneof: the client built an InferParameter without a value.
         None => {
-            return Err(Error::invalid(format!(
-                "{what} parameter '{key}' has no value"
-            )));
+            return Err(Error::invalid(format!("{what} parameter '{key}' has no value")));
         }
     })
 }
@@ -82,10 +80,7 @@ mod tests {
     fn map_conversion_and_unset_value() {
         let mut map = WireParams::new();
         map.insert("priority".into(), wire(ParameterChoice::Int64Param(1)));
-        map.insert(
-            "sequence_start".into(),
-            wire(ParameterChoice::BoolParam(true)),
-        );
+        map.insert("sequence_start".into(), wire(ParameterChoice::BoolParam(true)));
         let params = params_from_wire("request", &map).ok();
         assert_eq!(
             params.as_ref().and_then(|p| p.get("priority")),

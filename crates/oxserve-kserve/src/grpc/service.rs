@@ -12,10 +12,10 @@ use super::convert::{
 };
 use super::pb::{
     GrpcInferenceService, GrpcInferenceServiceServer, ModelConfigRequest, ModelConfigResponse,
-    ModelInferRequest, ModelInferResponse, ModelMetadataRequest, ModelMetadataResponse,
-    ModelReadyRequest, ModelReadyResponse, RepositoryIndexRequest, RepositoryIndexResponse,
-    ServerLiveRequest, ServerLiveResponse, ServerMetadataRequest, ServerMetadataResponse,
-    ServerReadyRequest, ServerReadyResponse,
+    ModelInferRequest, ModelInferResponse, ModelMetadataRequest, ModelMetadataResponse, ModelReadyRequest,
+    ModelReadyResponse, RepositoryIndexRequest, RepositoryIndexResponse, ServerLiveRequest,
+    ServerLiveResponse, ServerMetadataRequest, ServerMetadataResponse, ServerReadyRequest,
+    ServerReadyResponse,
 };
 use super::status::to_status;
 
@@ -142,10 +142,7 @@ impl GrpcInferenceService for GrpcFrontend {
     ) -> Result<Response<ModelConfigResponse>, Status> {
         let request = request.into_inner();
         let version = parse_version(&request.version).map_err(status)?;
-        let config = self
-            .engine
-            .model_config(&request.name, version)
-            .map_err(status)?;
+        let config = self.engine.model_config(&request.name, version).map_err(status)?;
         Ok(Response::new(ModelConfigResponse {
             config: Some((*config).clone()),
         }))

@@ -18,10 +18,11 @@ fn too_large(limit: usize) -> Error {
 
 /// Reads the whole body, refusing more than `limit` bytes before or after decompression.
 pub async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes> {
-    if let Some(len) = headers.get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok()) {
-        if len > limit as u64 {
-            return Err(too_large(limit));
-        }
+    let declared = headers
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > limit as u64) {
+        return Err(too_large(limit));
     }
     let collected = Limited::new(body, limit).collect().await.map_err(|e| {
         if e.downcast_ref::<LengthLimitError>().is_some() {
@@ -85,24 +86,36 @@ mod tests {
     async fn plain_gzip_and_deflate_bodies() {
         let b = read_body(&headers(None), Body::from("abc"), 10).await.unwrap();
         assert_eq!(b.as_ref(), b"abc");
-        let b = read_body(&headers(Some("gzip")), Body::from(gzip(b"hello")), 10).await.unwrap();
+        let b = read_body(&headers(Some("gzip")), Body::from(gzip(b"hello")), 100)
+            .await
+            .unwrap();
         assert_eq!(b.as_ref(), b"hello");
         let mut z = flate2::write::ZlibEncoder::new(Vec::new(), Compression::fast());
         z.write_all(b"hi").unwrap();
-        let b = read_body(&headers(Some("deflate")), Body::from(z.finish().unwrap()), 10).await.unwrap();
+        let b = read_body(&headers(Some("deflate")), Body::from(z.finish().unwrap()), 100)
+            .await
+            .unwrap();
         assert_eq!(b.as_ref(), b"hi");
     }
 
     #[tokio::test]
     async fn limits_and_bad_encodings() {
-        let e = read_body(&headers(None), Body::from(vec![0u8; 11]), 10).await.unwrap_err();
+        let e = read_body(&headers(None), Body::from(vec![0u8; 11]), 10)
+            .await
+            .unwrap_err();
         assert_eq!(e.kind(), ErrorKind::PayloadTooLarge);
         let bomb = gzip(&vec![0u8; 1 << 20]);
-        let e = read_body(&headers(Some("gzip")), Body::from(bomb), 4096).await.unwrap_err();
+        let e = read_body(&headers(Some("gzip")), Body::from(bomb), 4096)
+            .await
+            .unwrap_err();
         assert_eq!(e.kind(), ErrorKind::PayloadTooLarge);
-        let e = read_body(&headers(Some("br")), Body::from("x"), 10).await.unwrap_err();
+        let e = read_body(&headers(Some("br")), Body::from("x"), 10)
+            .await
+            .unwrap_err();
         assert!(e.message().contains("unsupported Content-Encoding 'br'"));
-        let e = read_body(&headers(Some("gzip")), Body::from("not gzip"), 100).await.unwrap_err();
+        let e = read_body(&headers(Some("gzip")), Body::from("not gzip"), 100)
+            .await
+            .unwrap_err();
         assert_eq!(e.kind(), ErrorKind::InvalidArgument);
     }
 }

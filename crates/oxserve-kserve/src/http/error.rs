@@ -44,7 +44,13 @@ impl IntoResponse for ApiError {
         } else {
             tracing::debug!(kind = self.0.kind().as_str(), error = %self.0, "request rejected");
         }
-        let mut response = (status, Json(ErrorBody { error: self.0.message() })).into_response();
+        let mut response = (
+            status,
+            Json(ErrorBody {
+                error: self.0.message(),
+            }),
+        )
+            .into_response();
         if self.0.kind() == ErrorKind::Overloaded {
             response
                 .headers_mut()

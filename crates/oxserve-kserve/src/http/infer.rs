@@ -5,8 +5,8 @@ use std::collections::BTreeMap;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use oxserve_core::{
-    DataType, Error, InferRequest, InferResponse, ModelMetadata, ParamValue, Parameters, RequestedOutput, Result,
-    Tensor, TensorData, element_count,
+    DataType, Error, InferRequest, InferResponse, ModelMetadata, ParamValue, Parameters, RequestedOutput,
+    Result, Tensor, TensorData, element_count,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
@@ -94,7 +94,8 @@ fn take_bool(params: &mut Parameters, key: &str) -> Result<Option<bool>> {
 }
 
 fn params(p: Option<ParamsJson>) -> Parameters {
-    p.map(|m| m.into_iter().map(|(k, v)| (k, v.into())).collect()).unwrap_or_default()
+    p.map(|m| m.into_iter().map(|(k, v)| (k, v.into())).collect())
+        .unwrap_or_default()
 }
 
 /// Parses an infer request body. `header_len` is the `Inference-Header-Content-Length`
@@ -116,7 +117,9 @@ pub fn parse_request(
         None => (body.clone(), Bytes::new()),
     };
     if json.is_empty() {
-        return Err(Error::invalid("request body is empty; expected a JSON inference request"));
+        return Err(Error::invalid(
+            "request body is empty; expected a JSON inference request",
+        ));
     }
     let parsed: RequestJson<'_> = serde_json::from_slice(&json)
         .map_err(|e| Error::invalid(format!("malformed inference request JSON: {e}")))?;
@@ -128,19 +131,22 @@ pub fn parse_request(
     let mut inputs = Vec::with_capacity(parsed.inputs.len());
     for input in parsed.inputs {
         let datatype = DataType::from_wire_name(&input.datatype).ok_or_else(|| {
-            Error::invalid(format!("input '{}' has unknown datatype '{}'", input.name, input.datatype))
+            Error::invalid(format!(
+                "input '{}' has unknown datatype '{}'",
+                input.name, input.datatype
+            ))
         })?;
-        let elements = element_count(&input.shape).map_err(|e| {
-            Error::invalid(format!("input '{}': {}", input.name, e.message()))
-        })?;
+        let elements = element_count(&input.shape)
+            .map_err(|e| Error::invalid(format!("input '{}': {}", input.name, e.message())))?;
         let mut input_params = params(input.parameters);
         let binary_size = match input_params.remove("binary_data_size") {
             None => None,
-            Some(v) => Some(
-                v.as_i64()
-                    .and_then(|n| usize::try_from(n).ok())
-                    .ok_or_else(|| Error::invalid(format!("input '{}': binary_data_size must be a non-negative integer", input.name)))?,
-            ),
+            Some(v) => Some(v.as_i64().and_then(|n| usize::try_from(n).ok()).ok_or_else(|| {
+                Error::invalid(format!(
+                    "input '{}': binary_data_size must be a non-negative integer",
+                    input.name
+                ))
+            })?),
         };
         let data = match (binary_size, input.data) {
             (Some(_), Some(_)) => {
@@ -192,11 +198,12 @@ pub fn parse_request(
         }
         let classification = match p.remove("classification") {
             None => None,
-            Some(v) => Some(
-                v.as_i64()
-                    .and_then(|n| usize::try_from(n).ok())
-                    .ok_or_else(|| Error::invalid(format!("output '{}': classification must be a non-negative integer", output.name)))?,
-            ),
+            Some(v) => Some(v.as_i64().and_then(|n| usize::try_from(n).ok()).ok_or_else(|| {
+                Error::invalid(format!(
+                    "output '{}': classification must be a non-negative integer",
+                    output.name
+                ))
+            })?),
         };
         outputs.push(RequestedOutput {
             name: output.name,
@@ -237,7 +244,11 @@ pub fn parse_raw_request(
     // The metadata shape already carries -1 for the batch dimension of batched models; a raw
     // request is a batch of one.
     let mut shape: Vec<i64> = input.shape.clone();
-    let batched = metadata.inputs.iter().chain(&metadata.outputs).all(|t| t.shape.first() == Some(&-1));
+    let batched = metadata
+        .inputs
+        .iter()
+        .chain(&metadata.outputs)
+        .all(|t| t.shape.first() == Some(&-1));
     if batched && !shape.is_empty() {
         shape[0] = 1;
     }
@@ -249,7 +260,12 @@ pub fn parse_raw_request(
             TensorData::Strings(vec![body])
         }
         Some(size) => {
-            let variable: Vec<usize> = shape.iter().enumerate().filter(|(_, d)| **d == -1).map(|(i, _)| i).collect();
+            let variable: Vec<usize> = shape
+                .iter()
+                .enumerate()
+                .filter(|(_, d)| **d == -1)
+                .map(|(i, _)| i)
+                .collect();
             if variable.len() > 1 {
                 return Err(Error::invalid(format!(
                     "input '{}' has more than one variable dimension; a raw binary request cannot tell its shape",
@@ -259,7 +275,7 @@ pub fn parse_raw_request(
             if let [i] = variable[..] {
                 let known: usize = shape.iter().filter(|d| **d != -1).map(|&d| d as usize).product();
                 let unit = known.saturating_mul(size).max(1);
-                if body.len() % unit != 0 {
+                if !body.len().is_multiple_of(unit) {
                     return Err(Error::invalid(format!(
                         "raw binary body of {} bytes does not fit input '{}' of shape {:?}",
                         body.len(),
@@ -333,7 +349,9 @@ pub fn encode_response(response: &InferResponse, encoding: &OutputEncoding) -> R
                     name: &t.name,
                     datatype: t.datatype.wire_name(),
                     shape: &t.shape,
-                    parameters: Some(BinaryParams { binary_data_size: size }),
+                    parameters: Some(BinaryParams {
+                        binary_data_size: size,
+                    }),
                     data: None,
                 }
             } else {
@@ -394,7 +412,10 @@ mod tests {
         assert_eq!(req.model_version, Some(3));
         assert_eq!(req.parameters.get("priority"), Some(&ParamValue::Int(2)));
         assert!(!req.parameters.contains_key("binary_data_output"));
-        assert_eq!(req.inputs[0].raw().unwrap().as_ref(), f32_bytes(&[1.0, 2.0]).as_slice());
+        assert_eq!(
+            req.inputs[0].raw().unwrap().as_ref(),
+            f32_bytes(&[1.0, 2.0]).as_slice()
+        );
         assert_eq!(req.outputs[0].classification, Some(2));
         assert!(enc.default_binary);
         assert!(!enc.is_binary("O"));
@@ -408,7 +429,10 @@ mod tests {
         body.extend(f32_bytes(&[1.0, -1.0]));
         body.extend([1, 0, 0, 0, b'x', 1, 0, 0, 0, b'y']);
         let (req, _) = parse_request("m", None, &Bytes::from(body), Some(header.len())).unwrap();
-        assert_eq!(req.inputs[0].raw().unwrap().as_ref(), f32_bytes(&[1.0, -1.0]).as_slice());
+        assert_eq!(
+            req.inputs[0].raw().unwrap().as_ref(),
+            f32_bytes(&[1.0, -1.0]).as_slice()
+        );
         assert_eq!(
             req.inputs[1].data,
             TensorData::Strings(vec![Bytes::from_static(b"x"), Bytes::from_static(b"y")])
@@ -426,11 +450,30 @@ mod tests {
     fn malformed_requests_are_rejected() {
         assert!(err(b"", None).contains("empty"));
         assert!(err(b"{not json", None).contains("malformed"));
-        assert!(err(br#"{"inputs":[{"name":"A","shape":[1],"datatype":"FP33","data":[1]}]}"#, None).contains("unknown datatype 'FP33'"));
-        assert!(err(br#"{"inputs":[{"name":"A","shape":[3],"datatype":"FP32","data":[1,2]}]}"#, None).contains("needs 12"));
-        assert!(err(br#"{"inputs":[{"name":"A","shape":[1],"datatype":"FP32"}]}"#, None).contains("no data"));
+        assert!(
+            err(
+                br#"{"inputs":[{"name":"A","shape":[1],"datatype":"FP33","data":[1]}]}"#,
+                None
+            )
+            .contains("unknown datatype 'FP33'")
+        );
+        assert!(
+            err(
+                br#"{"inputs":[{"name":"A","shape":[3],"datatype":"FP32","data":[1,2]}]}"#,
+                None
+            )
+            .contains("needs 12")
+        );
+        assert!(
+            err(
+                br#"{"inputs":[{"name":"A","shape":[1],"datatype":"FP32"}]}"#,
+                None
+            )
+            .contains("no data")
+        );
         assert!(err(br#"{"inputs":[{"name":"A","shape":[4294967296,4294967296,4294967296],"datatype":"FP32","data":[1]}]}"#, None).contains("too many"));
-        let h = br#"{"inputs":[{"name":"A","shape":[2],"datatype":"FP32","parameters":{"binary_data_size":8}}]}"#;
+        let h =
+            br#"{"inputs":[{"name":"A","shape":[2],"datatype":"FP32","parameters":{"binary_data_size":8}}]}"#;
         let mut short = h.to_vec();
         short.extend([0u8; 4]);
         assert!(err(&short, Some(h.len())).contains("past the end"));
@@ -450,8 +493,16 @@ mod tests {
             name: "m".into(),
             versions: vec![],
             platform: String::new(),
-            inputs: vec![TensorMeta { name: "X".into(), datatype: DataType::F32, shape: vec![-1, 4] }],
-            outputs: vec![TensorMeta { name: "Y".into(), datatype: DataType::F32, shape: vec![-1, 4] }],
+            inputs: vec![TensorMeta {
+                name: "X".into(),
+                datatype: DataType::F32,
+                shape: vec![-1, 4],
+            }],
+            outputs: vec![TensorMeta {
+                name: "Y".into(),
+                datatype: DataType::F32,
+                shape: vec![-1, 4],
+            }],
         };
         let (req, enc) = parse_raw_request(&md, None, Bytes::from(f32_bytes(&[1.0, 2.0, 3.0, 4.0]))).unwrap();
         assert_eq!(req.inputs[0].shape, vec![1, 4]);
@@ -466,7 +517,12 @@ mod tests {
             model_version: 1,
             id: Some("x".into()),
             parameters: Default::default(),
-            outputs: vec![Tensor::from_raw("O", DataType::F32, vec![2], f32_bytes(&[0.5, 2.0]))],
+            outputs: vec![Tensor::from_raw(
+                "O",
+                DataType::F32,
+                vec![2],
+                f32_bytes(&[0.5, 2.0]),
+            )],
         };
         let e = encode_response(&resp, &OutputEncoding::default()).unwrap();
         assert!(e.header_len.is_none());
@@ -474,9 +530,20 @@ mod tests {
             std::str::from_utf8(&e.body).unwrap(),
             r#"{"model_name":"m","model_version":"1","id":"x","outputs":[{"name":"O","datatype":"FP32","shape":[2],"data":[0.5,2.0]}]}"#
         );
-        let e = encode_response(&resp, &OutputEncoding { default_binary: true, per_output: vec![] }).unwrap();
+        let e = encode_response(
+            &resp,
+            &OutputEncoding {
+                default_binary: true,
+                per_output: vec![],
+            },
+        )
+        .unwrap();
         let n = e.header_len.unwrap();
-        assert!(std::str::from_utf8(&e.body[..n]).unwrap().contains(r#""parameters":{"binary_data_size":8}"#));
+        assert!(
+            std::str::from_utf8(&e.body[..n])
+                .unwrap()
+                .contains(r#""parameters":{"binary_data_size":8}"#)
+        );
         assert_eq!(&e.body[n..], f32_bytes(&[0.5, 2.0]).as_slice());
     }
 }

@@ -50,7 +50,11 @@ impl Flatten<'_> {
             DataType::I64 => int!(i64),
             DataType::F32 => self.push_raw(&(n.as_f64() as f32).to_le_bytes()),
             DataType::F64 => self.push_raw(&n.as_f64().to_le_bytes()),
-            DataType::Bool => return Err(E::custom(format_args!("BOOL data must be true or false, not {n}"))),
+            DataType::Bool => {
+                return Err(E::custom(format_args!(
+                    "BOOL data must be true or false, not {n}"
+                )));
+            }
             DataType::Bytes => return Err(E::custom("BYTES data must be strings")),
             DataType::F16 | DataType::BF16 => return Err(half_in_json()),
         }
@@ -106,13 +110,22 @@ impl<'de> Visitor<'de> for Flatten<'_> {
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
         let datatype = self.datatype;
         let sink = self.sink;
-        while seq.next_element_seed(Flatten { datatype, sink: &mut *sink })?.is_some() {}
+        while seq
+            .next_element_seed(Flatten {
+                datatype,
+                sink: &mut *sink,
+            })?
+            .is_some()
+        {}
         Ok(())
     }
 
     fn visit_bool<E: de::Error>(mut self, v: bool) -> Result<(), E> {
         if self.datatype != DataType::Bool {
-            return Err(E::custom(format_args!("{v} is not a valid {} value", self.datatype)));
+            return Err(E::custom(format_args!(
+                "{v} is not a valid {} value",
+                self.datatype
+            )));
         }
         self.push_raw(&[u8::from(v)]);
         Ok(())
@@ -145,11 +158,17 @@ impl<'de> Visitor<'de> for Flatten<'_> {
     }
 
     fn visit_unit<E: de::Error>(self) -> Result<(), E> {
-        Err(E::custom(format_args!("null is not a valid {} value", self.datatype)))
+        Err(E::custom(format_args!(
+            "null is not a valid {} value",
+            self.datatype
+        )))
     }
 
     fn visit_map<A: de::MapAccess<'de>>(self, _map: A) -> Result<(), A::Error> {
-        Err(de::Error::custom(format_args!("an object is not a valid {} value", self.datatype)))
+        Err(de::Error::custom(format_args!(
+            "an object is not a valid {} value",
+            self.datatype
+        )))
     }
 }
 
@@ -255,22 +274,57 @@ mod tests {
     }
 
     fn le<T: Copy>(values: &[T], f: impl Fn(T) -> Vec<u8>) -> TensorData {
-        TensorData::Raw(Bytes::from(values.iter().flat_map(|&v| f(v)).collect::<Vec<u8>>()))
+        TensorData::Raw(Bytes::from(
+            values.iter().flat_map(|&v| f(v)).collect::<Vec<u8>>(),
+        ))
     }
 
     #[test]
     fn every_fixed_size_dtype_nested_or_flat() {
-        assert_eq!(decode(DataType::F32, 4, "[[1, 2.5], [-3, 4e2]]").unwrap(), le(&[1f32, 2.5, -3.0, 400.0], |v| v.to_le_bytes().to_vec()));
-        assert_eq!(decode(DataType::F64, 2, "[0.1, 2]").unwrap(), le(&[0.1f64, 2.0], |v| v.to_le_bytes().to_vec()));
-        assert_eq!(decode(DataType::I8, 2, "[-128, 127]").unwrap(), le(&[-128i8, 127], |v| v.to_le_bytes().to_vec()));
-        assert_eq!(decode(DataType::I16, 1, "[-300]").unwrap(), le(&[-300i16], |v| v.to_le_bytes().to_vec()));
-        assert_eq!(decode(DataType::I32, 2, "[[1],[2]]").unwrap(), le(&[1i32, 2], |v| v.to_le_bytes().to_vec()));
-        assert_eq!(decode(DataType::I64, 1, "[-9007199254740993]").unwrap(), le(&[-9007199254740993i64], |v| v.to_le_bytes().to_vec()));
-        assert_eq!(decode(DataType::U8, 1, "[255]").unwrap(), le(&[255u8], |v| vec![v]));
-        assert_eq!(decode(DataType::U16, 1, "[65535]").unwrap(), le(&[65535u16], |v| v.to_le_bytes().to_vec()));
-        assert_eq!(decode(DataType::U32, 1, "[4294967295]").unwrap(), le(&[u32::MAX], |v| v.to_le_bytes().to_vec()));
-        assert_eq!(decode(DataType::U64, 1, "[18446744073709551615]").unwrap(), le(&[u64::MAX], |v| v.to_le_bytes().to_vec()));
-        assert_eq!(decode(DataType::Bool, 3, "[true, false, true]").unwrap(), TensorData::Raw(Bytes::from_static(&[1, 0, 1])));
+        assert_eq!(
+            decode(DataType::F32, 4, "[[1, 2.5], [-3, 4e2]]").unwrap(),
+            le(&[1f32, 2.5, -3.0, 400.0], |v| v.to_le_bytes().to_vec())
+        );
+        assert_eq!(
+            decode(DataType::F64, 2, "[0.1, 2]").unwrap(),
+            le(&[0.1f64, 2.0], |v| v.to_le_bytes().to_vec())
+        );
+        assert_eq!(
+            decode(DataType::I8, 2, "[-128, 127]").unwrap(),
+            le(&[-128i8, 127], |v| v.to_le_bytes().to_vec())
+        );
+        assert_eq!(
+            decode(DataType::I16, 1, "[-300]").unwrap(),
+            le(&[-300i16], |v| v.to_le_bytes().to_vec())
+        );
+        assert_eq!(
+            decode(DataType::I32, 2, "[[1],[2]]").unwrap(),
+            le(&[1i32, 2], |v| v.to_le_bytes().to_vec())
+        );
+        assert_eq!(
+            decode(DataType::I64, 1, "[-9007199254740993]").unwrap(),
+            le(&[-9007199254740993i64], |v| v.to_le_bytes().to_vec())
+        );
+        assert_eq!(
+            decode(DataType::U8, 1, "[255]").unwrap(),
+            le(&[255u8], |v| vec![v])
+        );
+        assert_eq!(
+            decode(DataType::U16, 1, "[65535]").unwrap(),
+            le(&[65535u16], |v| v.to_le_bytes().to_vec())
+        );
+        assert_eq!(
+            decode(DataType::U32, 1, "[4294967295]").unwrap(),
+            le(&[u32::MAX], |v| v.to_le_bytes().to_vec())
+        );
+        assert_eq!(
+            decode(DataType::U64, 1, "[18446744073709551615]").unwrap(),
+            le(&[u64::MAX], |v| v.to_le_bytes().to_vec())
+        );
+        assert_eq!(
+            decode(DataType::Bool, 3, "[true, false, true]").unwrap(),
+            TensorData::Raw(Bytes::from_static(&[1, 0, 1]))
+        );
     }
 
     #[test]
@@ -298,13 +352,31 @@ mod tests {
 
     #[test]
     fn outputs_encode_as_flat_json() {
-        let t = Tensor::from_raw("o", DataType::F32, vec![2], [1.5f32, -0.1].iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>());
+        let t = Tensor::from_raw(
+            "o",
+            DataType::F32,
+            vec![2],
+            [1.5f32, -0.1]
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect::<Vec<u8>>(),
+        );
         assert_eq!(serde_json::to_string(&JsonData(&t)).unwrap(), "[1.5,-0.1]");
         let t = Tensor::from_raw("o", DataType::Bool, vec![2], vec![1u8, 0]);
         assert_eq!(serde_json::to_string(&JsonData(&t)).unwrap(), "[true,false]");
-        let t = Tensor::from_raw("o", DataType::F16, vec![1], f16::from_f32(0.5).to_le_bytes().to_vec());
+        let t = Tensor::from_raw(
+            "o",
+            DataType::F16,
+            vec![1],
+            f16::from_f32(0.5).to_le_bytes().to_vec(),
+        );
         assert_eq!(serde_json::to_string(&JsonData(&t)).unwrap(), "[0.5]");
-        let t = Tensor::new("o", DataType::Bytes, vec![1], TensorData::Strings(vec![Bytes::from_static(b"\xff")]));
+        let t = Tensor::new(
+            "o",
+            DataType::Bytes,
+            vec![1],
+            TensorData::Strings(vec![Bytes::from_static(b"\xff")]),
+        );
         assert!(serde_json::to_string(&JsonData(&t)).is_err());
     }
 }

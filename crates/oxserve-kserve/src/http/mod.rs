@@ -53,11 +53,20 @@ pub fn router(engine: InferenceService, options: HttpOptions) -> Router {
         .route("/v2/health/live", get(live))
         .route("/v2/health/ready", get(ready))
         .route("/v2/models/{model}", get(model_metadata))
-        .route("/v2/models/{model}/versions/{version}", get(model_metadata_version))
+        .route(
+            "/v2/models/{model}/versions/{version}",
+            get(model_metadata_version),
+        )
         .route("/v2/models/{model}/ready", get(model_ready))
-        .route("/v2/models/{model}/versions/{version}/ready", get(model_ready_version))
+        .route(
+            "/v2/models/{model}/versions/{version}/ready",
+            get(model_ready_version),
+        )
         .route("/v2/models/{model}/config", get(model_config))
-        .route("/v2/models/{model}/versions/{version}/config", get(model_config_version))
+        .route(
+            "/v2/models/{model}/versions/{version}/config",
+            get(model_config_version),
+        )
         .route("/v2/models/{model}/infer", post(infer))
         .route("/v2/models/{model}/versions/{version}/infer", post(infer_version))
         .route("/v2/repository/index", post(repository_index))
@@ -79,10 +88,11 @@ async fn method_not_allowed() -> Response {
 }
 
 fn parse_version(version: &str) -> ApiResult<Option<u64>> {
-    version
-        .parse::<u64>()
-        .map(Some)
-        .map_err(|_| ApiError(Error::invalid(format!("model version '{version}' is not a number"))))
+    version.parse::<u64>().map(Some).map_err(|_| {
+        ApiError(Error::invalid(format!(
+            "model version '{version}' is not a number"
+        )))
+    })
 }
 
 fn json_response<T: Serialize>(value: &T) -> Response {
@@ -109,11 +119,19 @@ async fn server_metadata(State(s): State<AppState>) -> Response {
 }
 
 async fn live(State(s): State<AppState>) -> StatusCode {
-    if s.engine.is_live() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }
+    if s.engine.is_live() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    }
 }
 
 async fn ready(State(s): State<AppState>) -> StatusCode {
-    if s.engine.is_ready() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }
+    if s.engine.is_ready() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    }
 }
 
 #[derive(Serialize)]
@@ -159,7 +177,9 @@ async fn model_metadata_version(
     State(s): State<AppState>,
     Path((model, version)): Path<(String, String)>,
 ) -> ApiResult<Response> {
-    Ok(metadata_json(&s.engine.model_metadata(&model, parse_version(&version)?)?))
+    Ok(metadata_json(
+        &s.engine.model_metadata(&model, parse_version(&version)?)?,
+    ))
 }
 
 fn ready_status(s: &AppState, model: &str, version: Option<u64>) -> ApiResult<StatusCode> {
@@ -225,7 +245,11 @@ fn header_length(headers: &HeaderMap) -> ApiResult<Option<usize>> {
             .ok()
             .and_then(|s| s.trim().parse::<usize>().ok())
             .map(Some)
-            .ok_or_else(|| ApiError(Error::invalid("Inference-Header-Content-Length is not a non-negative integer"))),
+            .ok_or_else(|| {
+                ApiError(Error::invalid(
+                    "Inference-Header-Content-Length is not a non-negative integer",
+                ))
+            }),
     }
 }
 
@@ -251,7 +275,8 @@ async fn run_infer(
         None => ([(header::CONTENT_TYPE, "application/json")], encoded.body).into_response(),
         Some(n) => {
             let mut r = ([(header::CONTENT_TYPE, "application/octet-stream")], encoded.body).into_response();
-            r.headers_mut().insert(INFERENCE_HEADER_CONTENT_LENGTH, HeaderValue::from(n));
+            r.headers_mut()
+                .insert(INFERENCE_HEADER_CONTENT_LENGTH, HeaderValue::from(n));
             r
         }
     })
@@ -277,7 +302,8 @@ async fn repository_index(State(s): State<AppState>, headers: HeaderMap, body: B
     let request: IndexRequest = if body.iter().all(u8::is_ascii_whitespace) {
         IndexRequest::default()
     } else {
-        serde_json::from_slice(&body).map_err(|e| Error::invalid(format!("malformed repository index request: {e}")))?
+        serde_json::from_slice(&body)
+            .map_err(|e| Error::invalid(format!("malformed repository index request: {e}")))?
     };
     let entries: Vec<IndexEntryJson> = s
         .engine

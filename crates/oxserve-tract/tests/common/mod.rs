@@ -11,9 +11,8 @@ use oxserve_backend::LoadSpec;
 use oxserve_core::{DataType, Tensor, TensorData, TensorMeta};
 use prost::Message;
 use tract_onnx::pb::{
-    self, AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorProto,
-    TensorShapeProto, TypeProto, ValueInfoProto, attribute_proto::AttributeType,
-    tensor_proto::DataType as Onnx, tensor_shape_proto::Dimension,
+    GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorProto, TensorShapeProto, TypeProto,
+    ValueInfoProto, tensor_proto::DataType as Onnx, tensor_shape_proto::Dimension,
     tensor_shape_proto::dimension::Value as DimValue, type_proto,
 };
 
@@ -61,15 +60,6 @@ pub fn node(op: &str, inputs: &[&str], outputs: &[&str]) -> NodeProto {
         output: outputs.iter().map(|s| s.to_string()).collect(),
         name: format!("{op}_{}", outputs.first().copied().unwrap_or("")),
         op_type: op.to_string(),
-        ..Default::default()
-    }
-}
-
-pub fn int_attr(name: &str, v: i64) -> AttributeProto {
-    AttributeProto {
-        name: name.to_string(),
-        r#type: AttributeType::Int as i32,
-        i: v,
         ..Default::default()
     }
 }
@@ -123,12 +113,7 @@ pub fn meta(name: &str, datatype: DataType, shape: &[i64]) -> TensorMeta {
     }
 }
 
-pub fn spec(
-    path: &Path,
-    inputs: Vec<TensorMeta>,
-    outputs: Vec<TensorMeta>,
-    max_batch_size: u32,
-) -> LoadSpec {
+pub fn spec(path: &Path, inputs: Vec<TensorMeta>, outputs: Vec<TensorMeta>, max_batch_size: u32) -> LoadSpec {
     LoadSpec {
         model_name: "m".to_string(),
         version: 1,
@@ -156,12 +141,7 @@ pub fn strings_tensor<V: AsRef<[u8]>>(name: &str, shape: &[i64], values: &[V]) -
         .iter()
         .map(|v| Bytes::copy_from_slice(v.as_ref()))
         .collect();
-    Tensor::new(
-        name,
-        DataType::Bytes,
-        shape.to_vec(),
-        TensorData::Strings(items),
-    )
+    Tensor::new(name, DataType::Bytes, shape.to_vec(), TensorData::Strings(items))
 }
 
 pub fn f32s(t: &Tensor) -> Vec<f32> {
@@ -171,9 +151,4 @@ pub fn f32s(t: &Tensor) -> Vec<f32> {
         .chunks_exact(4)
         .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
         .collect()
-}
-
-/// Unused import guard: `pb` is re-exported for tests that build protos by hand.
-pub fn empty_graph_model() -> pb::ModelProto {
-    model(vec![], vec![], vec![], vec![])
 }
