@@ -14,14 +14,25 @@ scripts/setup-python.sh
 echo "== cargo fmt"
 cargo fmt --all -- --check
 
+# The binary the Python tests start carries the `testkit` test backend (slow and failing
+# models for tests/python/test_scheduler.py); the Rust tests are built with the same features
+# so nothing compiles twice. Clippy checks both the production and the test-backend builds.
+features=(--features oxserve/testkit)
+
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+cargo clippy --workspace --all-targets --locked "${features[@]}" -- -D warnings
 
 echo "== cargo build"
-cargo build --workspace --locked
+cargo build --workspace --locked "${features[@]}"
 
 echo "== rust tests"
-cargo nextest run --workspace --locked --no-fail-fast
+cargo nextest run --workspace --locked --no-fail-fast "${features[@]}"
+
+# The fidelity corpus (ONNX models + Python onnxruntime reference outputs) is generated, not
+# committed: the 224x224 CNN's inputs are large. Regenerated only when the script changes.
+echo "== fidelity corpus"
+.venv/bin/python scripts/make_corpus.py --if-needed
 
 echo "== client conformance (pytest)"
 OXSERVE_BIN="$target_dir/debug/oxserve" .venv/bin/python -m pytest tests/python -q

@@ -34,6 +34,8 @@ EXPECTED_EXTENSIONS = {
     "model_configuration",
     "model_repository",
     "parameters",
+    "statistics",
+    "schedule_policy",
 }
 
 

@@ -5,9 +5,11 @@ The binary comes from $OXSERVE_BIN. It is started as
     $OXSERVE_BIN serve --model-repository R1 [--model-repository R2 ...] \
         --http-port 0 --grpc-port 0 --host 127.0.0.1 [extra args]
 
-with ORT_DISABLE_TELEMETRY=1 and the repository root as working directory. The server prints
-exactly one JSON line on stdout, {"event":"listening","http":"127.0.0.1:P","grpc":"127.0.0.1:P"};
-its logs go to stderr, which is written to a file whose tail is shown on any failure.
+with ORT_DISABLE_TELEMETRY=1 and the repository root as working directory (plus
+`--metrics-port 0` when the binary has that flag). The server prints exactly one JSON line on
+stdout, {"event":"listening","http":"127.0.0.1:P","grpc":"127.0.0.1:P","metrics":"127.0.0.1:P"}
+("metrics" only while the metrics endpoint is enabled); its logs go to stderr, which is written
+to a file whose tail is shown on any failure.
 """
 
 from __future__ import annotations
@@ -75,6 +77,7 @@ class ServerProcess:
         self.proc: subprocess.Popen | None = None
         self.http_addr = ""
         self.grpc_addr = ""
+        self.metrics_addr = ""
         self.listening: dict = {}
         self.stdout_lines: list[str] = []
         self._stdout_queue: queue.Queue = queue.Queue()
@@ -98,6 +101,14 @@ class ServerProcess:
     def grpc_host(self) -> str:
         """host:port for tritonclient.grpc / grpc channels"""
         return self.grpc_addr
+
+    @property
+    def metrics_url(self) -> str:
+        """The Prometheus endpoint, e.g. http://127.0.0.1:PORT/metrics (fails the test when
+        the server reported no metrics listener)."""
+        if not self.metrics_addr:
+            self.fail(f"no metrics address in the listening line: {self.listening!r}")
+        return f"http://{self.metrics_addr}/metrics"
 
     # -- diagnostics ------------------------------------------------------------------------
     def stderr_tail(self, lines: int = 60) -> str:
@@ -171,6 +182,11 @@ class ServerProcess:
         self.listening = event
         self.http_addr = event["http"]
         self.grpc_addr = event["grpc"]
+        metrics = event.get("metrics", "")
+        if not isinstance(metrics, str):
+            self._kill()
+            self.fail(f"listening line has a non-string metrics address: {line!r}")
+        self.metrics_addr = metrics
 
         # 2. Readiness, polled (no fixed sleeps).
         url = self.http_url + self.ready_path

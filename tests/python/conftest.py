@@ -16,7 +16,7 @@ import os
 import pytest
 
 # Plain asserts in the helper modules get pytest's detailed failure messages too.
-pytest.register_assert_rewrite("_models", "_server")
+pytest.register_assert_rewrite("_models", "_server", "_corpus")
 
 from _server import LIMITED_MAX_INPUT_SIZE, ServerProcess  # noqa: E402
 

@@ -9,6 +9,9 @@ use std::path::{Path, PathBuf};
 
 use oxserve_core::{Tensor, TensorMeta};
 
+#[cfg(feature = "testkit")]
+pub mod testkit;
+
 /// What went wrong inside an engine. Opaque apart from its kind.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BackendErrorKind {
@@ -59,6 +62,15 @@ pub struct ModelSignature {
     pub outputs: Vec<TensorMeta>,
 }
 
+/// Where one model instance runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Device {
+    #[default]
+    Cpu,
+    /// A GPU, by index (Triton's `instance_group { kind: KIND_GPU gpus: [ ... ] }`).
+    Gpu(u32),
+}
+
 /// Everything a backend needs to load one model version.
 #[derive(Debug, Clone)]
 pub struct LoadSpec {
@@ -74,6 +86,12 @@ pub struct LoadSpec {
     pub max_batch_size: u32,
     /// Instances that will run concurrently, so the engine can size its thread pools.
     pub instance_count: usize,
+    /// Where each instance runs, by instance index. A missing entry means [`Device::Cpu`]. Only
+    /// engines whose [`Backend::supports_gpu`] is true are handed [`Device::Gpu`].
+    pub devices: Vec<Device>,
+    /// Triton's `optimization { graph { level } }`: 0 is the engine's default; engines that
+    /// have graph optimization levels map the other values (see their documentation).
+    pub graph_optimization_level: i32,
     /// Free-form `parameters` from the model configuration.
     pub parameters: BTreeMap<String, String>,
 }
@@ -96,6 +114,18 @@ pub trait Backend: Send + Sync {
 
     /// Loads and prepares a model version; errors here keep the version from serving.
     fn load(&self, spec: &LoadSpec) -> Result<Box<dyn LoadedModel>, BackendError>;
+
+    /// Whether the engine can load models in this process at all (an engine whose runtime
+    /// library is loaded at run time may find none). The model manager asks before choosing
+    /// the engine for a model; `Ok` carries a short description of the runtime for logs.
+    fn availability(&self) -> Result<String, BackendError> {
+        Ok(String::new())
+    }
+
+    /// Whether instances may be placed on GPUs (`LoadSpec::devices`).
+    fn supports_gpu(&self) -> bool {
+        false
+    }
 }
 
 pub trait LoadedModel: Send + Sync {

@@ -4,10 +4,12 @@
 
 use oxserve_backend::ModelSignature;
 use oxserve_core::{DataType, TensorMeta};
+use oxserve_repository::pb::model_config::SchedulingChoice;
 use oxserve_repository::pb::model_instance_group::Kind;
 use oxserve_repository::pb::model_version_policy::{Latest, PolicyChoice};
 use oxserve_repository::pb::{
-    ModelConfig, ModelInput, ModelInstanceGroup, ModelOutput, ModelTensorReshape, ModelVersionPolicy,
+    ModelConfig, ModelDynamicBatching, ModelInput, ModelInstanceGroup, ModelOutput, ModelTensorReshape,
+    ModelVersionPolicy,
 };
 use oxserve_repository::{data_type_of, data_type_to_config};
 
@@ -44,54 +46,42 @@ pub(crate) fn complete(cfg: &mut ModelConfig, sig: &ModelSignature) -> Result<()
         cfg.input = sig
             .inputs
             .iter()
-            .map(|t| {
-                let (dims, reshape) = dims_or_scalar(client_dims(t, batched));
-                ModelInput {
-                    name: t.name.clone(),
-                    data_type: data_type_to_config(t.datatype),
-                    dims,
-                    reshape,
-                    ..Default::default()
-                }
+            .map(|t| ModelInput {
+                name: t.name.clone(),
+                ..Default::default()
             })
             .collect();
-    } else {
-        for input in &mut cfg.input {
-            if let Some(t) = sig.inputs.iter().find(|t| t.name == input.name) {
-                if input.data_type == 0 {
-                    input.data_type = data_type_to_config(t.datatype);
-                }
-                if input.dims.is_empty() && input.reshape.is_none() {
-                    (input.dims, input.reshape) = dims_or_scalar(client_dims(t, batched));
-                }
-            }
+    }
+    for input in &mut cfg.input {
+        if let Some(t) = sig.inputs.iter().find(|t| t.name == input.name) {
+            fill_from_file(
+                &mut input.data_type,
+                &mut input.dims,
+                &mut input.reshape,
+                t,
+                batched,
+            );
         }
     }
     if cfg.output.is_empty() {
         cfg.output = sig
             .outputs
             .iter()
-            .map(|t| {
-                let (dims, reshape) = dims_or_scalar(client_dims(t, batched));
-                ModelOutput {
-                    name: t.name.clone(),
-                    data_type: data_type_to_config(t.datatype),
-                    dims,
-                    reshape,
-                    ..Default::default()
-                }
+            .map(|t| ModelOutput {
+                name: t.name.clone(),
+                ..Default::default()
             })
             .collect();
-    } else {
-        for output in &mut cfg.output {
-            if let Some(t) = sig.outputs.iter().find(|t| t.name == output.name) {
-                if output.data_type == 0 {
-                    output.data_type = data_type_to_config(t.datatype);
-                }
-                if output.dims.is_empty() && output.reshape.is_none() {
-                    (output.dims, output.reshape) = dims_or_scalar(client_dims(t, batched));
-                }
-            }
+    }
+    for output in &mut cfg.output {
+        if let Some(t) = sig.outputs.iter().find(|t| t.name == output.name) {
+            fill_from_file(
+                &mut output.data_type,
+                &mut output.dims,
+                &mut output.reshape,
+                t,
+                batched,
+            );
         }
     }
     Ok(())
@@ -113,6 +103,10 @@ pub(crate) fn fill_defaults(cfg: &mut ModelConfig) {
             ..Default::default()
         });
     }
+    // Triton turns the dynamic batcher on for batching models that name no scheduler.
+    if cfg.max_batch_size > 1 && cfg.scheduling_choice.is_none() {
+        cfg.scheduling_choice = Some(SchedulingChoice::DynamicBatching(ModelDynamicBatching::default()));
+    }
     for group in &mut cfg.instance_group {
         if group.count == 0 {
             group.count = 1;
@@ -120,6 +114,22 @@ pub(crate) fn fill_defaults(cfg: &mut ModelConfig) {
         if group.name.is_empty() {
             group.name = cfg.name.clone();
         }
+    }
+}
+
+/// Fills a configured tensor's unset data type and dims from the file's declaration.
+fn fill_from_file(
+    data_type: &mut i32,
+    dims: &mut Vec<i64>,
+    reshape: &mut Option<ModelTensorReshape>,
+    declared: &TensorMeta,
+    batched: bool,
+) {
+    if *data_type == 0 {
+        *data_type = data_type_to_config(declared.datatype);
+    }
+    if dims.is_empty() && reshape.is_none() {
+        (*dims, *reshape) = dims_or_scalar(client_dims(declared, batched));
     }
 }
 

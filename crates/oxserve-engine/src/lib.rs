@@ -6,8 +6,11 @@ mod autocomplete;
 mod classification;
 mod manager;
 mod model;
+mod scheduling;
 mod service;
+mod stats;
 mod validate;
 
-pub use manager::{ManagerOptions, ModelManager};
+pub use manager::{BACKEND_REASON_PARAMETER, ManagerOptions, ModelManager};
 pub use service::{IndexEntry, InferenceService, ServerMetadata};
+pub use stats::{BatchStat, FailureReason, InferStats, Metrics, ModelStatistics, StatDuration};

@@ -8,15 +8,17 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use arc_swap::ArcSwap;
-use oxserve_backend::{Backend, LoadSpec};
+use oxserve_backend::{Backend, Device, LoadSpec};
 use oxserve_core::{DataType, Error, ModelMetadata, Result, TensorMeta};
-use oxserve_repository::pb::ModelConfig;
 use oxserve_repository::pb::model_instance_group::Kind;
+use oxserve_repository::pb::{ModelConfig, ModelParameter};
 use oxserve_repository::{self as repo, ModelDir};
-use oxserve_scheduler::{InstancePool, PoolOptions};
+use oxserve_scheduler::Scheduler;
 
 use crate::autocomplete::{self, model_facing_shape};
 use crate::model::{InputSpec, ModelIo, OutputSpec, ServedVersion};
+use crate::scheduling::scheduler_config;
+use crate::stats::{Metrics, ModelStats};
 
 #[derive(Debug, Clone)]
 pub struct ManagerOptions {
@@ -33,6 +35,19 @@ impl Default for ManagerOptions {
         }
     }
 }
+
+/// The engine chosen for a model and why (logged, and shown in its configuration as the
+/// [`BACKEND_REASON_PARAMETER`] parameter).
+struct Selection {
+    backend: Arc<dyn Backend>,
+    reason: String,
+}
+
+const ONNXRUNTIME: &str = "onnxruntime";
+const TRACT: &str = "tract";
+
+/// The model configuration parameter that says why the model runs on its engine.
+pub const BACKEND_REASON_PARAMETER: &str = "oxserve_backend_reason";
 
 pub(crate) enum VersionState {
     Ready(Arc<ServedVersion>),
@@ -65,6 +80,7 @@ pub struct ModelManager {
     table: ArcSwap<ModelTable>,
     backends: Vec<Arc<dyn Backend>>,
     options: ManagerOptions,
+    metrics: Arc<Metrics>,
 }
 
 impl ModelManager {
@@ -73,7 +89,12 @@ impl ModelManager {
             table: ArcSwap::from_pointee(ModelTable::default()),
             backends,
             options,
+            metrics: Arc::new(Metrics::new()),
         }
+    }
+
+    pub(crate) fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     pub(crate) fn snapshot(&self) -> arc_swap::Guard<Arc<ModelTable>> {
@@ -115,10 +136,11 @@ impl ModelManager {
             Ok(cfg) => cfg,
             Err(e) => return self.model_failed(&dir.name, e.to_string()),
         };
-        let backend = match self.select_backend(&config) {
-            Ok(b) => b,
+        let selection = match self.select_backend(&config) {
+            Ok(s) => s,
             Err(reason) => return self.model_failed(&dir.name, reason),
         };
+        let backend = &selection.backend;
         let available = match repo::list_versions(&dir.path) {
             Ok(v) => v,
             Err(e) => return self.model_failed(&dir.name, e.to_string()),
@@ -132,18 +154,22 @@ impl ModelManager {
         }
         let mut record = ModelRecord::default();
         for version in selected {
-            let state = match self.load_version(dir, version, &config, backend.as_ref()) {
+            let state = match self.load_version(dir, version, &config, &selection) {
                 Ok(served) => {
                     tracing::info!(
                         model = %dir.name, version, backend = backend.name(),
-                        reason = "ONNX model; tract is the built-in ONNX engine",
+                        reason = %selection.reason,
                         load_ms = started.elapsed().as_millis() as u64,
                         "model version ready"
                     );
                     VersionState::Ready(Arc::new(served))
                 }
                 Err(reason) => {
-                    tracing::error!(model = %dir.name, version, %reason, "model version failed to load");
+                    tracing::error!(
+                        model = %dir.name, version, backend = backend.name(),
+                        backend_reason = %selection.reason, %reason,
+                        "model version failed to load"
+                    );
                     VersionState::Unavailable(reason)
                 }
             };
@@ -157,19 +183,57 @@ impl ModelManager {
         ModelRecord::failed(reason)
     }
 
-    /// ONNX models run on the built-in tract engine; other formats need engines that are not
-    /// compiled in yet, which is a load error, not a silent fallback.
-    fn select_backend(&self, cfg: &ModelConfig) -> Result<Arc<dyn Backend>, String> {
-        let wanted = match (cfg.platform.as_str(), cfg.backend.as_str()) {
-            ("" | "onnxruntime_onnx", "" | "onnxruntime" | "tract") => "tract",
+    fn backend_named(&self, name: &str) -> Option<Arc<dyn Backend>> {
+        self.backends.iter().find(|b| b.name() == name).cloned()
+    }
+
+    /// Picks the engine for a model, and says why.
+    ///
+    /// - `backend: "<name>"` in config.pbtxt names the engine (`onnxruntime`, `tract`, or any
+    ///   other registered one), and so does Triton's `platform: "onnxruntime_onnx"` (ONNX
+    ///   Runtime) when no backend is given. A named engine that cannot run here (no ONNX Runtime
+    ///   library) is a load error with the reason, never a silent switch to another engine.
+    /// - With neither, ONNX models run on ONNX Runtime when its library is available, else on
+    ///   the built-in tract engine.
+    /// - Other platforms need engines this server does not have: a load error.
+    fn select_backend(&self, cfg: &ModelConfig) -> Result<Selection, String> {
+        let named = match (cfg.platform.as_str(), cfg.backend.as_str()) {
+            ("onnxruntime_onnx", "") => Some((
+                ONNXRUNTIME,
+                "config.pbtxt sets Triton's platform \"onnxruntime_onnx\"".to_string(),
+            )),
+            ("", "") => None,
             (platform, "") => return Err(format!("platform '{platform}' is not supported by this server")),
-            (_, backend) => return Err(format!("backend '{backend}' is not available in this server")),
+            (_, name) => Some((name, format!("config.pbtxt sets backend \"{name}\""))),
         };
-        self.backends
-            .iter()
-            .find(|b| b.name() == wanted)
-            .cloned()
-            .ok_or_else(|| format!("backend '{wanted}' is not registered"))
+        if let Some((name, why)) = named {
+            let backend = self
+                .backend_named(name)
+                .ok_or_else(|| format!("backend '{name}' is not available in this server"))?;
+            return match backend.availability() {
+                Ok(_) => Ok(Selection { backend, reason: why }),
+                Err(e) => Err(format!("{why}, but the {name} engine is not available: {e}")),
+            };
+        }
+        let mut fallback = String::from("no ONNX Runtime engine in this server");
+        if let Some(ort) = self.backend_named(ONNXRUNTIME) {
+            match ort.availability() {
+                Ok(info) => {
+                    return Ok(Selection {
+                        backend: ort,
+                        reason: format!("no backend in config.pbtxt; ONNX Runtime is available ({info})"),
+                    });
+                }
+                Err(e) => fallback = format!("ONNX Runtime is not available ({e})"),
+            }
+        }
+        let tract = self
+            .backend_named(TRACT)
+            .ok_or_else(|| format!("no backend in config.pbtxt, {fallback}, and no tract engine"))?;
+        Ok(Selection {
+            backend: tract,
+            reason: format!("no backend in config.pbtxt; {fallback}: using the built-in tract engine"),
+        })
     }
 
     fn load_version(
@@ -177,14 +241,17 @@ impl ModelManager {
         dir: &ModelDir,
         version: u64,
         base: &ModelConfig,
-        backend: &dyn Backend,
+        selection: &Selection,
     ) -> Result<ServedVersion, String> {
+        let backend = selection.backend.as_ref();
         let model_path = repo::model_file_path(&dir.path, version, base);
         let signature = backend.inspect(&model_path).map_err(|e| e.to_string())?;
         let mut config = base.clone();
         autocomplete::complete(&mut config, &signature)?;
         autocomplete::fill_defaults(&mut config);
-        if let Some(g) = config.instance_group.iter().find(|g| g.kind == Kind::Gpu as i32) {
+        if let Some(g) = config.instance_group.iter().find(|g| g.kind == Kind::Gpu as i32)
+            && !backend.supports_gpu()
+        {
             return Err(format!(
                 "instance group '{}' asks for KIND_GPU, but the {} engine runs on CPU only",
                 g.name,
@@ -199,6 +266,7 @@ impl ModelManager {
         autocomplete::check(&config, &signature)?;
         let io = model_io(&config, &dir.path)?;
         let batched = config.max_batch_size > 0;
+        let devices = instance_devices(&config);
         let spec = LoadSpec {
             model_name: dir.name.clone(),
             version,
@@ -226,38 +294,74 @@ impl ModelManager {
                 })
                 .collect::<Result<_, _>>()?,
             max_batch_size: config.max_batch_size as u32,
-            instance_count: instance_count(&config),
+            instance_count: devices.len(),
+            devices,
+            graph_optimization_level: config
+                .optimization
+                .as_ref()
+                .and_then(|o| o.graph.as_ref())
+                .map_or(0, |g| g.level),
             parameters: config
                 .parameters
                 .iter()
                 .map(|(k, v)| (k.clone(), v.string_value.clone()))
                 .collect(),
         };
+        let scheduling = scheduler_config(
+            &config,
+            spec.instance_count,
+            self.options.queue_capacity,
+            format!("{}-v{version}", dir.name),
+        )?;
+        let started = std::time::Instant::now();
         let loaded = backend.load(&spec).map_err(|e| e.to_string())?;
-        let pool = InstancePool::start(
-            Arc::from(loaded),
-            &PoolOptions {
-                instances: spec.instance_count,
-                queue_capacity: self.options.queue_capacity,
-                thread_name: format!("{}-v{version}", dir.name),
-            },
-        )
-        .map_err(|e| e.to_string())?;
+        let stats = Arc::new(ModelStats::new(&dir.name, version, Arc::clone(&self.metrics)));
+        let scheduler = Scheduler::start(Arc::from(loaded), scheduling, Arc::clone(&stats) as _)
+            .map_err(|e| e.to_string())?;
+        self.metrics.record_load(&dir.name, version, started.elapsed());
         let metadata = metadata(&dir.name, version, &config, &io);
+        // The model configuration endpoint shows the engine (`backend`) and why it was chosen.
+        config.parameters.insert(
+            BACKEND_REASON_PARAMETER.to_string(),
+            ModelParameter {
+                string_value: selection.reason.clone(),
+            },
+        );
         Ok(ServedVersion {
             model_name: dir.name.clone(),
             version,
             config: Arc::new(config),
             io,
             metadata,
-            pool,
+            scheduler,
+            stats,
         })
     }
 }
 
-fn instance_count(cfg: &ModelConfig) -> usize {
-    let total: i64 = cfg.instance_group.iter().map(|g| i64::from(g.count.max(1))).sum();
-    usize::try_from(total).unwrap_or(1).max(1)
+/// Where each instance runs: `count` instances per group, and for KIND_GPU `count` per listed
+/// GPU (GPU 0 when the list is empty). Other kinds run on CPU.
+fn instance_devices(cfg: &ModelConfig) -> Vec<Device> {
+    let mut devices = Vec::new();
+    for group in &cfg.instance_group {
+        let count = usize::try_from(group.count.max(1)).unwrap_or(1);
+        if group.kind == Kind::Gpu as i32 {
+            let gpus: Vec<u32> = if group.gpus.is_empty() {
+                vec![0]
+            } else {
+                group.gpus.iter().filter_map(|&g| u32::try_from(g).ok()).collect()
+            };
+            for gpu in gpus {
+                devices.extend(std::iter::repeat_n(Device::Gpu(gpu), count));
+            }
+        } else {
+            devices.extend(std::iter::repeat_n(Device::Cpu, count));
+        }
+    }
+    if devices.is_empty() {
+        devices.push(Device::Cpu);
+    }
+    devices
 }
 
 fn data_type(name: &str, code: i32) -> Result<DataType, String> {
@@ -378,5 +482,136 @@ impl ModelTable {
                     Error::unavailable(format!("model '{name}' is not ready: {reason}"))
                 }),
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod selection_tests {
+    use std::path::Path;
+
+    use oxserve_backend::{BackendError, BackendErrorKind, LoadedModel, ModelSignature};
+    use oxserve_repository::pb::ModelInstanceGroup;
+
+    use super::*;
+
+    /// An engine that loads nothing, available or not.
+    struct Stub {
+        name: &'static str,
+        available: Result<String, String>,
+    }
+
+    impl Backend for Stub {
+        fn name(&self) -> &'static str {
+            self.name
+        }
+        fn inspect(&self, _: &Path) -> Result<ModelSignature, BackendError> {
+            Err(BackendError::new(BackendErrorKind::Internal, "stub"))
+        }
+        fn load(&self, _: &LoadSpec) -> Result<Box<dyn LoadedModel>, BackendError> {
+            Err(BackendError::new(BackendErrorKind::Internal, "stub"))
+        }
+        fn availability(&self) -> Result<String, BackendError> {
+            self.available
+                .clone()
+                .map_err(|e| BackendError::new(BackendErrorKind::Unsupported, e))
+        }
+    }
+
+    fn manager(ort: Option<Result<&str, &str>>) -> ModelManager {
+        let mut backends: Vec<Arc<dyn Backend>> = vec![Arc::new(Stub {
+            name: TRACT,
+            available: Ok(String::new()),
+        })];
+        if let Some(available) = ort {
+            backends.push(Arc::new(Stub {
+                name: ONNXRUNTIME,
+                available: available.map(str::to_string).map_err(str::to_string),
+            }));
+        }
+        ModelManager::new(backends, ManagerOptions::default())
+    }
+
+    fn select(m: &ModelManager, platform: &str, backend: &str) -> Result<(&'static str, String), String> {
+        let cfg = ModelConfig {
+            name: "m".into(),
+            platform: platform.into(),
+            backend: backend.into(),
+            ..Default::default()
+        };
+        m.select_backend(&cfg).map(|s| (s.backend.name(), s.reason))
+    }
+
+    #[test]
+    fn default_is_onnxruntime_when_its_library_loads() {
+        let m = manager(Some(Ok("ONNX Runtime 1.32.0 from /lib/libonnxruntime.so")));
+        let (name, reason) = select(&m, "", "").unwrap();
+        assert_eq!(name, ONNXRUNTIME);
+        assert!(reason.contains("no backend in config.pbtxt"), "{reason}");
+        assert!(reason.contains("ONNX Runtime 1.32.0"), "{reason}");
+    }
+
+    #[test]
+    fn default_falls_back_to_tract_with_the_reason() {
+        let m = manager(Some(Err("no ONNX Runtime library found")));
+        let (name, reason) = select(&m, "", "").unwrap();
+        assert_eq!(name, TRACT);
+        assert!(reason.contains("no ONNX Runtime library found"), "{reason}");
+        assert!(reason.contains("tract"), "{reason}");
+        let (name, reason) = select(&manager(None), "", "").unwrap();
+        assert_eq!(name, TRACT);
+        assert!(reason.contains("no ONNX Runtime engine"), "{reason}");
+    }
+
+    #[test]
+    fn a_named_engine_is_used_or_the_load_fails() {
+        let available = manager(Some(Ok("ok")));
+        let missing = manager(Some(Err("libonnxruntime.so does not exist")));
+        assert_eq!(select(&available, "", "tract").unwrap().0, TRACT);
+        assert_eq!(select(&available, "onnxruntime_onnx", "tract").unwrap().0, TRACT);
+        assert_eq!(select(&available, "", "onnxruntime").unwrap().0, ONNXRUNTIME);
+        let (name, reason) = select(&available, "onnxruntime_onnx", "").unwrap();
+        assert_eq!(name, ONNXRUNTIME);
+        assert!(reason.contains("onnxruntime_onnx"), "{reason}");
+        // Never a silent switch to tract when ONNX Runtime was asked for.
+        for (platform, backend) in [("", "onnxruntime"), ("onnxruntime_onnx", "")] {
+            let err = select(&missing, platform, backend).unwrap_err();
+            assert!(err.contains("does not exist"), "{err}");
+            assert!(err.contains("not available"), "{err}");
+        }
+        assert_eq!(select(&missing, "", "tract").unwrap().0, TRACT);
+        let err = select(&available, "", "tensorflow").unwrap_err();
+        assert!(err.contains("backend 'tensorflow' is not available"), "{err}");
+        let err = select(&available, "pytorch_libtorch", "").unwrap_err();
+        assert!(err.contains("platform 'pytorch_libtorch'"), "{err}");
+    }
+
+    #[test]
+    fn instances_are_placed_per_group_and_gpu() {
+        let group = |kind: Kind, count: i32, gpus: &[i32]| ModelInstanceGroup {
+            kind: kind as i32,
+            count,
+            gpus: gpus.to_vec(),
+            ..Default::default()
+        };
+        let cfg = ModelConfig {
+            instance_group: vec![
+                group(Kind::Cpu, 2, &[]),
+                group(Kind::Gpu, 1, &[0, 1]),
+                group(Kind::Gpu, 0, &[]),
+            ],
+            ..Default::default()
+        };
+        assert_eq!(
+            instance_devices(&cfg),
+            vec![
+                Device::Cpu,
+                Device::Cpu,
+                Device::Gpu(0),
+                Device::Gpu(1),
+                Device::Gpu(0)
+            ]
+        );
+        assert_eq!(instance_devices(&ModelConfig::default()), vec![Device::Cpu]);
     }
 }

@@ -4,7 +4,9 @@ use std::sync::Arc;
 
 use oxserve_core::{DataType, ModelMetadata};
 use oxserve_repository::pb::ModelConfig;
-use oxserve_scheduler::InstancePool;
+use oxserve_scheduler::Scheduler;
+
+use crate::stats::ModelStats;
 
 #[derive(Debug, Clone)]
 pub(crate) struct InputSpec {
@@ -47,5 +49,6 @@ pub(crate) struct ServedVersion {
     pub config: Arc<ModelConfig>,
     pub io: ModelIo,
     pub metadata: ModelMetadata,
-    pub pool: InstancePool,
+    pub scheduler: Scheduler,
+    pub stats: Arc<ModelStats>,
 }

@@ -3,11 +3,16 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use oxserve_core::{Error, ErrorKind, InferRequest, InferResponse, ModelMetadata, Result};
+use std::time::{Duration, Instant};
+
+use oxserve_backend::BackendErrorKind;
+use oxserve_core::{Error, ErrorKind, InferRequest, InferResponse, ModelMetadata, Parameters, Result};
 use oxserve_repository::pb::ModelConfig;
-use oxserve_scheduler::ExecError;
+use oxserve_scheduler::{ExecError, Job};
 
 use crate::manager::{ModelManager, VersionState};
+use crate::model::ServedVersion;
+use crate::stats::{FailureReason, Metrics, ModelStatistics};
 use crate::validate::{finish, prepare};
 
 /// The KServe v2 extensions this server implements, as reported by server metadata.
@@ -17,6 +22,8 @@ const EXTENSIONS: &[&str] = &[
     "model_configuration",
     "binary_tensor_data",
     "parameters",
+    "statistics",
+    "schedule_policy",
 ];
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -172,44 +179,139 @@ impl InferenceService {
 
     /// Validates and runs one request.
     pub async fn infer(&self, request: InferRequest) -> Result<InferResponse> {
+        let received = Instant::now();
         let served = self
             .inner
             .manager
             .snapshot()
             .resolve(&request.model_name, request.model_version)?;
-        let prepared = prepare(&served.io, &served.model_name, request.inputs, request.outputs)?;
-        let produced = match served.pool.execute(prepared.batch).await {
-            Ok(outputs) => outputs,
-            Err(ExecError::Overloaded) => {
-                return Err(Error::new(
-                    ErrorKind::Overloaded,
-                    format!("model '{}' has too many queued requests", served.model_name),
-                ));
-            }
-            Err(ExecError::Stopped) => {
-                return Err(Error::unavailable(format!(
-                    "model '{}' is unloading",
-                    served.model_name
-                )));
-            }
-            Err(ExecError::Backend(e)) => {
+        served.stats.request_started();
+        let result = run(&served, request, received).await;
+        served.stats.request_finished();
+        if let Err((e, reason)) = &result {
+            served.stats.record_failure(*reason, received.elapsed());
+            if e.kind() == ErrorKind::Internal {
                 tracing::warn!(model = %served.model_name, version = served.version, error = %e, "inference failed");
-                let kind = match e.kind() {
-                    oxserve_backend::BackendErrorKind::InvalidInput => ErrorKind::InvalidArgument,
-                    oxserve_backend::BackendErrorKind::Unsupported => ErrorKind::Unsupported,
-                    oxserve_backend::BackendErrorKind::InvalidModel
-                    | oxserve_backend::BackendErrorKind::Internal => ErrorKind::Internal,
-                };
-                return Err(Error::new(kind, format!("inference failed: {}", e.message())));
             }
+        }
+        result.map_err(|(e, _)| e)
+    }
+
+    /// Statistics of one version, every ready version of one model, or every model.
+    pub fn model_statistics(&self, name: Option<&str>, version: Option<u64>) -> Result<Vec<ModelStatistics>> {
+        let table = self.inner.manager.snapshot();
+        let ready = |record: &crate::manager::ModelRecord| -> Vec<ModelStatistics> {
+            record
+                .versions
+                .values()
+                .filter_map(|s| match s {
+                    VersionState::Ready(served) => Some(served.stats.snapshot()),
+                    VersionState::Unavailable(_) => None,
+                })
+                .collect()
         };
-        let outputs = finish(&served.io, &prepared.outputs, produced)?;
-        Ok(InferResponse {
-            model_name: served.model_name.clone(),
-            model_version: served.version,
-            id: request.id,
-            parameters: Default::default(),
-            outputs,
-        })
+        match (name, version) {
+            (None, _) => Ok(table.models.values().flat_map(ready).collect()),
+            (Some(name), Some(v)) => Ok(vec![table.resolve(name, Some(v))?.stats.snapshot()]),
+            (Some(name), None) => match table.models.get(name) {
+                Some(record) => Ok(ready(record)),
+                None => Err(Error::not_found(format!("unknown model '{name}'"))),
+            },
+        }
+    }
+
+    /// The Prometheus metrics of every model.
+    pub fn metrics(&self) -> Arc<Metrics> {
+        Arc::clone(self.inner.manager.metrics())
+    }
+}
+
+/// Reads Triton's schedule-policy parameters: `priority` (0 = the model's default level) and
+/// `timeout` in microseconds.
+fn schedule_parameters(parameters: &Parameters) -> Result<(u32, Option<Duration>)> {
+    let priority = match parameters.get("priority") {
+        None => 0,
+        Some(v) => v
+            .as_i64()
+            .and_then(|p| u32::try_from(p).ok())
+            .ok_or_else(|| Error::invalid("parameter 'priority' must be a non-negative integer"))?,
+    };
+    let timeout = match parameters.get("timeout") {
+        None => None,
+        Some(v) => Some(Duration::from_micros(
+            v.as_i64().and_then(|t| u64::try_from(t).ok()).ok_or_else(|| {
+                Error::invalid("parameter 'timeout' must be a non-negative number of microseconds")
+            })?,
+        )),
+    };
+    Ok((priority, timeout))
+}
+
+async fn run(
+    served: &ServedVersion,
+    request: InferRequest,
+    received: Instant,
+) -> std::result::Result<InferResponse, (Error, FailureReason)> {
+    let other = |e: Error| (e, FailureReason::Other);
+    let (priority, timeout) = schedule_parameters(&request.parameters).map_err(other)?;
+    let prepared = prepare(&served.io, &served.model_name, request.inputs, request.outputs).map_err(other)?;
+    let rows = prepared.rows;
+    let job = Job {
+        inputs: prepared.batch.inputs,
+        outputs: prepared.batch.outputs,
+        priority,
+        timeout,
+    };
+    let completed = served
+        .scheduler
+        .submit(job)
+        .await
+        .map_err(|e| exec_error(served, e))?;
+    let outputs = finish(&served.io, &prepared.outputs, completed.outputs).map_err(other)?;
+    served
+        .stats
+        .record_success(rows, received.elapsed(), &completed.timing);
+    Ok(InferResponse {
+        model_name: served.model_name.clone(),
+        model_version: served.version,
+        id: request.id,
+        parameters: Default::default(),
+        outputs,
+    })
+}
+
+fn exec_error(served: &ServedVersion, e: ExecError) -> (Error, FailureReason) {
+    let name = &served.model_name;
+    match e {
+        ExecError::Overloaded => (
+            Error::new(
+                ErrorKind::Overloaded,
+                format!("model '{name}' has too many queued requests"),
+            ),
+            FailureReason::Rejected,
+        ),
+        ExecError::DeadlineExceeded => (
+            Error::new(
+                ErrorKind::DeadlineExceeded,
+                format!("request for model '{name}' timed out in the queue"),
+            ),
+            FailureReason::Rejected,
+        ),
+        ExecError::Invalid(m) => (Error::invalid(m), FailureReason::Other),
+        ExecError::Stopped => (
+            Error::unavailable(format!("model '{name}' is unloading")),
+            FailureReason::Canceled,
+        ),
+        ExecError::Backend(e) => {
+            let kind = match e.kind() {
+                BackendErrorKind::InvalidInput => ErrorKind::InvalidArgument,
+                BackendErrorKind::Unsupported => ErrorKind::Unsupported,
+                BackendErrorKind::InvalidModel | BackendErrorKind::Internal => ErrorKind::Internal,
+            };
+            (
+                Error::new(kind, format!("inference failed: {}", e.message())),
+                FailureReason::Backend,
+            )
+        }
     }
 }

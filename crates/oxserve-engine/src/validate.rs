@@ -10,6 +10,8 @@ use crate::model::{ModelIo, OutputSpec};
 /// A validated request, ready for an instance.
 pub(crate) struct Prepared {
     pub batch: Batch,
+    /// Rows in this request (1 for models without a batch dimension).
+    pub rows: usize,
     /// For each output in `batch.outputs`: its spec index and classification count.
     pub outputs: Vec<(usize, Option<usize>)>,
 }
@@ -170,6 +172,7 @@ pub(crate) fn prepare(
             inputs: batch_inputs,
             outputs: names,
         },
+        rows: batch_size.unwrap_or(1),
         outputs,
     })
 }

@@ -10,13 +10,13 @@ use bytes::Bytes;
 use oxserve_backend::{Backend, BackendError, Batch, LoadSpec, LoadedModel, ModelInstance, ModelSignature};
 use oxserve_core::{DataType, Tensor, TensorMeta};
 use oxserve_engine::{InferenceService, ManagerOptions, ModelManager};
-use oxserve_kserve::grpc::grpc_service;
 use oxserve_kserve::grpc::pb::model_infer_request::{InferInputTensor, InferRequestedOutputTensor};
 use oxserve_kserve::grpc::pb::{
     GrpcInferenceServiceClient, InferTensorContents, ModelConfigRequest, ModelInferRequest,
-    ModelMetadataRequest, ModelReadyRequest, RepositoryIndexRequest, ServerLiveRequest,
-    ServerMetadataRequest, ServerReadyRequest,
+    ModelMetadataRequest, ModelReadyRequest, ModelStatisticsRequest, RepositoryIndexRequest,
+    ServerLiveRequest, ServerMetadataRequest, ServerReadyRequest,
 };
+use oxserve_kserve::grpc::{grpc_service, pb};
 use tonic::Code;
 use tonic::transport::Channel;
 use tonic::transport::server::TcpIncoming;
@@ -258,6 +258,92 @@ async fn infer_raw_and_typed() -> Result<()> {
     match client.model_infer(unknown).await {
         Err(s) if s.code() == Code::NotFound => {}
         other => bail!("unknown model: {other:?}"),
+    }
+    Ok(())
+}
+
+fn stats_request(name: &str, version: &str) -> ModelStatisticsRequest {
+    ModelStatisticsRequest {
+        name: name.into(),
+        version: version.into(),
+    }
+}
+
+#[tokio::test]
+async fn model_statistics_count_what_was_served() -> Result<()> {
+    let (_repo, mut client) = start().await?;
+
+    let before = client
+        .model_statistics(stats_request("m", ""))
+        .await?
+        .into_inner();
+    assert_eq!(before.model_stats.len(), 1);
+    let s = &before.model_stats[0];
+    assert_eq!((s.name.as_str(), s.version.as_str()), ("m", "1"));
+    assert_eq!(
+        (s.inference_count, s.execution_count, s.last_inference),
+        (0, 0, 0)
+    );
+    assert!(s.batch_stats.is_empty());
+
+    for _ in 0..3 {
+        client
+            .model_infer(infer_request(Some(vec![1.0, 2.0]), None))
+            .await?;
+    }
+    // Reaches the engine and fails its validation (INT32 for an FP32 input): a failure.
+    let mut wrong_type = infer_request(None, None);
+    wrong_type.inputs[0].datatype = "INT32".into();
+    wrong_type.inputs[0].shape = vec![1];
+    wrong_type.inputs[0].contents = Some(InferTensorContents {
+        int_contents: vec![1],
+        ..Default::default()
+    });
+    match client.model_infer(wrong_type).await {
+        Err(s) if s.code() == Code::InvalidArgument => {}
+        other => bail!("wrong datatype: {other:?}"),
+    }
+
+    let after = client
+        .model_statistics(stats_request("m", "1"))
+        .await?
+        .into_inner();
+    let s = after.model_stats.first().context("no statistics for m/1")?;
+    assert_eq!(s.inference_count, 3);
+    assert_eq!(s.execution_count, 3);
+    assert!(s.last_inference > 0);
+    let stats = s.inference_stats.context("no inference_stats")?;
+    let count = |d: Option<pb::StatisticDuration>| d.map_or(0, |d| d.count);
+    assert_eq!(count(stats.success), 3);
+    assert_eq!(count(stats.fail), 1);
+    assert_eq!(count(stats.queue), 3);
+    assert_eq!(count(stats.compute_infer), 3);
+    assert!(stats.success.is_some_and(|d| d.ns > 0));
+    let batches: Vec<_> = s
+        .batch_stats
+        .iter()
+        .map(|b| (b.batch_size, count(b.compute_infer)))
+        .collect();
+    assert_eq!(batches, vec![(1, 3)]);
+
+    // No name: every model; a version without a name is ignored, as in Triton.
+    for (name, version) in [("", ""), ("", "9")] {
+        let all = client
+            .model_statistics(stats_request(name, version))
+            .await?
+            .into_inner();
+        let names: Vec<_> = all.model_stats.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, vec!["m"]);
+    }
+    for (name, version, code) in [
+        ("nope", "", Code::NotFound),
+        ("m", "2", Code::NotFound),
+        ("m", "x", Code::InvalidArgument),
+    ] {
+        match client.model_statistics(stats_request(name, version)).await {
+            Err(s) if s.code() == code => {}
+            other => bail!("statistics of {name}/{version}: {other:?}"),
+        }
     }
     Ok(())
 }

@@ -472,6 +472,21 @@ parameters: { key: "intra_op_thread_count" value: { string_value: "4" } }
     }
 
     #[test]
+    fn parses_tritons_graph_optimization_level() {
+        let cfg = parse("name: \"m\"\noptimization { graph { level: -1 } }\n");
+        assert_eq!(cfg.optimization.unwrap().graph.unwrap().level, -1);
+        let cfg = parse("name: \"m\"\noptimization { graph : { level : 2 } }\n");
+        assert_eq!(cfg.optimization.unwrap().graph.unwrap().level, 2);
+        assert!(parse("name: \"m\"").optimization.is_none());
+        // Only the graph level is part of the subset: other policies are unknown fields.
+        let err = parse_err("optimization { priority: PRIORITY_MAX }");
+        assert!(err.contains("unknown field 'priority'"), "{err}");
+        let json = config_to_json_value(&parse("name: \"m\"\noptimization { graph { level: 1 } }"));
+        assert_eq!(json["optimization"]["graph"]["level"], 1);
+        validate_config(&parse("name: \"m\"\noptimization { graph { level: 1 } }")).unwrap();
+    }
+
+    #[test]
     fn unknown_field_is_named_with_position() {
         let err = parse_err("name: \"m\"\nmax_batch_size: 4\ndynamic_batchin { }\n");
         assert_eq!(

@@ -74,10 +74,26 @@ mod tests {
             "inference.ModelVersionPolicy",
             "inference.ModelVersionPolicy.Latest",
             "inference.ModelParameter",
+            "inference.ModelOptimizationPolicy",
+            "inference.ModelOptimizationPolicy.Graph",
         ] {
             assert!(pool.get_message_by_name(name).is_some(), "{name}");
         }
         assert!(pool.get_enum_by_name("inference.DataType").is_some());
+    }
+
+    #[test]
+    fn optimization_policy_matches_triton() {
+        let policy = descriptor_pool()
+            .get_message_by_name("inference.ModelOptimizationPolicy")
+            .unwrap();
+        assert_eq!(policy.get_field_by_name("graph").unwrap().number(), 1);
+        assert_eq!(policy.fields().count(), 1, "only the graph level so far");
+        let graph = descriptor_pool()
+            .get_message_by_name("inference.ModelOptimizationPolicy.Graph")
+            .unwrap();
+        assert_eq!(graph.get_field_by_name("level").unwrap().number(), 1);
+        assert_eq!(graph.fields().count(), 1);
     }
 
     #[test]
@@ -95,10 +111,45 @@ mod tests {
             ("default_model_filename", 8),
             ("parameters", 14),
             ("backend", 17),
+            ("dynamic_batching", 11),
+            ("optimization", 12),
         ] {
             assert!(numbers.contains(&(name.to_owned(), number)), "{name} = {number}");
         }
-        assert_eq!(numbers.len(), 10, "no fields beyond the agreed subset");
+        assert_eq!(numbers.len(), 12, "no fields beyond the agreed subset");
+        let batching = descriptor_pool()
+            .get_message_by_name("inference.ModelDynamicBatching")
+            .unwrap();
+        let numbers: Vec<(String, u32)> = batching
+            .fields()
+            .map(|f| (f.name().to_owned(), f.number()))
+            .collect();
+        for (name, number) in [
+            ("preferred_batch_size", 1),
+            ("max_queue_delay_microseconds", 2),
+            ("preserve_ordering", 3),
+            ("priority_levels", 4),
+            ("default_priority_level", 5),
+            ("default_queue_policy", 6),
+            ("priority_queue_policy", 7),
+        ] {
+            assert!(numbers.contains(&(name.to_owned(), number)), "{name} = {number}");
+        }
+        let policy = descriptor_pool()
+            .get_message_by_name("inference.ModelQueuePolicy")
+            .unwrap();
+        let numbers: Vec<(String, u32)> = policy
+            .fields()
+            .map(|f| (f.name().to_owned(), f.number()))
+            .collect();
+        for (name, number) in [
+            ("timeout_action", 1),
+            ("default_timeout_microseconds", 2),
+            ("allow_timeout_override", 3),
+            ("max_queue_size", 4),
+        ] {
+            assert!(numbers.contains(&(name.to_owned(), number)), "{name} = {number}");
+        }
         let dt = descriptor_pool().get_enum_by_name("inference.DataType").unwrap();
         assert_eq!(dt.get_value_by_name("TYPE_STRING").unwrap().number(), 13);
         assert_eq!(dt.get_value_by_name("TYPE_BF16").unwrap().number(), 14);

@@ -1,9 +1,15 @@
-//! Runs batches on a model version's instances. Each instance lives on its own OS thread (never
-//! a tokio worker) and takes work from one shared queue, so the async front-ends only ever wait
-//! on a reply channel.
-//!
-//! This is the first-in-first-out core; dynamic batching, priorities and deadlines build on it.
+//! Runs requests on a model version's instances with Triton's scheduling semantics: priority
+//! levels, queue timeouts and limits, and dynamic batching (requests concatenated along the
+//! first dimension, outputs split back). Each instance lives on its own OS thread (never a
+//! tokio worker); the async front-ends only wait on a reply channel.
 
-mod pool;
+mod batch;
+mod queue;
+mod scheduler;
+mod types;
 
-pub use pool::{ExecError, InstancePool, PoolOptions};
+pub use scheduler::Scheduler;
+pub use types::{
+    BatchTiming, Completed, DynamicBatching, ExecError, ExecutionObserver, Job, NoObserver, QueuePolicy,
+    RequestTiming, SchedulerConfig, TimeoutAction,
+};

@@ -1,5 +1,11 @@
-//! Listeners and lifecycle of a running server: bind the HTTP and gRPC ports, serve the
-//! protocol front-ends over one engine, report health, and shut down gracefully.
+//! Listeners and lifecycle of a running server: bind the HTTP, gRPC and metrics ports, serve
+//! the protocol front-ends over one engine, report health, and shut down gracefully.
+
+mod metrics;
+mod process;
+
+pub use metrics::{OPENMETRICS_CONTENT_TYPE, metrics_router};
+pub use process::{ProcessStats, process_registry};
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -18,6 +24,9 @@ pub struct ServerOptions {
     pub host: String,
     pub http_port: u16,
     pub grpc_port: u16,
+    /// Port of the Prometheus `/metrics` endpoint; `None` = no metrics listener (Triton's
+    /// `--allow-metrics false`).
+    pub metrics_port: Option<u16>,
     pub http: HttpOptions,
     pub grpc: GrpcOptions,
     /// How long shutdown waits for in-flight requests and open connections before exiting
@@ -30,6 +39,7 @@ pub struct ServerOptions {
 pub struct Listeners {
     http: TcpListener,
     grpc: TcpListener,
+    metrics: Option<TcpListener>,
 }
 
 impl Listeners {
@@ -40,7 +50,15 @@ impl Listeners {
         let grpc = TcpListener::bind((options.host.as_str(), options.grpc_port))
             .await
             .with_context(|| format!("cannot listen for gRPC on {}:{}", options.host, options.grpc_port))?;
-        Ok(Listeners { http, grpc })
+        let metrics = match options.metrics_port {
+            None => None,
+            Some(port) => Some(
+                TcpListener::bind((options.host.as_str(), port))
+                    .await
+                    .with_context(|| format!("cannot listen for metrics on {}:{port}", options.host))?,
+            ),
+        };
+        Ok(Listeners { http, grpc, metrics })
     }
 
     pub fn http_addr(&self) -> std::io::Result<SocketAddr> {
@@ -49,6 +67,11 @@ impl Listeners {
 
     pub fn grpc_addr(&self) -> std::io::Result<SocketAddr> {
         self.grpc.local_addr()
+    }
+
+    /// The metrics listener's address, if metrics are enabled.
+    pub fn metrics_addr(&self) -> std::io::Result<Option<SocketAddr>> {
+        self.metrics.as_ref().map(TcpListener::local_addr).transpose()
     }
 }
 
@@ -83,6 +106,11 @@ pub async fn serve(
             stopped(stop_rx.clone()),
         );
 
+    let metrics = listeners.metrics.map(|listener| {
+        axum::serve(listener, metrics_router(engine.metrics()))
+            .with_graceful_shutdown(stopped(stop_rx.clone()))
+    });
+
     let engine_for_signal = engine.clone();
     tokio::spawn(async move {
         shutdown.await;
@@ -92,9 +120,16 @@ pub async fn serve(
     });
 
     let servers = async {
-        tokio::join!(async { http.await.context("HTTP server failed") }, async {
-            grpc.await.context("gRPC server failed")
-        })
+        tokio::join!(
+            async { http.await.context("HTTP server failed") },
+            async { grpc.await.context("gRPC server failed") },
+            async {
+                match metrics {
+                    Some(server) => server.await.context("metrics server failed"),
+                    None => Ok(()),
+                }
+            }
+        )
     };
     // A client that never lets its connection close must not keep the process alive forever.
     let grace = options.exit_timeout;
@@ -103,9 +138,10 @@ pub async fn serve(
         tokio::time::sleep(grace).await;
     };
     tokio::select! {
-        (http_result, grpc_result) = servers => {
+        (http_result, grpc_result, metrics_result) = servers => {
             http_result?;
             grpc_result?;
+            metrics_result?;
             tracing::info!("all connections closed");
         }
         () = deadline => {

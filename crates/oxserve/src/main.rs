@@ -57,6 +57,12 @@ struct ServeArgs {
     /// gRPC port (0 picks a free port).
     #[arg(long)]
     grpc_port: Option<u16>,
+    /// Prometheus metrics port, serving GET /metrics (0 picks a free port).
+    #[arg(long)]
+    metrics_port: Option<u16>,
+    /// Serve Prometheus metrics at all.
+    #[arg(long, value_name = "BOOL")]
+    allow_metrics: Option<bool>,
     /// Largest HTTP request body / gRPC message in bytes (Triton: --http-max-input-size).
     #[arg(long, visible_alias = "http-max-input-size")]
     max_input_size: Option<usize>,
@@ -72,6 +78,10 @@ struct ServeArgs {
     /// Log format: text or json.
     #[arg(long)]
     log_format: Option<String>,
+    /// The ONNX Runtime shared library (libonnxruntime.so). Default: ORT_DYLIB_PATH, else the
+    /// `onnxruntime` package of the project's .venv (see docs/backends.md).
+    #[arg(long, value_name = "PATH")]
+    onnxruntime_library: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -82,9 +92,13 @@ struct ModelsArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
+    /// The ONNX Runtime shared library, as for `serve`.
+    #[arg(long, value_name = "PATH")]
+    onnxruntime_library: Option<PathBuf>,
 }
 
 fn main() -> std::process::ExitCode {
+    disable_onnxruntime_telemetry();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Serve(args) => serve(args),
@@ -126,9 +140,41 @@ fn init_logging(format: &str, level: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The engines compiled into this binary.
+/// ONNX Runtime (loaded later, when a model needs it) writes usage data and a device id under
+/// the system temp directory and `~/.cache` unless `ORT_DISABLE_TELEMETRY` is set; a server
+/// must not. An explicit setting from the caller is kept.
+#[allow(unsafe_code)]
+fn disable_onnxruntime_telemetry() {
+    if std::env::var_os("ORT_DISABLE_TELEMETRY").is_none() {
+        // SAFETY: called first thing in `main`, before the async runtime, the loggers or any
+        // other thread exist, so nothing reads or writes the environment concurrently.
+        unsafe { std::env::set_var("ORT_DISABLE_TELEMETRY", "1") };
+    }
+}
+
+/// The engines compiled into this binary, with the ONNX Runtime library from
+/// `ORT_DYLIB_PATH` or auto-detection.
 fn backends() -> Vec<Arc<dyn Backend>> {
-    vec![Arc::new(oxserve_tract::TractBackend::new())]
+    backends_with(None)
+}
+
+/// The engines compiled into this binary. ONNX Runtime is always registered; whether its
+/// library loads is decided when the first model needs it (`onnxruntime_library` first, then
+/// `ORT_DYLIB_PATH`, then auto-detection).
+fn backends_with(onnxruntime_library: Option<PathBuf>) -> Vec<Arc<dyn Backend>> {
+    #[allow(unused_mut)]
+    let mut backends: Vec<Arc<dyn Backend>> = vec![
+        Arc::new(oxserve_tract::TractBackend::new()),
+        Arc::new(oxserve_onnxruntime::OrtBackend::new(
+            oxserve_onnxruntime::OrtOptions {
+                library: onnxruntime_library,
+            },
+        )),
+    ];
+    // Test models (slow, failing) for the end-to-end tests; only in `--features testkit` builds.
+    #[cfg(feature = "testkit")]
+    backends.push(Arc::new(oxserve_backend::testkit::TestkitBackend::new()));
+    backends
 }
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
@@ -140,9 +186,14 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     s.host = args.host.unwrap_or(std::mem::take(&mut s.host));
     s.http_port = args.http_port.unwrap_or(s.http_port);
     s.grpc_port = args.grpc_port.unwrap_or(s.grpc_port);
+    s.metrics_port = args.metrics_port.unwrap_or(s.metrics_port);
+    s.allow_metrics = args.allow_metrics.unwrap_or(s.allow_metrics);
     s.max_input_size = args.max_input_size.unwrap_or(s.max_input_size);
     s.exit_timeout_secs = args.exit_timeout_secs.unwrap_or(s.exit_timeout_secs);
     settings.models.strict_readiness = args.strict_readiness.unwrap_or(settings.models.strict_readiness);
+    if let Some(library) = args.onnxruntime_library {
+        settings.backends.onnxruntime_library = Some(library);
+    }
     if let Some(f) = args.log_format {
         settings.log.format = f;
     }
@@ -155,6 +206,10 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         host: settings.server.host.clone(),
         http_port: settings.server.http_port,
         grpc_port: settings.server.grpc_port,
+        metrics_port: settings
+            .server
+            .allow_metrics
+            .then_some(settings.server.metrics_port),
         http: HttpOptions {
             max_body_bytes: settings.server.max_input_size,
         },
@@ -164,7 +219,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         exit_timeout: std::time::Duration::from_secs(settings.server.exit_timeout_secs),
     };
     let manager = ModelManager::new(
-        backends(),
+        backends_with(settings.backends.onnxruntime_library.clone()),
         ManagerOptions {
             repositories: settings.models.repositories.clone(),
             queue_capacity: settings.models.queue_capacity,
@@ -175,12 +230,16 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     runtime()?.block_on(async move {
         let listeners = Listeners::bind(&options).await?;
         let (http, grpc) = (listeners.http_addr()?, listeners.grpc_addr()?);
+        let metrics = listeners.metrics_addr()?;
         // One machine-readable line on stdout for scripts and tests; logs go to stderr.
-        println!(
-            "{}",
-            serde_json::json!({"event": "listening", "http": http.to_string(), "grpc": grpc.to_string()})
-        );
-        tracing::info!(%http, %grpc, "listening");
+        let mut line =
+            serde_json::json!({"event": "listening", "http": http.to_string(), "grpc": grpc.to_string()});
+        if let Some(metrics) = metrics {
+            line["metrics"] = serde_json::Value::String(metrics.to_string());
+        }
+        println!("{line}");
+        let metrics_text = metrics.map_or_else(|| "off".to_string(), |m| m.to_string());
+        tracing::info!(%http, %grpc, metrics = %metrics_text, "listening");
         let loader = engine.clone();
         tokio::spawn(async move {
             loader.load_models().await;
@@ -193,7 +252,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
 fn models(args: ModelsArgs) -> anyhow::Result<()> {
     init_logging("text", "warn")?;
     let manager = ModelManager::new(
-        backends(),
+        backends_with(args.onnxruntime_library),
         ManagerOptions {
             repositories: args.repositories,
             ..ManagerOptions::default()

@@ -13,6 +13,7 @@ pub struct Settings {
     pub server: ServerSettings,
     pub models: ModelSettings,
     pub log: LogSettings,
+    pub backends: BackendSettings,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -21,6 +22,10 @@ pub struct ServerSettings {
     pub host: String,
     pub http_port: u16,
     pub grpc_port: u16,
+    /// Port of the Prometheus `/metrics` endpoint (Triton's `--metrics-port`).
+    pub metrics_port: u16,
+    /// Serve `/metrics` at all (Triton's `--allow-metrics`).
+    pub allow_metrics: bool,
     /// Largest HTTP request body and gRPC message, in bytes.
     pub max_input_size: usize,
     /// Seconds shutdown waits for in-flight work before exiting anyway.
@@ -35,6 +40,15 @@ pub struct ModelSettings {
     pub strict_readiness: bool,
     /// Requests that may wait per model version before new ones get 429.
     pub queue_capacity: usize,
+}
+
+/// Engine settings.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BackendSettings {
+    /// The ONNX Runtime shared library (`libonnxruntime.so`); unset: `ORT_DYLIB_PATH`, else
+    /// auto-detected in the project's `.venv`.
+    pub onnxruntime_library: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -52,6 +66,8 @@ impl Default for ServerSettings {
             host: "127.0.0.1".into(),
             http_port: 8000,
             grpc_port: 8001,
+            metrics_port: 8002,
+            allow_metrics: true,
             max_input_size: 64 << 20,
             exit_timeout_secs: 30,
         }
@@ -115,6 +131,48 @@ mod tests {
             assert_eq!(s.server.grpc_port, 9100);
             assert_eq!(s.server.host, "127.0.0.1");
             assert!(s.models.strict_readiness);
+            assert_eq!((s.server.metrics_port, s.server.allow_metrics), (8002, true));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn metrics_settings_from_file_and_environment() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("m.toml", "[server]\nmetrics_port = 9102\nallow_metrics = true\n")?;
+            jail.set_env("OXSERVE__SERVER__ALLOW_METRICS", "false");
+            let s = Settings::load(Some(Path::new("m.toml"))).map_err(|e| e.to_string())?;
+            assert_eq!(s.server.metrics_port, 9102);
+            assert!(!s.server.allow_metrics);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn onnxruntime_library_from_file_and_environment() {
+        figment::Jail::expect_with(|jail| {
+            let s = Settings::load(None).map_err(|e| e.to_string())?;
+            assert_eq!(s.backends.onnxruntime_library, None);
+            jail.create_file(
+                "b.toml",
+                "[backends]\nonnxruntime_library = \"/opt/ort/libonnxruntime.so\"\n",
+            )?;
+            let s = Settings::load(Some(Path::new("b.toml"))).map_err(|e| e.to_string())?;
+            assert_eq!(
+                s.backends.onnxruntime_library.as_deref(),
+                Some(Path::new("/opt/ort/libonnxruntime.so"))
+            );
+            jail.set_env("OXSERVE__BACKENDS__ONNXRUNTIME_LIBRARY", "/env/libonnxruntime.so");
+            let s = Settings::load(Some(Path::new("b.toml"))).map_err(|e| e.to_string())?;
+            assert_eq!(
+                s.backends.onnxruntime_library.as_deref(),
+                Some(Path::new("/env/libonnxruntime.so"))
+            );
+            jail.create_file("bad.toml", "[backends]\nonnxruntime_libary = \"x\"\n")?;
+            let e = Settings::load(Some(Path::new("bad.toml")))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("onnxruntime_libary"), "{e}");
             Ok(())
         });
     }

@@ -33,6 +33,8 @@ impl Server {
             "0",
             "--grpc-port",
             "0",
+            "--metrics-port",
+            "0",
             "--host",
             "127.0.0.1",
         ]);

@@ -5,13 +5,13 @@ use oxserve_core::{
     DataType, Error, InferRequest, InferResponse, ModelMetadata, RequestedOutput, Result, Tensor, TensorData,
     TensorMeta, element_count,
 };
-use oxserve_engine::{IndexEntry, ServerMetadata};
+use oxserve_engine::{BatchStat, IndexEntry, ModelStatistics, ServerMetadata, StatDuration};
 
 use super::contents::typed_to_data;
 use super::params::{WireParams, param_from_wire, params_from_wire, params_to_wire};
 use super::pb::{
-    InferTensorContents, ModelInferRequest, ModelInferResponse, ModelMetadataResponse,
-    ServerMetadataResponse,
+    InferBatchStatistics, InferStatistics, InferTensorContents, ModelInferRequest, ModelInferResponse,
+    ModelMetadataResponse, ModelStatistics as WireModelStatistics, ServerMetadataResponse, StatisticDuration,
     model_infer_request::{InferInputTensor, InferRequestedOutputTensor},
     model_infer_response::InferOutputTensor,
     model_metadata_response::TensorMetadata,
@@ -243,6 +243,49 @@ pub fn index_entry_to_wire(entry: IndexEntry) -> ModelIndex {
         version: entry.version.map(|v| v.to_string()).unwrap_or_default(),
         state: entry.state,
         reason: entry.reason,
+    }
+}
+
+fn duration_to_wire(d: StatDuration) -> Option<StatisticDuration> {
+    Some(StatisticDuration {
+        count: d.count,
+        ns: d.ns,
+    })
+}
+
+fn batch_stat_to_wire(b: BatchStat) -> InferBatchStatistics {
+    InferBatchStatistics {
+        batch_size: b.batch_size as u64,
+        compute_input: duration_to_wire(b.compute_input),
+        compute_infer: duration_to_wire(b.compute_infer),
+        compute_output: duration_to_wire(b.compute_output),
+    }
+}
+
+/// One model version's statistics. Every duration is present (zero when nothing happened),
+/// as Triton sends them; the response cache, memory usage and decoupled response statistics
+/// do not exist in oxserve and stay zero or empty.
+pub fn model_statistics_to_wire(stats: ModelStatistics) -> WireModelStatistics {
+    let s = stats.inference_stats;
+    WireModelStatistics {
+        name: stats.name,
+        version: stats.version,
+        last_inference: stats.last_inference,
+        inference_count: stats.inference_count,
+        execution_count: stats.execution_count,
+        inference_stats: Some(InferStatistics {
+            success: duration_to_wire(s.success),
+            fail: duration_to_wire(s.fail),
+            queue: duration_to_wire(s.queue),
+            compute_input: duration_to_wire(s.compute_input),
+            compute_infer: duration_to_wire(s.compute_infer),
+            compute_output: duration_to_wire(s.compute_output),
+            cache_hit: duration_to_wire(StatDuration::default()),
+            cache_miss: duration_to_wire(StatDuration::default()),
+        }),
+        batch_stats: stats.batch_stats.into_iter().map(batch_stat_to_wire).collect(),
+        memory_usage: Vec::new(),
+        response_stats: Default::default(),
     }
 }
 

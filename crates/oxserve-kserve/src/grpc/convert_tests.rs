@@ -696,3 +696,106 @@ fn model_config_is_the_repository_type() {
     let back = ModelConfigResponse::decode(response.encode_to_vec().as_slice()).ok();
     assert_eq!(back.and_then(|r| r.config), Some(config));
 }
+
+fn dur(count: u64, ns: u64) -> oxserve_engine::StatDuration {
+    oxserve_engine::StatDuration { count, ns }
+}
+
+#[test]
+fn model_statistics_to_wire_keeps_every_figure() {
+    let stats = oxserve_engine::ModelStatistics {
+        name: "add_sub".into(),
+        version: "3".into(),
+        last_inference: 1_700_000_000_123,
+        inference_count: 7,
+        execution_count: 4,
+        inference_stats: oxserve_engine::InferStats {
+            success: dur(5, 500),
+            fail: dur(1, 10),
+            queue: dur(5, 50),
+            compute_input: dur(5, 5),
+            compute_infer: dur(5, 300),
+            compute_output: dur(5, 6),
+        },
+        batch_stats: vec![
+            oxserve_engine::BatchStat {
+                batch_size: 1,
+                compute_input: dur(3, 3),
+                compute_infer: dur(3, 200),
+                compute_output: dur(3, 4),
+            },
+            oxserve_engine::BatchStat {
+                batch_size: 4,
+                compute_input: dur(1, 2),
+                compute_infer: dur(1, 100),
+                compute_output: dur(1, 2),
+            },
+        ],
+    };
+    let wire = model_statistics_to_wire(stats);
+    assert_eq!((wire.name.as_str(), wire.version.as_str()), ("add_sub", "3"));
+    assert_eq!(wire.last_inference, 1_700_000_000_123);
+    assert_eq!((wire.inference_count, wire.execution_count), (7, 4));
+    let s = wire.inference_stats.unwrap_or_default();
+    let pair = |d: Option<StatisticDuration>| d.map(|d| (d.count, d.ns));
+    assert_eq!(pair(s.success), Some((5, 500)));
+    assert_eq!(pair(s.fail), Some((1, 10)));
+    assert_eq!(pair(s.queue), Some((5, 50)));
+    assert_eq!(pair(s.compute_input), Some((5, 5)));
+    assert_eq!(pair(s.compute_infer), Some((5, 300)));
+    assert_eq!(pair(s.compute_output), Some((5, 6)));
+    // No response cache: present and zero, as Triton reports it.
+    assert_eq!(pair(s.cache_hit), Some((0, 0)));
+    assert_eq!(pair(s.cache_miss), Some((0, 0)));
+    let batches: Vec<_> = wire
+        .batch_stats
+        .iter()
+        .map(|b| (b.batch_size, pair(b.compute_infer)))
+        .collect();
+    assert_eq!(batches, vec![(1, Some((3, 200))), (4, Some((1, 100)))]);
+    assert!(wire.memory_usage.is_empty() && wire.response_stats.is_empty());
+}
+
+#[test]
+fn statistics_field_numbers_are_tritons() {
+    use crate::grpc::pb::{
+        InferBatchStatistics, ModelStatistics as Wire, ModelStatisticsRequest, ModelStatisticsResponse,
+    };
+    // ModelStatisticsRequest: name = 1, version = 2.
+    let request = ModelStatisticsRequest {
+        name: "m".into(),
+        version: "2".into(),
+    };
+    assert_eq!(request.encode_to_vec(), vec![0x0a, 1, b'm', 0x12, 1, b'2']);
+    // ModelStatistics: last_inference = 3, inference_count = 4, execution_count = 5 (varints),
+    // inference_stats = 6, batch_stats = 7 (length-delimited); StatisticDuration: count = 1,
+    // ns = 2; InferBatchStatistics: batch_size = 1, compute_infer = 3.
+    let stats = Wire {
+        last_inference: 1,
+        inference_count: 2,
+        execution_count: 3,
+        inference_stats: Some(InferStatistics {
+            fail: Some(StatisticDuration { count: 4, ns: 5 }),
+            ..Default::default()
+        }),
+        batch_stats: vec![InferBatchStatistics {
+            batch_size: 8,
+            compute_infer: Some(StatisticDuration { count: 1, ns: 0 }),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    assert_eq!(
+        stats.encode_to_vec(),
+        vec![
+            0x18, 1, 0x20, 2, 0x28, 3, // counters
+            0x32, 6, 0x12, 4, 0x08, 4, 0x10, 5, // inference_stats { fail { 4, 5 } }
+            0x3a, 6, 0x08, 8, 0x1a, 2, 0x08, 1, // batch_stats [{ 8, compute_infer { 1 } }]
+        ]
+    );
+    // ModelStatisticsResponse: model_stats = 1.
+    let response = ModelStatisticsResponse {
+        model_stats: vec![Wire::default()],
+    };
+    assert_eq!(response.encode_to_vec(), vec![0x0a, 0]);
+}

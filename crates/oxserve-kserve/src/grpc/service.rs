@@ -8,14 +8,14 @@ use tonic::{Request, Response, Status};
 
 use super::convert::{
     index_entry_to_wire, infer_request_from_wire, infer_response_to_wire, model_metadata_to_wire,
-    parse_version, server_metadata_to_wire,
+    model_statistics_to_wire, parse_version, server_metadata_to_wire,
 };
 use super::pb::{
     GrpcInferenceService, GrpcInferenceServiceServer, ModelConfigRequest, ModelConfigResponse,
     ModelInferRequest, ModelInferResponse, ModelMetadataRequest, ModelMetadataResponse, ModelReadyRequest,
-    ModelReadyResponse, RepositoryIndexRequest, RepositoryIndexResponse, ServerLiveRequest,
-    ServerLiveResponse, ServerMetadataRequest, ServerMetadataResponse, ServerReadyRequest,
-    ServerReadyResponse,
+    ModelReadyResponse, ModelStatisticsRequest, ModelStatisticsResponse, RepositoryIndexRequest,
+    RepositoryIndexResponse, ServerLiveRequest, ServerLiveResponse, ServerMetadataRequest,
+    ServerMetadataResponse, ServerReadyRequest, ServerReadyResponse,
 };
 use super::status::to_status;
 
@@ -146,6 +146,31 @@ impl GrpcInferenceService for GrpcFrontend {
         Ok(Response::new(ModelConfigResponse {
             config: Some((*config).clone()),
         }))
+    }
+
+    /// Triton's statistics extension: no name = every ready version of every model; a name
+    /// without a version = every ready version of that model; unknown model or version →
+    /// NOT_FOUND.
+    async fn model_statistics(
+        &self,
+        request: Request<ModelStatisticsRequest>,
+    ) -> Result<Response<ModelStatisticsResponse>, Status> {
+        let request = request.into_inner();
+        let version = parse_version(&request.version).map_err(status)?;
+        // As in Triton, a version without a model name is ignored: all models are listed.
+        let (name, version) = if request.name.is_empty() {
+            (None, None)
+        } else {
+            (Some(request.name.as_str()), version)
+        };
+        let model_stats = self
+            .engine
+            .model_statistics(name, version)
+            .map_err(status)?
+            .into_iter()
+            .map(model_statistics_to_wire)
+            .collect();
+        Ok(Response::new(ModelStatisticsResponse { model_stats }))
     }
 
     async fn repository_index(

@@ -1,10 +1,11 @@
 //! KServe v2 over HTTP/1.1 and HTTP/2 (axum), with Triton's binary tensor data, classification,
-//! model configuration and repository index extensions.
+//! model configuration, statistics and repository index extensions.
 
 mod body;
 mod error;
 mod infer;
 mod json_data;
+mod stats;
 
 use axum::Router;
 use axum::body::Body;
@@ -66,6 +67,12 @@ pub fn router(engine: InferenceService, options: HttpOptions) -> Router {
         .route(
             "/v2/models/{model}/versions/{version}/config",
             get(model_config_version),
+        )
+        .route("/v2/models/stats", get(stats::all_stats))
+        .route("/v2/models/{model}/stats", get(stats::model_stats))
+        .route(
+            "/v2/models/{model}/versions/{version}/stats",
+            get(stats::model_version_stats),
         )
         .route("/v2/models/{model}/infer", post(infer))
         .route("/v2/models/{model}/versions/{version}/infer", post(infer_version))

@@ -122,6 +122,8 @@ pub fn spec(path: &Path, inputs: Vec<TensorMeta>, outputs: Vec<TensorMeta>, max_
         outputs,
         max_batch_size,
         instance_count: 1,
+        devices: Vec::new(),
+        graph_optimization_level: 0,
         parameters: BTreeMap::new(),
     }
 }

@@ -1,0 +1,227 @@
+//! `ModelInstance::execute`: check the batch against the configuration, run the session, and
+//! hand back the requested outputs.
+
+use std::borrow::Cow;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::Arc;
+
+use ort::ErrorCode;
+use ort::session::{HasSelectedOutputs, OutputSelector, RunOptions, Session, SessionInputValue};
+use oxserve_backend::{BackendError, Batch, ModelInstance};
+use oxserve_core::Tensor;
+
+use crate::convert::{from_ort, to_ort};
+use crate::error::{internal, invalid_input, panic_message, summarize, truncate};
+use crate::model::{InputSlot, Prepared};
+
+pub(crate) struct OrtInstance {
+    prepared: Arc<Prepared>,
+    session: Session,
+    /// Run options selecting every configured output, the common case.
+    all_outputs: RunOptions<HasSelectedOutputs>,
+}
+
+impl OrtInstance {
+    pub(crate) fn new(prepared: Arc<Prepared>, session: Session) -> Result<Self, BackendError> {
+        let indices: Vec<usize> = (0..prepared.outputs.len()).collect();
+        let all_outputs = run_options(&prepared, &indices)?;
+        Ok(OrtInstance {
+            prepared,
+            session,
+            all_outputs,
+        })
+    }
+}
+
+fn run_options(
+    prepared: &Prepared,
+    outputs: &[usize],
+) -> Result<RunOptions<HasSelectedOutputs>, BackendError> {
+    let mut selector = OutputSelector::no_default();
+    for &ix in outputs {
+        if let Some(slot) = prepared.outputs.get(ix) {
+            selector = selector.with(slot.name.clone());
+        }
+    }
+    RunOptions::new()
+        .map(|o| o.with_outputs(selector))
+        .map_err(|e| internal(format!("ONNX Runtime cannot create run options: {}", e.message())))
+}
+
+impl ModelInstance for OrtInstance {
+    fn execute(&mut self, batch: Batch) -> Result<Vec<Tensor>, BackendError> {
+        let prepared = Arc::clone(&self.prepared);
+        let wanted = requested_outputs(&prepared, &batch.outputs)?;
+        // Each distinct output once, in configuration order.
+        let mut distinct: Vec<usize> = wanted.clone();
+        distinct.sort_unstable();
+        distinct.dedup();
+        let inputs = prepare_inputs(&prepared, &batch.inputs)?;
+
+        let custom;
+        let options = if distinct.len() == prepared.outputs.len() {
+            &self.all_outputs
+        } else {
+            custom = run_options(&prepared, &distinct)?;
+            &custom
+        };
+        let session = &mut self.session;
+        // ONNX Runtime reports bad inputs as errors, but a panic in the bindings must not take
+        // down the scheduler thread (and every batch queued behind it).
+        let outcome = catch_unwind(AssertUnwindSafe(|| {
+            session.run_with_options(inputs, options).map(|mut outputs| {
+                distinct
+                    .iter()
+                    .map(|&ix| outputs.remove(&prepared.outputs[ix].name))
+                    .collect::<Vec<_>>()
+            })
+        }));
+        let values = match outcome {
+            Ok(Ok(values)) => values,
+            Ok(Err(e)) => {
+                let message = format!(
+                    "model '{}' rejected the inputs: {}",
+                    prepared.model_name,
+                    summarize(e.message(), None)
+                );
+                return Err(match e.code() {
+                    ErrorCode::InvalidArgument => invalid_input(message),
+                    _ => {
+                        tracing::warn!(model = %prepared.model_name, error = %e, "onnxruntime run failed");
+                        internal(format!(
+                            "model '{}': ONNX Runtime failed on this batch: {}",
+                            prepared.model_name,
+                            summarize(e.message(), None)
+                        ))
+                    }
+                });
+            }
+            Err(panic) => {
+                tracing::error!(
+                    model = %prepared.model_name,
+                    panic = %panic_message(panic.as_ref()),
+                    "onnxruntime panicked while running a batch"
+                );
+                return Err(internal(format!(
+                    "model '{}': the ONNX Runtime engine failed on this batch",
+                    prepared.model_name
+                )));
+            }
+        };
+
+        let mut converted: Vec<Option<Tensor>> = (0..prepared.outputs.len()).map(|_| None).collect();
+        for (&ix, value) in distinct.iter().zip(values) {
+            let slot = &prepared.outputs[ix];
+            let value = value.ok_or_else(|| {
+                internal(format!(
+                    "model '{}': ONNX Runtime did not return output '{}'",
+                    prepared.model_name, slot.name
+                ))
+            })?;
+            converted[ix] = Some(from_ort(&slot.name, slot.dtype, value)?);
+        }
+        wanted
+            .iter()
+            .map(|&ix| {
+                converted[ix]
+                    .clone()
+                    .ok_or_else(|| internal("requested output was not produced"))
+            })
+            .collect()
+    }
+}
+
+/// Indices into the configured outputs for each requested name, in request order. No names
+/// means every configured output.
+fn requested_outputs(prepared: &Prepared, names: &[String]) -> Result<Vec<usize>, BackendError> {
+    if names.is_empty() {
+        return Ok((0..prepared.outputs.len()).collect());
+    }
+    names
+        .iter()
+        .map(|name| {
+            prepared
+                .outputs
+                .iter()
+                .position(|o| &o.name == name)
+                .ok_or_else(|| {
+                    invalid_input(format!(
+                        "model '{}' has no output '{}'",
+                        prepared.model_name,
+                        truncate(name, 100)
+                    ))
+                })
+        })
+        .collect()
+}
+
+type Inputs<'a> = Vec<(Cow<'a, str>, SessionInputValue<'a>)>;
+
+/// Checks each input against its configured slot and converts it.
+fn prepare_inputs<'a>(prepared: &'a Prepared, inputs: &'a [Tensor]) -> Result<Inputs<'a>, BackendError> {
+    if inputs.len() != prepared.inputs.len() {
+        let expected: Vec<&str> = prepared.inputs.iter().map(|i| i.name.as_str()).collect();
+        return Err(invalid_input(format!(
+            "model '{}' expects {} input(s) {expected:?}, got {}",
+            prepared.model_name,
+            expected.len(),
+            inputs.len()
+        )));
+    }
+    let mut batch_size = None;
+    let mut values = Vec::with_capacity(inputs.len());
+    for (slot, tensor) in prepared.inputs.iter().zip(inputs) {
+        check_input(slot, tensor)?;
+        if prepared.batched {
+            let n = tensor.shape.first().copied();
+            match batch_size {
+                None => batch_size = n,
+                Some(b) if Some(b) != n => {
+                    return Err(invalid_input(format!(
+                        "input '{}' has batch size {} but the first input has {b}",
+                        slot.name,
+                        n.unwrap_or_default()
+                    )));
+                }
+                Some(_) => {}
+            }
+        }
+        values.push((
+            Cow::Borrowed(slot.name.as_str()),
+            to_ort(tensor, tensor.shape.clone())?,
+        ));
+    }
+    Ok(values)
+}
+
+/// Checks name, type, shape and data length.
+fn check_input(slot: &InputSlot, tensor: &Tensor) -> Result<(), BackendError> {
+    if tensor.name != slot.name {
+        return Err(invalid_input(format!(
+            "expected input '{}' in this position, got '{}'",
+            slot.name,
+            truncate(&tensor.name, 100)
+        )));
+    }
+    if tensor.datatype != slot.dtype {
+        return Err(invalid_input(format!(
+            "input '{}' must be {}, got {}",
+            slot.name, slot.dtype, tensor.datatype
+        )));
+    }
+    let fits = tensor.shape.len() == slot.shape.len()
+        && tensor
+            .shape
+            .iter()
+            .zip(&slot.shape)
+            .all(|(&got, &want)| got >= 0 && (want == -1 || got == want));
+    if !fits {
+        return Err(invalid_input(format!(
+            "input '{}' has shape {:?}, the model expects {:?}",
+            slot.name, tensor.shape, slot.shape
+        )));
+    }
+    tensor
+        .check_consistent()
+        .map_err(|e| invalid_input(e.message().to_string()))
+}
