@@ -3,6 +3,8 @@
 //! [`ModelInstance`] per configured instance. An instance is owned by exactly one scheduler
 //! thread and runs batches synchronously, so engines need no locks inside.
 
+pub mod support;
+
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};

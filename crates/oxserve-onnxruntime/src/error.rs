@@ -1,32 +1,10 @@
-//! Small helpers to build [`BackendError`]s and to shorten ONNX Runtime's messages.
+//! Shortening ONNX Runtime's messages; the shared error helpers come from `oxserve_backend`.
 
 use std::path::Path;
 
-use oxserve_backend::{BackendError, BackendErrorKind};
-
-pub(crate) fn invalid_model(message: impl Into<String>) -> BackendError {
-    BackendError::new(BackendErrorKind::InvalidModel, message)
-}
-
-pub(crate) fn unsupported(message: impl Into<String>) -> BackendError {
-    BackendError::new(BackendErrorKind::Unsupported, message)
-}
-
-pub(crate) fn invalid_input(message: impl Into<String>) -> BackendError {
-    BackendError::new(BackendErrorKind::InvalidInput, message)
-}
-
-pub(crate) fn internal(message: impl Into<String>) -> BackendError {
-    BackendError::new(BackendErrorKind::Internal, message)
-}
-
-/// The file name of a model path, for messages: the full path of a repository version
-/// directory says little and may leak the server's layout to clients.
-pub(crate) fn file_label(path: &Path) -> String {
-    path.file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| path.display().to_string())
-}
+pub(crate) use oxserve_backend::support::{
+    file_label, internal, invalid_input, invalid_model, panic_message, truncate, unsupported,
+};
 
 /// Most characters kept of one ONNX Runtime message.
 const MAX_MESSAGE_CHARS: usize = 400;
@@ -43,25 +21,6 @@ pub(crate) fn summarize(message: &str, model_path: Option<&Path>) -> String {
     }
     let joined: Vec<&str> = text.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
     truncate(&joined.join(" "), MAX_MESSAGE_CHARS)
-}
-
-/// Cuts `s` to at most `max` characters, marking the cut.
-pub(crate) fn truncate(s: &str, max: usize) -> String {
-    match s.char_indices().nth(max) {
-        Some((at, _)) => format!("{}…", &s[..at]),
-        None => s.to_string(),
-    }
-}
-
-/// The message of a caught panic, when it has one.
-pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
-    if let Some(s) = payload.downcast_ref::<&str>() {
-        (*s).to_string()
-    } else if let Some(s) = payload.downcast_ref::<String>() {
-        s.clone()
-    } else {
-        "non-string panic payload".to_string()
-    }
 }
 
 #[cfg(test)]

@@ -196,32 +196,5 @@ fn prepare_inputs<'a>(prepared: &'a Prepared, inputs: &'a [Tensor]) -> Result<In
 
 /// Checks name, type, shape and data length.
 fn check_input(slot: &InputSlot, tensor: &Tensor) -> Result<(), BackendError> {
-    if tensor.name != slot.name {
-        return Err(invalid_input(format!(
-            "expected input '{}' in this position, got '{}'",
-            slot.name,
-            truncate(&tensor.name, 100)
-        )));
-    }
-    if tensor.datatype != slot.dtype {
-        return Err(invalid_input(format!(
-            "input '{}' must be {}, got {}",
-            slot.name, slot.dtype, tensor.datatype
-        )));
-    }
-    let fits = tensor.shape.len() == slot.shape.len()
-        && tensor
-            .shape
-            .iter()
-            .zip(&slot.shape)
-            .all(|(&got, &want)| got >= 0 && (want == -1 || got == want));
-    if !fits {
-        return Err(invalid_input(format!(
-            "input '{}' has shape {:?}, the model expects {:?}",
-            slot.name, tensor.shape, slot.shape
-        )));
-    }
-    tensor
-        .check_consistent()
-        .map_err(|e| invalid_input(e.message().to_string()))
+    oxserve_backend::support::check_input(&slot.name, slot.dtype, &slot.shape, tensor)
 }

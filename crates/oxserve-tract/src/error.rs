@@ -1,33 +1,9 @@
-//! Small helpers to build [`BackendError`]s and to shorten tract's error chains.
+//! Shortening tract's error chains; the shared error helpers come from `oxserve_backend`.
 
-use std::path::Path;
-
-use oxserve_backend::{BackendError, BackendErrorKind};
+pub(crate) use oxserve_backend::support::{
+    file_label, internal, invalid_input, invalid_model, panic_message, truncate, unsupported,
+};
 use tract_onnx::prelude::TractError;
-
-pub(crate) fn invalid_model(message: impl Into<String>) -> BackendError {
-    BackendError::new(BackendErrorKind::InvalidModel, message)
-}
-
-pub(crate) fn unsupported(message: impl Into<String>) -> BackendError {
-    BackendError::new(BackendErrorKind::Unsupported, message)
-}
-
-pub(crate) fn invalid_input(message: impl Into<String>) -> BackendError {
-    BackendError::new(BackendErrorKind::InvalidInput, message)
-}
-
-pub(crate) fn internal(message: impl Into<String>) -> BackendError {
-    BackendError::new(BackendErrorKind::Internal, message)
-}
-
-/// The file name of a model path, for messages: the full path of a repository version
-/// directory says little and may leak the server's layout to clients.
-pub(crate) fn file_label(path: &Path) -> String {
-    path.file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| path.display().to_string())
-}
 
 /// Most causes a summary keeps, and the most characters it keeps of each.
 const MAX_CAUSES: usize = 4;
@@ -66,25 +42,6 @@ fn first_line(s: &str) -> String {
     truncate(line, MAX_CAUSE_CHARS)
 }
 
-/// Cuts `s` to at most `max` characters, marking the cut.
-pub(crate) fn truncate(s: &str, max: usize) -> String {
-    match s.char_indices().nth(max) {
-        Some((at, _)) => format!("{}…", &s[..at]),
-        None => s.to_string(),
-    }
-}
-
-/// The message of a caught panic, when it has one.
-pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
-    if let Some(s) = payload.downcast_ref::<&str>() {
-        (*s).to_string()
-    } else if let Some(s) = payload.downcast_ref::<String>() {
-        s.clone()
-    } else {
-        "non-string panic payload".to_string()
-    }
-}
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -118,10 +75,5 @@ mod tests {
         assert!(s.ends_with('…'));
         assert_eq!(truncate("héllo", 2), "hé…");
         assert_eq!(truncate("hé", 2), "hé");
-    }
-
-    #[test]
-    fn file_label_is_the_file_name() {
-        assert_eq!(file_label(Path::new("/repo/m/1/model.onnx")), "model.onnx");
     }
 }

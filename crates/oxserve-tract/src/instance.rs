@@ -148,34 +148,7 @@ fn prepare_inputs(prepared: &Prepared, inputs: &[Tensor]) -> Result<TVec<TValue>
 
 /// Checks name, type, shape and data length; returns the shape as `usize`s.
 fn check_input(slot: &InputSlot, tensor: &Tensor) -> Result<Vec<usize>, BackendError> {
-    if tensor.name != slot.name {
-        return Err(invalid_input(format!(
-            "expected input '{}' in this position, got '{}'",
-            slot.name,
-            truncate(&tensor.name, 100)
-        )));
-    }
-    if tensor.datatype != slot.dtype {
-        return Err(invalid_input(format!(
-            "input '{}' must be {}, got {}",
-            slot.name, slot.dtype, tensor.datatype
-        )));
-    }
-    let fits = tensor.shape.len() == slot.shape.len()
-        && tensor
-            .shape
-            .iter()
-            .zip(&slot.shape)
-            .all(|(&got, &want)| got >= 0 && (want == -1 || got == want));
-    if !fits {
-        return Err(invalid_input(format!(
-            "input '{}' has shape {:?}, the model expects {:?}",
-            slot.name, tensor.shape, slot.shape
-        )));
-    }
-    tensor
-        .check_consistent()
-        .map_err(|e| invalid_input(e.message().to_string()))?;
+    oxserve_backend::support::check_input(&slot.name, slot.dtype, &slot.shape, tensor)?;
     tensor
         .shape
         .iter()

@@ -1,0 +1,127 @@
+//! Helpers every engine needs: error constructors, short messages that never leak the
+//! server's directory layout, panic messages, and the check that a batch input is the one the
+//! engine expects.
+
+use std::path::Path;
+
+use oxserve_core::{DataType, Tensor};
+
+use crate::{BackendError, BackendErrorKind};
+
+pub fn invalid_model(message: impl Into<String>) -> BackendError {
+    BackendError::new(BackendErrorKind::InvalidModel, message)
+}
+
+pub fn unsupported(message: impl Into<String>) -> BackendError {
+    BackendError::new(BackendErrorKind::Unsupported, message)
+}
+
+pub fn invalid_input(message: impl Into<String>) -> BackendError {
+    BackendError::new(BackendErrorKind::InvalidInput, message)
+}
+
+pub fn internal(message: impl Into<String>) -> BackendError {
+    BackendError::new(BackendErrorKind::Internal, message)
+}
+
+/// The file name of a model path, for messages: the full path of a repository version
+/// directory says little and may leak the server's layout to clients.
+pub fn file_label(path: &Path) -> String {
+    path.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| path.display().to_string())
+}
+
+/// Cuts `s` to at most `max` characters, marking the cut.
+pub fn truncate(s: &str, max: usize) -> String {
+    match s.char_indices().nth(max) {
+        Some((at, _)) => format!("{}…", &s[..at]),
+        None => s.to_string(),
+    }
+}
+
+/// The message of a caught panic, when it has one.
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "non-string panic payload".to_string()
+    }
+}
+
+/// Checks that `tensor` is the input the engine expects in this position: its name, data type,
+/// shape (`-1` in `shape` = any size) and data length.
+pub fn check_input(
+    name: &str,
+    datatype: DataType,
+    shape: &[i64],
+    tensor: &Tensor,
+) -> Result<(), BackendError> {
+    if tensor.name != name {
+        return Err(invalid_input(format!(
+            "expected input '{name}' in this position, got '{}'",
+            truncate(&tensor.name, 100)
+        )));
+    }
+    if tensor.datatype != datatype {
+        return Err(invalid_input(format!(
+            "input '{name}' must be {datatype}, got {}",
+            tensor.datatype
+        )));
+    }
+    let fits = tensor.shape.len() == shape.len()
+        && tensor
+            .shape
+            .iter()
+            .zip(shape)
+            .all(|(&got, &want)| got >= 0 && (want == -1 || got == want));
+    if !fits {
+        return Err(invalid_input(format!(
+            "input '{name}' has shape {:?}, the model expects {shape:?}",
+            tensor.shape
+        )));
+    }
+    tensor
+        .check_consistent()
+        .map_err(|e| invalid_input(e.message().to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_and_truncation() {
+        assert_eq!(file_label(Path::new("/repo/m/1/model.onnx")), "model.onnx");
+        assert_eq!(truncate("hé", 2), "hé");
+        assert_eq!(truncate("abcdef", 3), "abc…");
+    }
+
+    #[test]
+    fn input_checks() {
+        let t = Tensor::from_raw("x", DataType::F32, vec![2, 3], vec![0u8; 24]);
+        assert!(check_input("x", DataType::F32, &[-1, 3], &t).is_ok());
+        assert!(
+            check_input("y", DataType::F32, &[-1, 3], &t)
+                .unwrap_err()
+                .message()
+                .contains("expected input 'y'")
+        );
+        assert!(
+            check_input("x", DataType::I32, &[-1, 3], &t)
+                .unwrap_err()
+                .message()
+                .contains("must be INT32")
+        );
+        assert!(
+            check_input("x", DataType::F32, &[-1, 4], &t)
+                .unwrap_err()
+                .message()
+                .contains("expects [-1, 4]")
+        );
+        let short = Tensor::from_raw("x", DataType::F32, vec![2, 3], vec![0u8; 20]);
+        assert!(check_input("x", DataType::F32, &[-1, 3], &short).is_err());
+    }
+}
