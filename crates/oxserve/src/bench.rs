@@ -116,7 +116,7 @@ pub struct BenchArgs {
     /// Batch size of each request.
     #[arg(long, default_value_t = 1)]
     batch: i64,
-    /// gRPC channels (HTTP/2 connections) to spread requests over; 0 = one per 4 concurrent
+    /// gRPC channels (HTTP/2 connections) to spread requests over; 0 = one per 8 concurrent
     /// requests of the largest `--concurrency` (1 to 16; 4 in `--mode rate`).
     #[arg(long, default_value_t = 0)]
     grpc_channels: usize,
@@ -1184,7 +1184,7 @@ async fn run_points(
             .max()
             .copied()
             .unwrap_or(1)
-            .div_ceil(4)
+            .div_ceil(8)
             .clamp(1, 16),
         (0, Mode::Rate) => 4,
         (n, _) => n,
