@@ -71,14 +71,23 @@ until curl -sf "http://$http/v2/health/ready" >/dev/null; do
     sleep 0.1
 done
 
-tag() { # tag JSON lines with model, engine, round, kind
+tag() { # tag JSON lines with model, engine, round, kind [, server items per CPU-second]
     .venv/bin/python -c '
 import json, sys
 for line in sys.stdin:
     if line.strip():
         p = json.loads(line)
         p.update(model=sys.argv[1], engine=sys.argv[2], round=int(sys.argv[3]), kind=sys.argv[4])
+        if len(sys.argv) > 5:
+            p["server_items_per_cpu_s"] = float(sys.argv[5])
         print(json.dumps(p))' "$@"
+}
+# The server's CPU time (user + system, clock ticks of 1/100 s) and a model's inference count
+# (statistics extension): items per server CPU-second, whatever else the machine is doing.
+server_ticks() { awk '{print $14 + $15}' "/proc/$pid/stat"; }
+inferences() {
+    curl -sf "http://$http/v2/models/$1/stats" |
+        .venv/bin/python -c 'import json, sys; print(json.load(sys.stdin)["model_stats"][0]["inference_count"])'
 }
 
 : >"$out/points.jsonl"
@@ -89,10 +98,15 @@ for round in $(seq 1 "$rounds"); do
                 "$inproc_bin" --corpus "$corpus" --models "$model" --engines "$engine" --batches "$batch" \
                     --seq "$seq" --seconds "$seconds" --json | tag "$model" "$engine" "$round" inprocess |
                     tee -a "$out/points.jsonl" >&2
-                "$bin" bench --model "${model}_${engine}" --http-url "http://$http" --grpc-url "http://$grpc" \
+                n0=$(inferences "${model}_${engine}")
+                t0=$(server_ticks)
+                point=$("$bin" bench --model "${model}_${engine}" --http-url "http://$http" --grpc-url "http://$grpc" \
                     --protocol grpc --concurrency "$concurrency" --batch "$batch" \
-                    --duration "$seconds" --warmup 1 --json | tag "$model" "$engine" "$round" e2e |
-                    tee -a "$out/points.jsonl" >&2
+                    --duration "$seconds" --warmup 1 --json)
+                t1=$(server_ticks)
+                n1=$(inferences "${model}_${engine}")
+                per_cpu=$(awk -v n="$((n1 - n0))" -v t="$((t1 - t0))" 'BEGIN { print (t > 0 ? n / (t / 100) : 0) }')
+                echo "$point" | tag "$model" "$engine" "$round" e2e "$per_cpu" | tee -a "$out/points.jsonl" >&2
             done
         done
     done
@@ -105,17 +119,21 @@ import json, math, sys
 
 points, conc = sys.argv[1], sys.argv[2]
 best = {}
+best_cpu = {}
 for p in map(json.loads, open(points).read().splitlines()):
     if p["kind"] == "inprocess":
-        ips, extra = p["items_per_s"], None
+        ips, extra, cpu = p["items_per_s"], None, p.get("items_per_cpu_s", float("nan"))
     else:
         ips = p.get("infer_per_sec", p["throughput_rps"] * p["batch"])
         if p.get("errors"):
             ips = float("nan")  # a point with errors is not a result
         extra = (p.get("server") or {}).get("avg_batch_size")
+        cpu = p.get("server_items_per_cpu_s", float("nan"))
     key = (p["model"], p["engine"], p["batch"], p["kind"])
     if key not in best or (not math.isnan(ips) and ips > best[key][0]):
         best[key] = (ips, extra)
+    if not math.isnan(cpu) and cpu > best_cpu.get(key, 0.0):
+        best_cpu[key] = cpu
 
 def get(*key):
     return best.get(key, (float("nan"), None))
@@ -133,5 +151,16 @@ for model, batch in sorted({(k[0], k[2]) for k in best}, key=lambda k: (k[0], k[
     print(f"| {model} | {batch} | {t:.1f} | {o:.1f} | {o / t:.1f}x | {te:.1f} | {oe:.1f} | {oe / o:.2f} | {rows} |")
 print()
 print("items/s (images or sequences per second); e2e = end to end through the server over gRPC.")
+print()
+print("CPU cost, robust to what else runs on the machine: items per CPU-second of the in-process bench")
+print("process, and of the server process during the end-to-end points (the load generator's CPU")
+print("excluded; warm-up included on both sides of the count).")
+print()
+print("| model | batch | tract in-process | tract server | ORT in-process | ORT server | ORT server / in-process |")
+print("|---|---:|---:|---:|---:|---:|---:|")
+for model, batch in sorted({(k[0], k[2]) for k in best}, key=lambda k: (k[0], k[1])):
+    c = lambda engine, kind: best_cpu.get((model, engine, batch, kind), float("nan"))
+    ti, ts, oi, os_ = c("tract", "inprocess"), c("tract", "e2e"), c("onnxruntime", "inprocess"), c("onnxruntime", "e2e")
+    print(f"| {model} | {batch} | {ti:.1f} | {ts:.1f} | {oi:.1f} | {os_:.1f} | {os_ / oi:.2f} |")
 EOF
 } | tee "$out/summary.md"

@@ -2,8 +2,8 @@
 //! values.
 //!
 //! Inputs: fixed-size elements are handed to ONNX Runtime as a view of the request's own bytes
-//! when they happen to be aligned for the element type, otherwise copied once into an aligned
-//! buffer. BYTES elements may hold any bytes except NUL (ONNX Runtime fills string tensors
+//! when they happen to be aligned for the element type, otherwise as a view of the instance's
+//! staging copy (see [`Staging`]). BYTES elements may hold any bytes except NUL (ONNX Runtime fills string tensors
 //! from C strings).
 //!
 //! Outputs: fixed-size outputs become `Bytes` that own the ONNX Runtime value, so the buffer
@@ -27,10 +27,65 @@ use crate::types::{data_type, element_type};
 #[cfg(target_endian = "big")]
 compile_error!("oxserve-onnxruntime copies tensor bytes verbatim and needs a little-endian target");
 
-/// Builds an ONNX Runtime input from an oxserve tensor whose type, shape and byte length the
-/// caller has checked.
-pub(crate) fn to_ort<'a>(tensor: &'a Tensor, shape: Vec<i64>) -> Result<SessionInputValue<'a>, BackendError> {
+/// Aligned copies of input bytes that arrive misaligned for their element type: raw gRPC
+/// contents and binary HTTP payloads sit at whatever offset the client's framing put them.
+/// One buffer per input, kept across batches, so a large input is copied once into memory
+/// that is already mapped instead of into a fresh allocation whose pages fault in on every
+/// request.
+#[derive(Default)]
+pub(crate) struct Staging {
+    buffers: Vec<Vec<u64>>,
+}
+
+/// A staging buffer larger than this is released after use rather than kept for the next batch.
+const KEEP_STAGING_BYTES: usize = 256 << 20;
+
+impl Staging {
+    /// Copies each misaligned fixed-size input; afterwards [`Staging::view`] gives its bytes.
+    pub(crate) fn stage(&mut self, inputs: &[Tensor]) {
+        self.buffers.resize_with(inputs.len(), Vec::new);
+        for (buffer, tensor) in self.buffers.iter_mut().zip(inputs) {
+            let size = tensor.datatype.size().unwrap_or(1);
+            match tensor.raw() {
+                Some(raw) if raw.as_ptr().align_offset(size) != 0 => {
+                    // Only a size change touches the whole buffer; the copy overwrites it.
+                    buffer.resize(raw.len().div_ceil(8), 0);
+                    bytemuck::cast_slice_mut::<u64, u8>(buffer)[..raw.len()].copy_from_slice(raw);
+                }
+                _ => buffer.clear(),
+            }
+        }
+    }
+
+    /// The staged copy of input `index`, if it needed one.
+    fn view(&self, index: usize, len: usize) -> Option<&[u8]> {
+        let buffer = self.buffers.get(index).filter(|b| !b.is_empty())?;
+        bytemuck::cast_slice::<u64, u8>(buffer).get(..len)
+    }
+
+    /// Drops buffers too large to keep around between batches.
+    pub(crate) fn trim(&mut self) {
+        for buffer in &mut self.buffers {
+            if buffer.capacity() * 8 > KEEP_STAGING_BYTES {
+                *buffer = Vec::new();
+            }
+        }
+    }
+}
+
+/// Builds an ONNX Runtime input from input `index` of the batch, an oxserve tensor whose type,
+/// shape and byte length the caller has checked, after [`Staging::stage`] saw the batch.
+pub(crate) fn to_ort<'a>(
+    tensor: &'a Tensor,
+    index: usize,
+    staging: &'a Staging,
+    shape: Vec<i64>,
+) -> Result<SessionInputValue<'a>, BackendError> {
     let name = tensor.name.as_str();
+    if let (TensorData::Raw(raw), true) = (&tensor.data, tensor.datatype != DataType::Bool) {
+        let bytes = staging.view(index, raw.len()).unwrap_or(raw);
+        return numeric_input(name, tensor.datatype, bytes, shape);
+    }
     match (&tensor.data, tensor.datatype) {
         (TensorData::Strings(items), DataType::Bytes) => strings_to_ort(name, items, shape),
         (TensorData::Raw(raw), DataType::Bool) => {
@@ -43,31 +98,43 @@ pub(crate) fn to_ort<'a>(tensor: &'a Tensor, shape: Vec<i64>) -> Result<SessionI
             let values: Vec<bool> = raw.iter().map(|&b| b == 1).collect();
             owned(name, shape, values)
         }
-        (TensorData::Raw(raw), dt) => match dt {
-            DataType::U8 => numeric::<u8>(name, raw, shape),
-            DataType::U16 => numeric::<u16>(name, raw, shape),
-            DataType::U32 => numeric::<u32>(name, raw, shape),
-            DataType::U64 => numeric::<u64>(name, raw, shape),
-            DataType::I8 => numeric::<i8>(name, raw, shape),
-            DataType::I16 => numeric::<i16>(name, raw, shape),
-            DataType::I32 => numeric::<i32>(name, raw, shape),
-            DataType::I64 => numeric::<i64>(name, raw, shape),
-            DataType::F16 => numeric::<f16>(name, raw, shape),
-            DataType::BF16 => numeric::<bf16>(name, raw, shape),
-            DataType::F32 => numeric::<f32>(name, raw, shape),
-            DataType::F64 => numeric::<f64>(name, raw, shape),
-            DataType::Bool | DataType::Bytes => Err(invalid_input(format!(
-                "input '{name}': {dt} data in the wrong representation"
-            ))),
-        },
+        (TensorData::Raw(_), dt) => Err(invalid_input(format!(
+            "input '{name}': {dt} data in the wrong representation"
+        ))),
         (TensorData::Strings(_), dt) => Err(invalid_input(format!(
             "input '{name}' holds byte strings but the model expects {dt}"
         ))),
     }
 }
 
-/// A view of the request bytes when aligned, else one copy.
-fn numeric<'a, T>(name: &str, raw: &'a Bytes, shape: Vec<i64>) -> Result<SessionInputValue<'a>, BackendError>
+/// A fixed-size input as a view of `raw`, which is aligned unless the caller could not stage it.
+fn numeric_input<'a>(
+    name: &str,
+    dt: DataType,
+    raw: &'a [u8],
+    shape: Vec<i64>,
+) -> Result<SessionInputValue<'a>, BackendError> {
+    match dt {
+        DataType::U8 => numeric::<u8>(name, raw, shape),
+        DataType::U16 => numeric::<u16>(name, raw, shape),
+        DataType::U32 => numeric::<u32>(name, raw, shape),
+        DataType::U64 => numeric::<u64>(name, raw, shape),
+        DataType::I8 => numeric::<i8>(name, raw, shape),
+        DataType::I16 => numeric::<i16>(name, raw, shape),
+        DataType::I32 => numeric::<i32>(name, raw, shape),
+        DataType::I64 => numeric::<i64>(name, raw, shape),
+        DataType::F16 => numeric::<f16>(name, raw, shape),
+        DataType::BF16 => numeric::<bf16>(name, raw, shape),
+        DataType::F32 => numeric::<f32>(name, raw, shape),
+        DataType::F64 => numeric::<f64>(name, raw, shape),
+        DataType::Bool | DataType::Bytes => Err(invalid_input(format!(
+            "input '{name}': {dt} data in the wrong representation"
+        ))),
+    }
+}
+
+/// A view of the bytes when aligned, else one copy.
+fn numeric<'a, T>(name: &str, raw: &'a [u8], shape: Vec<i64>) -> Result<SessionInputValue<'a>, BackendError>
 where
     T: PrimitiveTensorElementType + Pod + Debug + Clone + 'static,
 {

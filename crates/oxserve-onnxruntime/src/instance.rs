@@ -10,7 +10,7 @@ use ort::session::{HasSelectedOutputs, OutputSelector, RunOptions, Session, Sess
 use oxserve_backend::{BackendError, Batch, ModelInstance};
 use oxserve_core::Tensor;
 
-use crate::convert::{from_ort, to_ort};
+use crate::convert::{Staging, from_ort, to_ort};
 use crate::error::{internal, invalid_input, panic_message, summarize, truncate};
 use crate::model::{InputSlot, Prepared};
 
@@ -19,6 +19,7 @@ pub(crate) struct OrtInstance {
     session: Session,
     /// Run options selecting every configured output, the common case.
     all_outputs: RunOptions<HasSelectedOutputs>,
+    staging: Staging,
 }
 
 impl OrtInstance {
@@ -29,6 +30,7 @@ impl OrtInstance {
             prepared,
             session,
             all_outputs,
+            staging: Staging::default(),
         })
     }
 }
@@ -56,7 +58,8 @@ impl ModelInstance for OrtInstance {
         let mut distinct: Vec<usize> = wanted.clone();
         distinct.sort_unstable();
         distinct.dedup();
-        let inputs = prepare_inputs(&prepared, &batch.inputs)?;
+        self.staging.stage(&batch.inputs);
+        let inputs = prepare_inputs(&prepared, &batch.inputs, &self.staging)?;
 
         let custom;
         let options = if distinct.len() == prepared.outputs.len() {
@@ -76,6 +79,7 @@ impl ModelInstance for OrtInstance {
                     .collect::<Vec<_>>()
             })
         }));
+        self.staging.trim();
         let values = match outcome {
             Ok(Ok(values)) => values,
             Ok(Err(e)) => {
@@ -158,7 +162,11 @@ fn requested_outputs(prepared: &Prepared, names: &[String]) -> Result<Vec<usize>
 type Inputs<'a> = Vec<(Cow<'a, str>, SessionInputValue<'a>)>;
 
 /// Checks each input against its configured slot and converts it.
-fn prepare_inputs<'a>(prepared: &'a Prepared, inputs: &'a [Tensor]) -> Result<Inputs<'a>, BackendError> {
+fn prepare_inputs<'a>(
+    prepared: &'a Prepared,
+    inputs: &'a [Tensor],
+    staging: &'a Staging,
+) -> Result<Inputs<'a>, BackendError> {
     if inputs.len() != prepared.inputs.len() {
         let expected: Vec<&str> = prepared.inputs.iter().map(|i| i.name.as_str()).collect();
         return Err(invalid_input(format!(
@@ -170,7 +178,7 @@ fn prepare_inputs<'a>(prepared: &'a Prepared, inputs: &'a [Tensor]) -> Result<In
     }
     let mut batch_size = None;
     let mut values = Vec::with_capacity(inputs.len());
-    for (slot, tensor) in prepared.inputs.iter().zip(inputs) {
+    for (index, (slot, tensor)) in prepared.inputs.iter().zip(inputs).enumerate() {
         check_input(slot, tensor)?;
         if prepared.batched {
             let n = tensor.shape.first().copied();
@@ -188,7 +196,7 @@ fn prepare_inputs<'a>(prepared: &'a Prepared, inputs: &'a [Tensor]) -> Result<In
         }
         values.push((
             Cow::Borrowed(slot.name.as_str()),
-            to_ort(tensor, tensor.shape.clone())?,
+            to_ort(tensor, index, staging, tensor.shape.clone())?,
         ));
     }
     Ok(values)

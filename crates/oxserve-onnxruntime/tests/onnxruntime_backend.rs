@@ -168,6 +168,22 @@ fn add_sub_runs_with_aligned_and_unaligned_inputs() {
     let out = inst.execute(batch(inputs, &["OUTPUT0"])).unwrap();
     assert_eq!(out.len(), 1);
     assert_eq!(f32s(&out[0]), sum);
+
+    // The instance reuses its staging copy: a smaller misaligned batch afterwards must see only
+    // its own rows, and both inputs misaligned at different offsets must each be right.
+    let (c, d, _) = add_sub_inputs(1);
+    let misaligned = |values: &[f32], offset: usize| {
+        let mut buf = vec![7u8; offset];
+        buf.extend(f32_raw(values));
+        Bytes::from(buf).slice(offset..)
+    };
+    let inputs = vec![
+        Tensor::from_raw("INPUT0", DataType::F32, vec![1, 16], misaligned(&d, 3)),
+        Tensor::from_raw("INPUT1", DataType::F32, vec![1, 16], misaligned(&c, 1)),
+    ];
+    let out = inst.execute(batch(inputs, &["OUTPUT1"])).unwrap();
+    let expected: Vec<f32> = d.iter().zip(&c).map(|(x, y)| x - y).collect();
+    assert_eq!(f32s(&out[0]), expected);
 }
 
 #[test]

@@ -118,6 +118,8 @@ struct Point {
     batch: i64,
     runs: u64,
     seconds: f64,
+    /// CPU time the process used while measuring (all threads), seconds.
+    cpu_seconds: f64,
 }
 
 impl Point {
@@ -127,9 +129,24 @@ impl Point {
     fn ms_per_batch(&self) -> f64 {
         self.seconds * 1000.0 / self.runs as f64
     }
+    /// Items per CPU-second: what the engine costs, independent of how busy the machine is.
+    fn items_per_cpu_s(&self) -> f64 {
+        self.runs as f64 * self.batch as f64 / self.cpu_seconds
+    }
 }
 
-fn measure(instance: &mut dyn ModelInstance, batch: &Batch, seconds: f64) -> (u64, f64) {
+/// CPU time of this process (user + system, all threads) from /proc/self/stat, seconds.
+fn process_cpu_seconds() -> f64 {
+    // Fields 14 and 15 (utime, stime), in clock ticks of USER_HZ, which is 100 on Linux.
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let after_name = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
+    // After the command name, field 3 (state) is index 0, so utime (14) is index 11.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+fn measure(instance: &mut dyn ModelInstance, batch: &Batch, seconds: f64) -> (u64, f64, f64) {
     // Warm up: first runs allocate and (ONNX Runtime) pick kernels.
     let warm_until = Instant::now() + Duration::from_secs_f64((seconds / 5.0).clamp(0.2, 1.0));
     let mut warm = 0;
@@ -137,6 +154,7 @@ fn measure(instance: &mut dyn ModelInstance, batch: &Batch, seconds: f64) -> (u6
         instance.execute(batch.clone()).expect("warm-up run");
         warm += 1;
     }
+    let cpu = process_cpu_seconds();
     let start = Instant::now();
     let until = start + Duration::from_secs_f64(seconds);
     let mut runs = 0u64;
@@ -144,7 +162,7 @@ fn measure(instance: &mut dyn ModelInstance, batch: &Batch, seconds: f64) -> (u6
         instance.execute(batch.clone()).expect("run");
         runs += 1;
     }
-    (runs, start.elapsed().as_secs_f64())
+    (runs, start.elapsed().as_secs_f64(), process_cpu_seconds() - cpu)
 }
 
 fn main() {
@@ -155,8 +173,8 @@ fn main() {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     if !args.json {
         println!(
-            "{:<12} {:<12} {:>5} {:>8} {:>8} {:>12} {:>10}",
-            "model", "engine", "batch", "threads", "runs", "items/s", "ms/batch"
+            "{:<12} {:<12} {:>5} {:>8} {:>8} {:>12} {:>10} {:>12}",
+            "model", "engine", "batch", "threads", "runs", "items/s", "ms/batch", "items/cpu-s"
         );
     }
     for model in &args.models {
@@ -191,34 +209,37 @@ fn main() {
                     inputs: inputs(&sig.inputs, b, args.seq),
                     outputs: vec![],
                 };
-                let (runs, seconds) = measure(instance.as_mut(), &batch, args.seconds);
+                let (runs, seconds, cpu_seconds) = measure(instance.as_mut(), &batch, args.seconds);
                 let p = Point {
                     model: model.clone(),
                     engine: engine.clone(),
                     batch: b,
                     runs,
                     seconds,
+                    cpu_seconds,
                 };
                 if args.json {
                     println!(
-                        "{{\"model\":\"{}\",\"engine\":\"{}\",\"batch\":{},\"threads\":{threads},\"runs\":{},\"items_per_s\":{:.2},\"ms_per_batch\":{:.3}}}",
+                        "{{\"model\":\"{}\",\"engine\":\"{}\",\"batch\":{},\"threads\":{threads},\"runs\":{},\"items_per_s\":{:.2},\"ms_per_batch\":{:.3},\"items_per_cpu_s\":{:.2}}}",
                         p.model,
                         p.engine,
                         p.batch,
                         p.runs,
                         p.items_per_s(),
-                        p.ms_per_batch()
+                        p.ms_per_batch(),
+                        p.items_per_cpu_s()
                     );
                 } else {
                     println!(
-                        "{:<12} {:<12} {:>5} {:>8} {:>8} {:>12.1} {:>10.2}",
+                        "{:<12} {:<12} {:>5} {:>8} {:>8} {:>12.1} {:>10.2} {:>12.1}",
                         p.model,
                         p.engine,
                         p.batch,
                         threads,
                         p.runs,
                         p.items_per_s(),
-                        p.ms_per_batch()
+                        p.ms_per_batch(),
+                        p.items_per_cpu_s()
                     );
                 }
             }

@@ -288,3 +288,108 @@ fn models_command_reports_failures() {
     assert!(ok.status.success());
     assert!(String::from_utf8_lossy(&ok.stdout).contains("add_sub"));
 }
+
+/// Runs `oxserve bench` against the server and returns its JSON lines (one per point).
+fn bench(server: &Server, args: &[&str]) -> (std::process::Output, Vec<Value>) {
+    let out = Command::new(env!("CARGO_BIN_EXE_oxserve"))
+        .args([
+            "bench",
+            "--http-url",
+            &server.http,
+            "--grpc-url",
+            &server.grpc,
+            "--json",
+        ])
+        .args(args)
+        .output()
+        .unwrap();
+    let points = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    (out, points)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn load_generator_drives_every_protocol_and_reads_the_server_statistics() {
+    let server = Server::start(&["examples/models"], &[]);
+    server.wait_until("/v2/health/ready").await;
+    let (out, points) = bench(
+        &server,
+        &[
+            "--model",
+            "add_sub",
+            "--protocol",
+            "http-json,http-binary,grpc",
+            "--concurrency",
+            "1,4",
+            "--batch",
+            "2",
+            "--duration",
+            "0.5",
+            "--warmup",
+            "0",
+        ],
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let seen: Vec<(String, u64)> = points
+        .iter()
+        .map(|p| {
+            (
+                p["protocol"].as_str().unwrap().to_string(),
+                p["concurrency"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    let want: Vec<(String, u64)> = ["http-json", "http-binary", "grpc"]
+        .iter()
+        .flat_map(|p| [(p.to_string(), 1), (p.to_string(), 4)])
+        .collect();
+    assert_eq!(seen, want);
+    for p in &points {
+        let requests = p["requests"].as_u64().unwrap();
+        assert!(requests > 0, "{p}");
+        assert_eq!(p["errors"], 0, "{p}");
+        assert_eq!(p["batch"], 2);
+        assert!(
+            p["p50_us"].as_u64().unwrap() <= p["p99_us"].as_u64().unwrap(),
+            "{p}"
+        );
+        // The server-side breakdown comes from the statistics extension: every request the
+        // client counted (and the warm-up-free window's in-flight ones) reached the model.
+        let server = &p["server"];
+        assert!(server["requests"].as_u64().unwrap() >= requests, "{p}");
+        assert!(server["avg_batch_size"].as_f64().unwrap() >= 2.0, "{p}");
+    }
+
+    // Requests the server rejects are counted as errors, not as throughput.
+    let (out, points) = bench(
+        &server,
+        &[
+            "--model",
+            "add_sub",
+            "--protocol",
+            "grpc,http-json",
+            "--batch",
+            "9",
+            "--duration",
+            "0.3",
+            "--warmup",
+            "0",
+        ],
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for p in &points {
+        assert_eq!(p["requests"], 0, "{p}");
+        assert!(p["errors"].as_u64().unwrap() > 0, "{p}");
+    }
+
+    // An unknown model is a clear error before any load is sent.
+    let (out, _) = bench(
+        &server,
+        &["--model", "nope", "--protocol", "grpc", "--duration", "0.2"],
+    );
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("nope"));
+}
