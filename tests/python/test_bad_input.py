@@ -23,7 +23,9 @@ import grpc
 import numpy as np
 import pytest
 import requests
+import tritonclient.grpc as grpcclient
 from tritonclient.grpc import service_pb2, service_pb2_grpc
+from tritonclient.utils import InferenceServerException
 
 from _server import LIMITED_MAX_INPUT_SIZE
 
@@ -266,6 +268,35 @@ def test_limited_server_still_serves_small_requests(limited_server):
     r = requests.post(limited_server.http_url + INFER, data=gzip.compress(jbody(add_sub())),
                       headers={"Content-Encoding": "gzip"}, timeout=30)
     assert r.status_code == 200, r.text
+
+
+def test_grpc_message_over_limit_is_resource_exhausted(limited_server):
+    """A gRPC message over --http-max-input-size is refused with RESOURCE_EXHAUSTED, as gRPC
+    core and Triton answer it (tonic's own answer would be OUT_OF_RANGE), through the published
+    tritonclient as well as a raw stub; a normal request on the same server still succeeds."""
+    big = grpc_add_sub(batch=8)  # 2 x 8 x 16 FP32 = 1 KiB of raw contents
+    big.parameters["padding"].string_param = "x" * (2 * LIMITED_MAX_INPUT_SIZE)
+    channel = grpc.insecure_channel(limited_server.grpc_host)
+    stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+    try:
+        with pytest.raises(grpc.RpcError) as e:
+            stub.ModelInfer(big, timeout=30)
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, (e.value.code(), e.value.details())
+        assert e.value.details(), "empty gRPC error message"
+        out = stub.ModelInfer(grpc_add_sub(), timeout=30)
+        assert len(out.raw_output_contents) == 2
+    finally:
+        channel.close()
+
+    client = grpcclient.InferenceServerClient(limited_server.grpc_host)
+    x = np.zeros((8, 256), dtype=np.float32)  # 8 KiB per input, over the 4 KiB limit
+    inputs = [grpcclient.InferInput(n, [8, 256], "FP32") for n in ("INPUT0", "INPUT1")]
+    for i in inputs:
+        i.set_data_from_numpy(x)
+    with pytest.raises(InferenceServerException) as e:
+        client.infer("add_sub", inputs)
+    assert e.value.status() == "StatusCode.RESOURCE_EXHAUSTED", (e.value.status(), e.value.message())
+    assert client.is_server_live()
 
 
 NON_NUMERIC_VERSIONS = ["abc", "1x", "1.0"]

@@ -2,9 +2,10 @@
 //! server's directory layout, panic messages, and the check that a batch input is the one the
 //! engine expects.
 
+use std::collections::HashSet;
 use std::path::Path;
 
-use oxserve_core::{DataType, Tensor};
+use oxserve_core::{DataType, Tensor, TensorMeta};
 
 use crate::{BackendError, BackendErrorKind};
 
@@ -88,6 +89,50 @@ pub fn check_input(
         .map_err(|e| invalid_input(e.message().to_string()))
 }
 
+/// Load-time check of a configuration's tensor names against the model file's
+/// (`model_names`): every configured name must exist in the model, once; with `all`, every
+/// model name must be configured too (for inputs, which the engine needs a value for).
+pub fn check_same_names(
+    role: &str,
+    configured: &[TensorMeta],
+    model_names: &[&str],
+    all: bool,
+) -> Result<(), BackendError> {
+    let mut seen = HashSet::new();
+    for meta in configured {
+        if !seen.insert(meta.name.as_str()) {
+            return Err(invalid_model(format!(
+                "the configuration lists {role} '{}' twice",
+                meta.name
+            )));
+        }
+    }
+    let unknown: Vec<&str> = configured
+        .iter()
+        .map(|m| m.name.as_str())
+        .filter(|n| !model_names.contains(n))
+        .collect();
+    let missing: Vec<&str> = model_names
+        .iter()
+        .copied()
+        .filter(|n| all && !seen.contains(n))
+        .collect();
+    if unknown.is_empty() && missing.is_empty() {
+        return Ok(());
+    }
+    let mut problems = Vec::new();
+    if !unknown.is_empty() {
+        problems.push(format!("configured {role}(s) {unknown:?} not in the model"));
+    }
+    if !missing.is_empty() {
+        problems.push(format!("model {role}(s) {missing:?} not configured"));
+    }
+    Err(invalid_model(format!(
+        "{}; the model's {role}s are {model_names:?}",
+        problems.join(", ")
+    )))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -123,5 +168,39 @@ mod tests {
         );
         let short = Tensor::from_raw("x", DataType::F32, vec![2, 3], vec![0u8; 20]);
         assert!(check_input("x", DataType::F32, &[-1, 3], &short).is_err());
+    }
+
+    #[test]
+    fn configured_names_must_match_the_model() {
+        let meta = |n: &str| TensorMeta {
+            name: n.into(),
+            datatype: DataType::F32,
+            shape: vec![-1],
+        };
+        let model = ["a", "b"];
+        assert!(check_same_names("input", &[meta("a"), meta("b")], &model, true).is_ok());
+        // Outputs may be a subset; inputs may not.
+        assert!(check_same_names("output", &[meta("b")], &model, false).is_ok());
+        let e = check_same_names("input", &[meta("b")], &model, true).unwrap_err();
+        assert_eq!(e.kind(), BackendErrorKind::InvalidModel);
+        assert!(
+            e.message().contains(r#"model input(s) ["a"] not configured"#),
+            "{}",
+            e.message()
+        );
+        let e = check_same_names("output", &[meta("c")], &model, false).unwrap_err();
+        assert!(
+            e.message()
+                .contains(r#"configured output(s) ["c"] not in the model"#),
+            "{}",
+            e.message()
+        );
+        assert!(
+            e.message().contains(r#"the model's outputs are ["a", "b"]"#),
+            "{}",
+            e.message()
+        );
+        let e = check_same_names("input", &[meta("a"), meta("a")], &model, false).unwrap_err();
+        assert!(e.message().contains("lists input 'a' twice"), "{}", e.message());
     }
 }

@@ -2,12 +2,12 @@
 //! configuration that disagrees with the model fails the load, not a request), check the
 //! configuration against what the session declares, and keep what every instance needs.
 
-use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use ort::session::Session;
 use ort::session::builder::SessionBuilder;
+use oxserve_backend::support::check_same_names;
 use oxserve_backend::{BackendError, Device, LoadSpec, LoadedModel, ModelInstance, ModelSignature};
 use oxserve_core::{DataType, TensorMeta};
 
@@ -249,7 +249,7 @@ fn plan_inputs(
     declared: &[TensorMeta],
     batched: bool,
 ) -> Result<Vec<InputSlot>, BackendError> {
-    check_same_names("input", &spec.inputs, declared, true)?;
+    check_same_names("input", &spec.inputs, &names(declared), true)?;
     let mut slots = Vec::with_capacity(spec.inputs.len());
     for meta in &spec.inputs {
         let Some(model) = declared.iter().find(|d| d.name == meta.name) else {
@@ -284,7 +284,7 @@ fn plan_outputs(spec: &LoadSpec, declared: &[TensorMeta]) -> Result<Vec<OutputSl
             })
             .collect());
     }
-    check_same_names("output", &spec.outputs, declared, false)?;
+    check_same_names("output", &spec.outputs, &names(declared), false)?;
     let mut slots = Vec::with_capacity(spec.outputs.len());
     for meta in &spec.outputs {
         let Some(model) = declared.iter().find(|d| d.name == meta.name) else {
@@ -300,46 +300,8 @@ fn plan_outputs(spec: &LoadSpec, declared: &[TensorMeta]) -> Result<Vec<OutputSl
     Ok(slots)
 }
 
-fn check_same_names(
-    role: &str,
-    configured: &[TensorMeta],
-    declared: &[TensorMeta],
-    all: bool,
-) -> Result<(), BackendError> {
-    let mut seen = HashSet::new();
-    for meta in configured {
-        if !seen.insert(meta.name.as_str()) {
-            return Err(invalid_model(format!(
-                "the configuration lists {role} '{}' twice",
-                meta.name
-            )));
-        }
-    }
-    let unknown: Vec<&str> = configured
-        .iter()
-        .map(|m| m.name.as_str())
-        .filter(|n| !declared.iter().any(|d| d.name == *n))
-        .collect();
-    let missing: Vec<&str> = declared
-        .iter()
-        .map(|d| d.name.as_str())
-        .filter(|n| all && !seen.contains(n))
-        .collect();
-    if unknown.is_empty() && missing.is_empty() {
-        return Ok(());
-    }
-    let model_names: Vec<&str> = declared.iter().map(|d| d.name.as_str()).collect();
-    let mut problems = Vec::new();
-    if !unknown.is_empty() {
-        problems.push(format!("configured {role}(s) {unknown:?} not in the model"));
-    }
-    if !missing.is_empty() {
-        problems.push(format!("model {role}(s) {missing:?} not configured"));
-    }
-    Err(invalid_model(format!(
-        "{}; the model's {role}s are {model_names:?}",
-        problems.join(", ")
-    )))
+fn names(declared: &[TensorMeta]) -> Vec<&str> {
+    declared.iter().map(|d| d.name.as_str()).collect()
 }
 
 fn check_type(role: &str, meta: &TensorMeta, model: &TensorMeta) -> Result<(), BackendError> {

@@ -16,8 +16,9 @@
 //! The default thread counts keep `instances × intra-op threads ≤ cores`, so several instances
 //! (or several models) do not oversubscribe the machine. Spinning is off by default for the
 //! same reason: a pool thread that spins after each operator burns a core that the server's
-//! protocol threads, other instances and other models need (measured in BENCHMARKS.md: +40%
-//! end-to-end throughput on the CNN at batch 1).
+//! protocol threads, other instances and other models need; turning it on for a single
+//! instance did not raise end-to-end throughput beyond the noise (BENCHMARKS.md, "ONNX Runtime
+//! vs tract").
 
 use std::collections::BTreeMap;
 

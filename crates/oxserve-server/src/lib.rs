@@ -12,6 +12,7 @@ use std::net::SocketAddr;
 
 use anyhow::Context;
 use oxserve_engine::InferenceService;
+use oxserve_kserve::grpc::status::size_limit_as_resource_exhausted;
 use oxserve_kserve::grpc::{GrpcOptions, grpc_service_with_options};
 use oxserve_kserve::http::{HttpOptions, router};
 use tokio::net::TcpListener;
@@ -99,6 +100,9 @@ pub async fn serve(
     let http = axum::serve(http_listener, app).with_graceful_shutdown(stopped(stop_rx.clone()));
 
     let grpc = tonic::transport::Server::builder()
+        .layer(tower::util::MapResponseLayer::new(
+            size_limit_as_resource_exhausted::<tonic::body::Body>,
+        ))
         .add_service(health_service)
         .add_service(grpc_service_with_options(engine.clone(), options.grpc))
         .serve_with_incoming_shutdown(

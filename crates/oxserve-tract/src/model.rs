@@ -1,11 +1,11 @@
 //! `Backend::load`: check the configuration against the file, pin the input facts, and let
 //! tract analyse, optimise and plan the model, so every problem shows up at load time.
 
-use std::collections::HashSet;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::Path;
 use std::sync::Arc;
 
+use oxserve_backend::support::check_same_names;
 use oxserve_backend::{BackendError, LoadSpec, LoadedModel, ModelInstance};
 use oxserve_core::{DataType, TensorMeta};
 use tract_onnx::pb;
@@ -184,7 +184,7 @@ fn plan_inputs(
     declared: &[Declared],
     batched: bool,
 ) -> Result<Vec<InputSlot>, BackendError> {
-    check_same_names("input", &spec.inputs, declared, true)?;
+    check_same_names("input", &spec.inputs, &names(declared), true)?;
     let mut slots = Vec::with_capacity(spec.inputs.len());
     for meta in &spec.inputs {
         let Some(model) = declared.iter().find(|d| d.name == meta.name) else {
@@ -248,7 +248,7 @@ fn plan_outputs(spec: &LoadSpec, declared: &[Declared]) -> Result<Vec<OutputSlot
             })
             .collect();
     }
-    check_same_names("output", &spec.outputs, declared, false)?;
+    check_same_names("output", &spec.outputs, &names(declared), false)?;
     let mut slots = Vec::with_capacity(spec.outputs.len());
     for meta in &spec.outputs {
         let Some(model) = declared.iter().find(|d| d.name == meta.name) else {
@@ -264,48 +264,8 @@ fn plan_outputs(spec: &LoadSpec, declared: &[Declared]) -> Result<Vec<OutputSlot
     Ok(slots)
 }
 
-/// Every configured name must exist in the model, once; with `all`, every model name must be
-/// configured too (tract needs a value for every input).
-fn check_same_names(
-    role: &str,
-    configured: &[TensorMeta],
-    declared: &[Declared],
-    all: bool,
-) -> Result<(), BackendError> {
-    let mut seen = HashSet::new();
-    for meta in configured {
-        if !seen.insert(meta.name.as_str()) {
-            return Err(invalid_model(format!(
-                "the configuration lists {role} '{}' twice",
-                meta.name
-            )));
-        }
-    }
-    let unknown: Vec<&str> = configured
-        .iter()
-        .map(|m| m.name.as_str())
-        .filter(|n| !declared.iter().any(|d| d.name == *n))
-        .collect();
-    let missing: Vec<&str> = declared
-        .iter()
-        .map(|d| d.name.as_str())
-        .filter(|n| all && !seen.contains(n))
-        .collect();
-    if unknown.is_empty() && missing.is_empty() {
-        return Ok(());
-    }
-    let model_names: Vec<&str> = declared.iter().map(|d| d.name.as_str()).collect();
-    let mut problems = Vec::new();
-    if !unknown.is_empty() {
-        problems.push(format!("configured {role}(s) {unknown:?} not in the model"));
-    }
-    if !missing.is_empty() {
-        problems.push(format!("model {role}(s) {missing:?} not configured"));
-    }
-    Err(invalid_model(format!(
-        "{}; the model's {role}s are {model_names:?}",
-        problems.join(", ")
-    )))
+fn names(declared: &[Declared]) -> Vec<&str> {
+    declared.iter().map(|d| d.name.as_str()).collect()
 }
 
 fn check_type(role: &str, meta: &TensorMeta, model: &Declared) -> Result<DatumType, BackendError> {

@@ -33,9 +33,41 @@ pub fn to_status(err: &Error) -> Status {
     Status::new(code_for(err.kind()), err.message())
 }
 
+/// tonic answers a request message over the size limit with OUT_OF_RANGE, before any handler
+/// runs (a trailers-only answer). gRPC's own implementations, and Triton, say
+/// RESOURCE_EXHAUSTED, which is what clients look for; oxserve's mapping above never produces
+/// OUT_OF_RANGE, so the code is rewritten wherever it appears in a response's headers.
+pub fn size_limit_as_resource_exhausted<B>(mut response: http::Response<B>) -> http::Response<B> {
+    let out_of_range = http::HeaderValue::from(Code::OutOfRange as i32);
+    if response.headers().get("grpc-status") == Some(&out_of_range) {
+        response.headers_mut().insert(
+            "grpc-status",
+            http::HeaderValue::from(Code::ResourceExhausted as i32),
+        );
+    }
+    response
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn size_limit_answers_become_resource_exhausted() {
+        let answer = |code: Code| {
+            let r = http::Response::builder()
+                .header("grpc-status", code as i32)
+                .header("grpc-message", "x")
+                .body(())
+                .unwrap();
+            size_limit_as_resource_exhausted(r).headers()["grpc-status"].clone()
+        };
+        assert_eq!(answer(Code::OutOfRange), "8");
+        assert_eq!(answer(Code::InvalidArgument), "3");
+        assert_eq!(answer(Code::Ok), "0");
+        let plain = size_limit_as_resource_exhausted(http::Response::new(()));
+        assert!(plain.headers().get("grpc-status").is_none());
+    }
 
     #[test]
     fn every_kind_maps_to_its_code() {
