@@ -431,3 +431,32 @@ def test_backend_failure_is_500_and_the_server_keeps_serving(sched_server):
     assert grpc_code(outcome) == str(grpc.StatusCode.INTERNAL)
     ok, _ = post_slow(sched_server, "slow_delay", row(902))
     check_echo_http(ok, row(902))
+
+
+def test_failures_are_logged_with_the_request_id(sched_server):
+    """The id a client sends (or the one the server assigns and answers with) is on the log
+    lines about its request, over HTTP and gRPC, so a reported failure can be found."""
+    resp = requests.post(f"{sched_server.http_url}/v2/models/failing/infer", json=v2_body(row(910)),
+                         headers={"x-request-id": "http-req-910"}, timeout=30)
+    assert resp.status_code == 500, resp.text
+    assert resp.headers["x-request-id"] == "http-req-910"
+    assigned = requests.post(f"{sched_server.http_url}/v2/models/failing/infer", json=v2_body(row(911)),
+                             timeout=30).headers["x-request-id"]
+    client = grpcclient.InferenceServerClient(url=sched_server.grpc_host)
+    try:
+        x = row(912)
+        inp = grpcclient.InferInput("INPUT0", list(x.shape), "FP32")
+        inp.set_data_from_numpy(x)
+        with pytest.raises(InferenceServerException):
+            client.infer("failing", [inp], headers={"x-request-id": "grpc-req-912"}, client_timeout=30)
+    finally:
+        client.close()
+    for rid in ("http-req-910", assigned, "grpc-req-912"):
+        deadline = time.monotonic() + 10
+        while True:
+            lines = [l for l in sched_server.stderr_path.read_text(errors="replace").splitlines()
+                     if re.search(rf'id[=":]+{re.escape(rid)}[}}"]', l) and "inference failed" in l]
+            if lines or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert lines, f"no log line about request {rid}:\n{sched_server.stderr_tail()}"

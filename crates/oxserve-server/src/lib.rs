@@ -3,9 +3,11 @@
 
 mod metrics;
 mod process;
+mod request_id;
 
 pub use metrics::{OPENMETRICS_CONTENT_TYPE, metrics_router};
 pub use process::{ProcessStats, process_registry};
+pub use request_id::REQUEST_ID;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -92,7 +94,7 @@ pub async fn serve(
     let (health, health_service) = tonic_health::server::health_reporter();
     tokio::spawn(report_health(engine.clone(), health, stop_rx.clone()));
 
-    let app = router(engine.clone(), options.http.clone());
+    let app = router(engine.clone(), options.http.clone()).layer(request_id::request_id_layers());
     let http_listener = axum::serve::ListenerExt::tap_io(listeners.http, |tcp| {
         // Small responses must not wait for Nagle's algorithm.
         let _ = tcp.set_nodelay(true);
@@ -100,6 +102,7 @@ pub async fn serve(
     let http = axum::serve(http_listener, app).with_graceful_shutdown(stopped(stop_rx.clone()));
 
     let grpc = tonic::transport::Server::builder()
+        .layer(request_id::request_id_layers())
         .layer(tower::util::MapResponseLayer::new(
             size_limit_as_resource_exhausted::<tonic::body::Body>,
         ))

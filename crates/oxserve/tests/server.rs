@@ -393,3 +393,57 @@ async fn load_generator_drives_every_protocol_and_reads_the_server_statistics() 
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("nope"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_answer_carries_a_request_id() {
+    let server = Server::start(&["examples/models"], &[]);
+    server.wait_until("/v2/health/ready").await;
+    let client = reqwest::Client::new();
+
+    // The caller's id is echoed, on success and on error alike.
+    for (path, status) in [("/v2/health/ready", 200), ("/v2/models/nope", 404)] {
+        let r = client
+            .get(format!("{}{path}", server.http))
+            .header("x-request-id", "caller-7")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), status);
+        assert_eq!(r.headers()["x-request-id"], "caller-7");
+    }
+    // Without one, each request gets a fresh id.
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let r = client
+            .get(format!("{}/v2/health/live", server.http))
+            .send()
+            .await
+            .unwrap();
+        ids.push(r.headers()["x-request-id"].to_str().unwrap().to_string());
+    }
+    assert!(!ids[0].is_empty());
+    assert_ne!(ids[0], ids[1]);
+
+    // gRPC: in the response metadata, also for a trailers-only error answer.
+    let mut grpc = pb::GrpcInferenceServiceClient::connect(server.grpc.clone())
+        .await
+        .unwrap();
+    let mut request = tonic::Request::new(pb::ServerLiveRequest {});
+    request
+        .metadata_mut()
+        .insert("x-request-id", "caller-8".parse().unwrap());
+    let answer = grpc.server_live(request).await.unwrap();
+    assert_eq!(answer.metadata().get("x-request-id").unwrap(), "caller-8");
+    let answer = grpc.server_live(pb::ServerLiveRequest {}).await.unwrap();
+    assert!(!answer.metadata().get("x-request-id").unwrap().is_empty());
+    let mut request = tonic::Request::new(pb::ModelMetadataRequest {
+        name: "nope".into(),
+        version: String::new(),
+    });
+    request
+        .metadata_mut()
+        .insert("x-request-id", "caller-9".parse().unwrap());
+    let status = grpc.model_metadata(request).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::NotFound);
+    assert_eq!(status.metadata().get("x-request-id").unwrap(), "caller-9");
+}
