@@ -133,6 +133,42 @@ pub fn check_same_names(
     )))
 }
 
+/// Load-time check of a configured tensor's type against the one the model file declares.
+pub fn check_declared_type(role: &str, meta: &TensorMeta, declared: DataType) -> Result<(), BackendError> {
+    if declared != meta.datatype {
+        return Err(invalid_model(format!(
+            "{role} '{}' is configured as {} but the model declares {declared}",
+            meta.name, meta.datatype
+        )));
+    }
+    Ok(())
+}
+
+/// Load-time check of a configured shape against the model file's (`-1` = variable). Ranks
+/// must match and a fixed configured dim must match a fixed declared one. With `strict` (for
+/// inputs), a variable configured dim also needs a variable declared one, or requests the
+/// configuration allows would fail on every call; declared output shapes are looser
+/// (exporters often leave them vague or stale), so a configuration may be vaguer there.
+pub fn check_declared_shape(
+    role: &str,
+    meta: &TensorMeta,
+    declared: &[i64],
+    strict: bool,
+) -> Result<(), BackendError> {
+    let compatible = declared.len() == meta.shape.len()
+        && declared
+            .iter()
+            .zip(&meta.shape)
+            .all(|(&m, &c)| c >= -1 && (m == -1 || m == c || (!strict && c == -1)));
+    if !compatible {
+        return Err(invalid_model(format!(
+            "{role} '{}' is configured with shape {:?} but the model declares {declared:?}",
+            meta.name, meta.shape
+        )));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use ort::session::Session;
 use ort::session::builder::SessionBuilder;
-use oxserve_backend::support::check_same_names;
+use oxserve_backend::support::{check_declared_shape, check_declared_type, check_same_names};
 use oxserve_backend::{BackendError, Device, LoadSpec, LoadedModel, ModelInstance, ModelSignature};
 use oxserve_core::{DataType, TensorMeta};
 
@@ -305,31 +305,10 @@ fn names(declared: &[TensorMeta]) -> Vec<&str> {
 }
 
 fn check_type(role: &str, meta: &TensorMeta, model: &TensorMeta) -> Result<(), BackendError> {
-    if model.datatype != meta.datatype {
-        return Err(invalid_model(format!(
-            "{role} '{}' is configured as {} but the model declares {}",
-            meta.name, meta.datatype, model.datatype
-        )));
-    }
-    Ok(())
+    check_declared_type(role, meta, model.datatype)
 }
 
-/// Ranks must match and a fixed configured dim must match a fixed declared one. For inputs, a
-/// variable configured dim also needs a variable declared one, or requests the configuration
-/// allows would fail on every call. Declared output shapes are looser (exporters often leave
-/// them vague or stale), so a configuration may be vaguer there.
+/// Declared output shapes are looser than input ones (see [`check_declared_shape`]).
 fn check_shape(role: &str, meta: &TensorMeta, model: &TensorMeta, strict: bool) -> Result<(), BackendError> {
-    let compatible = model.shape.len() == meta.shape.len()
-        && model
-            .shape
-            .iter()
-            .zip(&meta.shape)
-            .all(|(&m, &c)| c >= -1 && (m == -1 || m == c || (!strict && c == -1)));
-    if !compatible {
-        return Err(invalid_model(format!(
-            "{role} '{}' is configured with shape {:?} but the model declares {:?}",
-            meta.name, meta.shape, model.shape
-        )));
-    }
-    Ok(())
+    check_declared_shape(role, meta, &model.shape, strict)
 }

@@ -5,7 +5,7 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::Path;
 use std::sync::Arc;
 
-use oxserve_backend::support::check_same_names;
+use oxserve_backend::support::{check_declared_shape, check_declared_type, check_same_names};
 use oxserve_backend::{BackendError, LoadSpec, LoadedModel, ModelInstance};
 use oxserve_core::{DataType, TensorMeta};
 use tract_onnx::pb;
@@ -269,13 +269,7 @@ fn names(declared: &[Declared]) -> Vec<&str> {
 }
 
 fn check_type(role: &str, meta: &TensorMeta, model: &Declared) -> Result<DatumType, BackendError> {
-    let declared = model.datatype(role)?;
-    if declared != meta.datatype {
-        return Err(invalid_model(format!(
-            "{role} '{}' is configured as {} but the model declares {}",
-            meta.name, meta.datatype, declared
-        )));
-    }
+    check_declared_type(role, meta, model.datatype(role)?)?;
     datum_type(meta.datatype).ok_or_else(|| no_tract_type(role, &meta.name, meta.datatype))
 }
 
@@ -305,18 +299,7 @@ fn check_shape<'d>(
             _ => -1,
         })
         .collect();
-    let strict = role == "input";
-    let compatible = declared.len() == meta.shape.len()
-        && declared
-            .iter()
-            .zip(&meta.shape)
-            .all(|(&m, &c)| c >= -1 && (m == -1 || m == c || (!strict && c == -1)));
-    if !compatible {
-        return Err(invalid_model(format!(
-            "{role} '{}' is configured with shape {:?} but the model declares {:?}",
-            meta.name, meta.shape, declared
-        )));
-    }
+    check_declared_shape(role, meta, &declared, role == "input")?;
     Ok(Some(dims))
 }
 

@@ -356,11 +356,17 @@ async fn load_generator_drives_every_protocol_and_reads_the_server_statistics() 
             p["p50_us"].as_u64().unwrap() <= p["p99_us"].as_u64().unwrap(),
             "{p}"
         );
-        // The server-side breakdown comes from the statistics extension: every request the
-        // client counted (and the warm-up-free window's in-flight ones) reached the model.
+        // The server-side breakdown comes from the statistics extension, read before and
+        // after the window: the requests the client counted reached the model, give or take
+        // those in flight at either edge of the window.
         let server = &p["server"];
-        assert!(server["requests"].as_u64().unwrap() >= requests, "{p}");
-        assert!(server["avg_batch_size"].as_f64().unwrap() >= 2.0, "{p}");
+        let in_flight = 2 * p["concurrency"].as_u64().unwrap();
+        assert!(
+            server["requests"].as_u64().unwrap() + in_flight >= requests,
+            "{p}"
+        );
+        // Rows per execution: each request has 2; counters read mid-flight may lag by one.
+        assert!(server["avg_batch_size"].as_f64().unwrap() >= 1.9, "{p}");
     }
 
     // Requests the server rejects are counted as errors, not as throughput.
