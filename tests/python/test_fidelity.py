@@ -17,9 +17,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import tritonclient.grpc as grpcclient
-import tritonclient.http as httpclient
 
+from _corpus import infer
 from _models import (
     add_sub_inputs,
     fp16_inputs,
@@ -30,15 +29,6 @@ from _models import (
     ort_session,
 )
 
-DTYPES = {
-    np.dtype(np.float32): "FP32",
-    np.dtype(np.float64): "FP64",
-    np.dtype(np.float16): "FP16",
-    np.dtype(np.int64): "INT64",
-    np.dtype(np.int32): "INT32",
-    np.dtype(np.bool_): "BOOL",
-}
-
 CASES = {
     "add_sub": lambda: add_sub_inputs(5, seed=101),
     "iris": lambda: iris_inputs(8, seed=102),
@@ -48,34 +38,6 @@ CASES = {
 }
 
 TRANSPORTS = ["http_binary", "http_json", "grpc"]
-
-
-def _server_outputs(server, transport: str, model: str, feeds: dict, names: list[str]) -> dict:
-    if transport.startswith("http"):
-        binary = transport == "http_binary"
-        client = httpclient.InferenceServerClient(url=server.http_host)
-        try:
-            inputs = []
-            for name, arr in feeds.items():
-                inp = httpclient.InferInput(name, list(arr.shape), DTYPES[arr.dtype])
-                inp.set_data_from_numpy(arr, binary_data=binary)
-                inputs.append(inp)
-            outputs = [httpclient.InferRequestedOutput(n, binary_data=binary) for n in names]
-            result = client.infer(model, inputs, outputs=outputs)
-            return {n: result.as_numpy(n) for n in names}
-        finally:
-            client.close()
-    client = grpcclient.InferenceServerClient(url=server.grpc_host)
-    try:
-        inputs = []
-        for name, arr in feeds.items():
-            inp = grpcclient.InferInput(name, list(arr.shape), DTYPES[arr.dtype])
-            inp.set_data_from_numpy(arr)
-            inputs.append(inp)
-        result = client.infer(model, inputs, outputs=[grpcclient.InferRequestedOutput(n) for n in names])
-        return {n: result.as_numpy(n) for n in names}
-    finally:
-        client.close()
 
 
 def _params():
@@ -91,7 +53,7 @@ def test_outputs_match_onnxruntime(server, model, transport):
     feeds = CASES[model]()
     expected = ort_run(model, feeds)
     names = [o.name for o in ort_session(model).get_outputs()]
-    got = _server_outputs(server, transport, model, feeds, names)
+    got = infer(server, transport, model, feeds, names)
     for name in names:
         want, have = expected[name], got[name]
         assert have is not None, f"output {name} missing"

@@ -169,6 +169,29 @@ pub fn check_declared_shape(
     Ok(())
 }
 
+/// Indices into a model's configured outputs (`configured`, in configuration order) for each
+/// output a request names, in request order; no names means every configured output.
+pub fn requested_outputs<'a>(
+    model_name: &str,
+    configured: impl ExactSizeIterator<Item = &'a str> + Clone,
+    names: &[String],
+) -> Result<Vec<usize>, BackendError> {
+    if names.is_empty() {
+        return Ok((0..configured.len()).collect());
+    }
+    names
+        .iter()
+        .map(|name| {
+            configured.clone().position(|o| o == name).ok_or_else(|| {
+                invalid_input(format!(
+                    "model '{model_name}' has no output '{}'",
+                    truncate(name, 100)
+                ))
+            })
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

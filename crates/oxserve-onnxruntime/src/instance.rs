@@ -7,11 +7,12 @@ use std::sync::Arc;
 
 use ort::ErrorCode;
 use ort::session::{HasSelectedOutputs, OutputSelector, RunOptions, Session, SessionInputValue};
+use oxserve_backend::support::requested_outputs;
 use oxserve_backend::{BackendError, Batch, ModelInstance};
 use oxserve_core::Tensor;
 
 use crate::convert::{Staging, from_ort, to_ort};
-use crate::error::{internal, invalid_input, panic_message, summarize, truncate};
+use crate::error::{internal, invalid_input, panic_message, summarize};
 use crate::model::{InputSlot, Prepared};
 
 pub(crate) struct OrtInstance {
@@ -53,7 +54,11 @@ fn run_options(
 impl ModelInstance for OrtInstance {
     fn execute(&mut self, batch: Batch) -> Result<Vec<Tensor>, BackendError> {
         let prepared = Arc::clone(&self.prepared);
-        let wanted = requested_outputs(&prepared, &batch.outputs)?;
+        let wanted = requested_outputs(
+            &prepared.model_name,
+            prepared.outputs.iter().map(|o| o.name.as_str()),
+            &batch.outputs,
+        )?;
         // Each distinct output once, in configuration order.
         let mut distinct: Vec<usize> = wanted.clone();
         distinct.sort_unstable();
@@ -133,30 +138,6 @@ impl ModelInstance for OrtInstance {
             })
             .collect()
     }
-}
-
-/// Indices into the configured outputs for each requested name, in request order. No names
-/// means every configured output.
-fn requested_outputs(prepared: &Prepared, names: &[String]) -> Result<Vec<usize>, BackendError> {
-    if names.is_empty() {
-        return Ok((0..prepared.outputs.len()).collect());
-    }
-    names
-        .iter()
-        .map(|name| {
-            prepared
-                .outputs
-                .iter()
-                .position(|o| &o.name == name)
-                .ok_or_else(|| {
-                    invalid_input(format!(
-                        "model '{}' has no output '{}'",
-                        prepared.model_name,
-                        truncate(name, 100)
-                    ))
-                })
-        })
-        .collect()
 }
 
 type Inputs<'a> = Vec<(Cow<'a, str>, SessionInputValue<'a>)>;

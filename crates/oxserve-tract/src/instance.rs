@@ -4,12 +4,13 @@
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 
+use oxserve_backend::support::requested_outputs;
 use oxserve_backend::{BackendError, Batch, ModelInstance};
 use oxserve_core::Tensor;
 use tract_onnx::prelude::{TValue, TVec, TypedSimpleState};
 
 use crate::convert::{from_tract, to_tract};
-use crate::error::{internal, invalid_input, panic_message, summarize, truncate};
+use crate::error::{internal, invalid_input, panic_message, summarize};
 use crate::model::{InputSlot, Prepared};
 
 pub(crate) struct TractInstance {
@@ -42,7 +43,11 @@ fn spawn(prepared: &Prepared) -> Result<TypedSimpleState, BackendError> {
 impl ModelInstance for TractInstance {
     fn execute(&mut self, batch: Batch) -> Result<Vec<Tensor>, BackendError> {
         let prepared = Arc::clone(&self.prepared);
-        let wanted = requested_outputs(&prepared, &batch.outputs)?;
+        let wanted = requested_outputs(
+            &prepared.model_name,
+            prepared.outputs.iter().map(|o| o.name.as_str()),
+            &batch.outputs,
+        )?;
         let inputs = prepare_inputs(&prepared, &batch.inputs)?;
         let mut state = match self.state.take() {
             Some(state) => state,
@@ -85,30 +90,6 @@ impl ModelInstance for TractInstance {
 
         collect_outputs(&prepared, outputs, &wanted)
     }
-}
-
-/// Indices into the configured outputs for each requested name, in request order. No names
-/// means every configured output.
-fn requested_outputs(prepared: &Prepared, names: &[String]) -> Result<Vec<usize>, BackendError> {
-    if names.is_empty() {
-        return Ok((0..prepared.outputs.len()).collect());
-    }
-    names
-        .iter()
-        .map(|name| {
-            prepared
-                .outputs
-                .iter()
-                .position(|o| &o.name == name)
-                .ok_or_else(|| {
-                    invalid_input(format!(
-                        "model '{}' has no output '{}'",
-                        prepared.model_name,
-                        truncate(name, 100)
-                    ))
-                })
-        })
-        .collect()
 }
 
 /// Checks each input against its configured slot and converts it. Checking here, rather than
