@@ -7,7 +7,9 @@
 #               default threads (cores / instances), tract single-threaded;
 #   end to end  the release server serving both engines side by side (models
 #               <model>_onnxruntime and <model>_tract, one instance each), driven by
-#               `oxserve bench --protocol grpc --concurrency 8 --batch N` on the same machine.
+#               `oxserve bench --protocol grpc --concurrency 8 --batch N` on the same machine;
+#               for ONNX Runtime also with `--shared-memory system` (tensors left in /dev/shm
+#               regions, Triton's system shared-memory extension, as a co-located client).
 #
 # Points are interleaved (for each model and batch: engine A in-process, A end to end, B
 # in-process, B end to end) and the whole sweep runs ROUNDS times; the summary keeps the best
@@ -107,6 +109,18 @@ for round in $(seq 1 "$rounds"); do
                 n1=$(inferences "${model}_${engine}")
                 per_cpu=$(awk -v n="$((n1 - n0))" -v t="$((t1 - t0))" 'BEGIN { print (t > 0 ? n / (t / 100) : 0) }')
                 echo "$point" | tag "$model" "$engine" "$round" e2e "$per_cpu" | tee -a "$out/points.jsonl" >&2
+                [ "$engine" = onnxruntime ] || continue
+                # The same load with the tensors in system shared memory (Triton's extension),
+                # as a client on the same host would send them.
+                n0=$(inferences "${model}_${engine}")
+                t0=$(server_ticks)
+                point=$("$bin" bench --model "${model}_${engine}" --http-url "http://$http" --grpc-url "http://$grpc" \
+                    --protocol grpc --shared-memory system --concurrency "$concurrency" --batch "$batch" \
+                    --duration "$seconds" --warmup 1 --json)
+                t1=$(server_ticks)
+                n1=$(inferences "${model}_${engine}")
+                per_cpu=$(awk -v n="$((n1 - n0))" -v t="$((t1 - t0))" 'BEGIN { print (t > 0 ? n / (t / 100) : 0) }')
+                echo "$point" | tag "$model" "$engine" "$round" e2e-shm "$per_cpu" | tee -a "$out/points.jsonl" >&2
             done
         done
     done
@@ -140,27 +154,33 @@ def get(*key):
 
 print()
 print(f"| model | batch | tract in-process | ONNX Runtime in-process | ORT / tract | tract e2e gRPC c={conc} "
-      f"| ONNX Runtime e2e gRPC c={conc} | ORT e2e / ORT in-process | rows per ORT execution (server) |")
-print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+      f"| ONNX Runtime e2e gRPC c={conc} | ORT e2e / ORT in-process | ORT e2e gRPC + shm | ORT e2e + shm / ORT in-process "
+      f"| rows per ORT execution (server) |")
+print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 for model, batch in sorted({(k[0], k[2]) for k in best}, key=lambda k: (k[0], k[1])):
     t, _ = get(model, "tract", batch, "inprocess")
     o, _ = get(model, "onnxruntime", batch, "inprocess")
     te, _ = get(model, "tract", batch, "e2e")
     oe, rows = get(model, "onnxruntime", batch, "e2e")
+    os_, _ = get(model, "onnxruntime", batch, "e2e-shm")
     rows = f"{rows:.1f}" if rows else "–"
-    print(f"| {model} | {batch} | {t:.1f} | {o:.1f} | {o / t:.1f}x | {te:.1f} | {oe:.1f} | {oe / o:.2f} | {rows} |")
+    print(f"| {model} | {batch} | {t:.1f} | {o:.1f} | {o / t:.1f}x | {te:.1f} | {oe:.1f} | {oe / o:.2f} "
+          f"| {os_:.1f} | {os_ / o:.2f} | {rows} |")
 print()
-print("items/s (images or sequences per second); e2e = end to end through the server over gRPC.")
+print("items/s (images or sequences per second); e2e = end to end through the server over gRPC;")
+print("+ shm = the same with the tensors in system shared memory (oxserve bench --shared-memory system).")
 print()
 print("CPU cost, robust to what else runs on the machine: items per CPU-second of the in-process bench")
 print("process, and of the server process during the end-to-end points (the load generator's CPU")
 print("excluded; warm-up included on both sides of the count).")
 print()
-print("| model | batch | tract in-process | tract server | ORT in-process | ORT server | ORT server / in-process |")
-print("|---|---:|---:|---:|---:|---:|---:|")
+print("| model | batch | tract in-process | tract server | ORT in-process | ORT server | ORT server / in-process "
+      "| ORT server + shm | ORT server + shm / in-process |")
+print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
 for model, batch in sorted({(k[0], k[2]) for k in best}, key=lambda k: (k[0], k[1])):
     c = lambda engine, kind: best_cpu.get((model, engine, batch, kind), float("nan"))
     ti, ts, oi, os_ = c("tract", "inprocess"), c("tract", "e2e"), c("onnxruntime", "inprocess"), c("onnxruntime", "e2e")
-    print(f"| {model} | {batch} | {ti:.1f} | {ts:.1f} | {oi:.1f} | {os_:.1f} | {os_ / oi:.2f} |")
+    oshm = c("onnxruntime", "e2e-shm")
+    print(f"| {model} | {batch} | {ti:.1f} | {ts:.1f} | {oi:.1f} | {os_:.1f} | {os_ / oi:.2f} | {oshm:.1f} | {oshm / oi:.2f} |")
 EOF
 } | tee "$out/summary.md"

@@ -36,6 +36,7 @@ EXPECTED_EXTENSIONS = {
     "parameters",
     "statistics",
     "schedule_policy",
+    "system_shared_memory",
 }
 
 

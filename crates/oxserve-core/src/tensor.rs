@@ -129,6 +129,15 @@ impl Tensor {
         }
     }
 
+    /// Tensor contents from Triton's binary form: raw bytes for fixed-size types, the
+    /// length-prefixed elements for BYTES.
+    pub fn data_from_wire(name: &str, datatype: DataType, raw: Bytes) -> Result<TensorData> {
+        match datatype.size() {
+            Some(_) => Ok(TensorData::Raw(raw)),
+            None => Ok(TensorData::Strings(Self::strings_from_wire(name, &raw)?)),
+        }
+    }
+
     /// Decodes Triton's length-prefixed binary BYTES form into elements.
     pub fn strings_from_wire(name: &str, raw: &Bytes) -> Result<Vec<Bytes>> {
         let mut items = Vec::new();

@@ -24,6 +24,7 @@ const EXTENSIONS: &[&str] = &[
     "parameters",
     "statistics",
     "schedule_policy",
+    "system_shared_memory",
 ];
 
 #[derive(Debug, Clone, PartialEq, Eq)]

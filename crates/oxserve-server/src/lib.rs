@@ -17,6 +17,7 @@ use oxserve_engine::InferenceService;
 use oxserve_kserve::grpc::status::size_limit_as_resource_exhausted;
 use oxserve_kserve::grpc::{GrpcOptions, grpc_service_with_options};
 use oxserve_kserve::http::{HttpOptions, router};
+use oxserve_kserve::shm::SharedMemoryRegistry;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tonic::transport::server::TcpIncoming;
@@ -94,7 +95,10 @@ pub async fn serve(
     let (health, health_service) = tonic_health::server::health_reporter();
     tokio::spawn(report_health(engine.clone(), health, stop_rx.clone()));
 
-    let app = router(engine.clone(), options.http.clone()).layer(request_id::request_id_layers());
+    // Shared-memory regions registered over either protocol serve requests on both.
+    let shm = std::sync::Arc::new(SharedMemoryRegistry::new());
+    let app =
+        router(engine.clone(), options.http.clone(), shm.clone()).layer(request_id::request_id_layers());
     let http_listener = axum::serve::ListenerExt::tap_io(listeners.http, |tcp| {
         // Small responses must not wait for Nagle's algorithm.
         let _ = tcp.set_nodelay(true);
@@ -107,7 +111,7 @@ pub async fn serve(
             size_limit_as_resource_exhausted::<tonic::body::Body>,
         ))
         .add_service(health_service)
-        .add_service(grpc_service_with_options(engine.clone(), options.grpc))
+        .add_service(grpc_service_with_options(engine.clone(), options.grpc, shm))
         .serve_with_incoming_shutdown(
             TcpIncoming::from(listeners.grpc).with_nodelay(Some(true)),
             stopped(stop_rx.clone()),

@@ -34,6 +34,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
+use crate::bench_shm::BenchRegions;
 use crate::client::{grpc_metadata, grpc_request, http_body, http_metadata, random_request};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
@@ -61,6 +62,16 @@ pub enum Distribution {
     Constant,
     /// Exponentially distributed intervals with mean 1/R (a Poisson arrival process).
     Poisson,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SharedMemory {
+    /// Tensors travel in the requests and responses.
+    None,
+    /// Tensors stay in /dev/shm regions registered with the server (Triton's system
+    /// shared-memory extension); requests name them.
+    System,
 }
 
 #[derive(Args)]
@@ -120,6 +131,13 @@ pub struct BenchArgs {
     /// requests of the largest `--concurrency` (1 to 16; 4 in `--mode rate`).
     #[arg(long, default_value_t = 0)]
     grpc_channels: usize,
+    /// Where the tensors are: in the messages, or in system shared memory (as perf_analyzer's
+    /// `--shared-memory`; HTTP and gRPC only, regions registered through `--http-url`).
+    #[arg(long, value_enum, default_value = "none")]
+    shared_memory: SharedMemory,
+    /// Bytes of each output region whose size the model metadata does not fix.
+    #[arg(long, default_value_t = 100 * 1024)]
+    output_shared_memory_size: usize,
     /// Print one JSON object per point instead of a table.
     #[arg(long)]
     json: bool,
@@ -129,6 +147,7 @@ pub struct BenchArgs {
 #[derive(Serialize, Debug)]
 pub struct Point {
     pub protocol: BenchProtocol,
+    pub shared_memory: SharedMemory,
     pub mode: Mode,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub concurrency: Option<usize>,
@@ -464,13 +483,54 @@ fn grpc_status(headers: &http::HeaderMap) -> Option<Result<(), String>> {
     Some(Err(format!("gRPC {:?}: {message}", tonic::Code::from(code))))
 }
 
+/// The request every worker sends with `--shared-memory system`, and the regions holding its
+/// tensors.
+struct ShmRequest {
+    request: InferRequest,
+    regions: BenchRegions,
+}
+
+async fn shm_request(args: &BenchArgs) -> anyhow::Result<ShmRequest> {
+    if args.protocol.contains(&BenchProtocol::InProcess) {
+        bail!("--shared-memory applies to http-json, http-binary and grpc, not in-process");
+    }
+    let http_url = args.http_url.trim_end_matches('/');
+    let meta = http_metadata(&reqwest::Client::new(), http_url, &args.model, None).await?;
+    let request = random_request(&meta, None, args.batch);
+    let regions = BenchRegions::create(
+        http_url,
+        &request,
+        &meta,
+        args.batch,
+        args.output_shared_memory_size,
+    )
+    .await?;
+    Ok(ShmRequest { request, regions })
+}
+
 async fn sender_for(
     args: &BenchArgs,
     protocol: BenchProtocol,
     engine: Option<&InferenceService>,
     grpc_channels: usize,
+    shm: Option<&ShmRequest>,
 ) -> anyhow::Result<Sender> {
     let http_url = args.http_url.trim_end_matches('/');
+    if let Some(shm) = shm {
+        return Ok(match protocol {
+            BenchProtocol::HttpJson | BenchProtocol::HttpBinary => Sender::Http {
+                pool: HttpPool::new(http_url, &format!("/v2/models/{}/infer", args.model))?,
+                body: shm.regions.http_body(&shm.request)?,
+                content_type: HeaderValue::from_static("application/json"),
+                header_len: None,
+            },
+            BenchProtocol::Grpc => {
+                let request = shm.regions.grpc_request(grpc_request(&shm.request));
+                Sender::Grpc(GrpcConns::new(&args.grpc_url, &request, grpc_channels).await?)
+            }
+            BenchProtocol::InProcess => bail!("--shared-memory does not apply to in-process"),
+        });
+    }
     Ok(match protocol {
         BenchProtocol::HttpJson | BenchProtocol::HttpBinary => {
             let client = reqwest::Client::new();
@@ -1030,9 +1090,11 @@ async fn measure_point(
     let handle = start_load(sender, load, m.max_outstanding, &recorder, &stop)?;
 
     tokio::time::sleep(m.warmup).await;
+    // The first statistics are read before the first window opens (the first read can be
+    // slow: it connects), so the server's count never misses requests the client counts.
+    let mut snapshots = vec![stats.snapshot().await];
     let _ = recorder.take();
     let mut boundary = Instant::now();
-    let mut snapshots = vec![stats.snapshot().await];
     let mut windows: Vec<Window> = Vec::new();
     let mut figures = Vec::new();
     let max_windows = if m.fixed { 1 } else { m.max_windows.max(3) };
@@ -1078,7 +1140,14 @@ async fn measure_point(
     })
 }
 
-fn summarize(protocol: BenchProtocol, load: Load, batch: i64, m: &Measure, measured: Measured) -> Point {
+fn summarize(
+    protocol: BenchProtocol,
+    shared_memory: SharedMemory,
+    load: Load,
+    batch: i64,
+    m: &Measure,
+    measured: Measured,
+) -> Point {
     let Measured {
         windows,
         server,
@@ -1104,6 +1173,7 @@ fn summarize(protocol: BenchProtocol, load: Load, batch: i64, m: &Measure, measu
     };
     Point {
         protocol,
+        shared_memory,
         mode,
         concurrency,
         rate,
@@ -1131,7 +1201,7 @@ fn summarize(protocol: BenchProtocol, load: Load, batch: i64, m: &Measure, measu
 
 fn print_header() {
     println!(
-        "{:<11} {:>9} {:>9} {:>6} {:>6} {:>10} {:>7} {:>7} {:>7} {:>7} {:>5}  {:>7} {:>7} {:>7} {:>7} {:>6}",
+        "{:<15} {:>9} {:>9} {:>6} {:>6} {:>10} {:>7} {:>7} {:>7} {:>7} {:>5}  {:>7} {:>7} {:>7} {:>7} {:>6}",
         "protocol",
         "load",
         "requests",
@@ -1152,10 +1222,13 @@ fn print_header() {
 }
 
 fn print_row(p: &Point) -> anyhow::Result<()> {
-    let name = serde_json::to_value(p.protocol)?
+    let mut name = serde_json::to_value(p.protocol)?
         .as_str()
         .unwrap_or_default()
         .to_string();
+    if p.shared_memory == SharedMemory::System {
+        name.push_str("+shm");
+    }
     let load = match (p.concurrency, p.rate) {
         (Some(c), _) => format!("c={c}"),
         (None, Some(r)) => format!("r={r}"),
@@ -1170,7 +1243,7 @@ fn print_row(p: &Point) -> anyhow::Result<()> {
         None => format!("{:>7} {:>7} {:>7} {:>7} {:>6}", "-", "-", "-", "-", "-"),
     };
     println!(
-        "{:<11} {:>9} {:>9} {:>6} {:>6} {:>10.0} {:>7} {:>7} {:>7} {:>7} {:>5}  {server}",
+        "{:<15} {:>9} {:>9} {:>6} {:>6} {:>10.0} {:>7} {:>7} {:>7} {:>7} {:>5}  {server}",
         name,
         load,
         p.requests,
@@ -1286,15 +1359,34 @@ async fn run_points(
         (0, Mode::Rate) => 4,
         (n, _) => n,
     };
-    for &protocol in &args.protocol {
-        let sender = Arc::new(sender_for(args, protocol, engine.as_ref(), grpc_channels).await?);
-        let stats = StatsSource::new(args, protocol, engine.as_ref()).await;
-        for &load in &loads {
-            let measured = measure_point(&sender, &stats, load, &m).await?;
-            emit(&summarize(protocol, load, args.batch, &m, measured))?;
+    let shm = match args.shared_memory {
+        SharedMemory::None => None,
+        SharedMemory::System => Some(shm_request(args).await?),
+    };
+    let measured = async {
+        for &protocol in &args.protocol {
+            let sender =
+                Arc::new(sender_for(args, protocol, engine.as_ref(), grpc_channels, shm.as_ref()).await?);
+            let stats = StatsSource::new(args, protocol, engine.as_ref()).await;
+            for &load in &loads {
+                let measured = measure_point(&sender, &stats, load, &m).await?;
+                emit(&summarize(
+                    protocol,
+                    args.shared_memory,
+                    load,
+                    args.batch,
+                    &m,
+                    measured,
+                ))?;
+            }
         }
+        anyhow::Ok(())
     }
-    Ok(())
+    .await;
+    if let Some(shm) = shm {
+        shm.regions.release().await;
+    }
+    measured
 }
 
 #[cfg(test)]
@@ -1601,7 +1693,14 @@ mod tests {
         assert!(measured.stable, "a 1000 % band is met by the first three windows");
         assert_eq!(measured.windows.len(), 3);
         assert_eq!(measured.first_error, None);
-        let p = summarize(BenchProtocol::InProcess, load, 1, &m, measured);
+        let p = summarize(
+            BenchProtocol::InProcess,
+            SharedMemory::None,
+            load,
+            1,
+            &m,
+            measured,
+        );
         assert!(p.stable);
         assert!(p.requests > 0 && p.errors == 0 && p.throughput_rps > 0.0);
         assert!(p.p50_us <= p.p90_us && p.p90_us <= p.p95_us && p.p95_us <= p.p99_us);
@@ -1615,7 +1714,14 @@ mod tests {
         };
         let fixed = Measure { fixed: true, ..m };
         let measured = measure_point(&sender, &stats, load, &fixed).await.unwrap();
-        let p = summarize(BenchProtocol::InProcess, load, 1, &fixed, measured);
+        let p = summarize(
+            BenchProtocol::InProcess,
+            SharedMemory::None,
+            load,
+            1,
+            &fixed,
+            measured,
+        );
         assert_eq!(p.windows, 1);
         // 500/s for 150 ms is about 75 requests; allow for a slow, shared machine.
         assert!((20..=150).contains(&p.requests), "{} requests", p.requests);

@@ -264,7 +264,16 @@ pub async fn run(args: InferArgs) -> anyhow::Result<()> {
         Some(path) => {
             let body =
                 Bytes::from(std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?);
-            Some(oxserve_kserve::http::parse_request(&args.model, args.version, &body, None)?.0)
+            Some(
+                oxserve_kserve::http::parse_request(
+                    &args.model,
+                    args.version,
+                    &body,
+                    None,
+                    &oxserve_kserve::shm::SharedMemoryRegistry::new(),
+                )?
+                .0,
+            )
         }
         None => None,
     };

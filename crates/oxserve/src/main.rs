@@ -2,6 +2,7 @@
 //! generate load.
 
 mod bench;
+mod bench_shm;
 mod client;
 mod settings;
 

@@ -400,6 +400,59 @@ async fn load_generator_drives_every_protocol_and_reads_the_server_statistics() 
     assert!(String::from_utf8_lossy(&out.stderr).contains("nope"));
 }
 
+fn bench_shm_objects() -> usize {
+    std::fs::read_dir("/dev/shm")
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .filter(|e| e.file_name().to_string_lossy().starts_with("oxserve-bench-"))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn load_generator_with_system_shared_memory() {
+    let server = Server::start(&["examples/models"], &[]);
+    server.wait_until("/v2/health/ready").await;
+    let before = bench_shm_objects();
+    let (out, points) = bench(
+        &server,
+        &[
+            "--model",
+            "add_sub",
+            "--protocol",
+            "http-json,grpc",
+            "--shared-memory",
+            "system",
+            "--concurrency",
+            "2",
+            "--batch",
+            "3",
+            "--duration",
+            "0.4",
+            "--warmup",
+            "0",
+        ],
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(points.len(), 2);
+    for p in &points {
+        assert_eq!(p["shared_memory"], "system", "{p}");
+        assert!(p["requests"].as_u64().unwrap() > 0, "{p}");
+        assert_eq!(p["errors"], 0, "{p}");
+        assert!(p["server"]["avg_batch_size"].as_f64().unwrap() >= 2.9, "{p}");
+    }
+    // The regions were unregistered and their objects removed.
+    let status: Value = reqwest::get(format!("{}/v2/systemsharedmemory/status", server.http))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(status, serde_json::json!([]));
+    assert_eq!(bench_shm_objects(), before);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_answer_carries_a_request_id() {
     let server = Server::start(&["examples/models"], &[]);

@@ -2,8 +2,8 @@
 
 use bytes::Bytes;
 use oxserve_core::{
-    DataType, Error, InferRequest, InferResponse, ModelMetadata, RequestedOutput, Result, Tensor, TensorData,
-    TensorMeta, element_count,
+    DataType, Error, InferRequest, InferResponse, ModelMetadata, RequestedOutput, Result, Tensor, TensorMeta,
+    element_count,
 };
 use oxserve_engine::{BatchStat, IndexEntry, ModelStatistics, ServerMetadata, StatDuration};
 
@@ -17,14 +17,7 @@ use super::pb::{
     model_metadata_response::TensorMetadata,
     repository_index_response::ModelIndex,
 };
-
-/// Triton's tensor parameters for shared-memory I/O. oxserve has no shared memory, and
-/// ignoring them would read or write data the client does not expect, so they are refused.
-const SHARED_MEMORY_PARAMS: [&str; 3] = [
-    "shared_memory_region",
-    "shared_memory_offset",
-    "shared_memory_byte_size",
-];
+use crate::shm::{SharedMemoryRegistry, ShmRef, output_params, take_shm_ref};
 
 /// Parses a version string from a request: empty means "let the server pick" (the latest
 /// ready version); anything else must be a non-negative integer.
@@ -40,10 +33,17 @@ pub fn parse_version(version: &str) -> Result<Option<u64>> {
     })
 }
 
-/// Decodes an inference request. Tensor data is taken from `raw_input_contents` when present
-/// (one entry per input, no typed contents anywhere) and from each input's typed `contents`
-/// otherwise; raw data is handed on as `Bytes` slices of the received message.
-pub fn infer_request_from_wire(request: ModelInferRequest) -> Result<InferRequest> {
+/// Outputs the client asked to have written into shared memory, by name.
+pub type SharedMemoryOutputs = Vec<(String, ShmRef)>;
+
+/// Decodes an inference request. Tensor data is taken from the shared-memory region an input
+/// names, else from `raw_input_contents` when present (one entry per input not in shared
+/// memory, no typed contents anywhere), else from each input's typed `contents`; raw data is
+/// handed on as `Bytes` slices of the received message.
+pub fn infer_request_from_wire(
+    request: ModelInferRequest,
+    shm: &SharedMemoryRegistry,
+) -> Result<(InferRequest, SharedMemoryOutputs)> {
     let ModelInferRequest {
         model_name,
         model_version,
@@ -57,46 +57,79 @@ pub fn infer_request_from_wire(request: ModelInferRequest) -> Result<InferReques
     let model_version = parse_version(&model_version)?;
     let parameters = params_from_wire("request", &parameters)?;
 
-    let use_raw = !raw_input_contents.is_empty();
-    if use_raw && raw_input_contents.len() != inputs.len() {
-        return Err(Error::invalid(format!(
-            "expected {} entries in raw_input_contents, one per input, but got {}",
-            inputs.len(),
-            raw_input_contents.len()
-        )));
-    }
-    // With the counts equal, `raw.next()` yields exactly one entry per input in raw mode.
-    let mut raw = raw_input_contents.into_iter();
+    // Inputs in shared memory have no entry in raw_input_contents (as tritonclient sends them).
     let inputs = inputs
         .into_iter()
         .map(|input| {
-            let raw = if use_raw { raw.next() } else { None };
-            input_from_wire(input, raw)
+            let mut params = params_from_wire("input", &input.parameters)?;
+            let at = take_shm_ref("input", &input.name, &mut params)?;
+            Ok((input, at))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let in_message = inputs.iter().filter(|(_, at)| at.is_none()).count();
+    let use_raw = !raw_input_contents.is_empty();
+    if use_raw && raw_input_contents.len() != in_message {
+        return Err(Error::invalid(format!(
+            "expected {in_message} entries in raw_input_contents, one per input not in shared \
+             memory, but got {}",
+            raw_input_contents.len()
+        )));
+    }
+    // With the counts equal, `raw.next()` yields exactly one entry per such input in raw mode.
+    let mut raw = raw_input_contents.into_iter();
+    let inputs = inputs
+        .into_iter()
+        .map(|(input, at)| {
+            let source = match at {
+                Some(at) => Source::SharedMemory(shm.read(&at)?),
+                None if use_raw => Source::Raw(raw.next().unwrap_or_default()),
+                None => Source::Contents,
+            };
+            input_from_wire(input, source)
         })
         .collect::<Result<Vec<_>>>()?;
 
+    let mut shm_outputs = SharedMemoryOutputs::new();
     let outputs = outputs
         .into_iter()
-        .map(output_from_wire)
+        .map(|output| {
+            let (requested, at) = output_from_wire(output)?;
+            if let Some(at) = at {
+                shm_outputs.push((requested.name.clone(), at));
+            }
+            Ok(requested)
+        })
         .collect::<Result<Vec<_>>>()?;
 
-    Ok(InferRequest {
-        model_name,
-        model_version,
-        id: (!id.is_empty()).then_some(id),
-        parameters,
-        inputs,
-        outputs,
-    })
+    Ok((
+        InferRequest {
+            model_name,
+            model_version,
+            id: (!id.is_empty()).then_some(id),
+            parameters,
+            inputs,
+            outputs,
+        },
+        shm_outputs,
+    ))
 }
 
-/// One input; `raw` is its entry of `raw_input_contents` when the request uses raw contents.
-fn input_from_wire(input: InferInputTensor, raw: Option<Bytes>) -> Result<Tensor> {
+/// Where an input's bytes come from.
+enum Source {
+    /// Copied out of a shared-memory region.
+    SharedMemory(Bytes),
+    /// Its entry of `raw_input_contents`.
+    Raw(Bytes),
+    /// Its own typed `contents`.
+    Contents,
+}
+
+fn input_from_wire(input: InferInputTensor, source: Source) -> Result<Tensor> {
     let InferInputTensor {
         name,
         datatype,
         shape,
-        parameters,
+        parameters: _,
         contents,
     } = input;
 
@@ -105,22 +138,26 @@ fn input_from_wire(input: InferInputTensor, raw: Option<Bytes>) -> Result<Tensor
     // Rejects negative dimensions and overflowing products before any data is looked at.
     let count =
         element_count(&shape).map_err(|e| Error::invalid(format!("input '{name}': {}", e.message())))?;
-    refuse_shared_memory("input", &name, &parameters)?;
 
-    let data = match raw {
-        Some(raw) => {
+    let data = match source {
+        Source::SharedMemory(raw) => {
+            if contents.is_some() {
+                return Err(Error::invalid(format!(
+                    "input '{name}' names a shared memory region and also has contents"
+                )));
+            }
+            Tensor::data_from_wire(&name, datatype, raw)?
+        }
+        Source::Raw(raw) => {
             if contents.is_some() {
                 return Err(Error::invalid(format!(
                     "input '{name}' has contents, which must not be set when the request uses \
                      raw_input_contents"
                 )));
             }
-            match datatype.size() {
-                Some(_) => TensorData::Raw(raw),
-                None => TensorData::Strings(Tensor::strings_from_wire(&name, &raw)?),
-            }
+            Tensor::data_from_wire(&name, datatype, raw)?
         }
-        None => {
+        Source::Contents => {
             let contents = match contents {
                 Some(contents) => contents,
                 // A zero-element tensor needs no data; treat it as empty contents.
@@ -141,9 +178,9 @@ fn input_from_wire(input: InferInputTensor, raw: Option<Bytes>) -> Result<Tensor
     Ok(tensor)
 }
 
-fn output_from_wire(output: InferRequestedOutputTensor) -> Result<RequestedOutput> {
+fn output_from_wire(output: InferRequestedOutputTensor) -> Result<(RequestedOutput, Option<ShmRef>)> {
     let InferRequestedOutputTensor { name, parameters } = output;
-    refuse_shared_memory("output", &name, &parameters)?;
+    let at = take_shm_ref("output", &name, &mut params_from_wire("output", &parameters)?)?;
     // Triton's classification extension: `classification` = N asks for the top N classes;
     // 0 (what tritonclient sends for "not set" in some versions) means the plain tensor.
     let classification = match parameters.get("classification") {
@@ -164,25 +201,36 @@ fn output_from_wire(output: InferRequestedOutputTensor) -> Result<RequestedOutpu
             }
         }
     };
-    Ok(RequestedOutput { name, classification })
+    if at.is_some() && classification.is_some() {
+        return Err(Error::invalid(format!(
+            "output '{name}' can't set both 'shared_memory_region' and 'classification'"
+        )));
+    }
+    Ok((RequestedOutput { name, classification }, at))
 }
 
-fn refuse_shared_memory(what: &str, name: &str, parameters: &WireParams) -> Result<()> {
-    match SHARED_MEMORY_PARAMS
-        .iter()
-        .find(|key| parameters.contains_key(**key))
-    {
-        Some(key) => Err(Error::unsupported(format!(
-            "{what} '{name}' uses parameter '{key}', but shared memory is not supported; \
-             send the data in the request"
-        ))),
-        None => Ok(()),
+/// Writes the outputs the client asked for in shared memory into their regions.
+pub fn write_shared_memory_outputs(
+    response: &InferResponse,
+    shm_outputs: &SharedMemoryOutputs,
+    shm: &SharedMemoryRegistry,
+) -> Result<()> {
+    for (name, at) in shm_outputs {
+        if let Some(t) = response.outputs.iter().find(|t| &t.name == name) {
+            shm.write(name, at, &t.to_wire_bytes())?;
+        }
     }
+    Ok(())
 }
 
 /// Encodes an inference response with every output in `raw_output_contents` (one entry per
-/// output, in order; BYTES length-prefixed), which is what tritonclient reads.
-pub fn infer_response_to_wire(response: InferResponse) -> ModelInferResponse {
+/// output, in order; BYTES length-prefixed), which is what tritonclient reads. An output
+/// written to shared memory keeps its (empty) entry, as in Triton, so the indices line up,
+/// and says where its data went in its parameters.
+pub fn infer_response_to_wire(
+    response: InferResponse,
+    shm_outputs: &SharedMemoryOutputs,
+) -> ModelInferResponse {
     let InferResponse {
         model_name,
         model_version,
@@ -193,13 +241,19 @@ pub fn infer_response_to_wire(response: InferResponse) -> ModelInferResponse {
     let mut wire_outputs = Vec::with_capacity(outputs.len());
     let mut raw_output_contents = Vec::with_capacity(outputs.len());
     for tensor in outputs {
+        let in_shm = shm_outputs.iter().find(|(n, _)| *n == tensor.name);
         // Fixed-size data is a cheap `Bytes` clone; BYTES is encoded once here.
-        raw_output_contents.push(tensor.to_wire_bytes());
+        let wire = tensor.to_wire_bytes();
+        let parameters = match in_shm {
+            Some((_, at)) => params_to_wire(&output_params(at, wire.len())),
+            None => WireParams::new(),
+        };
+        raw_output_contents.push(if in_shm.is_some() { Bytes::new() } else { wire });
         wire_outputs.push(InferOutputTensor {
             name: tensor.name,
             datatype: tensor.datatype.wire_name().to_owned(),
             shape: tensor.shape,
-            parameters: WireParams::new(),
+            parameters,
             contents: None,
         });
     }

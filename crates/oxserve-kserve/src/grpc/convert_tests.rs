@@ -12,6 +12,13 @@ use prost::Message;
 use super::*;
 use crate::grpc::pb::{InferParameter, ModelConfigResponse, infer_parameter::ParameterChoice};
 
+/// Decodes with an empty shared-memory registry.
+fn decode(req: ModelInferRequest) -> Result<InferRequest> {
+    decode_with(req, &SharedMemoryRegistry::new()).map(|(r, _)| r)
+}
+
+use super::infer_request_from_wire as decode_with;
+
 fn input(
     name: &str,
     datatype: &str,
@@ -39,14 +46,14 @@ fn request(inputs: Vec<InferInputTensor>, raw: Vec<Bytes>) -> ModelInferRequest 
 /// Decodes a single-input request with typed contents.
 fn typed(datatype: &str, shape: &[i64], contents: InferTensorContents) -> Result<Tensor> {
     let req = request(vec![input("x", datatype, shape, Some(contents))], vec![]);
-    let mut decoded = infer_request_from_wire(req)?;
+    let mut decoded = decode(req)?;
     Ok(decoded.inputs.remove(0))
 }
 
 /// Decodes a single-input request with raw contents.
 fn raw(datatype: &str, shape: &[i64], bytes: Vec<u8>) -> Result<Tensor> {
     let req = request(vec![input("x", datatype, shape, None)], vec![Bytes::from(bytes)]);
-    let mut decoded = infer_request_from_wire(req)?;
+    let mut decoded = decode(req)?;
     Ok(decoded.inputs.remove(0))
 }
 
@@ -84,7 +91,7 @@ fn version_strings() {
     }
     let mut req = request(vec![], vec![]);
     req.model_version = "two".into();
-    fails_with(infer_request_from_wire(req), ErrorKind::InvalidArgument, "'two'");
+    fails_with(decode(req), ErrorKind::InvalidArgument, "'two'");
 }
 
 // ---- typed contents, every datatype ---------------------------------------------------------
@@ -242,7 +249,7 @@ fn raw_bytes_are_length_prefixed() {
 fn raw_data_is_not_copied() {
     let buffer = Bytes::from(vec![0u8; 16]);
     let req = request(vec![input("x", "FP32", &[4], None)], vec![buffer.clone()]);
-    let decoded = infer_request_from_wire(req).ok();
+    let decoded = decode(req).ok();
     let ptr = decoded
         .as_ref()
         .and_then(|r| r.inputs[0].raw())
@@ -258,11 +265,7 @@ fn raw_count_must_match_inputs() {
         vec![input("a", "UINT8", &[1], None), input("b", "UINT8", &[1], None)],
         vec![Bytes::from_static(&[1])],
     );
-    fails_with(
-        infer_request_from_wire(req),
-        ErrorKind::InvalidArgument,
-        "expected 2 entries",
-    );
+    fails_with(decode(req), ErrorKind::InvalidArgument, "expected 2 entries");
 }
 
 #[test]
@@ -278,21 +281,13 @@ fn raw_and_contents_are_exclusive() {
         ],
         vec![Bytes::from_static(&[1]), Bytes::from_static(&[2])],
     );
-    fails_with(
-        infer_request_from_wire(req),
-        ErrorKind::InvalidArgument,
-        "input 'b' has contents",
-    );
+    fails_with(decode(req), ErrorKind::InvalidArgument, "input 'b' has contents");
     // Even empty contents count as set, as in Triton (`has_contents()`).
     let req = request(
         vec![input("a", "UINT8", &[1], Some(InferTensorContents::default()))],
         vec![Bytes::from_static(&[1])],
     );
-    fails_with(
-        infer_request_from_wire(req),
-        ErrorKind::InvalidArgument,
-        "must not be set",
-    );
+    fails_with(decode(req), ErrorKind::InvalidArgument, "must not be set");
 }
 
 #[test]
@@ -422,37 +417,39 @@ fn unknown_datatype_and_missing_data() {
         "'FLOAT32'",
     );
     let req = request(vec![input("x", "FP32", &[2], None)], vec![]);
-    fails_with(
-        infer_request_from_wire(req),
-        ErrorKind::InvalidArgument,
-        "no data",
-    );
+    fails_with(decode(req), ErrorKind::InvalidArgument, "no data");
     // A zero-element tensor needs no contents at all.
     let req = request(vec![input("x", "FP32", &[0, 3], None)], vec![]);
-    let t = infer_request_from_wire(req).ok();
+    let t = decode(req).ok();
     assert_eq!(t.and_then(|r| r.inputs[0].raw().map(|b| b.len())), Some(0));
 }
 
 #[test]
-fn shared_memory_is_refused() {
+fn shared_memory_parameters_are_checked() {
+    // A region that is not registered.
     let mut x = input("x", "FP32", &[1], None);
     x.parameters
         .insert("shared_memory_region".into(), string_param("r"));
-    fails_with(
-        infer_request_from_wire(request(vec![x], vec![])),
-        ErrorKind::Unsupported,
-        "shared memory",
-    );
+    x.parameters
+        .insert("shared_memory_byte_size".into(), int_param(4));
+    fails_with(decode(request(vec![x], vec![])), ErrorKind::NotFound, "'r'");
+    // A size without a region.
     let mut req = request(vec![], vec![]);
     let mut out = output("y");
     out.parameters
         .insert("shared_memory_byte_size".into(), int_param(4));
     req.outputs.push(out);
-    fails_with(
-        infer_request_from_wire(req),
-        ErrorKind::Unsupported,
-        "shared memory",
-    );
+    fails_with(decode(req), ErrorKind::InvalidArgument, "shared_memory_region");
+    // Shared memory and classification together.
+    let mut req = request(vec![], vec![]);
+    let mut out = output("y");
+    out.parameters
+        .insert("shared_memory_region".into(), string_param("r"));
+    out.parameters
+        .insert("shared_memory_byte_size".into(), int_param(4));
+    out.parameters.insert("classification".into(), int_param(2));
+    req.outputs.push(out);
+    fails_with(decode(req), ErrorKind::InvalidArgument, "classification");
 }
 
 // ---- request metadata, parameters, outputs --------------------------------------------------
@@ -482,7 +479,7 @@ fn id_version_and_parameters() {
     req.model_version = "7".into();
     req.id = "req-1".into();
     req.parameters.insert("priority".into(), int_param(2));
-    let decoded = infer_request_from_wire(req).ok();
+    let decoded = decode(req).ok();
     let d = decoded.as_ref();
     assert_eq!(d.map(|r| r.model_name.as_str()), Some("m"));
     assert_eq!(d.and_then(|r| r.model_version), Some(7));
@@ -493,7 +490,7 @@ fn id_version_and_parameters() {
     );
 
     // No id, no version: both absent rather than empty.
-    let decoded = infer_request_from_wire(request(vec![], vec![])).ok();
+    let decoded = decode(request(vec![], vec![])).ok();
     assert_eq!(decoded.map(|r| (r.id, r.model_version)), Some((None, None)));
 }
 
@@ -507,7 +504,7 @@ fn requested_outputs_and_classification() {
     let mut zero = output("zero");
     zero.parameters.insert("classification".into(), int_param(0));
     req.outputs.push(zero);
-    let outputs = infer_request_from_wire(req).ok().map(|r| r.outputs);
+    let outputs = decode(req).ok().map(|r| r.outputs);
     assert_eq!(
         outputs,
         Some(vec![
@@ -525,11 +522,7 @@ fn requested_outputs_and_classification() {
         let mut o = output("y");
         o.parameters.insert("classification".into(), bad);
         req.outputs.push(o);
-        fails_with(
-            infer_request_from_wire(req),
-            ErrorKind::InvalidArgument,
-            "classification",
-        );
+        fails_with(decode(req), ErrorKind::InvalidArgument, "classification");
     }
 }
 
@@ -551,7 +544,7 @@ fn response_uses_raw_output_contents() {
             Tensor::new("labels", DataType::Bytes, vec![2], TensorData::Strings(strings)),
         ],
     };
-    let wire = infer_response_to_wire(response);
+    let wire = infer_response_to_wire(response, &SharedMemoryOutputs::new());
     assert_eq!(wire.model_name, "m");
     assert_eq!(wire.model_version, "12");
     assert_eq!(wire.id, "abc");
@@ -582,7 +575,10 @@ fn response_uses_raw_output_contents() {
         parameters: BTreeMap::new(),
         outputs: vec![],
     };
-    assert_eq!(infer_response_to_wire(response).id, "");
+    assert_eq!(
+        infer_response_to_wire(response, &SharedMemoryOutputs::new()).id,
+        ""
+    );
 }
 
 #[test]

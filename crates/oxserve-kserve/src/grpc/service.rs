@@ -1,6 +1,8 @@
 //! `inference.GRPCInferenceService` on top of the engine facade. Each handler decodes, calls
 //! the engine once and encodes; every error goes through [`to_status`].
 
+use std::sync::Arc;
+
 use oxserve_core::Error;
 use oxserve_engine::InferenceService;
 use tonic::codec::CompressionEncoding;
@@ -8,16 +10,20 @@ use tonic::{Request, Response, Status};
 
 use super::convert::{
     index_entry_to_wire, infer_request_from_wire, infer_response_to_wire, model_metadata_to_wire,
-    model_statistics_to_wire, parse_version, server_metadata_to_wire,
+    model_statistics_to_wire, parse_version, server_metadata_to_wire, write_shared_memory_outputs,
 };
 use super::pb::{
     GrpcInferenceService, GrpcInferenceServiceServer, ModelConfigRequest, ModelConfigResponse,
     ModelInferRequest, ModelInferResponse, ModelMetadataRequest, ModelMetadataResponse, ModelReadyRequest,
     ModelReadyResponse, ModelStatisticsRequest, ModelStatisticsResponse, RepositoryIndexRequest,
     RepositoryIndexResponse, ServerLiveRequest, ServerLiveResponse, ServerMetadataRequest,
-    ServerMetadataResponse, ServerReadyRequest, ServerReadyResponse,
+    ServerMetadataResponse, ServerReadyRequest, ServerReadyResponse, SystemSharedMemoryRegisterRequest,
+    SystemSharedMemoryRegisterResponse, SystemSharedMemoryStatusRequest, SystemSharedMemoryStatusResponse,
+    SystemSharedMemoryUnregisterRequest, SystemSharedMemoryUnregisterResponse,
+    system_shared_memory_status_response::RegionStatus,
 };
 use super::status::to_status;
+use crate::shm::SharedMemoryRegistry;
 
 /// Settings of the gRPC front-end.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,15 +44,19 @@ impl Default for GrpcOptions {
 /// The tonic service: the generated server wrapping [`GrpcFrontend`].
 pub type GrpcServer = GrpcInferenceServiceServer<GrpcFrontend>;
 
-/// [`grpc_service_with_options`] with the default options.
+/// [`grpc_service_with_options`] with the default options and its own shared-memory registry.
 pub fn grpc_service(engine: InferenceService) -> GrpcServer {
-    grpc_service_with_options(engine, GrpcOptions::default())
+    grpc_service_with_options(engine, GrpcOptions::default(), Arc::default())
 }
 
 /// The gRPC service, ready to be added to a `tonic::transport::Server` (or routed by path
-/// `/inference.GRPCInferenceService/*`).
-pub fn grpc_service_with_options(engine: InferenceService, options: GrpcOptions) -> GrpcServer {
-    GrpcInferenceServiceServer::new(GrpcFrontend { engine })
+/// `/inference.GRPCInferenceService/*`). `shm` is shared with the HTTP front-end.
+pub fn grpc_service_with_options(
+    engine: InferenceService,
+    options: GrpcOptions,
+    shm: Arc<SharedMemoryRegistry>,
+) -> GrpcServer {
+    GrpcInferenceServiceServer::new(GrpcFrontend { engine, shm })
         .max_decoding_message_size(options.max_message_bytes)
         .max_encoding_message_size(options.max_message_bytes)
         // tritonclient can compress requests. Responses stay uncompressed, as in Triton's
@@ -60,11 +70,12 @@ pub fn grpc_service_with_options(engine: InferenceService, options: GrpcOptions)
 #[derive(Clone)]
 pub struct GrpcFrontend {
     engine: InferenceService,
+    shm: Arc<SharedMemoryRegistry>,
 }
 
 impl GrpcFrontend {
-    pub fn new(engine: InferenceService) -> Self {
-        GrpcFrontend { engine }
+    pub fn new(engine: InferenceService, shm: Arc<SharedMemoryRegistry>) -> Self {
+        GrpcFrontend { engine, shm }
     }
 }
 
@@ -131,9 +142,11 @@ impl GrpcInferenceService for GrpcFrontend {
         &self,
         request: Request<ModelInferRequest>,
     ) -> Result<Response<ModelInferResponse>, Status> {
-        let request = infer_request_from_wire(request.into_inner()).map_err(status)?;
+        let (request, shm_outputs) =
+            infer_request_from_wire(request.into_inner(), &self.shm).map_err(status)?;
         let response = self.engine.infer(request).await.map_err(status)?;
-        Ok(Response::new(infer_response_to_wire(response)))
+        write_shared_memory_outputs(&response, &shm_outputs, &self.shm).map_err(status)?;
+        Ok(Response::new(infer_response_to_wire(response, &shm_outputs)))
     }
 
     async fn model_config(
@@ -191,5 +204,53 @@ impl GrpcInferenceService for GrpcFrontend {
             .map(index_entry_to_wire)
             .collect();
         Ok(Response::new(RepositoryIndexResponse { models }))
+    }
+
+    async fn system_shared_memory_status(
+        &self,
+        request: Request<SystemSharedMemoryStatusRequest>,
+    ) -> Result<Response<SystemSharedMemoryStatusResponse>, Status> {
+        let name = request.into_inner().name;
+        let regions = self
+            .shm
+            .status((!name.is_empty()).then_some(name.as_str()))
+            .map_err(status)?
+            .into_iter()
+            .map(|r| {
+                let status = RegionStatus {
+                    name: r.name.clone(),
+                    key: r.key,
+                    offset: r.offset,
+                    byte_size: r.byte_size,
+                };
+                (r.name, status)
+            })
+            .collect();
+        Ok(Response::new(SystemSharedMemoryStatusResponse { regions }))
+    }
+
+    async fn system_shared_memory_register(
+        &self,
+        request: Request<SystemSharedMemoryRegisterRequest>,
+    ) -> Result<Response<SystemSharedMemoryRegisterResponse>, Status> {
+        let r = request.into_inner();
+        self.shm
+            .register(&r.name, &r.key, r.offset, r.byte_size)
+            .map_err(status)?;
+        Ok(Response::new(SystemSharedMemoryRegisterResponse {}))
+    }
+
+    /// An empty name unregisters every region; an unknown name is not an error (Triton).
+    async fn system_shared_memory_unregister(
+        &self,
+        request: Request<SystemSharedMemoryUnregisterRequest>,
+    ) -> Result<Response<SystemSharedMemoryUnregisterResponse>, Status> {
+        let name = request.into_inner().name;
+        if name.is_empty() {
+            self.shm.unregister_all();
+        } else {
+            self.shm.unregister(&name);
+        }
+        Ok(Response::new(SystemSharedMemoryUnregisterResponse {}))
     }
 }

@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 use super::json_data::{JsonData, decode_data};
+use crate::shm::{SharedMemoryRegistry, ShmRef, take_shm_ref};
 
 #[derive(Deserialize)]
 #[serde(untagged)]
@@ -74,9 +75,18 @@ pub struct OutputEncoding {
     pub default_binary: bool,
     /// Per-output `binary_data` parameters.
     pub per_output: Vec<(String, bool)>,
+    /// Outputs the client asked to have written into its shared memory.
+    pub shared_memory: Vec<(String, ShmRef)>,
 }
 
 impl OutputEncoding {
+    fn shared_memory_for(&self, name: &str) -> Option<&ShmRef> {
+        self.shared_memory
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, at)| at)
+    }
+
     fn is_binary(&self, name: &str) -> bool {
         self.per_output
             .iter()
@@ -99,12 +109,14 @@ fn params(p: Option<ParamsJson>) -> Parameters {
 }
 
 /// Parses an infer request body. `header_len` is the `Inference-Header-Content-Length`
-/// value when the binary extension is used.
+/// value when the binary extension is used; inputs naming a shared-memory region are read
+/// from `shm`.
 pub fn parse_request(
     model_name: &str,
     model_version: Option<u64>,
     body: &Bytes,
     header_len: Option<usize>,
+    shm: &SharedMemoryRegistry,
 ) -> Result<(InferRequest, OutputEncoding)> {
     let (json, binary) = match header_len {
         Some(n) if n > body.len() => {
@@ -139,6 +151,7 @@ pub fn parse_request(
         let elements = element_count(&input.shape)
             .map_err(|e| Error::invalid(format!("input '{}': {}", input.name, e.message())))?;
         let mut input_params = params(input.parameters);
+        let shm_ref = take_shm_ref("input", &input.name, &mut input_params)?;
         let binary_size = match input_params.remove("binary_data_size") {
             None => None,
             Some(v) => Some(v.as_i64().and_then(|n| usize::try_from(n).ok()).ok_or_else(|| {
@@ -148,34 +161,41 @@ pub fn parse_request(
                 ))
             })?),
         };
-        let data = match (binary_size, input.data) {
-            (Some(_), Some(_)) => {
+        let data = if let Some(at) = &shm_ref {
+            if binary_size.is_some() || input.data.is_some() {
                 return Err(Error::invalid(format!(
-                    "input '{}' has both JSON data and binary_data_size",
+                    "input '{}' names a shared memory region and also carries data",
                     input.name
                 )));
             }
-            (Some(size), None) => {
-                let end = cursor
-                    .checked_add(size)
-                    .filter(|&e| e <= binary.len())
-                    .ok_or_else(|| {
-                        Error::invalid(format!(
-                            "input '{}': binary_data_size {size} goes past the end of the binary data ({} bytes left)",
-                            input.name,
-                            binary.len() - cursor
-                        ))
-                    })?;
-                let raw = binary.slice(cursor..end);
-                cursor = end;
-                match datatype {
-                    DataType::Bytes => TensorData::Strings(Tensor::strings_from_wire(&input.name, &raw)?),
-                    _ => TensorData::Raw(raw),
+            Tensor::data_from_wire(&input.name, datatype, shm.read(at)?)?
+        } else {
+            match (binary_size, input.data) {
+                (Some(_), Some(_)) => {
+                    return Err(Error::invalid(format!(
+                        "input '{}' has both JSON data and binary_data_size",
+                        input.name
+                    )));
                 }
-            }
-            (None, Some(raw)) => decode_data(&input.name, datatype, elements, raw)?,
-            (None, None) => {
-                return Err(Error::invalid(format!("input '{}' has no data", input.name)));
+                (Some(size), None) => {
+                    let end = cursor
+                        .checked_add(size)
+                        .filter(|&e| e <= binary.len())
+                        .ok_or_else(|| {
+                            Error::invalid(format!(
+                                "input '{}': binary_data_size {size} goes past the end of the binary data ({} bytes left)",
+                                input.name,
+                                binary.len() - cursor
+                            ))
+                        })?;
+                    let raw = binary.slice(cursor..end);
+                    cursor = end;
+                    Tensor::data_from_wire(&input.name, datatype, raw)?
+                }
+                (None, Some(raw)) => decode_data(&input.name, datatype, elements, raw)?,
+                (None, None) => {
+                    return Err(Error::invalid(format!("input '{}' has no data", input.name)));
+                }
             }
         };
         let tensor = Tensor::new(input.name, datatype, input.shape, data);
@@ -191,8 +211,10 @@ pub fn parse_request(
 
     let mut outputs = Vec::new();
     let mut per_output = Vec::new();
+    let mut shared_memory = Vec::new();
     for output in parsed.outputs.unwrap_or_default() {
         let mut p = params(output.parameters);
+        let shm_ref = take_shm_ref("output", &output.name, &mut p)?;
         if let Some(b) = take_bool(&mut p, "binary_data")? {
             per_output.push((output.name.clone(), b));
         }
@@ -205,6 +227,15 @@ pub fn parse_request(
                 ))
             })?),
         };
+        if let Some(at) = shm_ref {
+            if classification.is_some() {
+                return Err(Error::invalid(format!(
+                    "output '{}' can't set both 'shared_memory_region' and 'classification'",
+                    output.name
+                )));
+            }
+            shared_memory.push((output.name.clone(), at));
+        }
         outputs.push(RequestedOutput {
             name: output.name,
             classification,
@@ -223,6 +254,7 @@ pub fn parse_request(
         OutputEncoding {
             default_binary,
             per_output,
+            shared_memory,
         },
     ))
 }
@@ -299,7 +331,7 @@ pub fn parse_raw_request(
         },
         OutputEncoding {
             default_binary: true,
-            per_output: Vec::new(),
+            ..Default::default()
         },
     ))
 }
@@ -313,9 +345,23 @@ struct ResponseJson<'a> {
     outputs: Vec<OutputOut<'a>>,
 }
 
+/// An output's parameters in the response: where its data is, when not in the JSON.
 #[derive(Serialize)]
-struct BinaryParams {
-    binary_data_size: usize,
+#[serde(untagged)]
+enum OutputParams<'a> {
+    Binary {
+        binary_data_size: usize,
+    },
+    SharedMemory {
+        shared_memory_region: &'a str,
+        shared_memory_byte_size: usize,
+        #[serde(skip_serializing_if = "is_zero")]
+        shared_memory_offset: usize,
+    },
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 #[derive(Serialize)]
@@ -324,9 +370,32 @@ struct OutputOut<'a> {
     datatype: &'static str,
     shape: &'a [i64],
     #[serde(skip_serializing_if = "Option::is_none")]
-    parameters: Option<BinaryParams>,
+    parameters: Option<OutputParams<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     data: Option<JsonData<'a>>,
+}
+
+/// The byte length of an output in Triton's binary form.
+fn wire_len(t: &Tensor) -> usize {
+    match &t.data {
+        TensorData::Raw(raw) => raw.len(),
+        TensorData::Strings(items) => items.iter().map(|s| s.len() + 4).sum(),
+    }
+}
+
+/// Writes the outputs the client asked for in shared memory into their regions; `encode_response`
+/// then leaves their data out of the body.
+pub fn write_shared_memory_outputs(
+    response: &InferResponse,
+    encoding: &OutputEncoding,
+    shm: &SharedMemoryRegistry,
+) -> Result<()> {
+    for (name, at) in &encoding.shared_memory {
+        if let Some(t) = response.outputs.iter().find(|t| &t.name == name) {
+            shm.write(name, at, &t.to_wire_bytes())?;
+        }
+    }
+    Ok(())
 }
 
 /// An encoded response: the body, and the JSON header length when binary outputs follow it.
@@ -341,7 +410,19 @@ pub fn encode_response(response: &InferResponse, encoding: &OutputEncoding) -> R
         .outputs
         .iter()
         .map(|t| {
-            if encoding.is_binary(&t.name) {
+            if let Some(at) = encoding.shared_memory_for(&t.name) {
+                OutputOut {
+                    name: &t.name,
+                    datatype: t.datatype.wire_name(),
+                    shape: &t.shape,
+                    parameters: Some(OutputParams::SharedMemory {
+                        shared_memory_region: &at.region,
+                        shared_memory_byte_size: wire_len(t),
+                        shared_memory_offset: at.offset,
+                    }),
+                    data: None,
+                }
+            } else if encoding.is_binary(&t.name) {
                 let wire = t.to_wire_bytes();
                 let size = wire.len();
                 binaries.push(wire);
@@ -349,7 +430,7 @@ pub fn encode_response(response: &InferResponse, encoding: &OutputEncoding) -> R
                     name: &t.name,
                     datatype: t.datatype.wire_name(),
                     shape: &t.shape,
-                    parameters: Some(BinaryParams {
+                    parameters: Some(OutputParams::Binary {
                         binary_data_size: size,
                     }),
                     data: None,
@@ -407,7 +488,7 @@ mod tests {
                 "inputs":[{"name":"A","shape":[1,2],"datatype":"FP32","data":[[1,2]]}],
                 "outputs":[{"name":"O","parameters":{"binary_data":false,"classification":2}}]}"#,
         );
-        let (req, enc) = parse_request("m", Some(3), &body, None).unwrap();
+        let (req, enc) = parse_request("m", Some(3), &body, None, &SharedMemoryRegistry::new()).unwrap();
         assert_eq!(req.id.as_deref(), Some("7"));
         assert_eq!(req.model_version, Some(3));
         assert_eq!(req.parameters.get("priority"), Some(&ParamValue::Int(2)));
@@ -428,7 +509,14 @@ mod tests {
         let mut body = header.to_vec();
         body.extend(f32_bytes(&[1.0, -1.0]));
         body.extend([1, 0, 0, 0, b'x', 1, 0, 0, 0, b'y']);
-        let (req, _) = parse_request("m", None, &Bytes::from(body), Some(header.len())).unwrap();
+        let (req, _) = parse_request(
+            "m",
+            None,
+            &Bytes::from(body),
+            Some(header.len()),
+            &SharedMemoryRegistry::new(),
+        )
+        .unwrap();
         assert_eq!(
             req.inputs[0].raw().unwrap().as_ref(),
             f32_bytes(&[1.0, -1.0]).as_slice()
@@ -440,7 +528,13 @@ mod tests {
     }
 
     fn err(body: &[u8], header_len: Option<usize>) -> String {
-        match parse_request("m", None, &Bytes::copy_from_slice(body), header_len) {
+        match parse_request(
+            "m",
+            None,
+            &Bytes::copy_from_slice(body),
+            header_len,
+            &SharedMemoryRegistry::new(),
+        ) {
             Ok(_) => panic!("expected an error"),
             Err(e) => e.message().to_string(),
         }
@@ -534,7 +628,7 @@ mod tests {
             &resp,
             &OutputEncoding {
                 default_binary: true,
-                per_output: vec![],
+                ..Default::default()
             },
         )
         .unwrap();

@@ -5,8 +5,12 @@ mod body;
 mod error;
 mod infer;
 mod json_data;
+mod shm;
 mod stats;
 
+use std::sync::Arc;
+
+use crate::shm::SharedMemoryRegistry;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{Path, State};
@@ -19,7 +23,9 @@ use oxserve_engine::InferenceService;
 use serde::{Deserialize, Serialize};
 
 pub use error::{ApiError, http_status};
-pub use infer::{EncodedResponse, OutputEncoding, encode_response, parse_request};
+pub use infer::{
+    EncodedResponse, OutputEncoding, encode_response, parse_request, write_shared_memory_outputs,
+};
 pub use json_data::JsonData;
 
 /// Triton's header naming the JSON part's length in a binary-extension body.
@@ -43,12 +49,14 @@ impl Default for HttpOptions {
 struct AppState {
     engine: InferenceService,
     options: HttpOptions,
+    shm: Arc<SharedMemoryRegistry>,
 }
 
 type ApiResult<T> = Result<T, ApiError>;
 
-/// All KServe v2 routes.
-pub fn router(engine: InferenceService, options: HttpOptions) -> Router {
+/// All KServe v2 routes. `shm` holds the shared-memory regions clients register; the gRPC
+/// front-end shares it.
+pub fn router(engine: InferenceService, options: HttpOptions, shm: Arc<SharedMemoryRegistry>) -> Router {
     Router::new()
         .route("/v2", get(server_metadata))
         .route("/v2/health/live", get(live))
@@ -79,9 +87,37 @@ pub fn router(engine: InferenceService, options: HttpOptions) -> Router {
         .route("/v2/repository/index", post(repository_index))
         .route("/v2/repository/models/{model}/load", post(load_unload))
         .route("/v2/repository/models/{model}/unload", post(load_unload))
+        .route("/v2/systemsharedmemory/status", get(shm::status_all))
+        .route(
+            "/v2/systemsharedmemory/region/{name}/status",
+            get(shm::status_region),
+        )
+        .route(
+            "/v2/systemsharedmemory/region/{name}/register",
+            post(shm::register),
+        )
+        .route(
+            "/v2/systemsharedmemory/region/{name}/unregister",
+            post(shm::unregister_region),
+        )
+        .route("/v2/systemsharedmemory/unregister", post(shm::unregister_all))
+        .route("/v2/cudasharedmemory/status", get(shm::cuda_status_all))
+        .route(
+            "/v2/cudasharedmemory/region/{name}/status",
+            get(shm::cuda_status_region),
+        )
+        .route(
+            "/v2/cudasharedmemory/region/{name}/register",
+            post(shm::cuda_register),
+        )
+        .route(
+            "/v2/cudasharedmemory/region/{name}/unregister",
+            post(shm::cuda_unregister),
+        )
+        .route("/v2/cudasharedmemory/unregister", post(shm::cuda_unregister))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .with_state(AppState { engine, options })
+        .with_state(AppState { engine, options, shm })
 }
 
 async fn not_found() -> ApiError {
@@ -274,9 +310,10 @@ async fn run_infer(
             let metadata = s.engine.model_metadata(&model, version)?;
             infer::parse_raw_request(&metadata, version, body)?
         }
-        _ => infer::parse_request(&model, version, &body, header_len)?,
+        _ => infer::parse_request(&model, version, &body, header_len, &s.shm)?,
     };
     let response = s.engine.infer(request).await?;
+    infer::write_shared_memory_outputs(&response, &encoding, &s.shm)?;
     let encoded = infer::encode_response(&response, &encoding)?;
     Ok(match encoded.header_len {
         None => ([(header::CONTENT_TYPE, "application/json")], encoded.body).into_response(),

@@ -1,0 +1,484 @@
+//! Triton's system shared-memory extension. A client on the same host puts tensor bytes in a
+//! POSIX shared-memory object (`/dev/shm/<key>`), registers a region of it under a name, and
+//! names the region in its requests instead of sending the bytes; outputs can be written back
+//! the same way. For large tensors (image batches) this removes the transfer and the copies
+//! through the network stack, which otherwise cost more than the model on a busy host.
+//!
+//! One registry is shared by the HTTP and gRPC front-ends, as in Triton.
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+
+use bytes::Bytes;
+use oxserve_core::{Error, ParamValue, Parameters, Result};
+
+/// Where POSIX shared-memory objects live on Linux (what `shm_open` uses).
+const SHM_DIR: &str = "/dev/shm";
+
+/// The tensor parameters naming a region: Triton's names, the same over HTTP and gRPC.
+pub const REGION_PARAM: &str = "shared_memory_region";
+pub const OFFSET_PARAM: &str = "shared_memory_offset";
+pub const BYTE_SIZE_PARAM: &str = "shared_memory_byte_size";
+
+/// A registered region, as the status endpoints report it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RegionStatus {
+    pub name: String,
+    pub key: String,
+    pub offset: u64,
+    pub byte_size: u64,
+}
+
+/// Where a tensor's bytes are: `byte_size` bytes at `offset` within a registered region.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShmRef {
+    pub region: String,
+    pub offset: usize,
+    pub byte_size: usize,
+}
+
+/// The registered system shared-memory regions of this server.
+#[derive(Debug, Default)]
+pub struct SharedMemoryRegistry {
+    regions: RwLock<BTreeMap<String, Arc<mapping::Region>>>,
+}
+
+impl SharedMemoryRegistry {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Maps `byte_size` bytes at `offset` of the shared-memory object `key` under `name`.
+    pub fn register(&self, name: &str, key: &str, offset: u64, byte_size: u64) -> Result<()> {
+        if name.is_empty() {
+            return Err(Error::invalid("a shared memory region needs a name"));
+        }
+        let mut regions = self.regions.write().unwrap_or_else(|e| e.into_inner());
+        if regions.contains_key(name) {
+            return Err(Error::invalid(format!(
+                "shared memory region '{name}' already in manager"
+            )));
+        }
+        let region = mapping::Region::map(name, key, offset, byte_size)?;
+        regions.insert(name.to_string(), Arc::new(region));
+        Ok(())
+    }
+
+    /// Forgets a region. Like Triton, an unknown name is not an error. Requests already using
+    /// the region keep its mapping until they finish.
+    pub fn unregister(&self, name: &str) {
+        self.regions
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(name);
+    }
+
+    pub fn unregister_all(&self) {
+        self.regions.write().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+
+    /// Every region (no name), or the named one (NOT_FOUND if it is not registered).
+    pub fn status(&self, name: Option<&str>) -> Result<Vec<RegionStatus>> {
+        let regions = self.regions.read().unwrap_or_else(|e| e.into_inner());
+        match name {
+            None => Ok(regions.iter().map(|(n, r)| r.status(n)).collect()),
+            Some(name) => regions
+                .get(name)
+                .map(|r| vec![r.status(name)])
+                .ok_or_else(|| not_registered(name)),
+        }
+    }
+
+    fn region(&self, name: &str) -> Result<Arc<mapping::Region>> {
+        self.regions
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+            .cloned()
+            .ok_or_else(|| not_registered(name))
+    }
+
+    /// A copy of the bytes a tensor's parameters point at. Copying (one memcpy) keeps the
+    /// engine's input independent of what the client writes into the region afterwards.
+    pub fn read(&self, at: &ShmRef) -> Result<Bytes> {
+        let region = self.region(&at.region)?;
+        region.check_range(&at.region, at.offset, at.byte_size)?;
+        Ok(Bytes::from(region.copy_out(
+            &at.region,
+            at.offset,
+            at.byte_size,
+        )?))
+    }
+
+    /// Writes an output into the place `at` names, which must be large enough to hold it.
+    pub fn write(&self, output: &str, at: &ShmRef, data: &[u8]) -> Result<()> {
+        if data.len() > at.byte_size {
+            return Err(Error::invalid(format!(
+                "shared memory size specified with the request for output '{output}' ({} bytes) \
+                 should be at least {} bytes to hold the results",
+                at.byte_size,
+                data.len()
+            )));
+        }
+        let region = self.region(&at.region)?;
+        region.check_range(&at.region, at.offset, at.byte_size)?;
+        region.copy_in(&at.region, at.offset, data)
+    }
+}
+
+fn not_registered(name: &str) -> Error {
+    Error::not_found(format!("Unable to find system shared memory region: '{name}'"))
+}
+
+/// The file behind a key. `shm_open` ignores leading slashes and refuses any other slash, so
+/// a key can only name an object directly inside /dev/shm.
+fn object_path(key: &str) -> Result<PathBuf> {
+    let name = key.trim_start_matches('/');
+    if name.is_empty() || name.contains('/') || name == "." || name == ".." || name.contains('\0') {
+        return Err(Error::invalid(format!(
+            "Unable to open shared memory region: '{key}' is not a valid shared memory key"
+        )));
+    }
+    Ok(PathBuf::from(SHM_DIR).join(name))
+}
+
+fn open_object(key: &str) -> Result<File> {
+    let path = object_path(key)?;
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .map_err(|e| Error::invalid(format!("Unable to open shared memory region: '{key}': {e}")))
+}
+
+/// Takes Triton's shared-memory parameters out of a tensor's parameters: `None` when the
+/// tensor does not use shared memory. `what` is "input" or "output", for the messages.
+pub fn take_shm_ref(what: &str, tensor: &str, params: &mut Parameters) -> Result<Option<ShmRef>> {
+    let region = params.remove(REGION_PARAM);
+    let offset = params.remove(OFFSET_PARAM);
+    let byte_size = params.remove(BYTE_SIZE_PARAM);
+    let Some(region) = region else {
+        if let Some(key) = [(OFFSET_PARAM, &offset), (BYTE_SIZE_PARAM, &byte_size)]
+            .iter()
+            .find_map(|(k, v)| v.is_some().then_some(*k))
+        {
+            return Err(Error::invalid(format!(
+                "'{key}' can not be specified without '{REGION_PARAM}' parameter for {what} '{tensor}'"
+            )));
+        }
+        return Ok(None);
+    };
+    let ParamValue::String(region) = region else {
+        return Err(Error::invalid(format!(
+            "invalid value type for '{REGION_PARAM}' parameter for {what} '{tensor}', expected a string"
+        )));
+    };
+    let non_negative = |key: &str, value: &ParamValue| {
+        value
+            .as_i64()
+            .and_then(|v| usize::try_from(v).ok())
+            .ok_or_else(|| {
+                Error::invalid(format!(
+                    "invalid value for '{key}' parameter for {what} '{tensor}', expected a non-negative integer"
+                ))
+            })
+    };
+    let offset = match &offset {
+        Some(v) => non_negative(OFFSET_PARAM, v)?,
+        None => 0,
+    };
+    let Some(byte_size) = &byte_size else {
+        return Err(Error::invalid(format!(
+            "'{BYTE_SIZE_PARAM}' must be specified along with '{REGION_PARAM}' parameter for {what} '{tensor}'"
+        )));
+    };
+    let byte_size = non_negative(BYTE_SIZE_PARAM, byte_size)?;
+    Ok(Some(ShmRef {
+        region,
+        offset,
+        byte_size,
+    }))
+}
+
+/// The parameters a response output carries when its data went to shared memory (Triton's
+/// HTTP and gRPC front-ends send the same three back).
+pub fn output_params(at: &ShmRef, written: usize) -> Parameters {
+    let mut params = Parameters::new();
+    params.insert(REGION_PARAM.into(), ParamValue::String(at.region.clone()));
+    params.insert(BYTE_SIZE_PARAM.into(), ParamValue::Int(written as i64));
+    if at.offset != 0 {
+        params.insert(OFFSET_PARAM.into(), ParamValue::Int(at.offset as i64));
+    }
+    params
+}
+
+/// The only unsafe code of the front-ends: mapping the client's object and copying through
+/// the raw mapping.
+#[allow(unsafe_code)]
+mod mapping {
+    use std::fs::File;
+
+    use memmap2::{MmapOptions, MmapRaw};
+    use oxserve_core::{Error, Result};
+
+    use super::{RegionStatus, open_object};
+
+    #[derive(Debug)]
+    pub(super) struct Region {
+        key: String,
+        offset: u64,
+        byte_size: usize,
+        /// Kept open so every access can check that the object still covers the region.
+        file: File,
+        map: MmapRaw,
+    }
+
+    impl Region {
+        pub(super) fn map(name: &str, key: &str, offset: u64, byte_size: u64) -> Result<Region> {
+            let invalid = |why: String| {
+                Error::invalid(format!("failed to register shared memory region '{name}': {why}"))
+            };
+            if byte_size == 0 {
+                return Err(invalid("byte_size must be greater than 0".into()));
+            }
+            let byte_size = usize::try_from(byte_size)
+                .map_err(|_| invalid(format!("byte_size {byte_size} is too large")))?;
+            let file = open_object(key)?;
+            let object_len = file
+                .metadata()
+                .map_err(|e| invalid(format!("cannot read the size of '{key}': {e}")))?
+                .len();
+            let end = offset.checked_add(byte_size as u64);
+            if end.is_none_or(|end| end > object_len) {
+                return Err(invalid(format!(
+                    "offset {offset} + byte_size {byte_size} goes past the end of '{key}' ({object_len} bytes)"
+                )));
+            }
+            // A raw mapping: it is only ever accessed through raw-pointer copies (never as a
+            // Rust slice), so the client writing to it concurrently cannot break Rust's
+            // aliasing rules; a client shrinking the object afterwards is caught by
+            // `check_object` before each access.
+            let map = MmapOptions::new()
+                .offset(offset)
+                .len(byte_size)
+                .map_raw(&file)
+                .map_err(|e| invalid(format!("cannot map '{key}': {e}")))?;
+            Ok(Region {
+                key: key.to_string(),
+                offset,
+                byte_size,
+                file,
+                map,
+            })
+        }
+
+        pub(super) fn status(&self, name: &str) -> RegionStatus {
+            RegionStatus {
+                name: name.to_string(),
+                key: self.key.clone(),
+                offset: self.offset,
+                byte_size: self.byte_size as u64,
+            }
+        }
+
+        /// Triton's checks of a tensor's offset and size against the region.
+        pub(super) fn check_range(&self, name: &str, offset: usize, len: usize) -> Result<()> {
+            if offset >= self.byte_size {
+                return Err(Error::invalid(format!(
+                    "Invalid offset for shared memory region: '{name}'"
+                )));
+            }
+            if offset.checked_add(len).is_none_or(|end| end > self.byte_size) {
+                return Err(Error::invalid(format!(
+                    "Invalid offset + byte size for shared memory region: '{name}'"
+                )));
+            }
+            Ok(())
+        }
+
+        /// Touching a mapped page past the end of a shrunk object would kill the process
+        /// (SIGBUS), so the object's current size is checked before every access.
+        fn check_object(&self, name: &str, offset: usize, len: usize) -> Result<()> {
+            let needed = self.offset + (offset + len) as u64;
+            let len_now = self.file.metadata().map(|m| m.len()).unwrap_or(0);
+            if len_now < needed {
+                return Err(Error::invalid(format!(
+                    "shared memory region '{name}': the object '{}' is now {len_now} bytes, \
+                     smaller than the registered region",
+                    self.key
+                )));
+            }
+            Ok(())
+        }
+
+        /// Callers have checked the range with `check_range`.
+        pub(super) fn copy_out(&self, name: &str, offset: usize, len: usize) -> Result<Vec<u8>> {
+            self.check_object(name, offset, len)?;
+            let mut out = Vec::with_capacity(len);
+            // SAFETY: `offset + len <= byte_size` (check_range), the mapping is `byte_size`
+            // bytes long and still backed by the object (check_object); `out` has `len` bytes
+            // of capacity, all written before `set_len`.
+            unsafe {
+                std::ptr::copy_nonoverlapping(self.map.as_ptr().add(offset), out.as_mut_ptr(), len);
+                out.set_len(len);
+            }
+            Ok(out)
+        }
+
+        /// Callers have checked the range with `check_range`.
+        pub(super) fn copy_in(&self, name: &str, offset: usize, data: &[u8]) -> Result<()> {
+            self.check_object(name, offset, data.len())?;
+            // SAFETY: as in `copy_out`; the mapping is writable (opened read-write, MAP_SHARED).
+            unsafe {
+                std::ptr::copy_nonoverlapping(data.as_ptr(), self.map.as_mut_ptr().add(offset), data.len());
+            }
+            Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A shared-memory object of `len` bytes, removed when dropped.
+    struct Object(PathBuf, String);
+
+    impl Object {
+        fn new(len: usize) -> Object {
+            let key = format!("/oxserve-test-{}-{}", std::process::id(), rand_suffix());
+            let path = object_path(&key).expect("valid key");
+            std::fs::write(&path, vec![0u8; len]).expect("create shm object");
+            Object(path, key)
+        }
+    }
+
+    impl Drop for Object {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    fn rand_suffix() -> u64 {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn at(region: &str, offset: usize, byte_size: usize) -> ShmRef {
+        ShmRef {
+            region: region.into(),
+            offset,
+            byte_size,
+        }
+    }
+
+    #[test]
+    fn write_then_read_through_a_region_at_an_offset() {
+        let obj = Object::new(4096 + 64);
+        let shm = SharedMemoryRegistry::new();
+        // A region that starts at an offset that is not page-aligned.
+        shm.register("r", &obj.1, 100, 256).unwrap();
+        shm.write("out", &at("r", 8, 16), &[7u8; 16]).unwrap();
+        assert_eq!(shm.read(&at("r", 8, 16)).unwrap().as_ref(), &[7u8; 16]);
+        // The bytes landed at 100 + 8 in the object.
+        let file = std::fs::read(&obj.0).unwrap();
+        assert_eq!(&file[108..124], &[7u8; 16]);
+        assert_eq!(
+            shm.status(None).unwrap(),
+            vec![RegionStatus {
+                name: "r".into(),
+                key: obj.1.clone(),
+                offset: 100,
+                byte_size: 256
+            }]
+        );
+    }
+
+    #[test]
+    fn bad_registrations_are_refused() {
+        let obj = Object::new(1024);
+        let shm = SharedMemoryRegistry::new();
+        assert!(shm.register("r", &obj.1, 1000, 100).is_err(), "past the end");
+        assert!(shm.register("r", &obj.1, 0, 0).is_err(), "empty");
+        assert!(shm.register("r", "/no-such-oxserve-object", 0, 8).is_err());
+        assert!(
+            shm.register("r", "/../etc/passwd", 0, 8).is_err(),
+            "escapes /dev/shm"
+        );
+        shm.register("r", &obj.1, 0, 1024).unwrap();
+        let e = shm.register("r", &obj.1, 0, 8).unwrap_err();
+        assert!(e.message().contains("already in manager"), "{e:?}");
+        assert_eq!(
+            shm.status(Some("nope")).unwrap_err().kind(),
+            oxserve_core::ErrorKind::NotFound
+        );
+        shm.unregister("nope");
+        shm.unregister("r");
+        assert!(shm.status(None).unwrap().is_empty());
+    }
+
+    #[test]
+    fn accesses_outside_the_region_or_the_object_are_errors() {
+        let obj = Object::new(1024);
+        let shm = SharedMemoryRegistry::new();
+        shm.register("r", &obj.1, 0, 1024).unwrap();
+        assert!(shm.read(&at("r", 1024, 1)).is_err());
+        assert!(shm.read(&at("r", 1000, 100)).is_err());
+        assert!(shm.read(&at("r", usize::MAX, 2)).is_err());
+        assert!(shm.write("o", &at("r", 0, 4), &[0u8; 8]).is_err(), "too small");
+        // The client shrinks the object after registering: an error, not SIGBUS.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&obj.0)
+            .unwrap()
+            .set_len(10)
+            .unwrap();
+        let e = shm.read(&at("r", 512, 64)).unwrap_err();
+        assert!(
+            e.message().contains("smaller than the registered region"),
+            "{e:?}"
+        );
+        assert!(shm.write("o", &at("r", 512, 64), &[1u8; 64]).is_err());
+    }
+
+    #[test]
+    fn unregistering_keeps_the_mapping_of_requests_in_flight() {
+        let obj = Object::new(64);
+        let shm = SharedMemoryRegistry::new();
+        shm.register("r", &obj.1, 0, 64).unwrap();
+        let held = shm.region("r").unwrap();
+        shm.unregister_all();
+        assert!(shm.read(&at("r", 0, 4)).is_err());
+        assert_eq!(held.copy_out("r", 0, 4).unwrap(), vec![0u8; 4]);
+    }
+
+    #[test]
+    fn tensor_parameters() {
+        let mut p = Parameters::new();
+        assert_eq!(take_shm_ref("input", "x", &mut p).unwrap(), None);
+        p.insert(REGION_PARAM.into(), ParamValue::String("r".into()));
+        p.insert(BYTE_SIZE_PARAM.into(), ParamValue::Int(16));
+        p.insert(OFFSET_PARAM.into(), ParamValue::Int(4));
+        p.insert("other".into(), ParamValue::Bool(true));
+        assert_eq!(take_shm_ref("input", "x", &mut p).unwrap(), Some(at("r", 4, 16)));
+        assert_eq!(p.len(), 1, "the shared-memory parameters are consumed");
+
+        let mut p = Parameters::new();
+        p.insert(REGION_PARAM.into(), ParamValue::String("r".into()));
+        assert!(take_shm_ref("input", "x", &mut p).is_err(), "byte size missing");
+        let mut p = Parameters::new();
+        p.insert(BYTE_SIZE_PARAM.into(), ParamValue::Int(4));
+        assert!(take_shm_ref("input", "x", &mut p).is_err(), "region missing");
+        let mut p = Parameters::new();
+        p.insert(REGION_PARAM.into(), ParamValue::Int(1));
+        p.insert(BYTE_SIZE_PARAM.into(), ParamValue::Int(4));
+        assert!(take_shm_ref("input", "x", &mut p).is_err(), "region not a string");
+        let mut p = Parameters::new();
+        p.insert(REGION_PARAM.into(), ParamValue::String("r".into()));
+        p.insert(BYTE_SIZE_PARAM.into(), ParamValue::Int(-4));
+        assert!(take_shm_ref("input", "x", &mut p).is_err(), "negative size");
+    }
+}
