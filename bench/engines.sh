@@ -8,8 +8,10 @@
 #   end to end  the release server serving both engines side by side (models
 #               <model>_onnxruntime and <model>_tract, one instance each), driven by
 #               `oxserve bench --protocol grpc --concurrency 8 --batch N` on the same machine;
-#               for ONNX Runtime also with `--shared-memory system` (tensors left in /dev/shm
-#               regions, Triton's system shared-memory extension, as a co-located client).
+#               for ONNX Runtime also on a model whose batcher prefers the request's batch size
+#               (so it executes exactly what in-process executes), with the tensors in the
+#               messages and with `--shared-memory system` (tensors left in /dev/shm regions,
+#               Triton's system shared-memory extension, as a co-located client sends them).
 #
 # Points are interleaved (for each model and batch: engine A in-process, A end to end, B
 # in-process, B end to end) and the whole sweep runs ROUNDS times; the summary keeps the best
@@ -54,6 +56,15 @@ for model in cnn transformer; do
         mkdir -p "$dir/1"
         ln -s "$corpus/models/$model.onnx" "$dir/1/model.onnx"
         printf 'name: "%s"\nbackend: "%s"\nmax_batch_size: 32\n%s\n' "${model}_${engine}" "$engine" "$io" >"$dir/config.pbtxt"
+    done
+    # ONNX Runtime executing exactly the request's batch (the dynamic batcher prefers that
+    # size, so it never concatenates requests): the in-process measurement's batch size.
+    for batch in ${batches//,/ }; do
+        name="${model}_onnxruntime_b$batch"
+        mkdir -p "$out/repo/$name/1"
+        ln -s "$corpus/models/$model.onnx" "$out/repo/$name/1/model.onnx"
+        printf 'name: "%s"\nbackend: "onnxruntime"\nmax_batch_size: 32\n%s\ndynamic_batching { preferred_batch_size: [ %s ] }\n' \
+            "$name" "$io" "$batch" >"$out/repo/$name/config.pbtxt"
     done
 done
 
@@ -110,17 +121,22 @@ for round in $(seq 1 "$rounds"); do
                 per_cpu=$(awk -v n="$((n1 - n0))" -v t="$((t1 - t0))" 'BEGIN { print (t > 0 ? n / (t / 100) : 0) }')
                 echo "$point" | tag "$model" "$engine" "$round" e2e "$per_cpu" | tee -a "$out/points.jsonl" >&2
                 [ "$engine" = onnxruntime ] || continue
-                # The same load with the tensors in system shared memory (Triton's extension),
-                # as a client on the same host would send them.
-                n0=$(inferences "${model}_${engine}")
-                t0=$(server_ticks)
-                point=$("$bin" bench --model "${model}_${engine}" --http-url "http://$http" --grpc-url "http://$grpc" \
-                    --protocol grpc --shared-memory system --concurrency "$concurrency" --batch "$batch" \
-                    --duration "$seconds" --warmup 1 --json)
-                t1=$(server_ticks)
-                n1=$(inferences "${model}_${engine}")
-                per_cpu=$(awk -v n="$((n1 - n0))" -v t="$((t1 - t0))" 'BEGIN { print (t > 0 ? n / (t / 100) : 0) }')
-                echo "$point" | tag "$model" "$engine" "$round" e2e-shm "$per_cpu" | tee -a "$out/points.jsonl" >&2
+                # Executing the request's batch as it is, with the tensors in the messages and
+                # then in system shared memory (Triton's extension), as a client on the same
+                # host would send them.
+                for shm in none system; do
+                    name="${model}_onnxruntime_b$batch"
+                    n0=$(inferences "$name")
+                    t0=$(server_ticks)
+                    point=$("$bin" bench --model "$name" --http-url "http://$http" --grpc-url "http://$grpc" \
+                        --protocol grpc --shared-memory "$shm" --concurrency "$concurrency" --batch "$batch" \
+                        --duration "$seconds" --warmup 1 --json)
+                    t1=$(server_ticks)
+                    n1=$(inferences "$name")
+                    per_cpu=$(awk -v n="$((n1 - n0))" -v t="$((t1 - t0))" 'BEGIN { print (t > 0 ? n / (t / 100) : 0) }')
+                    kind=$([ "$shm" = none ] && echo e2e-exact || echo e2e-exact-shm)
+                    echo "$point" | tag "$model" "$engine" "$round" "$kind" "$per_cpu" | tee -a "$out/points.jsonl" >&2
+                done
             done
         done
     done
@@ -154,33 +170,40 @@ def get(*key):
 
 print()
 print(f"| model | batch | tract in-process | ONNX Runtime in-process | ORT / tract | tract e2e gRPC c={conc} "
-      f"| ONNX Runtime e2e gRPC c={conc} | ORT e2e / ORT in-process | ORT e2e gRPC + shm | ORT e2e + shm / ORT in-process "
-      f"| rows per ORT execution (server) |")
-print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+      f"| ONNX Runtime e2e gRPC c={conc} | ORT e2e / ORT in-process | rows per ORT execution (server) |")
+print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
 for model, batch in sorted({(k[0], k[2]) for k in best}, key=lambda k: (k[0], k[1])):
     t, _ = get(model, "tract", batch, "inprocess")
     o, _ = get(model, "onnxruntime", batch, "inprocess")
     te, _ = get(model, "tract", batch, "e2e")
     oe, rows = get(model, "onnxruntime", batch, "e2e")
-    os_, _ = get(model, "onnxruntime", batch, "e2e-shm")
     rows = f"{rows:.1f}" if rows else "–"
-    print(f"| {model} | {batch} | {t:.1f} | {o:.1f} | {o / t:.1f}x | {te:.1f} | {oe:.1f} | {oe / o:.2f} "
-          f"| {os_:.1f} | {os_ / o:.2f} | {rows} |")
+    print(f"| {model} | {batch} | {t:.1f} | {o:.1f} | {o / t:.1f}x | {te:.1f} | {oe:.1f} | {oe / o:.2f} | {rows} |")
 print()
-print("items/s (images or sequences per second); e2e = end to end through the server over gRPC;")
-print("+ shm = the same with the tensors in system shared memory (oxserve bench --shared-memory system).")
+print("items/s (images or sequences per second); e2e = end to end through the server over gRPC.")
+print()
+print("ONNX Runtime executing the request's own batch (preferred_batch_size = batch), end to end over gRPC,")
+print("with the tensors in the messages and in system shared memory:")
+print()
+print(f"| model | batch | ORT in-process | ORT e2e, request batch | / in-process | ORT e2e, request batch + shm | / in-process |")
+print("|---|---:|---:|---:|---:|---:|---:|")
+for model, batch in sorted({(k[0], k[2]) for k in best}, key=lambda k: (k[0], k[1])):
+    o, _ = get(model, "onnxruntime", batch, "inprocess")
+    x, _ = get(model, "onnxruntime", batch, "e2e-exact")
+    xs, _ = get(model, "onnxruntime", batch, "e2e-exact-shm")
+    print(f"| {model} | {batch} | {o:.1f} | {x:.1f} | {x / o:.2f} | {xs:.1f} | {xs / o:.2f} |")
 print()
 print("CPU cost, robust to what else runs on the machine: items per CPU-second of the in-process bench")
 print("process, and of the server process during the end-to-end points (the load generator's CPU")
 print("excluded; warm-up included on both sides of the count).")
 print()
 print("| model | batch | tract in-process | tract server | ORT in-process | ORT server | ORT server / in-process "
-      "| ORT server + shm | ORT server + shm / in-process |")
-print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+      "| ORT server, request batch | + shm | + shm / in-process |")
+print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 for model, batch in sorted({(k[0], k[2]) for k in best}, key=lambda k: (k[0], k[1])):
     c = lambda engine, kind: best_cpu.get((model, engine, batch, kind), float("nan"))
     ti, ts, oi, os_ = c("tract", "inprocess"), c("tract", "e2e"), c("onnxruntime", "inprocess"), c("onnxruntime", "e2e")
-    oshm = c("onnxruntime", "e2e-shm")
-    print(f"| {model} | {batch} | {ti:.1f} | {ts:.1f} | {oi:.1f} | {os_:.1f} | {os_ / oi:.2f} | {oshm:.1f} | {oshm / oi:.2f} |")
+    ox, oxs = c("onnxruntime", "e2e-exact"), c("onnxruntime", "e2e-exact-shm")
+    print(f"| {model} | {batch} | {ti:.1f} | {ts:.1f} | {oi:.1f} | {os_:.1f} | {os_ / oi:.2f} | {ox:.1f} | {oxs:.1f} | {oxs / oi:.2f} |")
 EOF
 } | tee "$out/summary.md"

@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 
 use bytes::Bytes;
-use oxserve_core::{Error, ParamValue, Parameters, Result};
+use oxserve_core::{Error, InferResponse, ParamValue, Parameters, Result};
 
 /// Where POSIX shared-memory objects live on Linux (what `shm_open` uses).
 const SHM_DIR: &str = "/dev/shm";
@@ -39,10 +39,13 @@ pub struct ShmRef {
     pub byte_size: usize,
 }
 
+/// Outputs a request asked to have written into shared memory, by output name.
+pub type SharedMemoryOutputs = Vec<(String, ShmRef)>;
+
 /// The registered system shared-memory regions of this server.
 #[derive(Debug, Default)]
 pub struct SharedMemoryRegistry {
-    regions: RwLock<BTreeMap<String, Arc<mapping::Region>>>,
+    regions: RwLock<BTreeMap<String, Arc<region::Region>>>,
 }
 
 impl SharedMemoryRegistry {
@@ -50,7 +53,7 @@ impl SharedMemoryRegistry {
         Self::default()
     }
 
-    /// Maps `byte_size` bytes at `offset` of the shared-memory object `key` under `name`.
+    /// Registers `byte_size` bytes at `offset` of the shared-memory object `key` under `name`.
     pub fn register(&self, name: &str, key: &str, offset: u64, byte_size: u64) -> Result<()> {
         if name.is_empty() {
             return Err(Error::invalid("a shared memory region needs a name"));
@@ -61,13 +64,13 @@ impl SharedMemoryRegistry {
                 "shared memory region '{name}' already in manager"
             )));
         }
-        let region = mapping::Region::map(name, key, offset, byte_size)?;
+        let region = region::Region::open(name, key, offset, byte_size)?;
         regions.insert(name.to_string(), Arc::new(region));
         Ok(())
     }
 
     /// Forgets a region. Like Triton, an unknown name is not an error. Requests already using
-    /// the region keep its mapping until they finish.
+    /// the region keep it open until they finish.
     pub fn unregister(&self, name: &str) {
         self.regions
             .write()
@@ -91,7 +94,7 @@ impl SharedMemoryRegistry {
         }
     }
 
-    fn region(&self, name: &str) -> Result<Arc<mapping::Region>> {
+    fn region(&self, name: &str) -> Result<Arc<region::Region>> {
         self.regions
             .read()
             .unwrap_or_else(|e| e.into_inner())
@@ -100,8 +103,8 @@ impl SharedMemoryRegistry {
             .ok_or_else(|| not_registered(name))
     }
 
-    /// A copy of the bytes a tensor's parameters point at. Copying (one memcpy) keeps the
-    /// engine's input independent of what the client writes into the region afterwards.
+    /// A copy of the bytes a tensor's parameters point at. The copy keeps the engine's input
+    /// independent of what the client does with the region afterwards.
     pub fn read(&self, at: &ShmRef) -> Result<Bytes> {
         let region = self.region(&at.region)?;
         region.check_range(&at.region, at.offset, at.byte_size)?;
@@ -125,6 +128,17 @@ impl SharedMemoryRegistry {
         let region = self.region(&at.region)?;
         region.check_range(&at.region, at.offset, at.byte_size)?;
         region.copy_in(&at.region, at.offset, data)
+    }
+
+    /// Writes each output of `response` named in `outputs` into its place (Triton's binary
+    /// form); the protocol then answers those outputs without data.
+    pub fn write_outputs(&self, response: &InferResponse, outputs: &SharedMemoryOutputs) -> Result<()> {
+        for (name, at) in outputs {
+            if let Some(t) = response.outputs.iter().find(|t| &t.name == name) {
+                self.write(name, at, &t.to_wire_bytes())?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -214,13 +228,14 @@ pub fn output_params(at: &ShmRef, written: usize) -> Parameters {
     params
 }
 
-/// The only unsafe code of the front-ends: mapping the client's object and copying through
-/// the raw mapping.
-#[allow(unsafe_code)]
-mod mapping {
+/// A registered region: the client's object, opened once, read and written with positioned
+/// I/O (`pread`/`pwrite`) rather than mapped. A mapping would fault (SIGBUS, killing the server)
+/// if the client shrank its object while a request was reading it; positioned I/O on a shrunk
+/// object just comes up short, which is an error for that request. It costs the same one copy.
+mod region {
     use std::fs::File;
+    use std::os::unix::fs::FileExt;
 
-    use memmap2::{MmapOptions, MmapRaw};
     use oxserve_core::{Error, Result};
 
     use super::{RegionStatus, open_object};
@@ -230,13 +245,11 @@ mod mapping {
         key: String,
         offset: u64,
         byte_size: usize,
-        /// Kept open so every access can check that the object still covers the region.
         file: File,
-        map: MmapRaw,
     }
 
     impl Region {
-        pub(super) fn map(name: &str, key: &str, offset: u64, byte_size: u64) -> Result<Region> {
+        pub(super) fn open(name: &str, key: &str, offset: u64, byte_size: u64) -> Result<Region> {
             let invalid = |why: String| {
                 Error::invalid(format!("failed to register shared memory region '{name}': {why}"))
             };
@@ -256,21 +269,11 @@ mod mapping {
                     "offset {offset} + byte_size {byte_size} goes past the end of '{key}' ({object_len} bytes)"
                 )));
             }
-            // A raw mapping: it is only ever accessed through raw-pointer copies (never as a
-            // Rust slice), so the client writing to it concurrently cannot break Rust's
-            // aliasing rules; a client shrinking the object afterwards is caught by
-            // `check_object` before each access.
-            let map = MmapOptions::new()
-                .offset(offset)
-                .len(byte_size)
-                .map_raw(&file)
-                .map_err(|e| invalid(format!("cannot map '{key}': {e}")))?;
             Ok(Region {
                 key: key.to_string(),
                 offset,
                 byte_size,
                 file,
-                map,
             })
         }
 
@@ -298,43 +301,36 @@ mod mapping {
             Ok(())
         }
 
-        /// Touching a mapped page past the end of a shrunk object would kill the process
-        /// (SIGBUS), so the object's current size is checked before every access.
-        fn check_object(&self, name: &str, offset: usize, len: usize) -> Result<()> {
-            let needed = self.offset + (offset + len) as u64;
-            let len_now = self.file.metadata().map(|m| m.len()).unwrap_or(0);
-            if len_now < needed {
-                return Err(Error::invalid(format!(
-                    "shared memory region '{name}': the object '{}' is now {len_now} bytes, \
-                     smaller than the registered region",
-                    self.key
-                )));
-            }
-            Ok(())
+        fn shrunk(&self, name: &str, e: &std::io::Error) -> Error {
+            let now = self.file.metadata().map(|m| m.len()).unwrap_or(0);
+            Error::invalid(format!(
+                "shared memory region '{name}': cannot access '{}' ({e}); the object is now {now} \
+                 bytes, smaller than the registered region",
+                self.key
+            ))
         }
 
-        /// Callers have checked the range with `check_range`.
+        /// `len` bytes at `offset` in the region; callers have checked the range.
         pub(super) fn copy_out(&self, name: &str, offset: usize, len: usize) -> Result<Vec<u8>> {
-            self.check_object(name, offset, len)?;
-            let mut out = Vec::with_capacity(len);
-            // SAFETY: `offset + len <= byte_size` (check_range), the mapping is `byte_size`
-            // bytes long and still backed by the object (check_object); `out` has `len` bytes
-            // of capacity, all written before `set_len`.
-            unsafe {
-                std::ptr::copy_nonoverlapping(self.map.as_ptr().add(offset), out.as_mut_ptr(), len);
-                out.set_len(len);
-            }
+            // Fresh memory from the allocator is already zero, so this costs no extra pass.
+            let mut out = vec![0u8; len];
+            self.file
+                .read_exact_at(&mut out, self.offset + offset as u64)
+                .map_err(|e| self.shrunk(name, &e))?;
             Ok(out)
         }
 
-        /// Callers have checked the range with `check_range`.
+        /// Writes `data` at `offset` in the region; callers have checked the range.
         pub(super) fn copy_in(&self, name: &str, offset: usize, data: &[u8]) -> Result<()> {
-            self.check_object(name, offset, data.len())?;
-            // SAFETY: as in `copy_out`; the mapping is writable (opened read-write, MAP_SHARED).
-            unsafe {
-                std::ptr::copy_nonoverlapping(data.as_ptr(), self.map.as_mut_ptr().add(offset), data.len());
+            // Writing past the end would grow the client's object instead of failing.
+            let end = self.offset + (offset + data.len()) as u64;
+            let now = self.file.metadata().map(|m| m.len()).unwrap_or(0);
+            if now < end {
+                return Err(self.shrunk(name, &std::io::Error::from(std::io::ErrorKind::UnexpectedEof)));
             }
-            Ok(())
+            self.file
+                .write_all_at(data, self.offset + offset as u64)
+                .map_err(|e| self.shrunk(name, &e))
         }
     }
 }
@@ -445,7 +441,7 @@ mod tests {
     }
 
     #[test]
-    fn unregistering_keeps_the_mapping_of_requests_in_flight() {
+    fn unregistering_keeps_the_object_of_requests_in_flight() {
         let obj = Object::new(64);
         let shm = SharedMemoryRegistry::new();
         shm.register("r", &obj.1, 0, 64).unwrap();

@@ -132,12 +132,10 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 0)]
     grpc_channels: usize,
     /// Where the tensors are: in the messages, or in system shared memory (as perf_analyzer's
-    /// `--shared-memory`; HTTP and gRPC only, regions registered through `--http-url`).
+    /// `--shared-memory`; HTTP and gRPC only). Regions are registered through `--http-url`,
+    /// output regions sized from one probe request.
     #[arg(long, value_enum, default_value = "none")]
     shared_memory: SharedMemory,
-    /// Bytes of each output region whose size the model metadata does not fix.
-    #[arg(long, default_value_t = 100 * 1024)]
-    output_shared_memory_size: usize,
     /// Print one JSON object per point instead of a table.
     #[arg(long)]
     json: bool,
@@ -497,14 +495,7 @@ async fn shm_request(args: &BenchArgs) -> anyhow::Result<ShmRequest> {
     let http_url = args.http_url.trim_end_matches('/');
     let meta = http_metadata(&reqwest::Client::new(), http_url, &args.model, None).await?;
     let request = random_request(&meta, None, args.batch);
-    let regions = BenchRegions::create(
-        http_url,
-        &request,
-        &meta,
-        args.batch,
-        args.output_shared_memory_size,
-    )
-    .await?;
+    let regions = BenchRegions::create(http_url, &request).await?;
     Ok(ShmRequest { request, regions })
 }
 

@@ -8,9 +8,12 @@ use std::path::PathBuf;
 
 use anyhow::{Context, bail};
 use bytes::Bytes;
-use oxserve_core::{InferRequest, ModelMetadata, ParamValue};
+use oxserve_core::{InferRequest, ParamValue};
 use oxserve_kserve::grpc::pb;
+use oxserve_kserve::http::INFERENCE_HEADER_CONTENT_LENGTH;
 use oxserve_kserve::shm::{BYTE_SIZE_PARAM, REGION_PARAM};
+
+use crate::client::http_body;
 
 /// One tensor's region: its registered name and size.
 #[derive(Debug, Clone)]
@@ -31,35 +34,68 @@ pub struct BenchRegions {
     files: Vec<PathBuf>,
 }
 
-/// An output's size in bytes at this batch size, when its shape says it; `None` for BYTES
-/// outputs and variable dimensions other than the batch.
-fn output_size(meta: &ModelMetadata, output: usize, batch: i64) -> Option<usize> {
-    let t = &meta.outputs[output];
-    let element = t.datatype.size()?;
-    let mut count = 1usize;
-    for (i, &d) in t.shape.iter().enumerate() {
-        let d = if d >= 0 {
-            d
-        } else if i == 0 {
-            batch
-        } else {
-            return None;
-        };
-        count = count.checked_mul(usize::try_from(d).ok()?)?;
+/// The byte size of each output the server answers `request` with: one request sent with
+/// binary outputs, whose sizes the response header states. The load generator sends that same
+/// request every time, so these are exactly the regions it needs.
+async fn probe_output_sizes(
+    client: &reqwest::Client,
+    http_url: &str,
+    request: &InferRequest,
+) -> anyhow::Result<Vec<(String, usize)>> {
+    let (body, header_len) = http_body(request, true)?;
+    let mut post = client
+        .post(format!("{http_url}/v2/models/{}/infer", request.model_name))
+        .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+        .body(body);
+    if let Some(n) = header_len {
+        post = post.header(INFERENCE_HEADER_CONTENT_LENGTH, n);
     }
-    count.checked_mul(element)
+    let response = post.send().await.context("probe request")?;
+    let status = response.status();
+    let json_len = response
+        .headers()
+        .get(INFERENCE_HEADER_CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    let body = response.bytes().await.context("probe response")?;
+    if !status.is_success() {
+        bail!("probe request: HTTP {status}: {}", String::from_utf8_lossy(&body));
+    }
+    let header: ProbeResponse =
+        serde_json::from_slice(&body[..json_len.unwrap_or(body.len()).min(body.len())])
+            .context("probe response is not a KServe v2 response")?;
+    header
+        .outputs
+        .into_iter()
+        .map(|o| {
+            let size = o
+                .parameters
+                .and_then(|p| p.binary_data_size)
+                .with_context(|| format!("probe response: output '{}' has no binary_data_size", o.name))?;
+            Ok((o.name, size))
+        })
+        .collect()
+}
+
+#[derive(serde::Deserialize)]
+struct ProbeResponse {
+    outputs: Vec<ProbeOutput>,
+}
+
+#[derive(serde::Deserialize)]
+struct ProbeOutput {
+    name: String,
+    parameters: Option<ProbeParams>,
+}
+
+#[derive(serde::Deserialize)]
+struct ProbeParams {
+    binary_data_size: Option<usize>,
 }
 
 impl BenchRegions {
-    /// One object per input (holding `request`'s data) and per output of `meta`; outputs whose
-    /// size the metadata does not fix get `default_output_size` bytes.
-    pub async fn create(
-        http_url: &str,
-        request: &InferRequest,
-        meta: &ModelMetadata,
-        batch: i64,
-        default_output_size: usize,
-    ) -> anyhow::Result<Self> {
+    /// One object per input (holding `request`'s data) and per output of the answer to it.
+    pub async fn create(http_url: &str, request: &InferRequest) -> anyhow::Result<Self> {
         let mut regions = BenchRegions {
             http_url: http_url.to_string(),
             client: reqwest::Client::new(),
@@ -73,10 +109,10 @@ impl BenchRegions {
             let placement = regions.add(&format!("{tag}-in{i}"), &t.name, &data).await?;
             regions.inputs.push(placement);
         }
-        for (i, t) in meta.outputs.iter().enumerate() {
-            let size = output_size(meta, i, batch).unwrap_or(default_output_size);
+        let outputs = probe_output_sizes(&regions.client, http_url, request).await?;
+        for (i, (name, size)) in outputs.iter().enumerate() {
             let placement = regions
-                .add(&format!("{tag}-out{i}"), &t.name, &vec![0u8; size])
+                .add(&format!("{tag}-out{i}"), name, &vec![0u8; *size])
                 .await?;
             regions.outputs.push(placement);
         }
@@ -195,43 +231,5 @@ fn wire_param(value: ParamValue) -> pb::InferParameter {
     };
     pb::InferParameter {
         parameter_choice: Some(choice),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used)]
-
-    use super::*;
-    use oxserve_core::{DataType, TensorMeta};
-
-    #[test]
-    fn output_sizes_follow_the_batch() {
-        let meta = ModelMetadata {
-            name: "m".into(),
-            versions: vec![],
-            platform: String::new(),
-            inputs: vec![],
-            outputs: vec![
-                TensorMeta {
-                    name: "a".into(),
-                    datatype: DataType::F32,
-                    shape: vec![-1, 1000],
-                },
-                TensorMeta {
-                    name: "b".into(),
-                    datatype: DataType::F32,
-                    shape: vec![-1, -1],
-                },
-                TensorMeta {
-                    name: "c".into(),
-                    datatype: DataType::Bytes,
-                    shape: vec![1],
-                },
-            ],
-        };
-        assert_eq!(output_size(&meta, 0, 8), Some(32_000));
-        assert_eq!(output_size(&meta, 1, 8), None);
-        assert_eq!(output_size(&meta, 2, 8), None);
     }
 }

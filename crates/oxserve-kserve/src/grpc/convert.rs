@@ -17,7 +17,7 @@ use super::pb::{
     model_metadata_response::TensorMetadata,
     repository_index_response::ModelIndex,
 };
-use crate::shm::{SharedMemoryRegistry, ShmRef, output_params, take_shm_ref};
+use crate::shm::{SharedMemoryOutputs, SharedMemoryRegistry, ShmRef, output_params, take_shm_ref};
 
 /// Parses a version string from a request: empty means "let the server pick" (the latest
 /// ready version); anything else must be a non-negative integer.
@@ -32,9 +32,6 @@ pub fn parse_version(version: &str) -> Result<Option<u64>> {
         ))
     })
 }
-
-/// Outputs the client asked to have written into shared memory, by name.
-pub type SharedMemoryOutputs = Vec<(String, ShmRef)>;
 
 /// Decodes an inference request. Tensor data is taken from the shared-memory region an input
 /// names, else from `raw_input_contents` when present (one entry per input not in shared
@@ -207,20 +204,6 @@ fn output_from_wire(output: InferRequestedOutputTensor) -> Result<(RequestedOutp
         )));
     }
     Ok((RequestedOutput { name, classification }, at))
-}
-
-/// Writes the outputs the client asked for in shared memory into their regions.
-pub fn write_shared_memory_outputs(
-    response: &InferResponse,
-    shm_outputs: &SharedMemoryOutputs,
-    shm: &SharedMemoryRegistry,
-) -> Result<()> {
-    for (name, at) in shm_outputs {
-        if let Some(t) = response.outputs.iter().find(|t| &t.name == name) {
-            shm.write(name, at, &t.to_wire_bytes())?;
-        }
-    }
-    Ok(())
 }
 
 /// Encodes an inference response with every output in `raw_output_contents` (one entry per

@@ -529,6 +529,34 @@ fn requested_outputs_and_classification() {
 // ---- responses and metadata -----------------------------------------------------------------
 
 #[test]
+fn outputs_in_shared_memory_keep_an_empty_raw_entry_and_say_where_they_went() {
+    let floats = le(&[1.0f32, 2.0], |v| v.to_le_bytes());
+    let response = InferResponse {
+        model_name: "m".into(),
+        model_version: 1,
+        id: None,
+        parameters: BTreeMap::new(),
+        outputs: vec![
+            Tensor::from_raw("a", DataType::F32, vec![2], floats.clone()),
+            Tensor::from_raw("b", DataType::F32, vec![2], floats.clone()),
+        ],
+    };
+    let at = ShmRef {
+        region: "out".into(),
+        offset: 16,
+        byte_size: 64,
+    };
+    let wire = infer_response_to_wire(response, &vec![("a".to_string(), at)]);
+    assert!(wire.raw_output_contents[0].is_empty());
+    assert_eq!(wire.raw_output_contents[1].as_ref(), floats.as_slice());
+    let p = &wire.outputs[0].parameters;
+    assert_eq!(p.get("shared_memory_region"), Some(&string_param("out")));
+    assert_eq!(p.get("shared_memory_byte_size"), Some(&int_param(8)));
+    assert_eq!(p.get("shared_memory_offset"), Some(&int_param(16)));
+    assert!(wire.outputs[1].parameters.is_empty());
+}
+
+#[test]
 fn response_uses_raw_output_contents() {
     let floats = le(&[1.0f32, 2.0], |v| v.to_le_bytes());
     let strings = vec![Bytes::from_static(b"cat"), Bytes::from_static(b"")];

@@ -10,7 +10,7 @@ use tonic::{Request, Response, Status};
 
 use super::convert::{
     index_entry_to_wire, infer_request_from_wire, infer_response_to_wire, model_metadata_to_wire,
-    model_statistics_to_wire, parse_version, server_metadata_to_wire, write_shared_memory_outputs,
+    model_statistics_to_wire, parse_version, server_metadata_to_wire,
 };
 use super::pb::{
     GrpcInferenceService, GrpcInferenceServiceServer, ModelConfigRequest, ModelConfigResponse,
@@ -145,7 +145,7 @@ impl GrpcInferenceService for GrpcFrontend {
         let (request, shm_outputs) =
             infer_request_from_wire(request.into_inner(), &self.shm).map_err(status)?;
         let response = self.engine.infer(request).await.map_err(status)?;
-        write_shared_memory_outputs(&response, &shm_outputs, &self.shm).map_err(status)?;
+        self.shm.write_outputs(&response, &shm_outputs).map_err(status)?;
         Ok(Response::new(infer_response_to_wire(response, &shm_outputs)))
     }
 

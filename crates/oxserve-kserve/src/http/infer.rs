@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 use super::json_data::{JsonData, decode_data};
-use crate::shm::{SharedMemoryRegistry, ShmRef, take_shm_ref};
+use crate::shm::{SharedMemoryOutputs, SharedMemoryRegistry, ShmRef, take_shm_ref};
 
 #[derive(Deserialize)]
 #[serde(untagged)]
@@ -76,7 +76,7 @@ pub struct OutputEncoding {
     /// Per-output `binary_data` parameters.
     pub per_output: Vec<(String, bool)>,
     /// Outputs the client asked to have written into its shared memory.
-    pub shared_memory: Vec<(String, ShmRef)>,
+    pub shared_memory: SharedMemoryOutputs,
 }
 
 impl OutputEncoding {
@@ -381,21 +381,6 @@ fn wire_len(t: &Tensor) -> usize {
         TensorData::Raw(raw) => raw.len(),
         TensorData::Strings(items) => items.iter().map(|s| s.len() + 4).sum(),
     }
-}
-
-/// Writes the outputs the client asked for in shared memory into their regions; `encode_response`
-/// then leaves their data out of the body.
-pub fn write_shared_memory_outputs(
-    response: &InferResponse,
-    encoding: &OutputEncoding,
-    shm: &SharedMemoryRegistry,
-) -> Result<()> {
-    for (name, at) in &encoding.shared_memory {
-        if let Some(t) = response.outputs.iter().find(|t| &t.name == name) {
-            shm.write(name, at, &t.to_wire_bytes())?;
-        }
-    }
-    Ok(())
 }
 
 /// An encoded response: the body, and the JSON header length when binary outputs follow it.

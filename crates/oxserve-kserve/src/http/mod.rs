@@ -23,9 +23,7 @@ use oxserve_engine::InferenceService;
 use serde::{Deserialize, Serialize};
 
 pub use error::{ApiError, http_status};
-pub use infer::{
-    EncodedResponse, OutputEncoding, encode_response, parse_request, write_shared_memory_outputs,
-};
+pub use infer::{EncodedResponse, OutputEncoding, encode_response, parse_request};
 pub use json_data::JsonData;
 
 /// Triton's header naming the JSON part's length in a binary-extension body.
@@ -313,7 +311,7 @@ async fn run_infer(
         _ => infer::parse_request(&model, version, &body, header_len, &s.shm)?,
     };
     let response = s.engine.infer(request).await?;
-    infer::write_shared_memory_outputs(&response, &encoding, &s.shm)?;
+    s.shm.write_outputs(&response, &encoding.shared_memory)?;
     let encoded = infer::encode_response(&response, &encoding)?;
     Ok(match encoded.header_len {
         None => ([(header::CONTENT_TYPE, "application/json")], encoded.body).into_response(),
