@@ -43,9 +43,20 @@ pub struct ShmRef {
 pub type SharedMemoryOutputs = Vec<(String, ShmRef)>;
 
 /// The registered system shared-memory regions of this server.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct SharedMemoryRegistry {
     regions: RwLock<BTreeMap<String, Arc<region::Region>>>,
+    /// False when the operator turned the extension off: nothing can be registered.
+    enabled: bool,
+}
+
+impl Default for SharedMemoryRegistry {
+    fn default() -> Self {
+        SharedMemoryRegistry {
+            regions: RwLock::default(),
+            enabled: true,
+        }
+    }
 }
 
 impl SharedMemoryRegistry {
@@ -53,8 +64,27 @@ impl SharedMemoryRegistry {
         Self::default()
     }
 
+    /// A registry that refuses every registration (`--allow-shared-memory false`).
+    pub fn disabled() -> Self {
+        SharedMemoryRegistry {
+            enabled: false,
+            ..Self::default()
+        }
+    }
+
+    fn refuse_if_disabled(&self) -> Result<()> {
+        if self.enabled {
+            Ok(())
+        } else {
+            Err(Error::unsupported(
+                "system shared memory is disabled on this server (--allow-shared-memory false)",
+            ))
+        }
+    }
+
     /// Registers `byte_size` bytes at `offset` of the shared-memory object `key` under `name`.
     pub fn register(&self, name: &str, key: &str, offset: u64, byte_size: u64) -> Result<()> {
+        self.refuse_if_disabled()?;
         if name.is_empty() {
             return Err(Error::invalid("a shared memory region needs a name"));
         }
@@ -95,6 +125,7 @@ impl SharedMemoryRegistry {
     }
 
     fn region(&self, name: &str) -> Result<Arc<region::Region>> {
+        self.refuse_if_disabled()?;
         self.regions
             .read()
             .unwrap_or_else(|e| e.into_inner())
@@ -449,6 +480,17 @@ mod tests {
         shm.unregister_all();
         assert!(shm.read(&at("r", 0, 4)).is_err());
         assert_eq!(held.copy_out("r", 0, 4).unwrap(), vec![0u8; 4]);
+    }
+
+    #[test]
+    fn a_disabled_registry_refuses_registrations_and_tensors() {
+        let obj = Object::new(64);
+        let shm = SharedMemoryRegistry::disabled();
+        let e = shm.register("r", &obj.1, 0, 64).unwrap_err();
+        assert_eq!(e.kind(), oxserve_core::ErrorKind::Unsupported);
+        let e = shm.read(&at("r", 0, 4)).unwrap_err();
+        assert!(e.message().contains("disabled"), "{e:?}");
+        assert!(shm.status(None).unwrap().is_empty());
     }
 
     #[test]

@@ -36,6 +36,8 @@ pub struct ServerOptions {
     /// How long shutdown waits for in-flight requests and open connections before exiting
     /// anyway (Triton's `--exit-timeout-secs`).
     pub exit_timeout: std::time::Duration,
+    /// Whether clients may register system shared-memory regions.
+    pub shared_memory: bool,
 }
 
 /// Bound sockets, so the caller can report the real ports (port 0 picks a free one) before
@@ -96,7 +98,11 @@ pub async fn serve(
     tokio::spawn(report_health(engine.clone(), health, stop_rx.clone()));
 
     // Shared-memory regions registered over either protocol serve requests on both.
-    let shm = std::sync::Arc::new(SharedMemoryRegistry::new());
+    let shm = std::sync::Arc::new(if options.shared_memory {
+        SharedMemoryRegistry::new()
+    } else {
+        SharedMemoryRegistry::disabled()
+    });
     let app =
         router(engine.clone(), options.http.clone(), shm.clone()).layer(request_id::request_id_layers());
     let http_listener = axum::serve::ListenerExt::tap_io(listeners.http, |tcp| {

@@ -1545,6 +1545,7 @@ mod tests {
             http: Default::default(),
             grpc: Default::default(),
             exit_timeout: Duration::from_secs(5),
+            shared_memory: true,
         };
         let engine = InferenceService::new(
             ModelManager::new(

@@ -64,6 +64,9 @@ struct ServeArgs {
     /// Serve Prometheus metrics at all.
     #[arg(long, value_name = "BOOL")]
     allow_metrics: Option<bool>,
+    /// Let clients register system shared-memory regions (Triton's extension).
+    #[arg(long, value_name = "BOOL")]
+    allow_shared_memory: Option<bool>,
     /// Largest HTTP request body / gRPC message in bytes (Triton: --http-max-input-size).
     #[arg(long, visible_alias = "http-max-input-size")]
     max_input_size: Option<usize>,
@@ -189,6 +192,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     s.grpc_port = args.grpc_port.unwrap_or(s.grpc_port);
     s.metrics_port = args.metrics_port.unwrap_or(s.metrics_port);
     s.allow_metrics = args.allow_metrics.unwrap_or(s.allow_metrics);
+    s.allow_shared_memory = args.allow_shared_memory.unwrap_or(s.allow_shared_memory);
     s.max_input_size = args.max_input_size.unwrap_or(s.max_input_size);
     s.exit_timeout_secs = args.exit_timeout_secs.unwrap_or(s.exit_timeout_secs);
     settings.models.strict_readiness = args.strict_readiness.unwrap_or(settings.models.strict_readiness);
@@ -218,6 +222,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             max_message_bytes: settings.server.max_input_size,
         },
         exit_timeout: std::time::Duration::from_secs(settings.server.exit_timeout_secs),
+        shared_memory: settings.server.allow_shared_memory,
     };
     let manager = ModelManager::new(
         backends_with(settings.backends.onnxruntime_library.clone()),

@@ -26,6 +26,9 @@ pub struct ServerSettings {
     pub metrics_port: u16,
     /// Serve `/metrics` at all (Triton's `--allow-metrics`).
     pub allow_metrics: bool,
+    /// Accept system shared-memory registrations (Triton's extension; only clients on the
+    /// same host can use it, so a server reachable only over the network may turn it off).
+    pub allow_shared_memory: bool,
     /// Largest HTTP request body and gRPC message, in bytes.
     pub max_input_size: usize,
     /// Seconds shutdown waits for in-flight work before exiting anyway.
@@ -68,6 +71,7 @@ impl Default for ServerSettings {
             grpc_port: 8001,
             metrics_port: 8002,
             allow_metrics: true,
+            allow_shared_memory: true,
             max_input_size: 64 << 20,
             exit_timeout_secs: 30,
         }

@@ -454,6 +454,36 @@ async fn load_generator_with_system_shared_memory() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_memory_can_be_turned_off() {
+    let server = Server::start(&["examples/models"], &["--allow-shared-memory", "false"]);
+    server.wait_until("/v2/health/ready").await;
+    let key = format!("oxserve-test-off-{}", std::process::id());
+    std::fs::write(format!("/dev/shm/{key}"), [0u8; 64]).unwrap();
+    let client = reqwest::Client::new();
+    let register = client
+        .post(format!("{}/v2/systemsharedmemory/region/r/register", server.http))
+        .json(&serde_json::json!({"key": format!("/{key}"), "offset": 0, "byte_size": 64}))
+        .send()
+        .await
+        .unwrap();
+    let _ = std::fs::remove_file(format!("/dev/shm/{key}"));
+    assert_eq!(register.status(), 501);
+    assert!(register.text().await.unwrap().contains("disabled"));
+    let zeros = vec![0.0f32; 16];
+    let infer = client
+        .post(format!("{}/v2/models/add_sub/infer", server.http))
+        .json(&serde_json::json!({"inputs": [
+            {"name": "INPUT0", "shape": [1, 16], "datatype": "FP32",
+             "parameters": {"shared_memory_region": "r", "shared_memory_byte_size": 64}},
+            {"name": "INPUT1", "shape": [1, 16], "datatype": "FP32", "data": zeros}
+        ]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(infer.status(), 501);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_answer_carries_a_request_id() {
     let server = Server::start(&["examples/models"], &[]);
     server.wait_until("/v2/health/ready").await;
