@@ -17,6 +17,10 @@ use oxserve_core::{Error, InferResponse, ParamValue, Parameters, Result};
 /// Where POSIX shared-memory objects live on Linux (what `shm_open` uses).
 const SHM_DIR: &str = "/dev/shm";
 
+/// Regions kept at most: each holds its object open (one file descriptor), and a client must
+/// not be able to exhaust the descriptors the server needs for connections.
+pub const MAX_REGIONS: usize = 256;
+
 /// The tensor parameters naming a region: Triton's names, the same over HTTP and gRPC.
 pub const REGION_PARAM: &str = "shared_memory_region";
 pub const OFFSET_PARAM: &str = "shared_memory_offset";
@@ -92,6 +96,12 @@ impl SharedMemoryRegistry {
         if regions.contains_key(name) {
             return Err(Error::invalid(format!(
                 "shared memory region '{name}' already in manager"
+            )));
+        }
+        if regions.len() >= MAX_REGIONS {
+            return Err(Error::invalid(format!(
+                "cannot register shared memory region '{name}': {MAX_REGIONS} regions are \
+                 registered, the most this server keeps; unregister some first"
             )));
         }
         let region = region::Region::open(name, key, offset, byte_size)?;
@@ -480,6 +490,19 @@ mod tests {
         shm.unregister_all();
         assert!(shm.read(&at("r", 0, 4)).is_err());
         assert_eq!(held.copy_out("r", 0, 4).unwrap(), vec![0u8; 4]);
+    }
+
+    #[test]
+    fn the_number_of_regions_is_bounded() {
+        let obj = Object::new(64);
+        let shm = SharedMemoryRegistry::new();
+        for i in 0..MAX_REGIONS {
+            shm.register(&format!("r{i}"), &obj.1, 0, 64).unwrap();
+        }
+        let e = shm.register("one-more", &obj.1, 0, 64).unwrap_err();
+        assert!(e.message().contains("unregister some first"), "{e:?}");
+        shm.unregister("r0");
+        shm.register("one-more", &obj.1, 0, 64).unwrap();
     }
 
     #[test]
