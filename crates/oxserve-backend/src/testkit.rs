@@ -248,10 +248,14 @@ impl ModelInstance for TestInstance {
             thread::sleep(self.model.delay);
         }
         match self.model.op {
-            Op::Fail => Err(BackendError::new(
-                BackendErrorKind::Internal,
-                format!("testkit model '{}' fails by design (op \"fail\")", self.name),
-            )),
+            Op::Fail => Err({
+                // As an engine reports its own failures, from the instance thread.
+                tracing::warn!(model = %self.name, "testkit model failing by design");
+                BackendError::new(
+                    BackendErrorKind::Internal,
+                    format!("testkit model '{}' fails by design (op \"fail\")", self.name),
+                )
+            }),
             Op::Identity => batch
                 .outputs
                 .iter()

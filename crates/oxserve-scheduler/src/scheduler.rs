@@ -27,6 +27,9 @@ struct Waiting {
     reply: oneshot::Sender<Outcome>,
     seq: u64,
     claim: Arc<AtomicU8>,
+    /// The caller's tracing span (the request's, with its id), entered on the instance thread
+    /// while its batch runs so the engine's own log lines name the request.
+    span: tracing::Span,
 }
 
 /// Who owns a queued request: still queued, taken by an instance, or given up by its caller
@@ -238,6 +241,7 @@ impl Scheduler {
                     reply,
                     seq,
                     claim: Arc::clone(&claim),
+                    span: tracing::Span::current(),
                 },
                 rows,
                 key,
@@ -351,9 +355,20 @@ fn execute(shared: &Shared, instance: &mut dyn ModelInstance, batch: Vec<Entry<W
             live.push(e);
         }
     }
-    if live.is_empty() {
-        return;
-    }
+    // Lines written while this batch runs belong to its requests: one request's own span, or a
+    // `batch` span under the first request's that records the others as causes.
+    let span = match live.as_slice() {
+        [] => return,
+        [one] => one.item.span.clone(),
+        [first, rest @ ..] => {
+            let span = tracing::error_span!(parent: &first.item.span, "batch", requests = live.len());
+            for e in rest {
+                span.follows_from(&e.item.span);
+            }
+            span
+        }
+    };
+    let _in_span = span.enter();
     let total_rows: usize = live.iter().map(|e| e.rows).sum();
     let mut wanted: Vec<String> = Vec::new();
     for e in &live {
