@@ -95,6 +95,7 @@ struct ProbeParams {
 
 impl BenchRegions {
     /// One object per input (holding `request`'s data) and per output of the answer to it.
+    /// If any step fails, what was registered is unregistered again.
     pub async fn create(http_url: &str, request: &InferRequest) -> anyhow::Result<Self> {
         let mut regions = BenchRegions {
             http_url: http_url.to_string(),
@@ -103,20 +104,30 @@ impl BenchRegions {
             outputs: Vec::new(),
             files: Vec::new(),
         };
+        match regions.fill(request).await {
+            Ok(()) => Ok(regions),
+            Err(e) => {
+                regions.release().await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn fill(&mut self, request: &InferRequest) -> anyhow::Result<()> {
         let tag = format!("oxserve-bench-{}", std::process::id());
         for (i, t) in request.inputs.iter().enumerate() {
             let data = t.to_wire_bytes();
-            let placement = regions.add(&format!("{tag}-in{i}"), &t.name, &data).await?;
-            regions.inputs.push(placement);
+            let placement = self.add(&format!("{tag}-in{i}"), &t.name, &data).await?;
+            self.inputs.push(placement);
         }
-        let outputs = probe_output_sizes(&regions.client, http_url, request).await?;
+        let outputs = probe_output_sizes(&self.client, &self.http_url, request).await?;
         for (i, (name, size)) in outputs.iter().enumerate() {
-            let placement = regions
+            let placement = self
                 .add(&format!("{tag}-out{i}"), name, &vec![0u8; *size])
                 .await?;
-            regions.outputs.push(placement);
+            self.outputs.push(placement);
         }
-        Ok(regions)
+        Ok(())
     }
 
     /// Creates `/dev/shm/<name>` holding `data` and registers it under `name`.
