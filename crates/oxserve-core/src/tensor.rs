@@ -109,6 +109,14 @@ impl Tensor {
         }
     }
 
+    /// The length of [`Tensor::to_wire_bytes`], without encoding anything.
+    pub fn wire_len(&self) -> usize {
+        match &self.data {
+            TensorData::Raw(raw) => raw.len(),
+            TensorData::Strings(items) => items.iter().map(|s| s.len() + 4).sum(),
+        }
+    }
+
     /// Encodes BYTES elements as Triton's binary form: each element a 4-byte little-endian
     /// length followed by its bytes. Fixed-size tensors return their raw bytes.
     pub fn to_wire_bytes(&self) -> Bytes {

@@ -8,6 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 
@@ -49,7 +50,7 @@ pub type SharedMemoryOutputs = Vec<(String, ShmRef)>;
 /// The registered system shared-memory regions of this server.
 #[derive(Debug)]
 pub struct SharedMemoryRegistry {
-    regions: RwLock<BTreeMap<String, Arc<region::Region>>>,
+    regions: RwLock<BTreeMap<String, Arc<Region>>>,
     /// False when the operator turned the extension off: nothing can be registered.
     enabled: bool,
 }
@@ -104,7 +105,7 @@ impl SharedMemoryRegistry {
                  registered, the most this server keeps; unregister some first"
             )));
         }
-        let region = region::Region::open(name, key, offset, byte_size)?;
+        let region = Region::open(name, key, offset, byte_size)?;
         regions.insert(name.to_string(), Arc::new(region));
         Ok(())
     }
@@ -134,7 +135,7 @@ impl SharedMemoryRegistry {
         }
     }
 
-    fn region(&self, name: &str) -> Result<Arc<region::Region>> {
+    fn region(&self, name: &str) -> Result<Arc<Region>> {
         self.refuse_if_disabled()?;
         self.regions
             .read()
@@ -148,12 +149,7 @@ impl SharedMemoryRegistry {
     /// independent of what the client does with the region afterwards.
     pub fn read(&self, at: &ShmRef) -> Result<Bytes> {
         let region = self.region(&at.region)?;
-        region.check_range(&at.region, at.offset, at.byte_size)?;
-        Ok(Bytes::from(region.copy_out(
-            &at.region,
-            at.offset,
-            at.byte_size,
-        )?))
+        Ok(Bytes::from(region.read(&at.region, at.offset, at.byte_size)?))
     }
 
     /// Writes an output into the place `at` names, which must be large enough to hold it.
@@ -166,9 +162,8 @@ impl SharedMemoryRegistry {
                 data.len()
             )));
         }
-        let region = self.region(&at.region)?;
-        region.check_range(&at.region, at.offset, at.byte_size)?;
-        region.copy_in(&at.region, at.offset, data)
+        self.region(&at.region)?
+            .write(&at.region, at.offset, at.byte_size, data)
     }
 
     /// Writes each output of `response` named in `outputs` into its place (Triton's binary
@@ -257,6 +252,21 @@ pub fn take_shm_ref(what: &str, tensor: &str, params: &mut Parameters) -> Result
     }))
 }
 
+/// Where an output is to be written, if the request put it in shared memory.
+pub fn place_of<'a>(outputs: &'a SharedMemoryOutputs, output: &str) -> Option<&'a ShmRef> {
+    outputs.iter().find(|(n, _)| n == output).map(|(_, at)| at)
+}
+
+/// Triton's rule for a requested output: shared memory and classification exclude each other.
+pub fn check_output_place(output: &str, at: Option<&ShmRef>, classification: Option<usize>) -> Result<()> {
+    if at.is_some() && classification.is_some() {
+        return Err(Error::invalid(format!(
+            "output '{output}' can't set both '{REGION_PARAM}' and 'classification'"
+        )));
+    }
+    Ok(())
+}
+
 /// The parameters a response output carries when its data went to shared memory (Triton's
 /// HTTP and gRPC front-ends send the same three back).
 pub fn output_params(at: &ShmRef, written: usize) -> Parameters {
@@ -273,106 +283,98 @@ pub fn output_params(at: &ShmRef, written: usize) -> Parameters {
 /// I/O (`pread`/`pwrite`) rather than mapped. A mapping would fault (SIGBUS, killing the server)
 /// if the client shrank its object while a request was reading it; positioned I/O on a shrunk
 /// object just comes up short, which is an error for that request. It costs the same one copy.
-mod region {
-    use std::fs::File;
-    use std::os::unix::fs::FileExt;
+#[derive(Debug)]
+struct Region {
+    key: String,
+    offset: u64,
+    byte_size: usize,
+    file: File,
+}
 
-    use oxserve_core::{Error, Result};
-
-    use super::{RegionStatus, open_object};
-
-    #[derive(Debug)]
-    pub(super) struct Region {
-        key: String,
-        offset: u64,
-        byte_size: usize,
-        file: File,
+impl Region {
+    fn open(name: &str, key: &str, offset: u64, byte_size: u64) -> Result<Region> {
+        let invalid =
+            |why: String| Error::invalid(format!("failed to register shared memory region '{name}': {why}"));
+        if byte_size == 0 {
+            return Err(invalid("byte_size must be greater than 0".into()));
+        }
+        let byte_size =
+            usize::try_from(byte_size).map_err(|_| invalid(format!("byte_size {byte_size} is too large")))?;
+        let file = open_object(key)?;
+        let object_len = file
+            .metadata()
+            .map_err(|e| invalid(format!("cannot read the size of '{key}': {e}")))?
+            .len();
+        let end = offset.checked_add(byte_size as u64);
+        if end.is_none_or(|end| end > object_len) {
+            return Err(invalid(format!(
+                "offset {offset} + byte_size {byte_size} goes past the end of '{key}' ({object_len} bytes)"
+            )));
+        }
+        Ok(Region {
+            key: key.to_string(),
+            offset,
+            byte_size,
+            file,
+        })
     }
 
-    impl Region {
-        pub(super) fn open(name: &str, key: &str, offset: u64, byte_size: u64) -> Result<Region> {
-            let invalid = |why: String| {
-                Error::invalid(format!("failed to register shared memory region '{name}': {why}"))
-            };
-            if byte_size == 0 {
-                return Err(invalid("byte_size must be greater than 0".into()));
-            }
-            let byte_size = usize::try_from(byte_size)
-                .map_err(|_| invalid(format!("byte_size {byte_size} is too large")))?;
-            let file = open_object(key)?;
-            let object_len = file
-                .metadata()
-                .map_err(|e| invalid(format!("cannot read the size of '{key}': {e}")))?
-                .len();
-            let end = offset.checked_add(byte_size as u64);
-            if end.is_none_or(|end| end > object_len) {
-                return Err(invalid(format!(
-                    "offset {offset} + byte_size {byte_size} goes past the end of '{key}' ({object_len} bytes)"
-                )));
-            }
-            Ok(Region {
-                key: key.to_string(),
-                offset,
-                byte_size,
-                file,
-            })
+    fn status(&self, name: &str) -> RegionStatus {
+        RegionStatus {
+            name: name.to_string(),
+            key: self.key.clone(),
+            offset: self.offset,
+            byte_size: self.byte_size as u64,
         }
+    }
 
-        pub(super) fn status(&self, name: &str) -> RegionStatus {
-            RegionStatus {
-                name: name.to_string(),
-                key: self.key.clone(),
-                offset: self.offset,
-                byte_size: self.byte_size as u64,
-            }
+    /// Triton's checks of a tensor's offset and size against the region; the position of
+    /// `offset` in the object.
+    fn position(&self, name: &str, offset: usize, len: usize) -> Result<u64> {
+        if offset >= self.byte_size {
+            return Err(Error::invalid(format!(
+                "Invalid offset for shared memory region: '{name}'"
+            )));
         }
+        if offset.checked_add(len).is_none_or(|end| end > self.byte_size) {
+            return Err(Error::invalid(format!(
+                "Invalid offset + byte size for shared memory region: '{name}'"
+            )));
+        }
+        Ok(self.offset + offset as u64)
+    }
 
-        /// Triton's checks of a tensor's offset and size against the region.
-        pub(super) fn check_range(&self, name: &str, offset: usize, len: usize) -> Result<()> {
-            if offset >= self.byte_size {
-                return Err(Error::invalid(format!(
-                    "Invalid offset for shared memory region: '{name}'"
-                )));
-            }
-            if offset.checked_add(len).is_none_or(|end| end > self.byte_size) {
-                return Err(Error::invalid(format!(
-                    "Invalid offset + byte size for shared memory region: '{name}'"
-                )));
-            }
-            Ok(())
-        }
+    fn shrunk(&self, name: &str, e: &std::io::Error) -> Error {
+        let now = self.file.metadata().map(|m| m.len()).unwrap_or(0);
+        Error::invalid(format!(
+            "shared memory region '{name}': cannot access '{}' ({e}); the object is now {now} \
+             bytes, smaller than the registered region",
+            self.key
+        ))
+    }
 
-        fn shrunk(&self, name: &str, e: &std::io::Error) -> Error {
-            let now = self.file.metadata().map(|m| m.len()).unwrap_or(0);
-            Error::invalid(format!(
-                "shared memory region '{name}': cannot access '{}' ({e}); the object is now {now} \
-                 bytes, smaller than the registered region",
-                self.key
-            ))
-        }
+    /// The `len` bytes at `offset` in the region.
+    fn read(&self, name: &str, offset: usize, len: usize) -> Result<Vec<u8>> {
+        let position = self.position(name, offset, len)?;
+        // Fresh memory from the allocator is already zero, so this costs no extra pass.
+        let mut out = vec![0u8; len];
+        self.file
+            .read_exact_at(&mut out, position)
+            .map_err(|e| self.shrunk(name, &e))?;
+        Ok(out)
+    }
 
-        /// `len` bytes at `offset` in the region; callers have checked the range.
-        pub(super) fn copy_out(&self, name: &str, offset: usize, len: usize) -> Result<Vec<u8>> {
-            // Fresh memory from the allocator is already zero, so this costs no extra pass.
-            let mut out = vec![0u8; len];
-            self.file
-                .read_exact_at(&mut out, self.offset + offset as u64)
-                .map_err(|e| self.shrunk(name, &e))?;
-            Ok(out)
+    /// Writes `data` at `offset` in the region, where the request declared `capacity` bytes.
+    fn write(&self, name: &str, offset: usize, capacity: usize, data: &[u8]) -> Result<()> {
+        let position = self.position(name, offset, capacity)?;
+        // Writing past the end would grow the client's object instead of failing.
+        let now = self.file.metadata().map(|m| m.len()).unwrap_or(0);
+        if now < position + data.len() as u64 {
+            return Err(self.shrunk(name, &std::io::Error::from(std::io::ErrorKind::UnexpectedEof)));
         }
-
-        /// Writes `data` at `offset` in the region; callers have checked the range.
-        pub(super) fn copy_in(&self, name: &str, offset: usize, data: &[u8]) -> Result<()> {
-            // Writing past the end would grow the client's object instead of failing.
-            let end = self.offset + (offset + data.len()) as u64;
-            let now = self.file.metadata().map(|m| m.len()).unwrap_or(0);
-            if now < end {
-                return Err(self.shrunk(name, &std::io::Error::from(std::io::ErrorKind::UnexpectedEof)));
-            }
-            self.file
-                .write_all_at(data, self.offset + offset as u64)
-                .map_err(|e| self.shrunk(name, &e))
-        }
+        self.file
+            .write_all_at(data, position)
+            .map_err(|e| self.shrunk(name, &e))
     }
 }
 
@@ -489,7 +491,7 @@ mod tests {
         let held = shm.region("r").unwrap();
         shm.unregister_all();
         assert!(shm.read(&at("r", 0, 4)).is_err());
-        assert_eq!(held.copy_out("r", 0, 4).unwrap(), vec![0u8; 4]);
+        assert_eq!(held.read("r", 0, 4).unwrap(), vec![0u8; 4]);
     }
 
     #[test]

@@ -8,7 +8,7 @@ use oxserve_core::{
 use oxserve_engine::{BatchStat, IndexEntry, ModelStatistics, ServerMetadata, StatDuration};
 
 use super::contents::typed_to_data;
-use super::params::{WireParams, param_from_wire, params_from_wire, params_to_wire};
+use super::params::{WireParams, params_from_wire, params_to_wire};
 use super::pb::{
     InferBatchStatistics, InferStatistics, InferTensorContents, ModelInferRequest, ModelInferResponse,
     ModelMetadataResponse, ModelStatistics as WireModelStatistics, ServerMetadataResponse, StatisticDuration,
@@ -17,7 +17,10 @@ use super::pb::{
     model_metadata_response::TensorMetadata,
     repository_index_response::ModelIndex,
 };
-use crate::shm::{SharedMemoryOutputs, SharedMemoryRegistry, ShmRef, output_params, take_shm_ref};
+use crate::shm::{
+    SharedMemoryOutputs, SharedMemoryRegistry, ShmRef, check_output_place, output_params, place_of,
+    take_shm_ref,
+};
 
 /// Parses a version string from a request: empty means "let the server pick" (the latest
 /// ready version); anything else must be a non-negative integer.
@@ -177,32 +180,26 @@ fn input_from_wire(input: InferInputTensor, source: Source) -> Result<Tensor> {
 
 fn output_from_wire(output: InferRequestedOutputTensor) -> Result<(RequestedOutput, Option<ShmRef>)> {
     let InferRequestedOutputTensor { name, parameters } = output;
-    let at = take_shm_ref("output", &name, &mut params_from_wire("output", &parameters)?)?;
+    let mut parameters = params_from_wire("output", &parameters)?;
+    let at = take_shm_ref("output", &name, &mut parameters)?;
     // Triton's classification extension: `classification` = N asks for the top N classes;
     // 0 (what tritonclient sends for "not set" in some versions) means the plain tensor.
-    let classification = match parameters.get("classification") {
+    let classification = match parameters.remove("classification") {
         None => None,
-        Some(param) => {
-            let value = param_from_wire("output", "classification", param)?;
-            match value.as_i64() {
-                Some(0) => None,
-                Some(n) if n > 0 => Some(usize::try_from(n).map_err(|_| {
-                    Error::invalid(format!("output '{name}': classification count {n} is too large"))
-                })?),
-                _ => {
-                    return Err(Error::invalid(format!(
-                        "output '{name}': parameter 'classification' must be a non-negative \
+        Some(value) => match value.as_i64() {
+            Some(0) => None,
+            Some(n) if n > 0 => Some(usize::try_from(n).map_err(|_| {
+                Error::invalid(format!("output '{name}': classification count {n} is too large"))
+            })?),
+            _ => {
+                return Err(Error::invalid(format!(
+                    "output '{name}': parameter 'classification' must be a non-negative \
                          int64, got {value:?}"
-                    )));
-                }
+                )));
             }
-        }
+        },
     };
-    if at.is_some() && classification.is_some() {
-        return Err(Error::invalid(format!(
-            "output '{name}' can't set both 'shared_memory_region' and 'classification'"
-        )));
-    }
+    check_output_place(&name, at.as_ref(), classification)?;
     Ok((RequestedOutput { name, classification }, at))
 }
 
@@ -224,14 +221,16 @@ pub fn infer_response_to_wire(
     let mut wire_outputs = Vec::with_capacity(outputs.len());
     let mut raw_output_contents = Vec::with_capacity(outputs.len());
     for tensor in outputs {
-        let in_shm = shm_outputs.iter().find(|(n, _)| *n == tensor.name);
-        // Fixed-size data is a cheap `Bytes` clone; BYTES is encoded once here.
-        let wire = tensor.to_wire_bytes();
-        let parameters = match in_shm {
-            Some((_, at)) => params_to_wire(&output_params(at, wire.len())),
-            None => WireParams::new(),
+        // Fixed-size data is a cheap `Bytes` clone; BYTES is encoded once here. An output in
+        // shared memory was written there already and only its length is needed.
+        let (raw, parameters) = match place_of(shm_outputs, &tensor.name) {
+            Some(at) => (
+                Bytes::new(),
+                params_to_wire(&output_params(at, tensor.wire_len())),
+            ),
+            None => (tensor.to_wire_bytes(), WireParams::new()),
         };
-        raw_output_contents.push(if in_shm.is_some() { Bytes::new() } else { wire });
+        raw_output_contents.push(raw);
         wire_outputs.push(InferOutputTensor {
             name: tensor.name,
             datatype: tensor.datatype.wire_name().to_owned(),

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 use super::json_data::{JsonData, decode_data};
-use crate::shm::{SharedMemoryOutputs, SharedMemoryRegistry, ShmRef, take_shm_ref};
+use crate::shm::{SharedMemoryOutputs, SharedMemoryRegistry, check_output_place, place_of, take_shm_ref};
 
 #[derive(Deserialize)]
 #[serde(untagged)]
@@ -80,13 +80,6 @@ pub struct OutputEncoding {
 }
 
 impl OutputEncoding {
-    fn shared_memory_for(&self, name: &str) -> Option<&ShmRef> {
-        self.shared_memory
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, at)| at)
-    }
-
     fn is_binary(&self, name: &str) -> bool {
         self.per_output
             .iter()
@@ -227,13 +220,8 @@ pub fn parse_request(
                 ))
             })?),
         };
+        check_output_place(&output.name, shm_ref.as_ref(), classification)?;
         if let Some(at) = shm_ref {
-            if classification.is_some() {
-                return Err(Error::invalid(format!(
-                    "output '{}' can't set both 'shared_memory_region' and 'classification'",
-                    output.name
-                )));
-            }
             shared_memory.push((output.name.clone(), at));
         }
         outputs.push(RequestedOutput {
@@ -375,14 +363,6 @@ struct OutputOut<'a> {
     data: Option<JsonData<'a>>,
 }
 
-/// The byte length of an output in Triton's binary form.
-fn wire_len(t: &Tensor) -> usize {
-    match &t.data {
-        TensorData::Raw(raw) => raw.len(),
-        TensorData::Strings(items) => items.iter().map(|s| s.len() + 4).sum(),
-    }
-}
-
 /// An encoded response: the body, and the JSON header length when binary outputs follow it.
 pub struct EncodedResponse {
     pub body: Bytes,
@@ -395,14 +375,14 @@ pub fn encode_response(response: &InferResponse, encoding: &OutputEncoding) -> R
         .outputs
         .iter()
         .map(|t| {
-            if let Some(at) = encoding.shared_memory_for(&t.name) {
+            if let Some(at) = place_of(&encoding.shared_memory, &t.name) {
                 OutputOut {
                     name: &t.name,
                     datatype: t.datatype.wire_name(),
                     shape: &t.shape,
                     parameters: Some(OutputParams::SharedMemory {
                         shared_memory_region: &at.region,
-                        shared_memory_byte_size: wire_len(t),
+                        shared_memory_byte_size: t.wire_len(),
                         shared_memory_offset: at.offset,
                     }),
                     data: None,
