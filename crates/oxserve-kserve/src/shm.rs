@@ -44,6 +44,19 @@ pub struct ShmRef {
     pub byte_size: usize,
 }
 
+impl ShmRef {
+    /// Triton's tensor parameters naming this place: the inverse of [`take_shm_ref`].
+    pub fn params(&self) -> Parameters {
+        let mut params = Parameters::new();
+        params.insert(REGION_PARAM.into(), ParamValue::String(self.region.clone()));
+        params.insert(BYTE_SIZE_PARAM.into(), ParamValue::Int(self.byte_size as i64));
+        if self.offset != 0 {
+            params.insert(OFFSET_PARAM.into(), ParamValue::Int(self.offset as i64));
+        }
+        params
+    }
+}
+
 /// Outputs a request asked to have written into shared memory, by output name.
 pub type SharedMemoryOutputs = Vec<(String, ShmRef)>;
 
@@ -270,12 +283,8 @@ pub fn check_output_place(output: &str, at: Option<&ShmRef>, classification: Opt
 /// The parameters a response output carries when its data went to shared memory (Triton's
 /// HTTP and gRPC front-ends send the same three back).
 pub fn output_params(at: &ShmRef, written: usize) -> Parameters {
-    let mut params = Parameters::new();
-    params.insert(REGION_PARAM.into(), ParamValue::String(at.region.clone()));
+    let mut params = at.params();
     params.insert(BYTE_SIZE_PARAM.into(), ParamValue::Int(written as i64));
-    if at.offset != 0 {
-        params.insert(OFFSET_PARAM.into(), ParamValue::Int(at.offset as i64));
-    }
     params
 }
 
@@ -528,6 +537,11 @@ mod tests {
         p.insert("other".into(), ParamValue::Bool(true));
         assert_eq!(take_shm_ref("input", "x", &mut p).unwrap(), Some(at("r", 4, 16)));
         assert_eq!(p.len(), 1, "the shared-memory parameters are consumed");
+        let mut back = at("r", 4, 16).params();
+        assert_eq!(
+            take_shm_ref("input", "x", &mut back).unwrap(),
+            Some(at("r", 4, 16))
+        );
 
         let mut p = Parameters::new();
         p.insert(REGION_PARAM.into(), ParamValue::String("r".into()));

@@ -8,19 +8,18 @@ use std::path::PathBuf;
 
 use anyhow::{Context, bail};
 use bytes::Bytes;
-use oxserve_core::{InferRequest, ParamValue};
-use oxserve_kserve::grpc::pb;
+use oxserve_core::InferRequest;
+use oxserve_kserve::grpc::{params_to_wire, pb};
 use oxserve_kserve::http::INFERENCE_HEADER_CONTENT_LENGTH;
-use oxserve_kserve::shm::{BYTE_SIZE_PARAM, REGION_PARAM};
+use oxserve_kserve::shm::{BYTE_SIZE_PARAM, REGION_PARAM, ShmRef};
 
 use crate::client::http_body;
 
-/// One tensor's region: its registered name and size.
+/// One tensor's region: the whole of a registered region.
 #[derive(Debug, Clone)]
 struct Placement {
     tensor: String,
-    region: String,
-    byte_size: usize,
+    at: ShmRef,
 }
 
 /// The regions of one run: created and registered by [`BenchRegions::create`], unregistered
@@ -152,14 +151,18 @@ impl BenchRegions {
         }
         Ok(Placement {
             tensor: tensor.to_string(),
-            region: name.to_string(),
-            byte_size: data.len(),
+            at: ShmRef {
+                region: name.to_string(),
+                offset: 0,
+                byte_size: data.len(),
+            },
         })
     }
 
     /// The HTTP body naming the regions instead of carrying data (the same for JSON and binary).
     pub fn http_body(&self, request: &InferRequest) -> anyhow::Result<Bytes> {
-        let param = |p: &Placement| serde_json::json!({REGION_PARAM: p.region, BYTE_SIZE_PARAM: p.byte_size});
+        let param =
+            |p: &Placement| serde_json::json!({REGION_PARAM: p.at.region, BYTE_SIZE_PARAM: p.at.byte_size});
         let inputs: Vec<serde_json::Value> = request
             .inputs
             .iter()
@@ -183,15 +186,7 @@ impl BenchRegions {
 
     /// `request` for gRPC with every tensor in its region.
     pub fn grpc_request(&self, mut request: pb::ModelInferRequest) -> pb::ModelInferRequest {
-        let params = |p: &Placement| {
-            [
-                (REGION_PARAM, ParamValue::String(p.region.clone())),
-                (BYTE_SIZE_PARAM, ParamValue::Int(p.byte_size as i64)),
-            ]
-            .into_iter()
-            .map(|(k, v)| (k.to_string(), wire_param(v)))
-            .collect()
-        };
+        let params = |p: &Placement| params_to_wire(&p.at.params());
         request.raw_input_contents.clear();
         for (input, p) in request.inputs.iter_mut().zip(&self.inputs) {
             input.parameters = params(p);
@@ -215,7 +210,7 @@ impl BenchRegions {
                 .client
                 .post(format!(
                     "{}/v2/systemsharedmemory/region/{}/unregister",
-                    self.http_url, p.region
+                    self.http_url, p.at.region
                 ))
                 .send()
                 .await;
@@ -228,19 +223,5 @@ impl Drop for BenchRegions {
         for path in &self.files {
             let _ = std::fs::remove_file(path);
         }
-    }
-}
-
-fn wire_param(value: ParamValue) -> pb::InferParameter {
-    use pb::infer_parameter::ParameterChoice;
-    let choice = match value {
-        ParamValue::String(s) => ParameterChoice::StringParam(s),
-        ParamValue::Int(v) => ParameterChoice::Int64Param(v),
-        ParamValue::Uint(v) => ParameterChoice::Uint64Param(v),
-        ParamValue::Bool(v) => ParameterChoice::BoolParam(v),
-        ParamValue::Double(v) => ParameterChoice::DoubleParam(v),
-    };
-    pb::InferParameter {
-        parameter_choice: Some(choice),
     }
 }

@@ -11,6 +11,7 @@ mod params;
 mod service;
 pub mod status;
 
+pub use params::{WireParams, params_to_wire};
 pub use service::{GrpcFrontend, GrpcOptions, GrpcServer, grpc_service, grpc_service_with_options};
 
 /// Messages, server and client generated from `proto/inference/grpc_service.proto`. The

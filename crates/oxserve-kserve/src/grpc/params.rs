@@ -7,7 +7,7 @@ use oxserve_core::{Error, ParamValue, Parameters, Result};
 use super::pb::InferParameter;
 use super::pb::infer_parameter::ParameterChoice;
 
-pub(crate) type WireParams = HashMap<String, InferParameter>;
+pub type WireParams = HashMap<String, InferParameter>;
 
 /// One parameter; `what` names where it came from for the error message.
 pub(crate) fn param_from_wire(what: &str, key: &str, param: &InferParameter) -> Result<ParamValue> {
@@ -44,7 +44,7 @@ pub(crate) fn param_to_wire(value: &ParamValue) -> InferParameter {
     }
 }
 
-pub(crate) fn params_to_wire(params: &Parameters) -> WireParams {
+pub fn params_to_wire(params: &Parameters) -> WireParams {
     params
         .iter()
         .map(|(key, value)| (key.clone(), param_to_wire(value)))
