@@ -11,7 +11,10 @@
 #               for ONNX Runtime also on a model whose batcher prefers the request's batch size
 #               (so it executes exactly what in-process executes), with the tensors in the
 #               messages and with `--shared-memory system` (tensors left in /dev/shm regions,
-#               Triton's system shared-memory extension, as a co-located client sends them).
+#               Triton's system shared-memory extension, as a co-located client sends them);
+#               and that model with two instances of one intra-op thread each
+#               (`instance_group [ { count: 2 } ]`), end to end with shared memory and in process
+#               (two instances looping side by side, `--instances 2`).
 #
 # Points are interleaved (for each model and batch: engine A in-process, A end to end, B
 # in-process, B end to end) and the whole sweep runs ROUNDS times; the summary keeps the best
@@ -65,6 +68,11 @@ for model in cnn transformer; do
         ln -s "$corpus/models/$model.onnx" "$out/repo/$name/1/model.onnx"
         printf 'name: "%s"\nbackend: "onnxruntime"\nmax_batch_size: 32\n%s\ndynamic_batching { preferred_batch_size: [ %s ] }\n' \
             "$name" "$io" "$batch" >"$out/repo/$name/config.pbtxt"
+        # The same with two instances (one intra-op thread each, as the server sizes them).
+        mkdir -p "$out/repo/${name}_i2/1"
+        ln -s "$corpus/models/$model.onnx" "$out/repo/${name}_i2/1/model.onnx"
+        sed "s/^name: .*/name: \"${name}_i2\"/" "$out/repo/$name/config.pbtxt" >"$out/repo/${name}_i2/config.pbtxt"
+        echo 'instance_group [ { count: 2 kind: KIND_CPU } ]' >>"$out/repo/${name}_i2/config.pbtxt"
     done
 done
 
@@ -137,6 +145,21 @@ for round in $(seq 1 "$rounds"); do
                     kind=$([ "$shm" = none ] && echo e2e-exact || echo e2e-exact-shm)
                     echo "$point" | tag "$model" "$engine" "$round" "$kind" "$per_cpu" | tee -a "$out/points.jsonl" >&2
                 done
+                # Two instances of one thread each: in process (both looping side by side) and
+                # end to end with shared memory.
+                "$inproc_bin" --corpus "$corpus" --models "$model" --engines "$engine" --batches "$batch" \
+                    --seq "$seq" --seconds "$seconds" --instances 2 --json | tag "$model" "$engine" "$round" inprocess-i2 |
+                    tee -a "$out/points.jsonl" >&2
+                name="${model}_onnxruntime_b${batch}_i2"
+                n0=$(inferences "$name")
+                t0=$(server_ticks)
+                point=$("$bin" bench --model "$name" --http-url "http://$http" --grpc-url "http://$grpc" \
+                    --protocol grpc --shared-memory system --concurrency "$concurrency" --batch "$batch" \
+                    --duration "$seconds" --warmup 1 --json)
+                t1=$(server_ticks)
+                n1=$(inferences "$name")
+                per_cpu=$(awk -v n="$((n1 - n0))" -v t="$((t1 - t0))" 'BEGIN { print (t > 0 ? n / (t / 100) : 0) }')
+                echo "$point" | tag "$model" "$engine" "$round" e2e-exact-shm-i2 "$per_cpu" | tee -a "$out/points.jsonl" >&2
             done
         done
     done
@@ -151,7 +174,7 @@ points, conc = sys.argv[1], sys.argv[2]
 best = {}
 best_cpu = {}
 for p in map(json.loads, open(points).read().splitlines()):
-    if p["kind"] == "inprocess":
+    if p["kind"].startswith("inprocess"):
         ips, extra, cpu = p["items_per_s"], None, p.get("items_per_cpu_s", float("nan"))
     else:
         ips = p.get("infer_per_sec", p["throughput_rps"] * p["batch"])
@@ -183,27 +206,34 @@ print()
 print("items/s (images or sequences per second); e2e = end to end through the server over gRPC.")
 print()
 print("ONNX Runtime executing the request's own batch (preferred_batch_size = batch), end to end over gRPC,")
-print("with the tensors in the messages and in system shared memory:")
+print("with the tensors in the messages and in system shared memory; then with two instances of one thread")
+print("each, in process (both looping side by side) and end to end with shared memory:")
 print()
-print(f"| model | batch | ORT in-process | ORT e2e, request batch | / in-process | ORT e2e, request batch + shm | / in-process |")
-print("|---|---:|---:|---:|---:|---:|---:|")
+print("| model | batch | ORT in-process | e2e, request batch | / in-process | e2e, request batch + shm | / in-process "
+      "| ORT in-process, 2 instances | e2e + shm, 2 instances | / in-process | / in-process, 2 instances |")
+print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 for model, batch in sorted({(k[0], k[2]) for k in best}, key=lambda k: (k[0], k[1])):
     o, _ = get(model, "onnxruntime", batch, "inprocess")
     x, _ = get(model, "onnxruntime", batch, "e2e-exact")
     xs, _ = get(model, "onnxruntime", batch, "e2e-exact-shm")
-    print(f"| {model} | {batch} | {o:.1f} | {x:.1f} | {x / o:.2f} | {xs:.1f} | {xs / o:.2f} |")
+    o2, _ = get(model, "onnxruntime", batch, "inprocess-i2")
+    x2, _ = get(model, "onnxruntime", batch, "e2e-exact-shm-i2")
+    print(f"| {model} | {batch} | {o:.1f} | {x:.1f} | {x / o:.2f} | {xs:.1f} | {xs / o:.2f} "
+          f"| {o2:.1f} | {x2:.1f} | {x2 / o:.2f} | {x2 / o2:.2f} |")
 print()
 print("CPU cost, robust to what else runs on the machine: items per CPU-second of the in-process bench")
 print("process, and of the server process during the end-to-end points (the load generator's CPU")
 print("excluded; warm-up included on both sides of the count).")
 print()
 print("| model | batch | tract in-process | tract server | ORT in-process | ORT server | ORT server / in-process "
-      "| ORT server, request batch | + shm | + shm / in-process |")
-print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+      "| ORT server, request batch | + shm | + shm / in-process | ORT in-process, 2 instances | server + shm, 2 instances | / in-process, 2 instances |")
+print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 for model, batch in sorted({(k[0], k[2]) for k in best}, key=lambda k: (k[0], k[1])):
     c = lambda engine, kind: best_cpu.get((model, engine, batch, kind), float("nan"))
     ti, ts, oi, os_ = c("tract", "inprocess"), c("tract", "e2e"), c("onnxruntime", "inprocess"), c("onnxruntime", "e2e")
     ox, oxs = c("onnxruntime", "e2e-exact"), c("onnxruntime", "e2e-exact-shm")
-    print(f"| {model} | {batch} | {ti:.1f} | {ts:.1f} | {oi:.1f} | {os_:.1f} | {os_ / oi:.2f} | {ox:.1f} | {oxs:.1f} | {oxs / oi:.2f} |")
+    oi2, ox2 = c("onnxruntime", "inprocess-i2"), c("onnxruntime", "e2e-exact-shm-i2")
+    print(f"| {model} | {batch} | {ti:.1f} | {ts:.1f} | {oi:.1f} | {os_:.1f} | {os_ / oi:.2f} | {ox:.1f} | {oxs:.1f} | {oxs / oi:.2f} "
+          f"| {oi2:.1f} | {ox2:.1f} | {ox2 / oi2:.2f} |")
 EOF
 } | tee "$out/summary.md"

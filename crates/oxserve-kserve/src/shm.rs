@@ -365,11 +365,23 @@ impl Region {
     /// The `len` bytes at `offset` in the region.
     fn read(&self, name: &str, offset: usize, len: usize) -> Result<Vec<u8>> {
         let position = self.position(name, offset, len)?;
-        // Fresh memory from the allocator is already zero, so this costs no extra pass.
-        let mut out = vec![0u8; len];
-        self.file
-            .read_exact_at(&mut out, position)
-            .map_err(|e| self.shrunk(name, &e))?;
+        // Read into uninitialised capacity: the allocator hands back reused memory for large
+        // tensors, and zeroing it first (as `read_exact_at` needs) was a second pass over it.
+        let mut out = Vec::with_capacity(len);
+        while out.len() < len {
+            let at = position + out.len() as u64;
+            match rustix::io::pread(&self.file, rustix::buffer::spare_capacity(&mut out), at) {
+                Ok(0) => {
+                    let eof = std::io::Error::from(std::io::ErrorKind::UnexpectedEof);
+                    return Err(self.shrunk(name, &eof));
+                }
+                Ok(_) => {}
+                Err(rustix::io::Errno::INTR) => {}
+                Err(e) => return Err(self.shrunk(name, &e.into())),
+            }
+        }
+        // The spare capacity may exceed `len`; bytes read past it are not the tensor's.
+        out.truncate(len);
         Ok(out)
     }
 

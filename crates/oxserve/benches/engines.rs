@@ -6,11 +6,13 @@
 //! ```text
 //! cargo bench -p oxserve --bench engines -- --corpus tests/fixtures/corpus \
 //!     [--models cnn,transformer] [--engines onnxruntime,tract] [--batches 1,8,32] \
-//!     [--seq 64] [--seconds 5] [--param KEY=VALUE ...] [--json]
+//!     [--seq 64] [--seconds 5] [--instances 1] [--param KEY=VALUE ...] [--json]
 //! ```
 //!
-//! Engines run as the server configures them for one instance: ONNX Runtime with
-//! `max(1, cores / instances)` intra-op threads, tract single-threaded. Inputs are random
+//! Engines run as the server configures them: ONNX Runtime with `max(1, cores / instances)`
+//! intra-op threads, tract single-threaded. With `--instances N`, N instances of the model run
+//! the same batch side by side, each in a loop on its own thread (what a server's instance group
+//! does), and the items of all are counted. Inputs are random
 //! (uniform in [-1, 1) for floats; token ids in [0, 1000) for the transformer, whose variable
 //! sequence length is fixed by `--seq`).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -31,6 +33,7 @@ struct Args {
     batches: Vec<i64>,
     seq: i64,
     seconds: f64,
+    instances: usize,
     json: bool,
     /// Model configuration parameters for ONNX Runtime (`--param KEY=VALUE`, repeatable).
     params: BTreeMap<String, String>,
@@ -44,6 +47,7 @@ fn parse_args() -> Args {
         batches: vec![1, 8, 32],
         seq: 64,
         seconds: 5.0,
+        instances: 1,
         json: false,
         params: BTreeMap::new(),
     };
@@ -58,6 +62,7 @@ fn parse_args() -> Args {
             "--batches" => args.batches = list(value()).iter().map(|b| b.parse().expect("batch")).collect(),
             "--seq" => args.seq = value().parse().expect("--seq"),
             "--seconds" => args.seconds = value().parse().expect("--seconds"),
+            "--instances" => args.instances = value().parse().expect("--instances"),
             "--json" => args.json = true,
             "--param" => {
                 let kv = value();
@@ -116,6 +121,8 @@ struct Point {
     model: String,
     engine: String,
     batch: i64,
+    /// Instances running side by side.
+    instances: usize,
     runs: u64,
     seconds: f64,
     /// CPU time the process used while measuring (all threads), seconds.
@@ -126,8 +133,9 @@ impl Point {
     fn items_per_s(&self) -> f64 {
         self.runs as f64 * self.batch as f64 / self.seconds
     }
+    /// How long one run takes on its instance.
     fn ms_per_batch(&self) -> f64 {
-        self.seconds * 1000.0 / self.runs as f64
+        self.seconds * 1000.0 * self.instances as f64 / self.runs as f64
     }
     /// Items per CPU-second: what the engine costs, independent of how busy the machine is.
     fn items_per_cpu_s(&self) -> f64 {
@@ -146,23 +154,45 @@ fn process_cpu_seconds() -> f64 {
     (ticks(11) + ticks(12)) / 100.0
 }
 
-fn measure(instance: &mut dyn ModelInstance, batch: &Batch, seconds: f64) -> (u64, f64, f64) {
+/// Runs `batch` in a loop on every instance at once (one thread each) for `seconds`: total runs,
+/// elapsed seconds and the process's CPU seconds.
+fn measure(instances: &mut [Box<dyn ModelInstance>], batch: &Batch, seconds: f64) -> (u64, f64, f64) {
     // Warm up: first runs allocate and (ONNX Runtime) pick kernels.
-    let warm_until = Instant::now() + Duration::from_secs_f64((seconds / 5.0).clamp(0.2, 1.0));
-    let mut warm = 0;
-    while warm < 2 || Instant::now() < warm_until {
-        instance.execute(batch.clone()).expect("warm-up run");
-        warm += 1;
-    }
+    let warm = Duration::from_secs_f64((seconds / 5.0).clamp(0.2, 1.0));
+    run_all(instances, batch, warm, 2);
     let cpu = process_cpu_seconds();
     let start = Instant::now();
-    let until = start + Duration::from_secs_f64(seconds);
-    let mut runs = 0u64;
-    while runs < 3 || Instant::now() < until {
-        instance.execute(batch.clone()).expect("run");
-        runs += 1;
-    }
+    let runs = run_all(instances, batch, Duration::from_secs_f64(seconds), 3);
     (runs, start.elapsed().as_secs_f64(), process_cpu_seconds() - cpu)
+}
+
+/// Each instance runs `batch` for at least `min_runs` runs and `duration`; total runs.
+fn run_all(
+    instances: &mut [Box<dyn ModelInstance>],
+    batch: &Batch,
+    duration: Duration,
+    min_runs: u64,
+) -> u64 {
+    let until = Instant::now() + duration;
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = instances
+            .iter_mut()
+            .map(|instance| {
+                scope.spawn(move || {
+                    let mut runs = 0u64;
+                    while runs < min_runs || Instant::now() < until {
+                        instance.execute(batch.clone()).expect("run");
+                        runs += 1;
+                    }
+                    runs
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .map(|w| w.join().expect("instance thread"))
+            .sum()
+    })
 }
 
 fn main() {
@@ -194,7 +224,7 @@ fn main() {
                 inputs: sig.inputs.clone(),
                 outputs: sig.outputs.clone(),
                 max_batch_size: 32,
-                instance_count: 1,
+                instance_count: args.instances,
                 devices: vec![],
                 graph_optimization_level: 0,
                 parameters: args.params.clone(),
@@ -202,28 +232,37 @@ fn main() {
             let loaded = backend
                 .load(&spec)
                 .unwrap_or_else(|e| panic!("{engine} {model}: {e}"));
-            let mut instance = loaded.new_instance(0).expect("instance");
-            let threads = if engine == "onnxruntime" { cores } else { 1 };
+            let mut instances: Vec<_> = (0..args.instances.max(1))
+                .map(|i| loaded.new_instance(i).expect("instance"))
+                .collect();
+            // Threads per instance, as the server sizes them.
+            let threads = if engine == "onnxruntime" {
+                (cores / instances.len()).max(1)
+            } else {
+                1
+            };
             for &b in &args.batches {
                 let batch = Batch {
                     inputs: inputs(&sig.inputs, b, args.seq),
                     outputs: vec![],
                 };
-                let (runs, seconds, cpu_seconds) = measure(instance.as_mut(), &batch, args.seconds);
+                let (runs, seconds, cpu_seconds) = measure(&mut instances, &batch, args.seconds);
                 let p = Point {
                     model: model.clone(),
                     engine: engine.clone(),
                     batch: b,
+                    instances: instances.len(),
                     runs,
                     seconds,
                     cpu_seconds,
                 };
                 if args.json {
                     println!(
-                        "{{\"model\":\"{}\",\"engine\":\"{}\",\"batch\":{},\"threads\":{threads},\"runs\":{},\"items_per_s\":{:.2},\"ms_per_batch\":{:.3},\"items_per_cpu_s\":{:.2}}}",
+                        "{{\"model\":\"{}\",\"engine\":\"{}\",\"batch\":{},\"threads\":{threads},\"instances\":{},\"runs\":{},\"items_per_s\":{:.2},\"ms_per_batch\":{:.3},\"items_per_cpu_s\":{:.2}}}",
                         p.model,
                         p.engine,
                         p.batch,
+                        p.instances,
                         p.runs,
                         p.items_per_s(),
                         p.ms_per_batch(),
