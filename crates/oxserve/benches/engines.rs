@@ -224,7 +224,7 @@ fn main() {
                 inputs: sig.inputs.clone(),
                 outputs: sig.outputs.clone(),
                 max_batch_size: 32,
-                instance_count: args.instances,
+                instance_count: args.instances.max(1),
                 devices: vec![],
                 graph_optimization_level: 0,
                 parameters: args.params.clone(),
