@@ -112,54 +112,46 @@ inferences() {
 }
 
 : >"$out/points.jsonl"
+# inprocess_point MODEL ENGINE ROUND KIND [bench args...]: the engine alone, in this process.
+inprocess_point() {
+    local model="$1" engine="$2" round="$3" kind="$4"
+    shift 4
+    "$inproc_bin" --corpus "$corpus" --models "$model" --engines "$engine" --batches "$batch" \
+        --seq "$seq" --seconds "$seconds" "$@" --json | tag "$model" "$engine" "$round" "$kind" |
+        tee -a "$out/points.jsonl" >&2
+}
+# server_point SERVED MODEL ENGINE ROUND KIND SHM: the served model end to end over gRPC, with
+# the server's items per CPU-second over the point.
+server_point() {
+    local served="$1" model="$2" engine="$3" round="$4" kind="$5" shm="$6" n0 n1 t0 t1 point per_cpu
+    n0=$(inferences "$served")
+    t0=$(server_ticks)
+    point=$("$bin" bench --model "$served" --http-url "http://$http" --grpc-url "http://$grpc" \
+        --protocol grpc --shared-memory "$shm" --concurrency "$concurrency" --batch "$batch" \
+        --duration "$seconds" --warmup 1 --json)
+    t1=$(server_ticks)
+    n1=$(inferences "$served")
+    per_cpu=$(awk -v n="$((n1 - n0))" -v t="$((t1 - t0))" 'BEGIN { print (t > 0 ? n / (t / 100) : 0) }')
+    echo "$point" | tag "$model" "$engine" "$round" "$kind" "$per_cpu" | tee -a "$out/points.jsonl" >&2
+}
+
 for round in $(seq 1 "$rounds"); do
     for model in cnn transformer; do
         for batch in ${batches//,/ }; do
             for engine in onnxruntime tract; do
-                "$inproc_bin" --corpus "$corpus" --models "$model" --engines "$engine" --batches "$batch" \
-                    --seq "$seq" --seconds "$seconds" --json | tag "$model" "$engine" "$round" inprocess |
-                    tee -a "$out/points.jsonl" >&2
-                n0=$(inferences "${model}_${engine}")
-                t0=$(server_ticks)
-                point=$("$bin" bench --model "${model}_${engine}" --http-url "http://$http" --grpc-url "http://$grpc" \
-                    --protocol grpc --concurrency "$concurrency" --batch "$batch" \
-                    --duration "$seconds" --warmup 1 --json)
-                t1=$(server_ticks)
-                n1=$(inferences "${model}_${engine}")
-                per_cpu=$(awk -v n="$((n1 - n0))" -v t="$((t1 - t0))" 'BEGIN { print (t > 0 ? n / (t / 100) : 0) }')
-                echo "$point" | tag "$model" "$engine" "$round" e2e "$per_cpu" | tee -a "$out/points.jsonl" >&2
+                inprocess_point "$model" "$engine" "$round" inprocess
+                server_point "${model}_${engine}" "$model" "$engine" "$round" e2e none
                 [ "$engine" = onnxruntime ] || continue
                 # Executing the request's batch as it is, with the tensors in the messages and
                 # then in system shared memory (Triton's extension), as a client on the same
                 # host would send them.
-                for shm in none system; do
-                    name="${model}_onnxruntime_b$batch"
-                    n0=$(inferences "$name")
-                    t0=$(server_ticks)
-                    point=$("$bin" bench --model "$name" --http-url "http://$http" --grpc-url "http://$grpc" \
-                        --protocol grpc --shared-memory "$shm" --concurrency "$concurrency" --batch "$batch" \
-                        --duration "$seconds" --warmup 1 --json)
-                    t1=$(server_ticks)
-                    n1=$(inferences "$name")
-                    per_cpu=$(awk -v n="$((n1 - n0))" -v t="$((t1 - t0))" 'BEGIN { print (t > 0 ? n / (t / 100) : 0) }')
-                    kind=$([ "$shm" = none ] && echo e2e-exact || echo e2e-exact-shm)
-                    echo "$point" | tag "$model" "$engine" "$round" "$kind" "$per_cpu" | tee -a "$out/points.jsonl" >&2
-                done
+                exact="${model}_onnxruntime_b$batch"
+                server_point "$exact" "$model" "$engine" "$round" e2e-exact none
+                server_point "$exact" "$model" "$engine" "$round" e2e-exact-shm system
                 # Two instances of one thread each: in process (both looping side by side) and
                 # end to end with shared memory.
-                "$inproc_bin" --corpus "$corpus" --models "$model" --engines "$engine" --batches "$batch" \
-                    --seq "$seq" --seconds "$seconds" --instances 2 --json | tag "$model" "$engine" "$round" inprocess-i2 |
-                    tee -a "$out/points.jsonl" >&2
-                name="${model}_onnxruntime_b${batch}_i2"
-                n0=$(inferences "$name")
-                t0=$(server_ticks)
-                point=$("$bin" bench --model "$name" --http-url "http://$http" --grpc-url "http://$grpc" \
-                    --protocol grpc --shared-memory system --concurrency "$concurrency" --batch "$batch" \
-                    --duration "$seconds" --warmup 1 --json)
-                t1=$(server_ticks)
-                n1=$(inferences "$name")
-                per_cpu=$(awk -v n="$((n1 - n0))" -v t="$((t1 - t0))" 'BEGIN { print (t > 0 ? n / (t / 100) : 0) }')
-                echo "$point" | tag "$model" "$engine" "$round" e2e-exact-shm-i2 "$per_cpu" | tee -a "$out/points.jsonl" >&2
+                inprocess_point "$model" "$engine" "$round" inprocess-i2 --instances 2
+                server_point "${exact}_i2" "$model" "$engine" "$round" e2e-exact-shm-i2 system
             done
         done
     done
@@ -191,11 +183,13 @@ for p in map(json.loads, open(points).read().splitlines()):
 def get(*key):
     return best.get(key, (float("nan"), None))
 
+model_batches = sorted({(k[0], k[2]) for k in best})
+
 print()
 print(f"| model | batch | tract in-process | ONNX Runtime in-process | ORT / tract | tract e2e gRPC c={conc} "
       f"| ONNX Runtime e2e gRPC c={conc} | ORT e2e / ORT in-process | rows per ORT execution (server) |")
 print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-for model, batch in sorted({(k[0], k[2]) for k in best}, key=lambda k: (k[0], k[1])):
+for model, batch in model_batches:
     t, _ = get(model, "tract", batch, "inprocess")
     o, _ = get(model, "onnxruntime", batch, "inprocess")
     te, _ = get(model, "tract", batch, "e2e")
@@ -212,7 +206,7 @@ print()
 print("| model | batch | ORT in-process | e2e, request batch | / in-process | e2e, request batch + shm | / in-process "
       "| ORT in-process, 2 instances | e2e + shm, 2 instances | / in-process | / in-process, 2 instances |")
 print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-for model, batch in sorted({(k[0], k[2]) for k in best}, key=lambda k: (k[0], k[1])):
+for model, batch in model_batches:
     o, _ = get(model, "onnxruntime", batch, "inprocess")
     x, _ = get(model, "onnxruntime", batch, "e2e-exact")
     xs, _ = get(model, "onnxruntime", batch, "e2e-exact-shm")
@@ -228,7 +222,7 @@ print()
 print("| model | batch | tract in-process | tract server | ORT in-process | ORT server | ORT server / in-process "
       "| ORT server, request batch | + shm | + shm / in-process | ORT in-process, 2 instances | server + shm, 2 instances | / in-process, 2 instances |")
 print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-for model, batch in sorted({(k[0], k[2]) for k in best}, key=lambda k: (k[0], k[1])):
+for model, batch in model_batches:
     c = lambda engine, kind: best_cpu.get((model, engine, batch, kind), float("nan"))
     ti, ts, oi, os_ = c("tract", "inprocess"), c("tract", "e2e"), c("onnxruntime", "inprocess"), c("onnxruntime", "e2e")
     ox, oxs = c("onnxruntime", "e2e-exact"), c("onnxruntime", "e2e-exact-shm")
