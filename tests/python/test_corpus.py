@@ -34,10 +34,17 @@ Models tract cannot run (BF16 tensors) must fail at load with the reason, not at
 from __future__ import annotations
 
 import json
+import os
+import threading
+import time
+import uuid
 
 import numpy as np
 import pytest
 import requests
+import tritonclient.grpc as grpcclient
+import tritonclient.utils.shared_memory as shm
+from tritonclient.utils import InferenceServerException
 
 from _corpus import ENGINES, NP_TO_WIRE, Case, as_bytes, case_named, cases, ensure_corpus, infer
 from _server import ServerProcess
@@ -205,3 +212,61 @@ def test_bool_bytes_other_than_0_and_1_are_rejected(corpus_servers, engine):
     feeds, expected = case.load()
     got = infer(corpus_servers[engine], "grpc", case.model, feeds, ["unmasked"])
     _close("unmasked", case, got["unmasked"], expected["unmasked"])
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_shrinking_shared_memory_under_inference_fails_the_request_not_the_server(corpus_servers, engine):
+    """Fixed-size inputs in shared memory reach the engine as views of the client's mapping,
+    without a copy. A client that truncates its object while the engine reads it gets an error
+    for that request (the server maps zeros over the region instead of dying of SIGBUS); every
+    request that succeeds carries the right answer, and the server keeps serving."""
+    server = corpus_servers[engine]
+    case = case_named("cnn")
+    feeds, expected = case.load()
+    image = np.ascontiguousarray(np.repeat(feeds["image"], 8, axis=0))
+    want = np.repeat(expected["logits"], 8, axis=0)
+    client = grpcclient.InferenceServerClient(url=server.grpc_host)
+    rng = np.random.default_rng(7)
+    outcomes = {"answered": 0, "shrunk before": 0, "shrunk during": 0}
+    try:
+        for round_ in range(24):
+            tag = uuid.uuid4().hex[:12]
+            name, key = f"race_{tag}", f"/oxserve_race_{tag}"
+            handle = shm.create_shared_memory_region(name, key, image.nbytes)
+            try:
+                shm.set_shared_memory_region(handle, [image])
+                client.register_system_shared_memory(name, key, image.nbytes)
+                inp = grpcclient.InferInput("image", list(image.shape), "FP32")
+                inp.set_shared_memory(name, image.nbytes)
+                done = []
+                call = threading.Thread(target=lambda: done.append(_infer_or_error(client, inp)))
+                call.start()
+                time.sleep(rng.uniform(0, 0.015))
+                os.truncate(f"/dev/shm/{key.lstrip('/')}", 0)
+                call.join(timeout=120)
+                result = done[0]
+                if isinstance(result, InferenceServerException):
+                    message = result.message()
+                    if "register the region again" in message:
+                        outcomes["shrunk during"] += 1
+                    else:
+                        assert "smaller than the registered region" in message, message
+                        outcomes["shrunk before"] += 1
+                else:
+                    _close("logits", case, result.as_numpy("logits"), want)
+                    outcomes["answered"] += 1
+                client.unregister_system_shared_memory(name)
+            finally:
+                shm.destroy_shared_memory_region(handle)
+        print(f"{engine}: {outcomes}")
+        got = infer(server, "grpc", case.model, feeds, ["logits"])
+        _close("logits", case, got["logits"], expected["logits"])
+    finally:
+        client.close()
+
+
+def _infer_or_error(client, inp):
+    try:
+        return client.infer("cnn", [inp], client_timeout=120.0)
+    except InferenceServerException as e:
+        return e

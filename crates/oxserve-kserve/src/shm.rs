@@ -15,6 +15,10 @@ use std::sync::{Arc, RwLock};
 use bytes::Bytes;
 use oxserve_core::{Error, InferResponse, ParamValue, Parameters, Result};
 
+use mapping::Mapping;
+
+mod mapping;
+
 /// Where POSIX shared-memory objects live on Linux (what `shm_open` uses).
 const SHM_DIR: &str = "/dev/shm";
 
@@ -59,6 +63,27 @@ impl ShmRef {
 
 /// Outputs a request asked to have written into shared memory, by output name.
 pub type SharedMemoryOutputs = Vec<(String, ShmRef)>;
+
+/// The regions a request's inputs are views of ([`SharedMemoryRegistry::view`]), kept until
+/// its response is sent so the front-end can tell whether the client shrank an object under
+/// the engine's read ([`SharedMemoryInputs::check`]).
+#[derive(Debug, Default)]
+pub struct SharedMemoryInputs(Vec<(String, Arc<Region>)>);
+
+impl SharedMemoryInputs {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// An error if any of the request's input regions was poisoned: part of what the engine
+    /// read was zeros standing in for bytes the client removed, so the result is not its answer.
+    pub fn check(&self) -> Result<()> {
+        match self.0.iter().find(|(_, region)| region.poisoned()) {
+            Some((name, region)) => Err(region.poisoned_error(name)),
+            None => Ok(()),
+        }
+    }
+}
 
 /// The registered system shared-memory regions of this server.
 #[derive(Debug)]
@@ -158,11 +183,22 @@ impl SharedMemoryRegistry {
             .ok_or_else(|| not_registered(name))
     }
 
-    /// A copy of the bytes a tensor's parameters point at. The copy keeps the engine's input
-    /// independent of what the client does with the region afterwards.
+    /// A copy of the bytes a tensor's parameters point at: for BYTES inputs, which the server
+    /// parses, so what it checked cannot change under it.
     pub fn read(&self, at: &ShmRef) -> Result<Bytes> {
         let region = self.region(&at.region)?;
         Ok(Bytes::from(region.read(&at.region, at.offset, at.byte_size)?))
+    }
+
+    /// The bytes a fixed-size input's parameters point at, as a view of the region's mapping
+    /// (no copy; as in Triton, the client must leave them alone until the response arrives),
+    /// or a copy where the region could not be mapped. `inputs` keeps the region for
+    /// [`SharedMemoryInputs::check`].
+    pub fn view(&self, at: &ShmRef, inputs: &mut SharedMemoryInputs) -> Result<Bytes> {
+        let region = self.region(&at.region)?;
+        let bytes = region.view(&at.region, at.offset, at.byte_size)?;
+        inputs.0.push((at.region.clone(), region));
+        Ok(bytes)
     }
 
     /// Writes an output into the place `at` names, which must be large enough to hold it.
@@ -288,16 +324,31 @@ pub fn output_params(at: &ShmRef, written: usize) -> Parameters {
     params
 }
 
-/// A registered region: the client's object, opened once, read and written with positioned
-/// I/O (`pread`/`pwrite`) rather than mapped. A mapping would fault (SIGBUS, killing the server)
-/// if the client shrank its object while a request was reading it; positioned I/O on a shrunk
-/// object just comes up short, which is an error for that request. It costs the same one copy.
+/// A registered region: the client's object, opened once and mapped read-only so fixed-size
+/// inputs reach the engine without a copy (see [`mapping`] for what happens when the client
+/// shrinks the object under a read). Outputs, BYTES inputs and regions that could not be
+/// mapped use positioned I/O (`pwrite`/`pread`), which on a shrunk object just comes up short.
 #[derive(Debug)]
 struct Region {
     key: String,
     offset: u64,
     byte_size: usize,
     file: File,
+    mapping: Option<Arc<Mapping>>,
+}
+
+/// A view of part of a mapping, as the owner of a `Bytes`: the mapping stays until the last
+/// view of it is dropped, even after the region is unregistered.
+struct MappedInput {
+    mapping: Arc<Mapping>,
+    offset: usize,
+    len: usize,
+}
+
+impl AsRef<[u8]> for MappedInput {
+    fn as_ref(&self) -> &[u8] {
+        &self.mapping.bytes()[self.offset..self.offset + self.len]
+    }
 }
 
 impl Region {
@@ -320,12 +371,26 @@ impl Region {
                 "offset {offset} + byte_size {byte_size} goes past the end of '{key}' ({object_len} bytes)"
             )));
         }
+        let mapping = Mapping::new(&file, offset, byte_size).map(Arc::new);
         Ok(Region {
             key: key.to_string(),
             offset,
             byte_size,
             file,
+            mapping,
         })
+    }
+
+    fn poisoned(&self) -> bool {
+        self.mapping.as_ref().is_some_and(|m| m.poisoned())
+    }
+
+    fn poisoned_error(&self, name: &str) -> Error {
+        Error::invalid(format!(
+            "shared memory region '{name}': '{}' was made smaller than the registered region \
+             while the server was reading it; register the region again",
+            self.key
+        ))
     }
 
     fn status(&self, name: &str) -> RegionStatus {
@@ -362,7 +427,28 @@ impl Region {
         ))
     }
 
-    /// The `len` bytes at `offset` in the region.
+    /// The `len` bytes at `offset` in the region, as a view of the mapping when there is one.
+    fn view(&self, name: &str, offset: usize, len: usize) -> Result<Bytes> {
+        let Some(mapping) = &self.mapping else {
+            return self.read(name, offset, len).map(Bytes::from);
+        };
+        let position = self.position(name, offset, len)?;
+        if mapping.poisoned() {
+            return Err(self.poisoned_error(name));
+        }
+        // An object the client already shrank is an error now, not zeros later.
+        let now = self.file.metadata().map(|m| m.len()).unwrap_or(0);
+        if now < position + len as u64 {
+            return Err(self.shrunk(name, &std::io::Error::from(std::io::ErrorKind::UnexpectedEof)));
+        }
+        Ok(Bytes::from_owner(MappedInput {
+            mapping: mapping.clone(),
+            offset,
+            len,
+        }))
+    }
+
+    /// A copy of the `len` bytes at `offset` in the region.
     fn read(&self, name: &str, offset: usize, len: usize) -> Result<Vec<u8>> {
         let position = self.position(name, offset, len)?;
         // Read into uninitialised capacity: the allocator hands back reused memory for large
@@ -506,6 +592,13 @@ mod tests {
                 e.message().contains("smaller than the registered region"),
                 "{len}: {e:?}"
             );
+            let e = shm
+                .view(&at("r", 512, 64), &mut SharedMemoryInputs::new())
+                .unwrap_err();
+            assert!(
+                e.message().contains("smaller than the registered region"),
+                "{len}: {e:?}"
+            );
         }
         assert_eq!(
             shm.read(&at("r", 0, 10)).unwrap().len(),
@@ -521,9 +614,61 @@ mod tests {
         let shm = SharedMemoryRegistry::new();
         shm.register("r", &obj.1, 0, 64).unwrap();
         let held = shm.region("r").unwrap();
+        shm.write("o", &at("r", 8, 4), &[5u8; 4]).unwrap();
+        let view = shm.view(&at("r", 8, 4), &mut SharedMemoryInputs::new()).unwrap();
         shm.unregister_all();
         assert!(shm.read(&at("r", 0, 4)).is_err());
         assert_eq!(held.read("r", 0, 4).unwrap(), vec![0u8; 4]);
+        drop(held);
+        assert_eq!(view.as_ref(), &[5u8; 4], "the mapping outlives the region");
+    }
+
+    #[test]
+    fn fixed_size_inputs_are_views_of_the_region_without_a_copy() {
+        let obj = Object::new(8192);
+        let shm = SharedMemoryRegistry::new();
+        shm.register("r", &obj.1, 0, 8192).unwrap();
+        let mut inputs = SharedMemoryInputs::new();
+        let a = shm.view(&at("r", 4096, 16), &mut inputs).unwrap();
+        let b = shm.view(&at("r", 4096, 16), &mut inputs).unwrap();
+        assert_eq!(a.as_ptr(), b.as_ptr(), "both point into the one mapping");
+        // What the client writes afterwards shows through: nothing was copied.
+        shm.write("o", &at("r", 4096, 16), &[3u8; 16]).unwrap();
+        assert_eq!(a.as_ref(), &[3u8; 16]);
+        inputs.check().unwrap();
+    }
+
+    #[test]
+    fn an_object_shrunk_under_a_request_fails_the_request_not_the_server() {
+        let obj = Object::new(64 << 10);
+        let shm = SharedMemoryRegistry::new();
+        shm.register("r", &obj.1, 0, 64 << 10).unwrap();
+        shm.write("o", &at("r", 0, 64 << 10), &vec![1u8; 64 << 10])
+            .unwrap();
+        let mut inputs = SharedMemoryInputs::new();
+        let tensor = shm.view(&at("r", 0, 64 << 10), &mut inputs).unwrap();
+        // The client truncates its object while the engine reads the tensor.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&obj.0)
+            .unwrap()
+            .set_len(0)
+            .unwrap();
+        let sum: u64 = tensor.iter().map(|&b| u64::from(b)).sum();
+        assert_eq!(sum, 0, "the engine read zeros, not a fault");
+        let e = inputs.check().unwrap_err();
+        assert!(e.message().contains("register the region again"), "{e:?}");
+        let e = shm
+            .view(&at("r", 0, 16), &mut SharedMemoryInputs::new())
+            .unwrap_err();
+        assert!(e.message().contains("register the region again"), "{e:?}");
+        // Registered again (over an object of the right size), the region serves.
+        std::fs::write(&obj.0, vec![2u8; 64 << 10]).unwrap();
+        shm.unregister("r");
+        shm.register("r", &obj.1, 0, 64 << 10).unwrap();
+        let mut inputs = SharedMemoryInputs::new();
+        assert_eq!(shm.view(&at("r", 0, 4), &mut inputs).unwrap().as_ref(), &[2u8; 4]);
+        inputs.check().unwrap();
     }
 
     #[test]

@@ -18,8 +18,8 @@ use super::pb::{
     repository_index_response::ModelIndex,
 };
 use crate::shm::{
-    SharedMemoryOutputs, SharedMemoryRegistry, ShmRef, check_output_place, output_params, place_of,
-    take_shm_ref,
+    SharedMemoryInputs, SharedMemoryOutputs, SharedMemoryRegistry, ShmRef, check_output_place, output_params,
+    place_of, take_shm_ref,
 };
 
 /// Parses a version string from a request: empty means "let the server pick" (the latest
@@ -39,11 +39,12 @@ pub fn parse_version(version: &str) -> Result<Option<u64>> {
 /// Decodes an inference request. Tensor data is taken from the shared-memory region an input
 /// names, else from `raw_input_contents` when present (one entry per input not in shared
 /// memory, no typed contents anywhere), else from each input's typed `contents`; raw data is
-/// handed on as `Bytes` slices of the received message.
+/// handed on as `Bytes` slices of the received message, fixed-size inputs in shared memory as
+/// views of the region (listed in the returned [`SharedMemoryInputs`]).
 pub fn infer_request_from_wire(
     request: ModelInferRequest,
     shm: &SharedMemoryRegistry,
-) -> Result<(InferRequest, SharedMemoryOutputs)> {
+) -> Result<(InferRequest, SharedMemoryInputs, SharedMemoryOutputs)> {
     let ModelInferRequest {
         model_name,
         model_version,
@@ -77,11 +78,14 @@ pub fn infer_request_from_wire(
     }
     // With the counts equal, `raw.next()` yields exactly one entry per such input in raw mode.
     let mut raw = raw_input_contents.into_iter();
+    let mut shm_inputs = SharedMemoryInputs::new();
     let inputs = inputs
         .into_iter()
         .map(|(input, at)| {
             let source = match at {
-                Some(at) => Source::SharedMemory(shm.read(&at)?),
+                // BYTES are parsed here, from a copy the client cannot change under the parse.
+                Some(at) if input.datatype == "BYTES" => Source::SharedMemory(shm.read(&at)?),
+                Some(at) => Source::SharedMemory(shm.view(&at, &mut shm_inputs)?),
                 None if use_raw => Source::Raw(raw.next().unwrap_or_default()),
                 None => Source::Contents,
             };
@@ -110,13 +114,14 @@ pub fn infer_request_from_wire(
             inputs,
             outputs,
         },
+        shm_inputs,
         shm_outputs,
     ))
 }
 
 /// Where an input's bytes come from.
 enum Source {
-    /// Copied out of a shared-memory region.
+    /// A shared-memory region (a view of it, or a copy for BYTES).
     SharedMemory(Bytes),
     /// Its entry of `raw_input_contents`.
     Raw(Bytes),

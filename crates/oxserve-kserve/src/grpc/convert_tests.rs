@@ -14,7 +14,7 @@ use crate::grpc::pb::{InferParameter, ModelConfigResponse, infer_parameter::Para
 
 /// Decodes with an empty shared-memory registry.
 fn decode(req: ModelInferRequest) -> Result<InferRequest> {
-    decode_with(req, &SharedMemoryRegistry::new()).map(|(r, _)| r)
+    decode_with(req, &SharedMemoryRegistry::new()).map(|(r, _, _)| r)
 }
 
 use super::infer_request_from_wire as decode_with;

@@ -142,9 +142,10 @@ impl GrpcInferenceService for GrpcFrontend {
         &self,
         request: Request<ModelInferRequest>,
     ) -> Result<Response<ModelInferResponse>, Status> {
-        let (request, shm_outputs) =
+        let (request, shm_inputs, shm_outputs) =
             infer_request_from_wire(request.into_inner(), &self.shm).map_err(status)?;
         let response = self.engine.infer(request).await.map_err(status)?;
+        shm_inputs.check().map_err(status)?;
         self.shm.write_outputs(&response, &shm_outputs).map_err(status)?;
         Ok(Response::new(infer_response_to_wire(response, &shm_outputs)))
     }

@@ -12,7 +12,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 use super::json_data::{JsonData, decode_data};
-use crate::shm::{SharedMemoryOutputs, SharedMemoryRegistry, check_output_place, place_of, take_shm_ref};
+use crate::shm::{
+    SharedMemoryInputs, SharedMemoryOutputs, SharedMemoryRegistry, check_output_place, place_of, take_shm_ref,
+};
 
 #[derive(Deserialize)]
 #[serde(untagged)]
@@ -77,6 +79,8 @@ pub struct OutputEncoding {
     pub per_output: Vec<(String, bool)>,
     /// Outputs the client asked to have written into its shared memory.
     pub shared_memory: SharedMemoryOutputs,
+    /// The regions the request's inputs are views of, to check once the engine has answered.
+    pub shared_memory_inputs: SharedMemoryInputs,
 }
 
 impl OutputEncoding {
@@ -133,6 +137,7 @@ pub fn parse_request(
     let default_binary = take_bool(&mut parameters, "binary_data_output")?.unwrap_or(false);
 
     let mut cursor = 0usize;
+    let mut shared_memory_inputs = SharedMemoryInputs::new();
     let mut inputs = Vec::with_capacity(parsed.inputs.len());
     for input in parsed.inputs {
         let datatype = DataType::from_wire_name(&input.datatype).ok_or_else(|| {
@@ -161,7 +166,12 @@ pub fn parse_request(
                     input.name
                 )));
             }
-            Tensor::data_from_wire(&input.name, datatype, shm.read(at)?)?
+            // BYTES are parsed here, from a copy the client cannot change under the parse.
+            let bytes = match datatype {
+                DataType::Bytes => shm.read(at)?,
+                _ => shm.view(at, &mut shared_memory_inputs)?,
+            };
+            Tensor::data_from_wire(&input.name, datatype, bytes)?
         } else {
             match (binary_size, input.data) {
                 (Some(_), Some(_)) => {
@@ -243,6 +253,7 @@ pub fn parse_request(
             default_binary,
             per_output,
             shared_memory,
+            shared_memory_inputs,
         },
     ))
 }

@@ -311,6 +311,7 @@ async fn run_infer(
         _ => infer::parse_request(&model, version, &body, header_len, &s.shm)?,
     };
     let response = s.engine.infer(request).await?;
+    encoding.shared_memory_inputs.check()?;
     s.shm.write_outputs(&response, &encoding.shared_memory)?;
     let encoded = infer::encode_response(&response, &encoding)?;
     Ok(match encoded.header_len {
