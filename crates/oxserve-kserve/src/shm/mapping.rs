@@ -266,6 +266,12 @@ mod tests {
         const CHILD: &str = "OXSERVE_SIGBUS_CHILD";
         let page = page_size();
         if std::env::var_os(CHILD).is_some() {
+            let no_core = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            // SAFETY: plain setrlimit; the child is about to die of SIGBUS and must not dump core.
+            unsafe { libc::setrlimit(libc::RLIMIT_CORE, &no_core) };
             let (_tmp, file) = file_of(page, 1);
             let _ours = Mapping::new(&file, 0, page).expect("handler installed");
             let (foreign_tmp, foreign) = file_of(4 * page, 1);
