@@ -43,6 +43,7 @@ import numpy as np
 import pytest
 import requests
 import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
 import tritonclient.utils.shared_memory as shm
 from tritonclient.utils import InferenceServerException
 
@@ -214,8 +215,9 @@ def test_bool_bytes_other_than_0_and_1_are_rejected(corpus_servers, engine):
     _close("unmasked", case, got["unmasked"], expected["unmasked"])
 
 
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
 @pytest.mark.parametrize("engine", ENGINES)
-def test_shrinking_shared_memory_under_inference_fails_the_request_not_the_server(corpus_servers, engine):
+def test_shrinking_shared_memory_under_inference_fails_the_request_not_the_server(corpus_servers, engine, protocol):
     """Fixed-size inputs in shared memory reach the engine as views of the client's mapping,
     without a copy. A client that truncates its object while the engine reads it gets an error
     for that request (the server maps zeros over the region instead of dying of SIGBUS); every
@@ -225,7 +227,14 @@ def test_shrinking_shared_memory_under_inference_fails_the_request_not_the_serve
     feeds, expected = case.load()
     image = np.ascontiguousarray(np.repeat(feeds["image"], 8, axis=0))
     want = np.repeat(expected["logits"], 8, axis=0)
-    client = grpcclient.InferenceServerClient(url=server.grpc_host)
+    m = grpcclient if protocol == "grpc" else httpclient
+
+    def connect():
+        if protocol == "grpc":
+            return grpcclient.InferenceServerClient(url=server.grpc_host)
+        return httpclient.InferenceServerClient(url=server.http_host, network_timeout=120.0)
+
+    client = connect()
     rng = np.random.default_rng(7)
     outcomes = {"answered": 0, "shrunk before": 0, "shrunk during": 0}
     try:
@@ -236,16 +245,19 @@ def test_shrinking_shared_memory_under_inference_fails_the_request_not_the_serve
             try:
                 shm.set_shared_memory_region(handle, [image])
                 client.register_system_shared_memory(name, key, image.nbytes)
-                inp = grpcclient.InferInput("image", list(image.shape), "FP32")
+                inp = m.InferInput("image", list(image.shape), "FP32")
                 inp.set_shared_memory(name, image.nbytes)
+                out = m.InferRequestedOutput("logits", binary_data=True) if protocol == "http" else None
                 done = []
-                call = threading.Thread(target=lambda: done.append(_infer_or_error(client, inp)))
+                # Its own client: tritonclient's HTTP client belongs to the thread that made it.
+                call = threading.Thread(target=lambda: done.append(_infer_or_error(connect, inp, out)))
                 call.start()
                 time.sleep(rng.uniform(0, 0.015))
                 os.truncate(f"/dev/shm/{key.lstrip('/')}", 0)
                 call.join(timeout=120)
                 result = done[0]
-                if isinstance(result, InferenceServerException):
+                if isinstance(result, Exception):
+                    assert isinstance(result, InferenceServerException), repr(result)
                     message = result.message()
                     if "register the region again" in message:
                         outcomes["shrunk during"] += 1
@@ -258,15 +270,20 @@ def test_shrinking_shared_memory_under_inference_fails_the_request_not_the_serve
                 client.unregister_system_shared_memory(name)
             finally:
                 shm.destroy_shared_memory_region(handle)
-        print(f"{engine}: {outcomes}")
-        got = infer(server, "grpc", case.model, feeds, ["logits"])
+        print(f"{engine} over {protocol}: {outcomes}")
+        got = infer(server, protocol if protocol == "grpc" else "http_binary", case.model, feeds, ["logits"])
         _close("logits", case, got["logits"], expected["logits"])
     finally:
         client.close()
 
 
-def _infer_or_error(client, inp):
+def _infer_or_error(connect, inp, out):
+    client = connect()
     try:
-        return client.infer("cnn", [inp], client_timeout=120.0)
-    except InferenceServerException as e:
+        if out is None:
+            return client.infer("cnn", [inp], client_timeout=120.0)
+        return client.infer("cnn", [inp], outputs=[out])
+    except Exception as e:  # noqa: BLE001 - the test tells the server's errors from the rest
         return e
+    finally:
+        client.close()
