@@ -18,7 +18,7 @@
 #![allow(unsafe_code)]
 
 use std::fs::File;
-use std::sync::Once;
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering, fence};
 
 use memmap2::{Mmap, MmapOptions};
@@ -38,12 +38,14 @@ impl Mapping {
     /// Maps `len` bytes at `offset` of `file`; `None` when the table of mappings is full or the
     /// kernel refuses the mapping (the caller copies instead).
     pub(super) fn new(file: &File, offset: u64, len: usize) -> Option<Mapping> {
-        install_handler();
+        if !install_handler() {
+            return None;
+        }
         let slot = claim_slot()?;
-        // SAFETY: the mapping is read-only and private to this module's users, which only read
-        // it through `bytes`. The client may change the bytes at any time (its own inputs, as
-        // with any shared memory) or shrink the object, whose SIGBUS the handler turns into
-        // zero pages for the slot claimed above before any page of the mapping can be touched.
+        // SAFETY: the mapping is read-only and only read through `bytes`. The client may change
+        // the bytes at any time (its own inputs, as with any shared memory) or shrink the
+        // object; the range is published to the SIGBUS handler below, before the mapping is
+        // handed out, so a read past the new end finds zero pages instead of killing us.
         let map = match unsafe { MmapOptions::new().offset(offset).len(len).map(file) } {
             Ok(map) => map,
             Err(_) => {
@@ -149,9 +151,10 @@ fn page_size() -> usize {
 static PREVIOUS_HANDLER: AtomicUsize = AtomicUsize::new(libc::SIG_DFL);
 static PREVIOUS_SIGINFO: AtomicBool = AtomicBool::new(false);
 
-fn install_handler() {
-    static INSTALL: Once = Once::new();
-    INSTALL.call_once(|| {
+/// Installs the SIGBUS handler once; whether it is in place (without it nothing is mapped).
+fn install_handler() -> bool {
+    static INSTALLED: OnceLock<bool> = OnceLock::new();
+    *INSTALLED.get_or_init(|| {
         // SAFETY: plain sigaction calls with a zeroed struct filled in as the man page says;
         // the handler only uses async-signal-safe operations (atomics, mmap, sigaction, raise).
         unsafe {
@@ -160,12 +163,14 @@ fn install_handler() {
             action.sa_flags = libc::SA_SIGINFO | libc::SA_ONSTACK;
             libc::sigemptyset(&mut action.sa_mask);
             let mut previous: libc::sigaction = std::mem::zeroed();
-            if libc::sigaction(libc::SIGBUS, &action, &mut previous) == 0 {
+            let installed = libc::sigaction(libc::SIGBUS, &action, &mut previous) == 0;
+            if installed {
                 PREVIOUS_HANDLER.store(previous.sa_sigaction, Ordering::Release);
                 PREVIOUS_SIGINFO.store(previous.sa_flags & libc::SA_SIGINFO != 0, Ordering::Release);
             }
+            installed
         }
-    });
+    })
 }
 
 extern "C" fn on_sigbus(signal: libc::c_int, info: *mut libc::siginfo_t, context: *mut libc::c_void) {
