@@ -8,7 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 
@@ -248,6 +248,9 @@ fn open_object(key: &str) -> Result<File> {
     OpenOptions::new()
         .read(true)
         .write(true)
+        // As `shm_open` does: a symbolic link in /dev/shm must not lead the server to a file
+        // elsewhere that it would then read inputs from and write outputs into.
+        .custom_flags(libc::O_NOFOLLOW)
         .open(&path)
         .map_err(|e| Error::invalid(format!("Unable to open shared memory region: '{key}': {e}")))
 }
@@ -554,6 +557,15 @@ mod tests {
             shm.register("r", "/../etc/passwd", 0, 8).is_err(),
             "escapes /dev/shm"
         );
+        // A symbolic link in /dev/shm to a file elsewhere is refused, as shm_open refuses it.
+        let elsewhere = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(elsewhere.path(), [0u8; 64]).unwrap();
+        let link = format!("/oxserve-test-link-{}-{}", std::process::id(), rand_suffix());
+        let link_path = object_path(&link).unwrap();
+        std::os::unix::fs::symlink(elsewhere.path(), &link_path).unwrap();
+        let refused = shm.register("r", &link, 0, 8);
+        let _ = std::fs::remove_file(&link_path);
+        assert!(refused.is_err(), "followed a symbolic link out of /dev/shm");
         shm.register("r", &obj.1, 0, 1024).unwrap();
         let e = shm.register("r", &obj.1, 0, 8).unwrap_err();
         assert!(e.message().contains("already in manager"), "{e:?}");
