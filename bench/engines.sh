@@ -27,12 +27,14 @@
 # over gRPC; the target for the CNN on ONNX Runtime is >= 0.9 (the shared-memory table).
 #
 # Usage: bench/engines.sh [seconds per point, default 5] [batches, default 1,8,32] [rounds, default 2]
+# MODELS="cnn" measures the CNN alone (default "cnn transformer").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 seconds="${1:-5}"
 batches="${2:-1,8,32}"
 rounds="${3:-2}"
 cnn_width="${CNN_WIDTH:-32}"
+models="${MODELS:-cnn transformer}"
 concurrency=8
 seq=64
 export ORT_DISABLE_TELEMETRY=1
@@ -137,7 +139,7 @@ server_point() {
 }
 
 for round in $(seq 1 "$rounds"); do
-    for model in cnn transformer; do
+    for model in $models; do
         for batch in ${batches//,/ }; do
             for engine in onnxruntime tract; do
                 inprocess_point "$model" "$engine" "$round" inprocess
@@ -163,7 +165,7 @@ done
 {
     echo "# $(date -u +%FT%TZ) commit $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- . 2>/dev/null || echo '+changes'), $(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)), ${seconds}s per point, best of $rounds rounds, CNN width $cnn_width, sequence length $seq"
     .venv/bin/python - "$out/points.jsonl" "$concurrency" <<'EOF'
-import json, math, sys
+import json, math, statistics, sys
 
 points, conc = sys.argv[1], sys.argv[2]
 best = {}
@@ -231,7 +233,10 @@ print("|---|---:|---:|---:|---:|---:|---|---:|---:|---|")
 def per_round(model, batch, kind):
     base = by_round.get((model, "onnxruntime", batch, "inprocess"), {})
     served = by_round.get((model, "onnxruntime", batch, kind), {})
-    return " / ".join(f"{served[r] / base[r]:.2f}" for r in sorted(served) if r in base)
+    ratios = [served[r] / base[r] for r in sorted(served) if r in base]
+    if not ratios:
+        return ""
+    return " / ".join(f"{x:.2f}" for x in ratios) + f" (median {statistics.median(ratios):.2f})"
 for model, batch in model_batches:
     o, _ = get(model, "onnxruntime", batch, "inprocess")
     d, rows = get(model, "onnxruntime", batch, "e2e-shm")
