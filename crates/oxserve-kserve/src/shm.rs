@@ -68,7 +68,7 @@ pub type SharedMemoryOutputs = Vec<(String, ShmRef)>;
 /// its response is sent so the front-end can tell whether the client shrank an object under
 /// the engine's read ([`SharedMemoryInputs::check`]).
 #[derive(Debug, Default)]
-pub struct SharedMemoryInputs(Vec<(String, Arc<Region>)>);
+pub struct SharedMemoryInputs(Vec<Arc<Region>>);
 
 impl SharedMemoryInputs {
     pub fn new() -> Self {
@@ -78,8 +78,8 @@ impl SharedMemoryInputs {
     /// An error if any of the request's input regions was poisoned: part of what the engine
     /// read was zeros standing in for bytes the client removed, so the result is not its answer.
     pub fn check(&self) -> Result<()> {
-        match self.0.iter().find(|(_, region)| region.poisoned()) {
-            Some((name, region)) => Err(region.poisoned_error(name)),
+        match self.0.iter().find(|region| region.poisoned()) {
+            Some(region) => Err(region.poisoned_error()),
             None => Ok(()),
         }
     }
@@ -165,10 +165,10 @@ impl SharedMemoryRegistry {
     pub fn status(&self, name: Option<&str>) -> Result<Vec<RegionStatus>> {
         let regions = self.regions.read().unwrap_or_else(|e| e.into_inner());
         match name {
-            None => Ok(regions.iter().map(|(n, r)| r.status(n)).collect()),
+            None => Ok(regions.values().map(|r| r.status()).collect()),
             Some(name) => regions
                 .get(name)
-                .map(|r| vec![r.status(name)])
+                .map(|r| vec![r.status()])
                 .ok_or_else(|| not_registered(name)),
         }
     }
@@ -187,7 +187,7 @@ impl SharedMemoryRegistry {
     /// parses, so what it checked cannot change under it.
     pub fn read(&self, at: &ShmRef) -> Result<Bytes> {
         let region = self.region(&at.region)?;
-        Ok(Bytes::from(region.read(&at.region, at.offset, at.byte_size)?))
+        Ok(Bytes::from(region.read(at.offset, at.byte_size)?))
     }
 
     /// The bytes a fixed-size input's parameters point at, as a view of the region's mapping
@@ -196,8 +196,8 @@ impl SharedMemoryRegistry {
     /// [`SharedMemoryInputs::check`].
     pub fn view(&self, at: &ShmRef, inputs: &mut SharedMemoryInputs) -> Result<Bytes> {
         let region = self.region(&at.region)?;
-        let bytes = region.view(&at.region, at.offset, at.byte_size)?;
-        inputs.0.push((at.region.clone(), region));
+        let bytes = region.view(at.offset, at.byte_size)?;
+        inputs.0.push(region);
         Ok(bytes)
     }
 
@@ -211,8 +211,7 @@ impl SharedMemoryRegistry {
                 data.len()
             )));
         }
-        self.region(&at.region)?
-            .write(&at.region, at.offset, at.byte_size, data)
+        self.region(&at.region)?.write(at.offset, at.byte_size, data)
     }
 
     /// Writes each output of `response` named in `outputs` into its place (Triton's binary
@@ -333,6 +332,8 @@ pub fn output_params(at: &ShmRef, written: usize) -> Parameters {
 /// mapped use positioned I/O (`pwrite`/`pread`), which on a shrunk object just comes up short.
 #[derive(Debug)]
 struct Region {
+    /// The name it is registered under, for messages.
+    name: String,
     key: String,
     offset: u64,
     byte_size: usize,
@@ -376,6 +377,7 @@ impl Region {
         }
         let mapping = Mapping::new(&file, offset, byte_size).map(Arc::new);
         Ok(Region {
+            name: name.to_string(),
             key: key.to_string(),
             offset,
             byte_size,
@@ -388,17 +390,17 @@ impl Region {
         self.mapping.as_ref().is_some_and(|m| m.poisoned())
     }
 
-    fn poisoned_error(&self, name: &str) -> Error {
+    fn poisoned_error(&self) -> Error {
         Error::invalid(format!(
-            "shared memory region '{name}': '{}' was made smaller than the registered region \
+            "shared memory region '{}': '{}' was made smaller than the registered region \
              while the server was reading it; register the region again",
-            self.key
+            self.name, self.key
         ))
     }
 
-    fn status(&self, name: &str) -> RegionStatus {
+    fn status(&self) -> RegionStatus {
         RegionStatus {
-            name: name.to_string(),
+            name: self.name.clone(),
             key: self.key.clone(),
             offset: self.offset,
             byte_size: self.byte_size as u64,
@@ -407,7 +409,8 @@ impl Region {
 
     /// Triton's checks of a tensor's offset and size against the region; the position of
     /// `offset` in the object.
-    fn position(&self, name: &str, offset: usize, len: usize) -> Result<u64> {
+    fn position(&self, offset: usize, len: usize) -> Result<u64> {
+        let name = &self.name;
         if offset >= self.byte_size {
             return Err(Error::invalid(format!(
                 "Invalid offset for shared memory region: '{name}'"
@@ -421,29 +424,35 @@ impl Region {
         Ok(self.offset + offset as u64)
     }
 
-    fn shrunk(&self, name: &str, e: &std::io::Error) -> Error {
+    fn shrunk(&self, e: &std::io::Error) -> Error {
         let now = self.file.metadata().map(|m| m.len()).unwrap_or(0);
         Error::invalid(format!(
-            "shared memory region '{name}': cannot access '{}' ({e}); the object is now {now} \
+            "shared memory region '{}': cannot access '{}' ({e}); the object is now {now} \
              bytes, smaller than the registered region",
-            self.key
+            self.name, self.key
         ))
     }
 
+    /// An error unless the object (which the client may have shrunk) still reaches `end`.
+    fn check_object_reaches(&self, end: u64) -> Result<()> {
+        let now = self.file.metadata().map(|m| m.len()).unwrap_or(0);
+        if now < end {
+            return Err(self.shrunk(&std::io::Error::from(std::io::ErrorKind::UnexpectedEof)));
+        }
+        Ok(())
+    }
+
     /// The `len` bytes at `offset` in the region, as a view of the mapping when there is one.
-    fn view(&self, name: &str, offset: usize, len: usize) -> Result<Bytes> {
+    fn view(&self, offset: usize, len: usize) -> Result<Bytes> {
         let Some(mapping) = &self.mapping else {
-            return self.read(name, offset, len).map(Bytes::from);
+            return self.read(offset, len).map(Bytes::from);
         };
-        let position = self.position(name, offset, len)?;
+        let position = self.position(offset, len)?;
         if mapping.poisoned() {
-            return Err(self.poisoned_error(name));
+            return Err(self.poisoned_error());
         }
         // An object the client already shrank is an error now, not zeros later.
-        let now = self.file.metadata().map(|m| m.len()).unwrap_or(0);
-        if now < position + len as u64 {
-            return Err(self.shrunk(name, &std::io::Error::from(std::io::ErrorKind::UnexpectedEof)));
-        }
+        self.check_object_reaches(position + len as u64)?;
         Ok(Bytes::from_owner(MappedInput {
             mapping: mapping.clone(),
             offset,
@@ -452,8 +461,8 @@ impl Region {
     }
 
     /// A copy of the `len` bytes at `offset` in the region.
-    fn read(&self, name: &str, offset: usize, len: usize) -> Result<Vec<u8>> {
-        let position = self.position(name, offset, len)?;
+    fn read(&self, offset: usize, len: usize) -> Result<Vec<u8>> {
+        let position = self.position(offset, len)?;
         // Read into uninitialised capacity: the allocator hands back reused memory for large
         // tensors, and zeroing it first (as `read_exact_at` needs) was a second pass over it.
         let mut out = Vec::with_capacity(len);
@@ -462,11 +471,11 @@ impl Region {
             match rustix::io::pread(&self.file, rustix::buffer::spare_capacity(&mut out), at) {
                 Ok(0) => {
                     let eof = std::io::Error::from(std::io::ErrorKind::UnexpectedEof);
-                    return Err(self.shrunk(name, &eof));
+                    return Err(self.shrunk(&eof));
                 }
                 Ok(_) => {}
                 Err(rustix::io::Errno::INTR) => {}
-                Err(e) => return Err(self.shrunk(name, &e.into())),
+                Err(e) => return Err(self.shrunk(&e.into())),
             }
         }
         // The spare capacity may exceed `len`; bytes read past it are not the tensor's.
@@ -475,16 +484,13 @@ impl Region {
     }
 
     /// Writes `data` at `offset` in the region, where the request declared `capacity` bytes.
-    fn write(&self, name: &str, offset: usize, capacity: usize, data: &[u8]) -> Result<()> {
-        let position = self.position(name, offset, capacity)?;
+    fn write(&self, offset: usize, capacity: usize, data: &[u8]) -> Result<()> {
+        let position = self.position(offset, capacity)?;
         // Writing past the end would grow the client's object instead of failing.
-        let now = self.file.metadata().map(|m| m.len()).unwrap_or(0);
-        if now < position + data.len() as u64 {
-            return Err(self.shrunk(name, &std::io::Error::from(std::io::ErrorKind::UnexpectedEof)));
-        }
+        self.check_object_reaches(position + data.len() as u64)?;
         self.file
             .write_all_at(data, position)
-            .map_err(|e| self.shrunk(name, &e))
+            .map_err(|e| self.shrunk(&e))
     }
 }
 
@@ -630,7 +636,7 @@ mod tests {
         let view = shm.view(&at("r", 8, 4), &mut SharedMemoryInputs::new()).unwrap();
         shm.unregister_all();
         assert!(shm.read(&at("r", 0, 4)).is_err());
-        assert_eq!(held.read("r", 0, 4).unwrap(), vec![0u8; 4]);
+        assert_eq!(held.read(0, 4).unwrap(), vec![0u8; 4]);
         drop(held);
         assert_eq!(view.as_ref(), &[5u8; 4], "the mapping outlives the region");
     }
