@@ -73,6 +73,14 @@ pub enum Device {
     Gpu(u32),
 }
 
+/// One of Triton's `optimization { execution_accelerators { gpu_execution_accelerator [ ... ] } }`
+/// entries: an engine-specific accelerator by name, with its options.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Accelerator {
+    pub name: String,
+    pub parameters: BTreeMap<String, String>,
+}
+
 /// Everything a backend needs to load one model version.
 #[derive(Debug, Clone)]
 pub struct LoadSpec {
@@ -96,6 +104,9 @@ pub struct LoadSpec {
     pub graph_optimization_level: i32,
     /// Free-form `parameters` from the model configuration.
     pub parameters: BTreeMap<String, String>,
+    /// Accelerators for the instances on a GPU, in configuration order; engines that cannot
+    /// apply one must fail the load rather than ignore it.
+    pub gpu_accelerators: Vec<Accelerator>,
 }
 
 /// One batch to run: inputs in the order of [`LoadSpec::inputs`], all with the same first

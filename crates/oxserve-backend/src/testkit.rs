@@ -330,6 +330,7 @@ mod tests {
             devices: vec![],
             graph_optimization_level: 0,
             parameters: BTreeMap::new(),
+            gpu_accelerators: vec![],
         }
     }
 

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use arc_swap::ArcSwap;
-use oxserve_backend::{Backend, Device, LoadSpec};
+use oxserve_backend::{Accelerator, Backend, Device, LoadSpec};
 use oxserve_core::{DataType, Error, ModelMetadata, Result, TensorMeta};
 use oxserve_repository::pb::model_instance_group::Kind;
 use oxserve_repository::pb::{ModelConfig, ModelParameter};
@@ -306,6 +306,7 @@ impl ModelManager {
                 .iter()
                 .map(|(k, v)| (k.clone(), v.string_value.clone()))
                 .collect(),
+            gpu_accelerators: gpu_accelerators(&config)?,
         };
         let scheduling = scheduler_config(
             &config,
@@ -337,6 +338,34 @@ impl ModelManager {
             stats,
         })
     }
+}
+
+/// Triton's `optimization { execution_accelerators { ... } }`: GPU accelerators go to the engine
+/// (which applies them to its GPU instances); no engine here has a CPU accelerator (Triton's
+/// OpenVINO), so naming one is a load error rather than a setting silently ignored.
+fn gpu_accelerators(cfg: &ModelConfig) -> Result<Vec<Accelerator>, String> {
+    let Some(accelerators) = cfg
+        .optimization
+        .as_ref()
+        .and_then(|o| o.execution_accelerators.as_ref())
+    else {
+        return Ok(Vec::new());
+    };
+    if let Some(cpu) = accelerators.cpu_execution_accelerator.first() {
+        return Err(format!(
+            "optimization {{ execution_accelerators {{ cpu_execution_accelerator '{}' }} }}: no CPU \
+             accelerator is available; remove it to run on the engine's own CPU kernels",
+            cpu.name
+        ));
+    }
+    Ok(accelerators
+        .gpu_execution_accelerator
+        .iter()
+        .map(|a| Accelerator {
+            name: a.name.clone(),
+            parameters: a.parameters.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        })
+        .collect())
 }
 
 /// Where each instance runs: `count` instances per group, and for KIND_GPU `count` per listed

@@ -14,6 +14,7 @@ use oxserve_core::Tensor;
 use crate::convert::{Staging, from_ort, to_ort};
 use crate::error::{internal, invalid_input, panic_message, summarize};
 use crate::model::{InputSlot, Prepared};
+use crate::padding::{Padding, RowTarget, pad_rows, take_rows};
 
 pub(crate) struct OrtInstance {
     prepared: Arc<Prepared>,
@@ -21,10 +22,16 @@ pub(crate) struct OrtInstance {
     /// Run options selecting every configured output, the common case.
     all_outputs: RunOptions<HasSelectedOutputs>,
     staging: Staging,
+    /// The rows batches are padded to (GPU instances, see `crate::padding`).
+    pad_to: Option<RowTarget>,
 }
 
 impl OrtInstance {
-    pub(crate) fn new(prepared: Arc<Prepared>, session: Session) -> Result<Self, BackendError> {
+    pub(crate) fn new(
+        prepared: Arc<Prepared>,
+        session: Session,
+        padding: Option<Padding>,
+    ) -> Result<Self, BackendError> {
         let indices: Vec<usize> = (0..prepared.outputs.len()).collect();
         let all_outputs = run_options(&prepared, &indices)?;
         Ok(OrtInstance {
@@ -32,6 +39,7 @@ impl OrtInstance {
             session,
             all_outputs,
             staging: Staging::default(),
+            pad_to: padding.map(RowTarget::new),
         })
     }
 }
@@ -63,8 +71,13 @@ impl ModelInstance for OrtInstance {
         let mut distinct: Vec<usize> = wanted.clone();
         distinct.sort_unstable();
         distinct.dedup();
-        self.staging.stage(&batch.inputs);
-        let inputs = prepare_inputs(&prepared, &batch.inputs, &self.staging)?;
+        let padded = self.pad(&prepared, &batch.inputs)?;
+        let (given, rows) = match &padded {
+            Some((inputs, rows, to)) => (inputs.as_slice(), Some((*rows, *to))),
+            None => (batch.inputs.as_slice(), None),
+        };
+        self.staging.stage(given);
+        let inputs = prepare_inputs(&prepared, given, &self.staging)?;
 
         let custom;
         let options = if distinct.len() == prepared.outputs.len() {
@@ -127,7 +140,11 @@ impl ModelInstance for OrtInstance {
                     prepared.model_name, slot.name
                 ))
             })?;
-            converted[ix] = Some(from_ort(&slot.name, slot.dtype, value)?);
+            let mut tensor = from_ort(&slot.name, slot.dtype, value)?;
+            if let Some((rows, padded)) = rows {
+                tensor = take_rows(tensor, rows, padded)?;
+            }
+            converted[ix] = Some(tensor);
         }
         wanted
             .iter()
@@ -139,6 +156,40 @@ impl ModelInstance for OrtInstance {
             .collect()
     }
 }
+
+impl OrtInstance {
+    /// The inputs padded to the instance's row target, with the batch's own row count and the
+    /// padded one; `None` when this instance does not pad or the batch needs no padding.
+    /// Inputs are checked first, so the padding works on well-formed rows.
+    fn pad(&mut self, prepared: &Prepared, inputs: &[Tensor]) -> Result<Option<Padded>, BackendError> {
+        let Some(target) = self.pad_to.as_mut() else {
+            return Ok(None);
+        };
+        if inputs.len() != prepared.inputs.len() {
+            return Ok(None); // prepare_inputs reports it
+        }
+        for (slot, tensor) in prepared.inputs.iter().zip(inputs) {
+            check_input(slot, tensor)?;
+        }
+        let rows = inputs.first().and_then(|t| t.shape.first()).copied();
+        // Inputs that disagree on their row count are left for prepare_inputs to reject.
+        let agree = inputs.iter().all(|t| t.shape.first().copied() == rows);
+        let Some(rows) = rows
+            .and_then(|n| usize::try_from(n).ok())
+            .filter(|&n| agree && n > 0)
+        else {
+            return Ok(None);
+        };
+        let to = target.rows_for(rows);
+        if rows == to {
+            return Ok(None);
+        }
+        Ok(Some((pad_rows(inputs, to)?, rows, to)))
+    }
+}
+
+/// Padded inputs, the batch's own row count and the padded one.
+type Padded = (Vec<Tensor>, usize, usize);
 
 type Inputs<'a> = Vec<(Cow<'a, str>, SessionInputValue<'a>)>;
 

@@ -20,11 +20,13 @@
 //! included. BYTES elements may hold any bytes except NUL on the way in.
 
 mod convert;
+mod cuda;
 mod error;
 mod instance;
 pub mod library;
 mod model;
 pub mod options;
+mod padding;
 mod types;
 
 use std::path::{Path, PathBuf};

@@ -2,19 +2,23 @@
 //! configuration that disagrees with the model fails the load, not a request), check the
 //! configuration against what the session declares, and keep what every instance needs.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use ort::ep::ArbitrarilyConfigurableExecutionProvider;
 use ort::session::Session;
 use ort::session::builder::SessionBuilder;
 use oxserve_backend::support::{check_declared_shape, check_declared_type, check_same_names};
 use oxserve_backend::{BackendError, Device, LoadSpec, LoadedModel, ModelInstance, ModelSignature};
 use oxserve_core::{DataType, TensorMeta};
 
+use crate::cuda::cuda_options;
 use crate::error::{file_label, invalid_model, summarize, unsupported};
 use crate::instance::OrtInstance;
 use crate::library::Runtime;
 use crate::options::{OptimizationLevel, SessionConfig, available_cores};
+use crate::padding;
 use crate::types::outlet_meta;
 
 /// A configured input, in configuration order (the order `Batch::inputs` uses).
@@ -43,6 +47,8 @@ pub(crate) struct Prepared {
     model_path: PathBuf,
     config: SessionConfig,
     devices: Vec<Device>,
+    /// How GPU instances pad their batches (see `crate::padding`).
+    gpu_padding: Option<padding::Padding>,
 }
 
 impl Prepared {
@@ -79,7 +85,15 @@ impl LoadedModel for OrtModel {
                 device,
             )?,
         };
-        Ok(Box::new(OrtInstance::new(Arc::clone(&self.prepared), session)?))
+        let padding = match device {
+            Device::Gpu(_) => self.prepared.gpu_padding,
+            Device::Cpu => None,
+        };
+        Ok(Box::new(OrtInstance::new(
+            Arc::clone(&self.prepared),
+            session,
+            padding,
+        )?))
     }
 }
 
@@ -114,7 +128,7 @@ pub(crate) fn build_session(
             .map_err(|e| fail(&format!("set session option '{key}'"), &e))?;
     }
     if let Device::Gpu(id) = device {
-        builder = with_cuda(runtime, builder, id)?;
+        builder = with_cuda(runtime, builder, id, &config.cuda)?;
     }
     let mut builder: SessionBuilder = builder;
     builder
@@ -135,14 +149,20 @@ fn ensure_cuda(runtime: &Runtime) -> Result<(), BackendError> {
     )))
 }
 
-fn with_cuda(runtime: &Runtime, builder: SessionBuilder, gpu: u32) -> Result<SessionBuilder, BackendError> {
+fn with_cuda(
+    runtime: &Runtime,
+    builder: SessionBuilder,
+    gpu: u32,
+    options: &BTreeMap<String, String>,
+) -> Result<SessionBuilder, BackendError> {
     ensure_cuda(runtime)?;
     let device_id = i32::try_from(gpu)
         .map_err(|_| invalid_model(format!("instance_group KIND_GPU: invalid gpu {gpu}")))?;
-    let cuda = ort::ep::CUDA::default()
-        .with_device_id(device_id)
-        .build()
-        .error_on_failure();
+    let mut cuda = ort::ep::CUDA::default().with_device_id(device_id);
+    for (key, value) in options {
+        cuda = cuda.with_arbitrary_config(key, value);
+    }
+    let cuda = cuda.build().error_on_failure();
     builder.with_execution_providers([cuda]).map_err(|e| {
         unsupported(format!(
             "instance_group KIND_GPU: cannot use GPU {gpu} with the CUDA execution provider: {}",
@@ -180,6 +200,7 @@ pub(crate) fn inspect(runtime: &Runtime, path: &Path) -> Result<ModelSignature, 
         level: OptimizationLevel::Disabled,
         mem_pattern: None,
         entries: Vec::new(),
+        cuda: BTreeMap::new(),
     };
     check_file(path)?;
     let session = build_session(runtime, path, &config, Device::Cpu)?;
@@ -203,12 +224,16 @@ pub(crate) fn load(runtime: Arc<Runtime>, spec: &LoadSpec) -> Result<OrtModel, B
     let label = file_label(&spec.model_path);
     let with_file = |e: BackendError| BackendError::new(e.kind(), format!("{label}: {e}"));
     check_file(&spec.model_path)?;
-    let config = SessionConfig::from_spec(spec, available_cores()).map_err(with_file)?;
+    let mut config = SessionConfig::from_spec(spec, available_cores()).map_err(with_file)?;
     let devices: Vec<Device> = (0..spec.instance_count.max(1))
         .map(|i| spec.devices.get(i).copied().unwrap_or_default())
         .collect();
-    // Every GPU group must fail the load when there is no CUDA, not the instance start.
+    // Every GPU group must fail the load when there is no CUDA, not the instance start. GPU
+    // options apply to GPU instances only (as in Triton, a CPU-only model ignores them).
+    let mut gpu_padding = None;
     if devices.iter().any(|d| matches!(d, Device::Gpu(_))) {
+        config.cuda = cuda_options(spec).map_err(with_file)?;
+        gpu_padding = padding::gpu_padding(spec).map_err(with_file)?;
         ensure_cuda(&runtime)?;
     }
     // The first instance's session doubles as the load check.
@@ -237,6 +262,7 @@ pub(crate) fn load(runtime: Arc<Runtime>, spec: &LoadSpec) -> Result<OrtModel, B
             model_path: spec.model_path.clone(),
             config,
             devices,
+            gpu_padding,
         }),
         first: Mutex::new(Some((first_device, session))),
     })

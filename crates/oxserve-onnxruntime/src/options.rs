@@ -36,6 +36,8 @@ pub(crate) struct SessionConfig {
     pub mem_pattern: Option<bool>,
     /// ONNX Runtime session configuration entries (`session.*` parameters).
     pub entries: Vec<(String, String)>,
+    /// CUDA execution provider options for GPU instances (see `crate::cuda`).
+    pub cuda: BTreeMap<String, String>,
 }
 
 /// Graph optimization levels, Triton's `optimization { graph { level } }` values.
@@ -120,6 +122,7 @@ impl SessionConfig {
             level: OptimizationLevel::from_triton(spec.graph_optimization_level)?,
             mem_pattern,
             entries,
+            cuda: BTreeMap::new(),
         })
     }
 }
@@ -175,6 +178,7 @@ mod tests {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            gpu_accelerators: vec![],
         }
     }
 

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use bytes::Bytes;
-use oxserve_backend::{Backend, BackendErrorKind, Batch, Device, LoadSpec, ModelInstance};
+use oxserve_backend::{Accelerator, Backend, BackendErrorKind, Batch, Device, LoadSpec, ModelInstance};
 use oxserve_core::{DataType, Tensor, TensorData, TensorMeta};
 use oxserve_onnxruntime::{OrtBackend, OrtOptions};
 
@@ -61,6 +61,7 @@ fn spec(path: &Path, inputs: Vec<TensorMeta>, outputs: Vec<TensorMeta>, max_batc
         devices: vec![],
         graph_optimization_level: 0,
         parameters: BTreeMap::new(),
+        gpu_accelerators: vec![],
     }
 }
 
@@ -481,6 +482,51 @@ fn kind_gpu_needs_the_cuda_execution_provider() {
             );
         }
     }
+    // CUDA options: one the provider knows runs; a misspelled one fails the load naming it
+    // (ONNX Runtime checks them); without CUDA the load fails for that reason first.
+    let cuda_spec = |params: &[(&str, &str)]| {
+        let mut s = add_sub_spec(&fixture(ADD_SUB));
+        s.devices = vec![Device::Gpu(0)];
+        s.gpu_accelerators = vec![Accelerator {
+            name: "cuda".into(),
+            parameters: params
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        }];
+        s
+    };
+    let known = backend().load(&cuda_spec(&[
+        ("use_tf32", "0"),
+        ("cudnn_conv_algo_search", "HEURISTIC"),
+    ]));
+    let misspelled = backend().load(&cuda_spec(&[("use_tf3", "0")]));
+    match known {
+        Ok(loaded) => {
+            let mut inst = loaded.new_instance(0).unwrap();
+            let (a, b, inputs) = add_sub_inputs(2);
+            let out = inst.execute(batch(inputs, &["OUTPUT0"])).unwrap();
+            assert_eq!(f32s(&out[0])[3], a[3] + b[3]);
+            let err = misspelled
+                .err()
+                .expect("an unknown CUDA option must fail the load");
+            assert!(err.message().contains("use_tf3"), "{}", err.message());
+        }
+        Err(err) => {
+            assert!(err.message().contains("KIND_GPU"), "{}", err.message());
+            assert!(misspelled.is_err());
+        }
+    }
+    // Only the CUDA execution provider is there to take GPU options.
+    let mut s = cuda_spec(&[]);
+    s.gpu_accelerators[0].name = "tensorrt".into();
+    let err = backend().load(&s).err().unwrap();
+    assert!(
+        err.message().contains("'tensorrt' is not available"),
+        "{}",
+        err.message()
+    );
+
     // A CPU first instance with a GPU second one fails the load too, not the instance start.
     let mut s = add_sub_spec(&fixture(ADD_SUB));
     s.instance_count = 2;

@@ -487,6 +487,39 @@ parameters: { key: "intra_op_thread_count" value: { string_value: "4" } }
     }
 
     #[test]
+    fn parses_tritons_execution_accelerators() {
+        let text = r#"
+name: "m"
+optimization { execution_accelerators {
+  gpu_execution_accelerator : [ {
+    name : "cuda"
+    parameters { key: "use_tf32" value: "0" }
+    parameters { key: "cudnn_conv_use_max_workspace" value: "1" }
+  } ]
+} }
+"#;
+        let cfg = parse(text);
+        let accelerators = cfg
+            .optimization
+            .as_ref()
+            .unwrap()
+            .execution_accelerators
+            .as_ref()
+            .unwrap();
+        let cuda = &accelerators.gpu_execution_accelerator[0];
+        assert_eq!(cuda.name, "cuda");
+        assert_eq!(cuda.parameters["use_tf32"], "0");
+        assert_eq!(cuda.parameters["cudnn_conv_use_max_workspace"], "1");
+        assert!(accelerators.cpu_execution_accelerator.is_empty());
+        validate_config(&cfg).unwrap();
+        let json = config_to_json_value(&cfg);
+        assert_eq!(
+            json["optimization"]["execution_accelerators"]["gpu_execution_accelerator"][0]["parameters"]["use_tf32"],
+            "0"
+        );
+    }
+
+    #[test]
     fn unknown_field_is_named_with_position() {
         let err = parse_err("name: \"m\"\nmax_batch_size: 4\ndynamic_batchin { }\n");
         assert_eq!(

@@ -88,7 +88,40 @@ mod tests {
             .get_message_by_name("inference.ModelOptimizationPolicy")
             .unwrap();
         assert_eq!(policy.get_field_by_name("graph").unwrap().number(), 1);
-        assert_eq!(policy.fields().count(), 1, "only the graph level so far");
+        assert_eq!(
+            policy
+                .get_field_by_name("execution_accelerators")
+                .unwrap()
+                .number(),
+            4
+        );
+        assert_eq!(
+            policy.fields().count(),
+            2,
+            "the graph level and the accelerators so far"
+        );
+        let accelerators = descriptor_pool()
+            .get_message_by_name("inference.ModelOptimizationPolicy.ExecutionAccelerators")
+            .unwrap();
+        assert_eq!(
+            accelerators
+                .get_field_by_name("gpu_execution_accelerator")
+                .unwrap()
+                .number(),
+            1
+        );
+        assert_eq!(
+            accelerators
+                .get_field_by_name("cpu_execution_accelerator")
+                .unwrap()
+                .number(),
+            2
+        );
+        let accelerator = descriptor_pool()
+            .get_message_by_name("inference.ModelOptimizationPolicy.ExecutionAccelerators.Accelerator")
+            .unwrap();
+        assert_eq!(accelerator.get_field_by_name("name").unwrap().number(), 1);
+        assert_eq!(accelerator.get_field_by_name("parameters").unwrap().number(), 2);
         let graph = descriptor_pool()
             .get_message_by_name("inference.ModelOptimizationPolicy.Graph")
             .unwrap();

@@ -228,6 +228,7 @@ fn main() {
                 devices: vec![],
                 graph_optimization_level: 0,
                 parameters: args.params.clone(),
+                gpu_accelerators: vec![],
             };
             let loaded = backend
                 .load(&spec)

@@ -125,6 +125,7 @@ pub fn spec(path: &Path, inputs: Vec<TensorMeta>, outputs: Vec<TensorMeta>, max_
         devices: Vec::new(),
         graph_optimization_level: 0,
         parameters: BTreeMap::new(),
+        gpu_accelerators: vec![],
     }
 }
 
