@@ -47,10 +47,9 @@ import tritonclient.http as httpclient
 import tritonclient.utils.shared_memory as shm
 from tritonclient.utils import InferenceServerException
 
-from _corpus import ENGINES, NP_TO_WIRE, Case, as_bytes, case_named, cases, ensure_corpus, infer
+from _corpus import ENGINES, NP_TO_WIRE, Case, as_bytes, assert_close, case_named, cases, ensure_corpus, infer
 from _server import ServerProcess
 
-INT8_QDQ_SLACK = 0.04 * 1.27  # h_scale * max|dequantized W2| (scripts/make_corpus.py)
 JSON_CASES = {"mlp", "transformer_s7", "strings", "int8_qdq"}
 
 
@@ -84,42 +83,13 @@ def _params():
                 yield pytest.param(case, engine, transport, id=f"{case.case}-{engine}-{transport}")
 
 
-def _close(name: str, case: Case, have: np.ndarray, want: np.ndarray) -> None:
-    assert have.shape == want.shape, (name, have.shape, want.shape)
-    if want.dtype == object:
-        got = [as_bytes(x) for x in have.ravel()]
-        assert got == [as_bytes(x) for x in want.ravel()], (name, got)
-        return
-    assert have.dtype == want.dtype, (name, have.dtype, want.dtype)
-    if want.dtype.name == "bfloat16" or want.dtype.kind in "iub":
-        np.testing.assert_array_equal(have.view(np.uint16) if want.dtype.name == "bfloat16" else have,
-                                      want.view(np.uint16) if want.dtype.name == "bfloat16" else want,
-                                      err_msg=name)
-        return
-    ref = want.astype(np.float64)
-    got = have.astype(np.float64)
-    scale = float(np.max(np.abs(ref))) if ref.size else 0.0
-    if want.dtype == np.float16:
-        rel, slack = 2.0**-9, 0.0
-    else:
-        rel, slack = 1e-5, (INT8_QDQ_SLACK if case.model == "int8_qdq" else 0.0)
-    bound = rel * (np.abs(ref) + scale) + slack
-    excess = np.abs(got - ref) - bound
-    worst = int(np.argmax(excess)) if excess.size else 0
-    assert not excess.size or excess.flat[worst] <= 0, (
-        f"{name}: element {np.unravel_index(worst, ref.shape)} is {got.flat[worst]!r}, reference "
-        f"{ref.flat[worst]!r}: off by {abs(got.flat[worst] - ref.flat[worst]):.3g}, allowed "
-        f"{bound.flat[worst]:.3g} (tensor scale {scale:.3g})"
-    )
-
-
 @pytest.mark.parametrize("case,engine,transport", list(_params()))
 def test_outputs_match_python_onnxruntime(corpus_servers, case: Case, engine: str, transport: str):
     feeds, expected = case.load()
     got = infer(corpus_servers[engine], transport, case.model, feeds, list(expected))
     for name, want in expected.items():
         assert got[name] is not None, f"output {name} missing"
-        _close(name, case, got[name], want)
+        assert_close(name, case, got[name], want)
 
 
 def test_every_corpus_model_is_covered():
@@ -181,7 +151,7 @@ def test_transformer_takes_any_sequence_length_in_one_batch_shape(corpus_servers
         case = case_named(name)
         feeds, expected = case.load()
         got = infer(corpus_servers[engine], "grpc", case.model, feeds, ["pooled"])
-        _close("pooled", case, got["pooled"], expected["pooled"])
+        assert_close("pooled", case, got["pooled"], expected["pooled"])
 
 
 @pytest.mark.parametrize("engine", ENGINES)
@@ -212,7 +182,7 @@ def test_bool_bytes_other_than_0_and_1_are_rejected(corpus_servers, engine):
     case = case_named("multi_io")
     feeds, expected = case.load()
     got = infer(corpus_servers[engine], "grpc", case.model, feeds, ["unmasked"])
-    _close("unmasked", case, got["unmasked"], expected["unmasked"])
+    assert_close("unmasked", case, got["unmasked"], expected["unmasked"])
 
 
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
@@ -265,14 +235,14 @@ def test_shrinking_shared_memory_under_inference_fails_the_request_not_the_serve
                         assert "smaller than the registered region" in message, message
                         outcomes["shrunk before"] += 1
                 else:
-                    _close("logits", case, result.as_numpy("logits"), want)
+                    assert_close("logits", case, result.as_numpy("logits"), want)
                     outcomes["answered"] += 1
                 client.unregister_system_shared_memory(name)
             finally:
                 shm.destroy_shared_memory_region(handle)
         print(f"{engine} over {protocol}: {outcomes}")
         got = infer(server, protocol if protocol == "grpc" else "http_binary", case.model, feeds, ["logits"])
-        _close("logits", case, got["logits"], expected["logits"])
+        assert_close("logits", case, got["logits"], expected["logits"])
     finally:
         client.close()
 
