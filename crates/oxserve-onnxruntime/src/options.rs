@@ -9,6 +9,8 @@
 //! | `parameters { key: "session.<name>" ... }` | any ONNX Runtime session configuration entry | – |
 //! | `parameters { key: "session.intra_op.allow_spinning" ... }`, `session.inter_op.allow_spinning` | `1`: idle pool threads spin waiting for work | `0` (ONNX Runtime's own default is `1`) |
 //! | `optimization { graph { level: L } }` | `0` all optimizations, `-1` basic, `1` basic + extended, `2` none | 0 |
+//! | `parameters { key: "gpu_batch_padding" ... }` | GPU instances: `adaptive`, `max_batch_size` or `none` (`crate::padding`) | `adaptive` |
+//! | `optimization { execution_accelerators { gpu_execution_accelerator ... } }`, `cudnn_conv_algo_search`, `gpu_mem_limit`, ... | CUDA execution provider options (`crate::cuda`) | ONNX Runtime's |
 //!
 //! Unknown parameters are ignored, as Triton does (they may be meant for another tool), but a
 //! known one with a bad value is a load error.
