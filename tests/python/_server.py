@@ -86,6 +86,13 @@ class ServerProcess:
         self._stderr_file = None
         self._reader: threading.Thread | None = None
 
+    # -- queries --------------------------------------------------------------------------------
+    def repository_index(self) -> dict[str, dict]:
+        """POST /v2/repository/index, by model name (state and reason of each)."""
+        r = requests.post(self.http_url + "/v2/repository/index", timeout=30)
+        assert r.status_code == 200, r.text
+        return {e["name"]: e for e in r.json()}
+
     # -- addresses --------------------------------------------------------------------------
     @property
     def http_url(self) -> str:

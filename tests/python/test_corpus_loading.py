@@ -41,12 +41,6 @@ def broken(request):
         server.stop_and_check()
 
 
-def _index(server) -> dict[str, dict]:
-    r = requests.post(server.http_url + "/v2/repository/index", timeout=30)
-    assert r.status_code == 200, r.text
-    return {e["name"]: e for e in r.json()}
-
-
 def _config(server, model: str) -> dict:
     r = requests.get(f"{server.http_url}/v2/models/{model}/config", timeout=30)
     assert r.status_code == 200, (model, r.status_code, r.text)
@@ -62,7 +56,7 @@ def _mlp_works(server, model: str) -> None:
 
 def test_bad_models_fail_at_load_with_the_reason(broken):
     engine, server = broken
-    index = _index(server)
+    index = server.repository_index()
     assert index["good"]["state"] == "READY", index["good"]
     log = server.stderr_path.read_text(errors="replace").lower()
     for model, reasons in BROKEN.items():
@@ -134,7 +128,7 @@ def test_session_options_from_the_configuration_load(selection):
 
 
 def test_kind_gpu_without_cuda_is_a_clear_load_error(selection):
-    index = _index(selection)
+    index = selection.repository_index()
     ort = index["gpu_onnxruntime"]
     if ort["state"] == "READY":
         # Only where the onnxruntime-gpu library and a GPU are present (docs/backends.md).
@@ -147,7 +141,7 @@ def test_kind_gpu_without_cuda_is_a_clear_load_error(selection):
 
 def test_a_missing_library_fails_only_the_models_that_need_it(selection_without_library):
     server = selection_without_library
-    index = _index(server)
+    index = server.repository_index()
     for model in ("named_onnxruntime", "platform_onnxruntime", "threads", "gpu_onnxruntime"):
         entry = index[model]
         assert entry["state"] == "UNAVAILABLE", entry

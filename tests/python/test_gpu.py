@@ -102,12 +102,6 @@ def gpu_server(tmp_path_factory):
         server.stop_and_check()
 
 
-def _index(server) -> dict[str, dict]:
-    r = requests.post(server.http_url + "/v2/repository/index", timeout=30)
-    assert r.status_code == 200, r.text
-    return {e["name"]: e for e in r.json()}
-
-
 def _scaled_error(have: np.ndarray, want: np.ndarray) -> float:
     """max |have - want| / max |want|, printed so a run shows how close the GPU came."""
     if want.dtype == object or want.dtype.kind in "iub" or want.dtype.name == "bfloat16" or not want.size:
@@ -192,7 +186,7 @@ def test_cpu_and_gpu_instances_of_one_model_answer_alike(gpu_server):
 
 
 def test_wrong_gpu_settings_fail_at_load_and_the_rest_serves(gpu_server):
-    index = _index(gpu_server)
+    index = gpu_server.repository_index()
     for name, (_, reason) in BROKEN.items():
         entry = index[name]
         assert entry["state"] == "UNAVAILABLE", entry

@@ -82,29 +82,15 @@ fn legacy_option(key: &str, value: &str) -> Result<Option<String>, BackendError>
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
-    use std::path::PathBuf;
-
     use oxserve_backend::Accelerator;
 
     use super::*;
+    use crate::test_spec::spec_with;
 
     fn spec(params: &[(&str, &str)], accelerators: Vec<Accelerator>) -> LoadSpec {
-        LoadSpec {
-            model_name: "m".into(),
-            version: 1,
-            model_path: PathBuf::from("model.onnx"),
-            inputs: vec![],
-            outputs: vec![],
-            max_batch_size: 0,
-            instance_count: 1,
-            devices: vec![],
-            graph_optimization_level: 0,
-            parameters: params
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-            gpu_accelerators: accelerators,
-        }
+        let mut s = spec_with(params);
+        s.gpu_accelerators = accelerators;
+        s
     }
 
     fn accelerator(name: &str, params: &[(&str, &str)]) -> Accelerator {

@@ -27,6 +27,8 @@ pub mod library;
 mod model;
 pub mod options;
 mod padding;
+#[cfg(test)]
+mod test_spec;
 mod types;
 
 use std::path::{Path, PathBuf};

@@ -161,27 +161,14 @@ fn boolean(key: &str, value: &str) -> Result<bool, BackendError> {
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
-    use std::path::PathBuf;
-
     use super::*;
+    use crate::test_spec::spec_with;
 
     fn spec(instances: usize, params: &[(&str, &str)], level: i32) -> LoadSpec {
-        LoadSpec {
-            model_name: "m".into(),
-            version: 1,
-            model_path: PathBuf::from("model.onnx"),
-            inputs: vec![],
-            outputs: vec![],
-            max_batch_size: 0,
-            instance_count: instances,
-            devices: vec![],
-            graph_optimization_level: level,
-            parameters: params
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-            gpu_accelerators: vec![],
-        }
+        let mut s = spec_with(params);
+        s.instance_count = instances;
+        s.graph_optimization_level = level;
+        s
     }
 
     #[test]

@@ -184,11 +184,10 @@ fn leading_rows(tensor: &Tensor) -> Result<usize, BackendError> {
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
-    use std::path::PathBuf;
-
     use oxserve_core::DataType;
 
     use super::*;
+    use crate::test_spec::spec_with;
 
     fn f32s(t: &Tensor) -> Vec<f32> {
         t.raw()
@@ -242,21 +241,11 @@ mod tests {
 
     #[test]
     fn the_configuration_chooses_padding() {
-        let spec = |max: u32, value: Option<&str>| LoadSpec {
-            model_name: "m".into(),
-            version: 1,
-            model_path: PathBuf::from("model.onnx"),
-            inputs: vec![],
-            outputs: vec![],
-            max_batch_size: max,
-            instance_count: 1,
-            devices: vec![],
-            graph_optimization_level: 0,
-            parameters: value
-                .map(|v| (PARAMETER.to_string(), v.to_string()))
-                .into_iter()
-                .collect(),
-            gpu_accelerators: vec![],
+        let spec = |max: u32, value: Option<&str>| {
+            let params: Vec<(&str, &str)> = value.map(|v| (PARAMETER, v)).into_iter().collect();
+            let mut s = spec_with(&params);
+            s.max_batch_size = max;
+            s
         };
         assert_eq!(
             gpu_padding(&spec(32, None)).unwrap(),
