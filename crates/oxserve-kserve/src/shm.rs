@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 
 use bytes::Bytes;
-use oxserve_core::{Error, InferResponse, ParamValue, Parameters, Result};
+use oxserve_core::{DataType, Error, InferResponse, ParamValue, Parameters, Result};
 
 use mapping::Mapping;
 
@@ -64,7 +64,7 @@ impl ShmRef {
 /// Outputs a request asked to have written into shared memory, by output name.
 pub type SharedMemoryOutputs = Vec<(String, ShmRef)>;
 
-/// The regions a request's inputs are views of ([`SharedMemoryRegistry::view`]), kept until
+/// The regions a request's inputs are views of ([`SharedMemoryRegistry::input`]), kept until
 /// its response is sent so the front-end can tell whether the client shrank an object under
 /// the engine's read ([`SharedMemoryInputs::check`]).
 #[derive(Debug, Default)]
@@ -185,16 +185,27 @@ impl SharedMemoryRegistry {
 
     /// A copy of the bytes a tensor's parameters point at: for BYTES inputs, which the server
     /// parses, so what it checked cannot change under it.
-    pub fn read(&self, at: &ShmRef) -> Result<Bytes> {
+    fn read(&self, at: &ShmRef) -> Result<Bytes> {
         let region = self.region(&at.region)?;
         Ok(Bytes::from(region.read(at.offset, at.byte_size)?))
+    }
+
+    /// The bytes an input's parameters point at: BYTES (`datatype` is the wire name) are parsed
+    /// by the server, so they are copied and cannot change under the parse; fixed-size inputs
+    /// are views of the region's mapping.
+    pub fn input(&self, at: &ShmRef, datatype: &str, inputs: &mut SharedMemoryInputs) -> Result<Bytes> {
+        if datatype == DataType::Bytes.wire_name() {
+            self.read(at)
+        } else {
+            self.view(at, inputs)
+        }
     }
 
     /// The bytes a fixed-size input's parameters point at, as a view of the region's mapping
     /// (no copy; as in Triton, the client must leave them alone until the response arrives),
     /// or a copy where the region could not be mapped. `inputs` keeps the region for
     /// [`SharedMemoryInputs::check`].
-    pub fn view(&self, at: &ShmRef, inputs: &mut SharedMemoryInputs) -> Result<Bytes> {
+    fn view(&self, at: &ShmRef, inputs: &mut SharedMemoryInputs) -> Result<Bytes> {
         let region = self.region(&at.region)?;
         let bytes = region.view(at.offset, at.byte_size)?;
         inputs.0.push(region);

@@ -71,13 +71,17 @@ impl ModelInstance for OrtInstance {
         let mut distinct: Vec<usize> = wanted.clone();
         distinct.sort_unstable();
         distinct.dedup();
-        let padded = self.pad(&prepared, &batch.inputs)?;
+        let rows = check_inputs(&prepared, &batch.inputs)?;
+        let padded = match rows {
+            Some(rows) => self.pad(&batch.inputs, rows)?,
+            None => None,
+        };
         let (given, rows) = match &padded {
             Some((inputs, rows, to)) => (inputs.as_slice(), Some((*rows, *to))),
             None => (batch.inputs.as_slice(), None),
         };
         self.staging.stage(given);
-        let inputs = prepare_inputs(&prepared, given, &self.staging)?;
+        let inputs = convert_inputs(&prepared, given, &self.staging)?;
 
         let custom;
         let options = if distinct.len() == prepared.outputs.len() {
@@ -158,28 +162,16 @@ impl ModelInstance for OrtInstance {
 }
 
 impl OrtInstance {
-    /// The inputs padded to the instance's row target, with the batch's own row count and the
-    /// padded one; `None` when this instance does not pad or the batch needs no padding.
-    /// Inputs are checked first, so the padding works on well-formed rows.
-    fn pad(&mut self, prepared: &Prepared, inputs: &[Tensor]) -> Result<Option<Padded>, BackendError> {
+    /// The (checked) inputs of a batch of `rows` rows padded to the instance's row target,
+    /// with `rows` and the padded count; `None` when this instance does not pad or the batch
+    /// needs no padding.
+    fn pad(&mut self, inputs: &[Tensor], rows: usize) -> Result<Option<Padded>, BackendError> {
         let Some(target) = self.pad_to.as_mut() else {
             return Ok(None);
         };
-        if inputs.len() != prepared.inputs.len() {
-            return Ok(None); // prepare_inputs reports it
-        }
-        for (slot, tensor) in prepared.inputs.iter().zip(inputs) {
-            check_input(slot, tensor)?;
-        }
-        let rows = inputs.first().and_then(|t| t.shape.first()).copied();
-        // Inputs that disagree on their row count are left for prepare_inputs to reject.
-        let agree = inputs.iter().all(|t| t.shape.first().copied() == rows);
-        let Some(rows) = rows
-            .and_then(|n| usize::try_from(n).ok())
-            .filter(|&n| agree && n > 0)
-        else {
+        if rows == 0 {
             return Ok(None);
-        };
+        }
         let to = target.rows_for(rows);
         if rows == to {
             return Ok(None);
@@ -193,12 +185,9 @@ type Padded = (Vec<Tensor>, usize, usize);
 
 type Inputs<'a> = Vec<(Cow<'a, str>, SessionInputValue<'a>)>;
 
-/// Checks each input against its configured slot and converts it.
-fn prepare_inputs<'a>(
-    prepared: &'a Prepared,
-    inputs: &'a [Tensor],
-    staging: &'a Staging,
-) -> Result<Inputs<'a>, BackendError> {
+/// Checks each input against its configured slot, and that batched inputs agree on their
+/// row count; that count, for a batched model.
+fn check_inputs(prepared: &Prepared, inputs: &[Tensor]) -> Result<Option<usize>, BackendError> {
     if inputs.len() != prepared.inputs.len() {
         let expected: Vec<&str> = prepared.inputs.iter().map(|i| i.name.as_str()).collect();
         return Err(invalid_input(format!(
@@ -209,8 +198,7 @@ fn prepare_inputs<'a>(
         )));
     }
     let mut batch_size = None;
-    let mut values = Vec::with_capacity(inputs.len());
-    for (index, (slot, tensor)) in prepared.inputs.iter().zip(inputs).enumerate() {
+    for (slot, tensor) in prepared.inputs.iter().zip(inputs) {
         check_input(slot, tensor)?;
         if prepared.batched {
             let n = tensor.shape.first().copied();
@@ -226,12 +214,28 @@ fn prepare_inputs<'a>(
                 Some(_) => {}
             }
         }
-        values.push((
-            Cow::Borrowed(slot.name.as_str()),
-            to_ort(tensor, index, staging, tensor.shape.clone())?,
-        ));
     }
-    Ok(values)
+    Ok(batch_size.and_then(|n| usize::try_from(n).ok()))
+}
+
+/// Converts checked inputs for the session.
+fn convert_inputs<'a>(
+    prepared: &'a Prepared,
+    inputs: &'a [Tensor],
+    staging: &'a Staging,
+) -> Result<Inputs<'a>, BackendError> {
+    prepared
+        .inputs
+        .iter()
+        .zip(inputs)
+        .enumerate()
+        .map(|(index, (slot, tensor))| {
+            Ok((
+                Cow::Borrowed(slot.name.as_str()),
+                to_ort(tensor, index, staging, tensor.shape.clone())?,
+            ))
+        })
+        .collect()
 }
 
 /// Checks name, type, shape and data length.

@@ -83,9 +83,7 @@ pub fn infer_request_from_wire(
         .into_iter()
         .map(|(input, at)| {
             let source = match at {
-                // BYTES are parsed here, from a copy the client cannot change under the parse.
-                Some(at) if input.datatype == "BYTES" => Source::SharedMemory(shm.read(&at)?),
-                Some(at) => Source::SharedMemory(shm.view(&at, &mut shm_inputs)?),
+                Some(at) => Source::SharedMemory(shm.input(&at, &input.datatype, &mut shm_inputs)?),
                 None if use_raw => Source::Raw(raw.next().unwrap_or_default()),
                 None => Source::Contents,
             };

@@ -166,11 +166,7 @@ pub fn parse_request(
                     input.name
                 )));
             }
-            // BYTES are parsed here, from a copy the client cannot change under the parse.
-            let bytes = match datatype {
-                DataType::Bytes => shm.read(at)?,
-                _ => shm.view(at, &mut shared_memory_inputs)?,
-            };
+            let bytes = shm.input(at, &input.datatype, &mut shared_memory_inputs)?;
             Tensor::data_from_wire(&input.name, datatype, bytes)?
         } else {
             match (binary_size, input.data) {
