@@ -17,7 +17,7 @@ use oxserve_engine::InferenceService;
 use oxserve_kserve::grpc::status::size_limit_as_resource_exhausted;
 use oxserve_kserve::grpc::{GrpcOptions, grpc_service_with_options};
 use oxserve_kserve::http::{HttpOptions, router};
-use oxserve_kserve::shm::SharedMemoryRegistry;
+use oxserve_shm::SharedMemoryRegistry;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tonic::transport::server::TcpIncoming;

@@ -11,7 +11,7 @@ use bytes::Bytes;
 use oxserve_core::InferRequest;
 use oxserve_kserve::grpc::{params_to_wire, pb};
 use oxserve_kserve::http::INFERENCE_HEADER_CONTENT_LENGTH;
-use oxserve_kserve::shm::{BYTE_SIZE_PARAM, REGION_PARAM, ShmRef};
+use oxserve_shm::{BYTE_SIZE_PARAM, REGION_PARAM, ShmRef};
 
 use crate::client::http_body;
 

@@ -270,7 +270,7 @@ pub async fn run(args: InferArgs) -> anyhow::Result<()> {
                     args.version,
                     &body,
                     None,
-                    &oxserve_kserve::shm::SharedMemoryRegistry::new(),
+                    &oxserve_shm::SharedMemoryRegistry::new(),
                 )?
                 .0,
             )

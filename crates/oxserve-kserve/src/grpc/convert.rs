@@ -17,7 +17,7 @@ use super::pb::{
     model_metadata_response::TensorMetadata,
     repository_index_response::ModelIndex,
 };
-use crate::shm::{
+use oxserve_shm::{
     SharedMemoryInputs, SharedMemoryOutputs, SharedMemoryRegistry, ShmRef, check_output_place, output_params,
     place_of, take_shm_ref,
 };

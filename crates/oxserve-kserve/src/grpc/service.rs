@@ -23,7 +23,7 @@ use super::pb::{
     system_shared_memory_status_response::RegionStatus,
 };
 use super::status::to_status;
-use crate::shm::SharedMemoryRegistry;
+use oxserve_shm::SharedMemoryRegistry;
 
 /// Settings of the gRPC front-end.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 use super::json_data::{JsonData, decode_data};
-use crate::shm::{
+use oxserve_shm::{
     SharedMemoryInputs, SharedMemoryOutputs, SharedMemoryRegistry, check_output_place, place_of, take_shm_ref,
 };
 

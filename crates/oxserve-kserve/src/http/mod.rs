@@ -10,7 +10,7 @@ mod stats;
 
 use std::sync::Arc;
 
-use crate::shm::SharedMemoryRegistry;
+use oxserve_shm::SharedMemoryRegistry;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{Path, State};

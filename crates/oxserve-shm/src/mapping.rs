@@ -291,7 +291,7 @@ mod tests {
         let status = std::process::Command::new(exe)
             .args([
                 "--exact",
-                "shm::mapping::tests::a_fault_outside_our_mappings_still_terminates",
+                "mapping::tests::a_fault_outside_our_mappings_still_terminates",
             ])
             .env(CHILD, "1")
             .output()
