@@ -4,6 +4,7 @@
 //! tokio worker); the async front-ends only wait on a reply channel.
 
 mod batch;
+mod health;
 mod queue;
 mod scheduler;
 mod types;
@@ -11,5 +12,5 @@ mod types;
 pub use scheduler::Scheduler;
 pub use types::{
     BatchTiming, Completed, DynamicBatching, ExecError, ExecutionObserver, Job, NoObserver, QueuePolicy,
-    RequestTiming, SchedulerConfig, TimeoutAction,
+    RequestTiming, RestartPolicy, SchedulerConfig, TimeoutAction,
 };

@@ -1,19 +1,27 @@
 //! The threads: one per instance, each taking the next batch from the shared queue when it is
 //! free, running it, and answering every request in it.
+//!
+//! Each thread also supervises its instance: a panic while a batch runs (in the engine or in
+//! our own batching code) fails only that batch's requests, the instance is dropped and
+//! re-created from the loaded model, and serving goes on; too many failures within the
+//! [`RestartPolicy`](crate::RestartPolicy) window make the whole version give up, answering
+//! every waiting request instead of leaving it queued.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicU8, Ordering as AtomicOrdering};
-use std::sync::mpsc;
+use std::sync::{Arc, OnceLock, mpsc};
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
+use oxserve_backend::support::{panic_message, truncate};
 use oxserve_backend::{BackendError, BackendErrorKind, Batch, LoadedModel, ModelInstance};
 use oxserve_core::Tensor;
 use parking_lot::{Condvar, Mutex};
 use tokio::sync::oneshot;
 
 use crate::batch::{concat_inputs, slice_rows};
+use crate::health::{FailureWindow, Verdict};
 use crate::queue::{self, BatchQueue, Decision, Entry, Swept};
 use crate::types::{
     BatchTiming, Completed, ExecError, ExecutionObserver, Job, RequestTiming, SchedulerConfig, TimeoutAction,
@@ -55,6 +63,8 @@ impl Waiting {
 struct State {
     queue: BatchQueue<Waiting>,
     stopping: bool,
+    /// The version gave up after repeated instance failures: nothing more is queued or run.
+    failed: bool,
     next_seq: u64,
 }
 
@@ -68,10 +78,17 @@ struct Ordered {
 
 struct Shared {
     state: Mutex<State>,
+    /// Work arrived (or the scheduler stops): wakes instances waiting for a batch.
     wake: Condvar,
+    /// The scheduler stops or gives up: wakes instances waiting to be re-created. Separate from
+    /// `wake` so that a request's `notify_one` always reaches an instance that can run it.
+    halt: Condvar,
     config: SchedulerConfig,
     observer: Arc<dyn ExecutionObserver>,
     ordered: Option<Mutex<Ordered>>,
+    failures: Mutex<FailureWindow>,
+    /// Why the version gave up, once it has.
+    failure: OnceLock<String>,
 }
 
 impl Shared {
@@ -89,6 +106,52 @@ impl Shared {
             };
             let _ = reply.send(outcome);
             o.next += 1;
+        }
+    }
+
+    /// Waits `wait` before an instance is re-created; false if the scheduler stops or gives up
+    /// meanwhile.
+    fn pause(&self, wait: Duration) -> bool {
+        let until = Instant::now() + wait;
+        let mut st = self.state.lock();
+        while !st.stopping && !st.failed {
+            if self.halt.wait_until(&mut st, until).timed_out() {
+                break;
+            }
+        }
+        !st.stopping && !st.failed
+    }
+
+    /// Stops the version after repeated failures: every queued request is answered with the
+    /// reason, new ones are refused, and the other instances finish their batch and end.
+    fn give_up(&self, failures: usize, last: &str) {
+        let window = self.config.restart.window.as_secs_f64();
+        let reason = self
+            .failure
+            .get_or_init(|| {
+                format!(
+                    "the model instances failed {failures} times within {window} s (the restart \
+                     limit); last failure: {last}"
+                )
+            })
+            .clone();
+        let left = {
+            let mut st = self.state.lock();
+            st.failed = true;
+            st.queue.drain()
+        };
+        self.wake.notify_all();
+        self.halt.notify_all();
+        tracing::error!(
+            scheduler = %self.config.thread_name, %reason, answered = left.len(),
+            "model version is UNAVAILABLE: its instances keep failing"
+        );
+        for e in left {
+            self.answer(
+                e.item.seq,
+                e.item.reply,
+                Err(ExecError::Unavailable(reason.clone())),
+            );
         }
     }
 }
@@ -117,11 +180,15 @@ impl Scheduler {
             state: Mutex::new(State {
                 queue: BatchQueue::new(levels),
                 stopping: false,
+                failed: false,
                 next_seq: 0,
             }),
             wake: Condvar::new(),
+            halt: Condvar::new(),
             observer,
             ordered,
+            failures: Mutex::new(FailureWindow::new(config.restart)),
+            failure: OnceLock::new(),
             config,
         });
         let (ready_tx, ready_rx) = mpsc::channel::<Result<(), BackendError>>();
@@ -135,15 +202,7 @@ impl Scheduler {
             let ready_tx = ready_tx.clone();
             let spawned = std::thread::Builder::new()
                 .name(format!("{}#{index}", shared.config.thread_name))
-                .spawn(move || match model.new_instance(index) {
-                    Ok(instance) => {
-                        let _ = ready_tx.send(Ok(()));
-                        run_instance(&shared, instance);
-                    }
-                    Err(e) => {
-                        let _ = ready_tx.send(Err(e));
-                    }
-                });
+                .spawn(move || instance_thread(&shared, model.as_ref(), index, ready_tx));
             match spawned {
                 Ok(handle) => scheduler.threads.push(handle),
                 Err(e) => {
@@ -225,6 +284,10 @@ impl Scheduler {
         let claim = Arc::new(AtomicU8::new(QUEUED));
         {
             let mut st = self.shared.state.lock();
+            if st.failed {
+                let reason = self.shared.failure.get().cloned().unwrap_or_default();
+                return Err(ExecError::Unavailable(reason));
+            }
             if st.stopping {
                 return Err(ExecError::Stopped);
             }
@@ -277,7 +340,18 @@ impl Scheduler {
             }
             _ => receiver.await,
         };
-        answer.unwrap_or(Err(ExecError::Stopped))
+        // Every request taken from the queue is answered, even when its batch panics; a reply
+        // dropped unanswered can only mean an instance thread died where no guard reached.
+        answer.unwrap_or_else(|_| {
+            Err(ExecError::InstanceFailed(
+                "the instance thread ended without answering".into(),
+            ))
+        })
+    }
+
+    /// Why the version stopped serving after repeated instance failures; `None` while it serves.
+    pub fn failure(&self) -> Option<&str> {
+        self.shared.failure.get().map(String::as_str)
     }
 
     /// Requests waiting for an instance.
@@ -291,6 +365,7 @@ impl Drop for Scheduler {
     fn drop(&mut self) {
         self.shared.state.lock().stopping = true;
         self.shared.wake.notify_all();
+        self.shared.halt.notify_all();
         for t in self.threads.drain(..) {
             if t.join().is_err() {
                 tracing::error!("a model instance thread panicked");
@@ -305,65 +380,239 @@ impl Drop for Scheduler {
     }
 }
 
-fn run_instance(shared: &Shared, mut instance: Box<dyn ModelInstance>) {
-    let batching = shared.config.dynamic_batching.as_ref();
+/// Creates the instance, reports to [`Scheduler::start`], then serves until the scheduler
+/// stops, re-creating the instance after each failure until the restart policy gives up.
+fn instance_thread(
+    shared: &Shared,
+    model: &dyn LoadedModel,
+    index: usize,
+    ready: mpsc::Sender<Result<(), BackendError>>,
+) {
+    let mut instance = match create_instance(model, index) {
+        Ok(instance) => instance,
+        Err(e) => {
+            let _ = ready.send(Err(e));
+            return;
+        }
+    };
+    let _ = ready.send(Ok(()));
+    // Let go of the sender now: `start` must see the channel close if a sibling thread dies
+    // without answering, which it cannot while serving threads still hold senders.
+    drop(ready);
     loop {
-        let batch = {
-            let mut st = shared.state.lock();
-            loop {
-                let now = Instant::now();
-                for (e, why) in st.queue.sweep(now, Waiting::gone) {
-                    let outcome = match why {
-                        Swept::TimedOut => Err(ExecError::DeadlineExceeded),
-                        Swept::Gone => Err(ExecError::Stopped),
-                    };
-                    shared.answer(e.item.seq, e.item.reply, outcome);
-                }
-                match st.queue.next(now, shared.config.max_batch_size, batching) {
-                    Decision::Run(batch) => {
-                        if st.queue.len() > 0 {
-                            // More work for another free instance.
-                            shared.wake.notify_one();
-                        }
-                        break batch;
-                    }
-                    Decision::WaitUntil(until) => {
-                        shared.wake.wait_until(&mut st, until);
-                    }
-                    Decision::Idle if st.stopping => return,
-                    Decision::Idle => match st.queue.next_deadline() {
-                        Some(d) => {
-                            shared.wake.wait_until(&mut st, d);
-                        }
-                        None => shared.wake.wait(&mut st),
-                    },
-                }
+        let reason = match catch_unwind(AssertUnwindSafe(|| serve(shared, instance.as_mut()))) {
+            Ok(Served::Stopped) => {
+                discard(instance, index);
+                return;
             }
+            Ok(Served::Failed(reason)) => reason,
+            // Our own queue code panicked: the batch it held (if any) was never taken.
+            Err(payload) => format!(
+                "instance #{index} panicked outside a batch: {}",
+                truncate(&panic_message(payload.as_ref()), 300)
+            ),
         };
-        execute(shared, instance.as_mut(), batch);
+        discard(instance, index);
+        match recreate(shared, model, index, reason) {
+            Some(fresh) => instance = fresh,
+            None => return,
+        }
     }
 }
 
-fn execute(shared: &Shared, instance: &mut dyn ModelInstance, batch: Vec<Entry<Waiting>>) {
+/// Calls the engine's `new_instance`, turning a panic into an error.
+fn create_instance(model: &dyn LoadedModel, index: usize) -> Result<Box<dyn ModelInstance>, BackendError> {
+    match catch_unwind(AssertUnwindSafe(|| model.new_instance(index))) {
+        Ok(created) => created,
+        Err(payload) => Err(BackendError::new(
+            BackendErrorKind::Internal,
+            format!(
+                "instance #{index} panicked while being created: {}",
+                truncate(&panic_message(payload.as_ref()), 300)
+            ),
+        )),
+    }
+}
+
+/// Drops an instance; a panic in the engine's destructor is logged, never propagated.
+fn discard(instance: Box<dyn ModelInstance>, index: usize) {
+    if let Err(payload) = catch_unwind(AssertUnwindSafe(move || drop(instance))) {
+        tracing::error!(
+            instance = index,
+            panic = %truncate(&panic_message(payload.as_ref()), 300),
+            "model instance panicked while being dropped"
+        );
+    }
+}
+
+/// Counts a failure and re-creates the instance after the policy's backoff; `None` when the
+/// version gives up (or the scheduler stops meanwhile).
+fn recreate(
+    shared: &Shared,
+    model: &dyn LoadedModel,
+    index: usize,
+    mut reason: String,
+) -> Option<Box<dyn ModelInstance>> {
+    loop {
+        let verdict = shared.failures.lock().record(Instant::now());
+        match verdict {
+            Verdict::GiveUp { failures } => {
+                shared.give_up(failures, &reason);
+                return None;
+            }
+            Verdict::Restart { after } => {
+                tracing::error!(
+                    scheduler = %shared.config.thread_name, instance = index, %reason,
+                    retry_in_ms = after.as_millis() as u64,
+                    "model instance failed; re-creating it"
+                );
+                if !shared.pause(after) {
+                    return None;
+                }
+                match create_instance(model, index) {
+                    Ok(instance) => {
+                        tracing::info!(
+                            scheduler = %shared.config.thread_name, instance = index,
+                            "model instance re-created"
+                        );
+                        return Some(instance);
+                    }
+                    Err(e) => reason = e.message().to_string(),
+                }
+            }
+        }
+    }
+}
+
+enum Served {
+    /// The scheduler stops or gave up: the thread ends.
+    Stopped,
+    /// The instance failed on a batch (whose requests are answered): re-create it.
+    Failed(String),
+}
+
+fn serve(shared: &Shared, instance: &mut dyn ModelInstance) -> Served {
+    while let Some(batch) = next_batch(shared) {
+        if let Some(reason) = run_batch(shared, instance, batch) {
+            return Served::Failed(reason);
+        }
+    }
+    Served::Stopped
+}
+
+/// Waits for the next batch; `None` when the scheduler stops (after its queue is empty) or the
+/// version gave up.
+fn next_batch(shared: &Shared) -> Option<Vec<Entry<Waiting>>> {
+    let batching = shared.config.dynamic_batching.as_ref();
+    let mut st = shared.state.lock();
+    loop {
+        if st.failed {
+            return None;
+        }
+        let now = Instant::now();
+        for (e, why) in st.queue.sweep(now, Waiting::gone) {
+            let outcome = match why {
+                Swept::TimedOut => Err(ExecError::DeadlineExceeded),
+                Swept::Gone => Err(ExecError::Stopped),
+            };
+            shared.answer(e.item.seq, e.item.reply, outcome);
+        }
+        match st.queue.next(now, shared.config.max_batch_size, batching) {
+            Decision::Run(batch) => {
+                if st.queue.len() > 0 {
+                    // More work for another free instance.
+                    shared.wake.notify_one();
+                }
+                return Some(batch);
+            }
+            Decision::WaitUntil(until) => {
+                shared.wake.wait_until(&mut st, until);
+            }
+            Decision::Idle if st.stopping => return None,
+            Decision::Idle => match st.queue.next_deadline() {
+                Some(d) => {
+                    shared.wake.wait_until(&mut st, d);
+                }
+                None => shared.wake.wait(&mut st),
+            },
+        }
+    }
+}
+
+/// One request of a batch, without its reply channel (which stays outside the panic guard so
+/// the request is answered whatever happens).
+struct Work {
+    rows: usize,
+    enqueued: Instant,
+    inputs: Vec<Tensor>,
+    outputs: Vec<String>,
+    span: tracing::Span,
+}
+
+/// Runs one batch and answers its requests. A panic fails exactly these requests and returns
+/// its description, so the caller re-creates the instance.
+fn run_batch(
+    shared: &Shared,
+    instance: &mut dyn ModelInstance,
+    batch: Vec<Entry<Waiting>>,
+) -> Option<String> {
     let started = Instant::now();
-    let mut live = Vec::with_capacity(batch.len());
+    let mut replies = Vec::with_capacity(batch.len());
+    let mut work = Vec::with_capacity(batch.len());
     for e in batch {
         // The client went away or timed out while it waited: don't spend the instance on it.
         if !e.item.take() {
             shared.answer(e.item.seq, e.item.reply, Err(ExecError::Stopped));
-        } else {
-            live.push(e);
+            continue;
+        }
+        replies.push((e.item.seq, e.item.reply));
+        work.push(Work {
+            rows: e.rows,
+            enqueued: e.enqueued,
+            inputs: e.item.inputs,
+            outputs: e.item.outputs,
+            span: e.item.span,
+        });
+    }
+    if work.is_empty() {
+        return None;
+    }
+    match catch_unwind(AssertUnwindSafe(|| execute(shared, instance, work, started))) {
+        Ok(outcomes) => {
+            for ((seq, reply), outcome) in replies.into_iter().zip(outcomes) {
+                shared.answer(seq, reply, outcome);
+            }
+            None
+        }
+        Err(payload) => {
+            let reason = format!(
+                "the engine panicked while running a batch: {}",
+                truncate(&panic_message(payload.as_ref()), 300)
+            );
+            for (seq, reply) in replies {
+                shared.answer(seq, reply, Err(ExecError::InstanceFailed(reason.clone())));
+            }
+            Some(reason)
         }
     }
+}
+
+/// Concatenates, runs and splits one batch: one outcome per request, in order.
+fn execute(
+    shared: &Shared,
+    instance: &mut dyn ModelInstance,
+    live: Vec<Work>,
+    started: Instant,
+) -> Vec<Outcome> {
     // Lines written while this batch runs belong to its requests: one request's own span, or a
     // `batch` span under the first request's that records the others as causes.
     let span = match live.as_slice() {
-        [] => return,
-        [one] => one.item.span.clone(),
+        [] => return Vec::new(),
+        [one] => one.span.clone(),
         [first, rest @ ..] => {
-            let span = tracing::error_span!(parent: &first.item.span, "batch", requests = live.len());
+            let span = tracing::error_span!(parent: &first.span, "batch", requests = live.len());
             for e in rest {
-                span.follows_from(&e.item.span);
+                span.follows_from(&e.span);
             }
             span
         }
@@ -372,7 +621,7 @@ fn execute(shared: &Shared, instance: &mut dyn ModelInstance, batch: Vec<Entry<W
     let total_rows: usize = live.iter().map(|e| e.rows).sum();
     let mut wanted: Vec<String> = Vec::new();
     for e in &live {
-        for name in &e.item.outputs {
+        for name in &e.outputs {
             if !wanted.contains(name) {
                 wanted.push(name.clone());
             }
@@ -381,14 +630,8 @@ fn execute(shared: &Shared, instance: &mut dyn ModelInstance, batch: Vec<Entry<W
     let mut meta = Vec::with_capacity(live.len());
     let mut inputs = Vec::with_capacity(live.len());
     for e in live {
-        meta.push((
-            e.rows,
-            started.saturating_duration_since(e.enqueued),
-            e.item.outputs,
-            e.item.reply,
-            e.item.seq,
-        ));
-        inputs.push(e.item.inputs);
+        meta.push((e.rows, started.saturating_duration_since(e.enqueued), e.outputs));
+        inputs.push(e.inputs);
     }
     let single = meta.len() == 1;
     let result = concat_inputs(inputs)
@@ -404,17 +647,12 @@ fn execute(shared: &Shared, instance: &mut dyn ModelInstance, batch: Vec<Entry<W
         });
     let (compute_input, compute_infer, produced) = match result {
         Ok(r) => r,
-        Err(e) => {
-            for (_, _, _, reply, seq) in meta {
-                shared.answer(seq, reply, Err(ExecError::Backend(e.clone())));
-            }
-            return;
-        }
+        Err(e) => return meta.iter().map(|_| Err(ExecError::Backend(e.clone()))).collect(),
     };
     let t_out = Instant::now();
     let mut answers = Vec::with_capacity(meta.len());
     let mut start_row = 0usize;
-    for (rows, queue, outputs, reply, seq) in meta {
+    for (rows, queue, outputs) in meta {
         let mut own = Vec::with_capacity(outputs.len());
         let mut failure = None;
         for name in &outputs {
@@ -438,7 +676,7 @@ fn execute(shared: &Shared, instance: &mut dyn ModelInstance, batch: Vec<Entry<W
             }
         }
         start_row += rows;
-        answers.push((seq, reply, queue, own, failure));
+        answers.push((queue, own, failure));
     }
     let compute_output = t_out.elapsed();
     shared.observer.on_execution(&BatchTiming {
@@ -448,8 +686,9 @@ fn execute(shared: &Shared, instance: &mut dyn ModelInstance, batch: Vec<Entry<W
         compute_infer,
         compute_output,
     });
-    for (seq, reply, queue, outputs, failure) in answers {
-        let outcome = match failure {
+    answers
+        .into_iter()
+        .map(|(queue, outputs, failure)| match failure {
             Some(m) => Err(ExecError::Backend(BackendError::new(
                 BackendErrorKind::Internal,
                 m,
@@ -464,7 +703,6 @@ fn execute(shared: &Shared, instance: &mut dyn ModelInstance, batch: Vec<Entry<W
                     batch_size: total_rows,
                 },
             }),
-        };
-        shared.answer(seq, reply, outcome);
-    }
+        })
+        .collect()
 }

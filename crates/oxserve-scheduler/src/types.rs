@@ -59,6 +59,36 @@ pub struct SchedulerConfig {
     pub max_queued_total: usize,
     /// Thread name prefix, for debuggers and `top -H`.
     pub thread_name: String,
+    /// When an instance that failed is re-created, and when the version gives up.
+    pub restart: RestartPolicy,
+}
+
+/// What happens when an instance fails (its engine panics while running a batch, or while
+/// being re-created): the requests of that batch fail, the instance is re-created from the
+/// loaded model, and serving continues, until `max_failures` failures of the version's
+/// instances fall within `window`. Then the version gives up: it answers every queued and new
+/// request with [`ExecError::Unavailable`] and reports the reason through
+/// [`crate::Scheduler::failure`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RestartPolicy {
+    /// Failures within `window` that make the version unavailable (at least 1).
+    pub max_failures: usize,
+    pub window: Duration,
+    /// Wait before the first re-creation; it doubles after each failure in the window, up to
+    /// `max_backoff`, so an engine that keeps failing does not spin.
+    pub backoff: Duration,
+    pub max_backoff: Duration,
+}
+
+impl Default for RestartPolicy {
+    fn default() -> Self {
+        RestartPolicy {
+            max_failures: 3,
+            window: Duration::from_secs(60),
+            backoff: Duration::from_millis(50),
+            max_backoff: Duration::from_secs(2),
+        }
+    }
 }
 
 impl Default for SchedulerConfig {
@@ -73,6 +103,7 @@ impl Default for SchedulerConfig {
             priority_queue_policy: HashMap::new(),
             max_queued_total: 1024,
             thread_name: "model".into(),
+            restart: RestartPolicy::default(),
         }
     }
 }
@@ -141,4 +172,10 @@ pub enum ExecError {
     Stopped,
     /// The engine failed on the batch this request ran in.
     Backend(BackendError),
+    /// The instance running this request's batch failed (its engine panicked); the instance
+    /// is being re-created. The text says what happened, for logs.
+    InstanceFailed(String),
+    /// The version gave up after repeated instance failures (see [`RestartPolicy`]); the text
+    /// is the reason, as [`crate::Scheduler::failure`] reports it.
+    Unavailable(String),
 }
