@@ -139,6 +139,13 @@ pub trait Backend: Send + Sync {
     fn supports_gpu(&self) -> bool {
         false
     }
+
+    /// For Triton's `KIND_AUTO`: whether this engine's GPU runtime is present here, so that
+    /// instances go to a GPU. `Ok` describes it, `Err` says why not (logged when the instances
+    /// go to the CPU instead). Asked only when [`Backend::supports_gpu`] is true.
+    fn gpu_runtime(&self) -> Result<String, String> {
+        Err(format!("the {} engine has no GPU runtime", self.name()))
+    }
 }
 
 pub trait LoadedModel: Send + Sync {

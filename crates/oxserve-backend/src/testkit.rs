@@ -17,11 +17,23 @@
 //! - `identity` (the default): output `i` is a copy of input `i`, so each output needs an input
 //!   at the same position with the same data type and rank.
 //! - `fail`: every execution fails with an internal backend error.
+//! - `panic`: every execution panics (an engine bug, as the scheduler sees it).
+//!
+//! Faults on top of `op`, for the instance-failure and load tests:
+//!
+//! - `"panic_on_executions": [2, 5]`: these executions panic (1-based, counted over all
+//!   instances of the loaded version, across instance re-creations).
+//! - `"panic_on_instance_creations": [1]`: these `new_instance` calls panic (1-based, counted
+//!   the same way: `[1]` fails the first instance at load, `[2]` the first re-creation of a
+//!   single-instance model).
+//! - `"panic_in_load": true`: loading the model panics.
 //!
 //! Nothing is recorded outside the model: tests observe the server only through its protocols.
 
 use std::fmt;
 use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread;
 use std::time::Duration;
 
@@ -42,6 +54,7 @@ pub enum Op {
     #[default]
     Identity,
     Fail,
+    Panic,
 }
 
 impl fmt::Display for Op {
@@ -49,6 +62,7 @@ impl fmt::Display for Op {
         f.write_str(match self {
             Op::Identity => "identity",
             Op::Fail => "fail",
+            Op::Panic => "panic",
         })
     }
 }
@@ -70,6 +84,20 @@ struct ModelJson {
     delay_ms: u64,
     #[serde(default)]
     op: Op,
+    #[serde(default)]
+    panic_on_executions: Vec<usize>,
+    #[serde(default)]
+    panic_on_instance_creations: Vec<usize>,
+    #[serde(default)]
+    panic_in_load: bool,
+}
+
+/// Deliberate panics, numbered from 1 over the loaded version's life.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Faults {
+    pub panic_on_executions: Vec<usize>,
+    pub panic_on_instance_creations: Vec<usize>,
+    pub panic_in_load: bool,
 }
 
 /// A parsed and checked model file.
@@ -78,6 +106,7 @@ pub struct TestModel {
     pub signature: ModelSignature,
     pub delay: Duration,
     pub op: Op,
+    pub faults: Faults,
 }
 
 fn invalid(path: &Path, message: impl fmt::Display) -> BackendError {
@@ -167,6 +196,11 @@ impl TestModel {
             signature: ModelSignature { inputs, outputs },
             delay: Duration::from_millis(json.delay_ms),
             op: json.op,
+            faults: Faults {
+                panic_on_executions: json.panic_on_executions,
+                panic_on_instance_creations: json.panic_on_instance_creations,
+                panic_in_load: json.panic_in_load,
+            },
         })
     }
 
@@ -199,6 +233,12 @@ impl Backend for TestkitBackend {
 
     fn load(&self, spec: &LoadSpec) -> Result<Box<dyn LoadedModel>, BackendError> {
         let model = TestModel::read(&spec.model_path)?;
+        if model.faults.panic_in_load {
+            panic!(
+                "testkit model '{}' panics while loading, by design",
+                spec.model_name
+            );
+        }
         // The configuration may list fewer outputs than the file; each one it lists must be
         // one the file declares (the model manager has checked names and types already).
         let mut output_index = Vec::with_capacity(spec.outputs.len());
@@ -215,6 +255,8 @@ impl Backend for TestkitBackend {
             name: spec.model_name.clone(),
             model,
             output_index,
+            creations: AtomicUsize::new(0),
+            executions: Arc::new(AtomicUsize::new(0)),
         }))
     }
 }
@@ -224,14 +266,26 @@ struct TestLoaded {
     model: TestModel,
     /// Output name → its position in the model file (= the input it copies).
     output_index: Vec<(String, usize)>,
+    /// `new_instance` calls so far.
+    creations: AtomicUsize,
+    /// Executions so far, shared by every instance this model makes.
+    executions: Arc<AtomicUsize>,
 }
 
 impl LoadedModel for TestLoaded {
-    fn new_instance(&self, _index: usize) -> Result<Box<dyn ModelInstance>, BackendError> {
+    fn new_instance(&self, index: usize) -> Result<Box<dyn ModelInstance>, BackendError> {
+        let creation = self.creations.fetch_add(1, Ordering::SeqCst) + 1;
+        if self.model.faults.panic_on_instance_creations.contains(&creation) {
+            panic!(
+                "testkit model '{}' panics creating instance #{index} (creation {creation}), by design",
+                self.name
+            );
+        }
         Ok(Box::new(TestInstance {
             name: self.name.clone(),
             model: self.model.clone(),
             output_index: self.output_index.clone(),
+            executions: Arc::clone(&self.executions),
         }))
     }
 }
@@ -240,6 +294,7 @@ struct TestInstance {
     name: String,
     model: TestModel,
     output_index: Vec<(String, usize)>,
+    executions: Arc<AtomicUsize>,
 }
 
 impl ModelInstance for TestInstance {
@@ -247,7 +302,18 @@ impl ModelInstance for TestInstance {
         if !self.model.delay.is_zero() {
             thread::sleep(self.model.delay);
         }
+        let execution = self.executions.fetch_add(1, Ordering::SeqCst) + 1;
+        if self.model.faults.panic_on_executions.contains(&execution) {
+            panic!(
+                "testkit model '{}' panics in execution {execution}, by design",
+                self.name
+            );
+        }
         match self.model.op {
+            Op::Panic => panic!(
+                "testkit model '{}' panics in every execution, by design",
+                self.name
+            ),
             Op::Fail => Err({
                 // As an engine reports its own failures, from the instance thread.
                 tracing::warn!(model = %self.name, "testkit model failing by design");
@@ -453,6 +519,54 @@ mod tests {
             .unwrap_err();
         assert_eq!(e.kind(), BackendErrorKind::Internal);
         assert!(e.message().contains("fails by design"));
+    }
+
+    const ONE_IO: &str = r#"{"inputs":[{"name":"A","datatype":"FP32","shape":[-1,2]}],
+                             "outputs":[{"name":"X","datatype":"FP32","shape":[-1,2]}]"#;
+
+    fn run(instance: &mut Box<dyn ModelInstance>) -> std::thread::Result<Result<Vec<Tensor>, BackendError>> {
+        let batch = Batch {
+            inputs: vec![Tensor::from_raw(
+                "A",
+                DataType::F32,
+                vec![1, 2],
+                f32s(&[1.0, 2.0]),
+            )],
+            outputs: vec!["X".into()],
+        };
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| instance.execute(batch)))
+    }
+
+    #[test]
+    fn panic_faults_fire_where_declared() {
+        let (_dir, path) = write_model(&format!(
+            "{ONE_IO}, \"panic_on_executions\": [2], \"panic_on_instance_creations\": [2]}}"
+        ));
+        let m = TestModel::read(&path.join("model.json")).unwrap();
+        assert_eq!(m.faults.panic_on_executions, vec![2]);
+        let loaded = TestkitBackend::new().load(&spec(&path, &["X"])).unwrap();
+        let mut first = loaded.new_instance(0).unwrap();
+        assert!(run(&mut first).unwrap().is_ok());
+        // Execution 2 panics; executions are counted over the model, not the instance.
+        assert!(run(&mut first).is_err());
+        let second = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| loaded.new_instance(0)));
+        assert!(second.is_err(), "creation 2 must panic");
+        let mut third = loaded.new_instance(0).unwrap();
+        assert!(run(&mut third).unwrap().is_ok());
+
+        let (_dir, path) = write_model(&format!("{ONE_IO}, \"op\": \"panic\"}}"));
+        let loaded = TestkitBackend::new().load(&spec(&path, &["X"])).unwrap();
+        let mut instance = loaded.new_instance(0).unwrap();
+        assert!(run(&mut instance).is_err());
+        assert!(run(&mut instance).is_err());
+
+        let (_dir, path) = write_model(&format!("{ONE_IO}, \"panic_in_load\": true}}"));
+        let backend = TestkitBackend::new();
+        assert!(backend.inspect(&path.join("model.json")).is_ok());
+        let load = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            backend.load(&spec(&path, &["X"]))
+        }));
+        assert!(load.is_err(), "the load must panic");
     }
 
     fn f32s(values: &[f32]) -> Vec<u8> {

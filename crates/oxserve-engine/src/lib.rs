@@ -11,6 +11,6 @@ mod service;
 mod stats;
 mod validate;
 
-pub use manager::{BACKEND_REASON_PARAMETER, ManagerOptions, ModelManager};
+pub use manager::{BACKEND_REASON_PARAMETER, ManagerOptions, ModelManager, PLACEMENT_REASON_PARAMETER};
 pub use service::{IndexEntry, InferenceService, ServerMetadata};
 pub use stats::{BatchStat, FailureReason, InferStats, Metrics, ModelStatistics, StatDuration};

@@ -3,11 +3,13 @@
 //! fails is recorded with its reason; the others serve.
 
 use std::collections::BTreeMap;
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
 use arc_swap::ArcSwap;
+use oxserve_backend::support::{panic_message, truncate};
 use oxserve_backend::{Accelerator, Backend, Device, LoadSpec};
 use oxserve_core::{DataType, Error, ModelMetadata, Result, TensorMeta};
 use oxserve_repository::pb::model_instance_group::Kind;
@@ -49,9 +51,32 @@ const TRACT: &str = "tract";
 /// The model configuration parameter that says why the model runs on its engine.
 pub const BACKEND_REASON_PARAMETER: &str = "oxserve_backend_reason";
 
+/// The model configuration parameter that says where `KIND_AUTO` instance groups went.
+pub const PLACEMENT_REASON_PARAMETER: &str = "oxserve_instance_placement_reason";
+
 pub(crate) enum VersionState {
+    /// Loaded; it serves unless its instances gave up (see [`VersionState::serving`]).
     Ready(Arc<ServedVersion>),
     Unavailable(String),
+}
+
+impl VersionState {
+    /// The version while it serves: loaded, and its instances have not given up after
+    /// repeated failures.
+    pub(crate) fn serving(&self) -> Option<&Arc<ServedVersion>> {
+        match self {
+            VersionState::Ready(served) if served.scheduler.failure().is_none() => Some(served),
+            _ => None,
+        }
+    }
+
+    /// Why the version does not serve: its load failed, or its instances gave up.
+    pub(crate) fn unavailable_reason(&self) -> Option<&str> {
+        match self {
+            VersionState::Ready(served) => served.scheduler.failure(),
+            VersionState::Unavailable(reason) => Some(reason),
+        }
+    }
 }
 
 #[derive(Default)]
@@ -123,7 +148,17 @@ impl ModelManager {
                     table.models.insert(dir.name.clone(), ModelRecord::failed(reason));
                     continue;
                 }
-                let record = self.load_model(&dir);
+                // A panic in our own configuration code is a model failure, not a lost table.
+                let record = match catch_unwind(AssertUnwindSafe(|| self.load_model(&dir))) {
+                    Ok(record) => record,
+                    Err(payload) => self.model_failed(
+                        &dir.name,
+                        format!(
+                            "loading panicked: {}",
+                            truncate(&panic_message(payload.as_ref()), 300)
+                        ),
+                    ),
+                };
                 table.models.insert(dir.name.clone(), record);
             }
         }
@@ -154,7 +189,19 @@ impl ModelManager {
         }
         let mut record = ModelRecord::default();
         for version in selected {
-            let state = match self.load_version(dir, version, &config, &selection) {
+            // An engine that panics while reading or loading the model (or creating an
+            // instance) fails this version only.
+            let loaded = catch_unwind(AssertUnwindSafe(|| {
+                self.load_version(dir, version, &config, &selection)
+            }))
+            .unwrap_or_else(|payload| {
+                Err(format!(
+                    "the {} engine panicked while loading the model: {}",
+                    backend.name(),
+                    truncate(&panic_message(payload.as_ref()), 300)
+                ))
+            });
+            let state = match loaded {
                 Ok(served) => {
                     tracing::info!(
                         model = %dir.name, version, backend = backend.name(),
@@ -249,6 +296,10 @@ impl ModelManager {
         let mut config = base.clone();
         autocomplete::complete(&mut config, &signature)?;
         autocomplete::fill_defaults(&mut config);
+        let placement = place_auto_groups(&mut config, backend)?;
+        for reason in &placement {
+            tracing::info!(model = %dir.name, version, %reason, "instance group placed");
+        }
         if let Some(g) = config.instance_group.iter().find(|g| g.kind == Kind::Gpu as i32)
             && !backend.supports_gpu()
         {
@@ -328,6 +379,14 @@ impl ModelManager {
                 string_value: selection.reason.clone(),
             },
         );
+        if !placement.is_empty() {
+            config.parameters.insert(
+                PLACEMENT_REASON_PARAMETER.to_string(),
+                ModelParameter {
+                    string_value: placement.join("; "),
+                },
+            );
+        }
         Ok(ServedVersion {
             model_name: dir.name.clone(),
             version,
@@ -366,6 +425,42 @@ fn gpu_accelerators(cfg: &ModelConfig) -> Result<Vec<Accelerator>, String> {
             parameters: a.parameters.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
         })
         .collect())
+}
+
+/// Triton's `KIND_AUTO`: a group goes to the GPU when the engine can place instances there and
+/// its GPU runtime is present, else to the CPU. The group's kind is rewritten (as Triton shows
+/// it in the model configuration); the returned lines say why, one per group.
+fn place_auto_groups(cfg: &mut ModelConfig, backend: &dyn Backend) -> Result<Vec<String>, String> {
+    let mut reasons = Vec::new();
+    for group in &mut cfg.instance_group {
+        if group.kind != Kind::Auto as i32 {
+            continue;
+        }
+        let gpu = if backend.supports_gpu() {
+            backend.gpu_runtime()
+        } else {
+            Err(format!("the {} engine runs on CPU only", backend.name()))
+        };
+        let reason = match gpu {
+            Ok(runtime) => {
+                group.kind = Kind::Gpu as i32;
+                format!("instance_group '{}' KIND_AUTO runs on GPU: {runtime}", group.name)
+            }
+            // Triton too refuses a group that lists GPUs but ends up on the CPU.
+            Err(why) if !group.gpus.is_empty() => {
+                return Err(format!(
+                    "instance_group '{}' KIND_AUTO lists gpus {:?}, but {why}",
+                    group.name, group.gpus
+                ));
+            }
+            Err(why) => {
+                group.kind = Kind::Cpu as i32;
+                format!("instance_group '{}' KIND_AUTO runs on CPU: {why}", group.name)
+            }
+        };
+        reasons.push(reason);
+    }
+    Ok(reasons)
 }
 
 /// Where each instance runs: `count` instances per group, and for KIND_GPU `count` per listed
@@ -410,12 +505,6 @@ fn model_io(cfg: &ModelConfig, model_dir: &Path) -> Result<ModelIo, String> {
         .input
         .iter()
         .map(|i| {
-            if i.optional {
-                return Err(format!(
-                    "input '{}': optional inputs are not supported by the tract engine",
-                    i.name
-                ));
-            }
             Ok(InputSpec {
                 name: i.name.clone(),
                 datatype: data_type(&i.name, i.data_type)?,
@@ -492,22 +581,33 @@ impl ModelTable {
         };
         match version {
             Some(v) => match record.versions.get(&v) {
-                Some(VersionState::Ready(served)) => Ok(Arc::clone(served)),
-                Some(VersionState::Unavailable(reason)) => Err(Error::unavailable(format!(
-                    "model '{name}' version {v} is not ready: {reason}"
-                ))),
+                Some(state) => match (state.serving(), state.unavailable_reason()) {
+                    (Some(served), _) => Ok(Arc::clone(served)),
+                    (None, reason) => Err(Error::unavailable(format!(
+                        "model '{name}' version {v} is not ready: {}",
+                        reason.unwrap_or("not serving")
+                    ))),
+                },
                 None => Err(Error::not_found(format!("unknown version {v} of model '{name}'"))),
             },
             None => record
                 .versions
                 .values()
                 .rev()
-                .find_map(|s| match s {
-                    VersionState::Ready(served) => Some(Arc::clone(served)),
-                    VersionState::Unavailable(_) => None,
-                })
+                .find_map(|s| s.serving().map(Arc::clone))
                 .ok_or_else(|| {
-                    let reason = record.error.as_deref().unwrap_or("no version is ready");
+                    // Say why: the model's own error, else the newest version's reason.
+                    let reason = record
+                        .error
+                        .as_deref()
+                        .or_else(|| {
+                            record
+                                .versions
+                                .values()
+                                .rev()
+                                .find_map(VersionState::unavailable_reason)
+                        })
+                        .unwrap_or("no version is ready");
                     Error::unavailable(format!("model '{name}' is not ready: {reason}"))
                 }),
         }
@@ -613,6 +713,82 @@ mod selection_tests {
         assert!(err.contains("backend 'tensorflow' is not available"), "{err}");
         let err = select(&available, "pytorch_libtorch", "").unwrap_err();
         assert!(err.contains("platform 'pytorch_libtorch'"), "{err}");
+    }
+
+    /// An engine that can place instances on GPUs, with or without its GPU runtime.
+    struct GpuStub(Result<String, String>);
+
+    impl Backend for GpuStub {
+        fn name(&self) -> &'static str {
+            ONNXRUNTIME
+        }
+        fn inspect(&self, _: &Path) -> Result<ModelSignature, BackendError> {
+            Err(BackendError::new(BackendErrorKind::Internal, "stub"))
+        }
+        fn load(&self, _: &LoadSpec) -> Result<Box<dyn LoadedModel>, BackendError> {
+            Err(BackendError::new(BackendErrorKind::Internal, "stub"))
+        }
+        fn supports_gpu(&self) -> bool {
+            true
+        }
+        fn gpu_runtime(&self) -> Result<String, String> {
+            self.0.clone()
+        }
+    }
+
+    #[test]
+    fn kind_auto_follows_the_engines_gpu_runtime_with_the_reason() {
+        let auto = |gpus: &[i32]| ModelConfig {
+            instance_group: vec![
+                ModelInstanceGroup {
+                    name: "a".into(),
+                    kind: Kind::Auto as i32,
+                    count: 1,
+                    gpus: gpus.to_vec(),
+                    ..Default::default()
+                },
+                ModelInstanceGroup {
+                    name: "c".into(),
+                    kind: Kind::Cpu as i32,
+                    ..Default::default()
+                },
+            ],
+            ..Default::default()
+        };
+        let cpu_only = Stub {
+            name: TRACT,
+            available: Ok(String::new()),
+        };
+        let mut cfg = auto(&[]);
+        let reasons = place_auto_groups(&mut cfg, &cpu_only).unwrap();
+        assert_eq!(cfg.instance_group[0].kind, Kind::Cpu as i32);
+        assert_eq!(reasons.len(), 1, "only KIND_AUTO groups are placed: {reasons:?}");
+        assert!(reasons[0].contains("KIND_AUTO runs on CPU"), "{reasons:?}");
+        assert!(
+            reasons[0].contains("tract engine runs on CPU only"),
+            "{reasons:?}"
+        );
+
+        let mut cfg = auto(&[]);
+        let reasons =
+            place_auto_groups(&mut cfg, &GpuStub(Err("no CUDA execution provider".into()))).unwrap();
+        assert_eq!(cfg.instance_group[0].kind, Kind::Cpu as i32);
+        assert!(reasons[0].contains("no CUDA execution provider"), "{reasons:?}");
+
+        let mut cfg = auto(&[1]);
+        let reasons = place_auto_groups(&mut cfg, &GpuStub(Ok("CUDA in libonnxruntime.so".into()))).unwrap();
+        assert_eq!(cfg.instance_group[0].kind, Kind::Gpu as i32);
+        assert!(
+            reasons[0].contains("KIND_AUTO runs on GPU: CUDA in"),
+            "{reasons:?}"
+        );
+        assert_eq!(instance_devices(&cfg), vec![Device::Gpu(1), Device::Cpu]);
+
+        let err = place_auto_groups(&mut auto(&[0]), &cpu_only).unwrap_err();
+        assert!(
+            err.contains("KIND_AUTO lists gpus [0], but the tract engine runs on CPU only"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -10,7 +10,7 @@ use oxserve_core::{Error, ErrorKind, InferRequest, InferResponse, ModelMetadata,
 use oxserve_repository::pb::ModelConfig;
 use oxserve_scheduler::{ExecError, Job};
 
-use crate::manager::{ModelManager, VersionState};
+use crate::manager::ModelManager;
 use crate::model::ServedVersion;
 use crate::stats::{FailureReason, Metrics, ModelStatistics};
 use crate::validate::{finish, prepare};
@@ -101,7 +101,7 @@ impl InferenceService {
         table
             .models
             .values()
-            .all(|m| m.error.is_none() && m.versions.values().all(|v| matches!(v, VersionState::Ready(_))))
+            .all(|m| m.error.is_none() && m.versions.values().all(|v| v.serving().is_some()))
     }
 
     pub fn server_metadata(&self) -> ServerMetadata {
@@ -131,7 +131,7 @@ impl InferenceService {
                 metadata.versions = record
                     .versions
                     .iter()
-                    .filter(|(_, s)| matches!(s, VersionState::Ready(_)))
+                    .filter(|(_, s)| s.serving().is_some())
                     .map(|(v, _)| v.to_string())
                     .collect();
             }
@@ -160,9 +160,9 @@ impl InferenceService {
                 continue;
             }
             for (version, state) in &record.versions {
-                let (state, reason) = match state {
-                    VersionState::Ready(_) => ("READY", String::new()),
-                    VersionState::Unavailable(reason) => ("UNAVAILABLE", reason.clone()),
+                let (state, reason) = match state.unavailable_reason() {
+                    None => ("READY", String::new()),
+                    Some(reason) => ("UNAVAILABLE", reason.to_string()),
                 };
                 if ready_only && state != "READY" {
                     continue;
@@ -205,10 +205,7 @@ impl InferenceService {
             record
                 .versions
                 .values()
-                .filter_map(|s| match s {
-                    VersionState::Ready(served) => Some(served.stats.snapshot()),
-                    VersionState::Unavailable(_) => None,
-                })
+                .filter_map(|s| s.serving().map(|served| served.stats.snapshot()))
                 .collect()
         };
         match (name, version) {
@@ -302,6 +299,27 @@ fn exec_error(served: &ServedVersion, e: ExecError) -> (Error, FailureReason) {
         ExecError::Stopped => (
             Error::unavailable(format!("model '{name}' is unloading")),
             FailureReason::Canceled,
+        ),
+        ExecError::InstanceFailed(detail) => {
+            tracing::error!(model = %name, version = served.version, %detail, "model instance failed");
+            (
+                Error::new(
+                    ErrorKind::Internal,
+                    format!(
+                        "model '{name}' version {}: the model instance failed while running this \
+                         request's batch and is being restarted",
+                        served.version
+                    ),
+                ),
+                FailureReason::Backend,
+            )
+        }
+        ExecError::Unavailable(reason) => (
+            Error::unavailable(format!(
+                "model '{name}' version {} is not ready: {reason}",
+                served.version
+            )),
+            FailureReason::Rejected,
         ),
         ExecError::Backend(e) => {
             let kind = match e.kind() {

@@ -123,4 +123,19 @@ impl Backend for OrtBackend {
     fn supports_gpu(&self) -> bool {
         true
     }
+
+    fn gpu_runtime(&self) -> Result<String, String> {
+        let runtime = self.runtime().map_err(|e| e.to_string())?;
+        if runtime.cuda {
+            Ok(format!(
+                "CUDA execution provider in {}",
+                runtime.library.display()
+            ))
+        } else {
+            Err(format!(
+                "the ONNX Runtime library {} has no CUDA execution provider",
+                runtime.library.display()
+            ))
+        }
+    }
 }

@@ -39,12 +39,55 @@ fn parse_error(err: &ParseError, text: &str, inserted: &[usize]) -> ConfigError 
 }
 
 /// prost-reflect says "field 'x' not found for message 'inference.ModelConfig'"; users of a
-/// config file know this as an unknown field.
+/// config file know this as an unknown field. A field of Triton's schema that oxserve does not
+/// implement is named as such, with the reason.
 fn unknown_field_message(raw: &str) -> Option<String> {
     let rest = raw.strip_prefix("field '")?;
     let (field, message) = rest.split_once("' not found for message '")?;
     let message = message.strip_suffix('\'')?;
-    Some(format!("unknown field '{field}' in {message}"))
+    Some(match triton_field_reason(message, field) {
+        Some(reason) => format!("Triton's field '{field}' in {message} is not supported: {reason}"),
+        None => format!("unknown field '{field}' in {message}"),
+    })
+}
+
+/// Why a field of Triton's `model_config.proto` is outside oxserve's schema.
+fn triton_field_reason(message: &str, field: &str) -> Option<&'static str> {
+    Some(match (message, field) {
+        ("inference.ModelConfig", "sequence_batching") => "stateful (sequence) models are not supported yet",
+        ("inference.ModelConfig", "ensemble_scheduling") => "ensembles are not supported yet",
+        ("inference.ModelConfig", "batch_input" | "batch_output") => {
+            "ragged batching (batch_input, batch_output) is not supported"
+        }
+        ("inference.ModelConfig", "model_transaction_policy") => {
+            "decoupled models (several responses per request) are not supported"
+        }
+        ("inference.ModelConfig", "response_cache") => "the response cache is not supported",
+        ("inference.ModelConfig", "runtime") => {
+            "engines are built into oxserve, not loaded from a backend library"
+        }
+        ("inference.ModelConfig", "cc_model_filenames") => {
+            "per-GPU-architecture model files are not supported; use default_model_filename"
+        }
+        ("inference.ModelConfig", "metric_tags") => "custom metric labels are not supported",
+        ("inference.ModelConfig", "model_operations" | "model_repository_agents") => {
+            "repository agents and model operations are not supported"
+        }
+        (
+            "inference.ModelInstanceGroup",
+            "rate_limiter" | "secondary_devices" | "profile" | "passive" | "host_policy",
+        ) => "only name, kind, count and gpus are supported in an instance group",
+        (
+            "inference.ModelOptimizationPolicy",
+            "priority"
+            | "cuda"
+            | "input_pinned_memory"
+            | "output_pinned_memory"
+            | "gather_kernel_buffer_threshold"
+            | "eager_batching",
+        ) => "only graph { level } and execution_accelerators are supported in optimization",
+        _ => return None,
+    })
 }
 
 /// 1-based line and column (in characters) of a byte offset.
@@ -176,12 +219,7 @@ pub fn validate_config(cfg: &pb::ModelConfig) -> Result<(), ConfigError> {
     });
     check_tensors("input", inputs).map_err(invalid)?;
     for input in &cfg.input {
-        if pb::model_input::Format::try_from(input.format).is_err() {
-            return Err(invalid(format!(
-                "input '{}': unknown format {}",
-                input.name, input.format
-            )));
-        }
+        check_input_fields(input).map_err(invalid)?;
     }
     let outputs = cfg.output.iter().map(|o| TensorSpec {
         name: &o.name,
@@ -191,6 +229,12 @@ pub fn validate_config(cfg: &pb::ModelConfig) -> Result<(), ConfigError> {
     });
     check_tensors("output", outputs).map_err(invalid)?;
     for output in &cfg.output {
+        if output.is_shape_tensor {
+            return Err(invalid(format!(
+                "output '{}': {SHAPE_TENSORS_UNSUPPORTED}",
+                output.name
+            )));
+        }
         if !output.label_filename.is_empty() && !is_plain_file_name(&output.label_filename) {
             return Err(invalid(format!(
                 "output '{}': label_filename '{}' must be a file name in the model directory",
@@ -207,6 +251,53 @@ pub fn validate_config(cfg: &pb::ModelConfig) -> Result<(), ConfigError> {
             "default_model_filename '{}' must be a file name in the version directory",
             cfg.default_model_filename
         )));
+    }
+    if !cfg.model_warmup.is_empty() {
+        return Err(invalid(
+            "model_warmup is not supported yet (warmup comes with the model lifecycle work); \
+             remove it to load the model"
+                .to_owned(),
+        ));
+    }
+    Ok(())
+}
+
+const SHAPE_TENSORS_UNSUPPORTED: &str = "is_shape_tensor is not supported (shape tensors are a \
+     TensorRT feature; the engines here read every input as data)";
+
+/// The input fields beyond name, type and shape: each is acted on or rejected with the reason,
+/// never accepted and ignored.
+fn check_input_fields(input: &pb::ModelInput) -> Result<(), String> {
+    use pb::model_input::Format;
+    let name = &input.name;
+    match Format::try_from(input.format) {
+        Err(_) => return Err(format!("input '{name}': unknown format {}", input.format)),
+        // Triton's rule: an image layout describes three dims (without the batch dimension).
+        // Like Triton, oxserve does not transpose anything: the format is published in the
+        // model configuration for clients that lay out images by it.
+        Ok(format @ (Format::Nhwc | Format::Nchw)) if input.dims.len() != 3 => {
+            return Err(format!(
+                "input '{name}': {} needs 3 dims (without the batch dimension), got {:?}",
+                format.as_str_name(),
+                input.dims
+            ));
+        }
+        Ok(_) => {}
+    }
+    if input.is_shape_tensor {
+        return Err(format!("input '{name}': {SHAPE_TENSORS_UNSUPPORTED}"));
+    }
+    if input.allow_ragged_batch {
+        return Err(format!(
+            "input '{name}': allow_ragged_batch is not supported (ragged batching needs \
+             batch_input, which oxserve does not implement); without it, requests batch together \
+             only when their shapes match"
+        ));
+    }
+    if input.optional {
+        return Err(format!(
+            "input '{name}': optional inputs are not supported; every input must be sent"
+        ));
     }
     Ok(())
 }
@@ -315,6 +406,20 @@ fn check_instance_groups(groups: &[pb::ModelInstanceGroup]) -> Result<(), String
         }
         if let Some(gpu) = group.gpus.iter().find(|&&g| g < 0) {
             return Err(format!("{label}: invalid gpu {gpu}"));
+        }
+        let kind = pb::model_instance_group::Kind::try_from(group.kind);
+        if kind == Ok(pb::model_instance_group::Kind::Model) {
+            return Err(format!(
+                "{label}: KIND_MODEL is not supported (it leaves device placement to the model \
+                 file, as TensorFlow and PyTorch models can; use KIND_CPU, KIND_GPU or KIND_AUTO)"
+            ));
+        }
+        // Triton's rule: gpus place GPU instances; on a CPU group they would be ignored.
+        if kind == Ok(pb::model_instance_group::Kind::Cpu) && !group.gpus.is_empty() {
+            return Err(format!(
+                "{label}: kind KIND_CPU but gpus {:?} are listed; use KIND_GPU or remove gpus",
+                group.gpus
+            ));
         }
     }
     Ok(())
@@ -478,9 +583,11 @@ parameters: { key: "intra_op_thread_count" value: { string_value: "4" } }
         let cfg = parse("name: \"m\"\noptimization { graph : { level : 2 } }\n");
         assert_eq!(cfg.optimization.unwrap().graph.unwrap().level, 2);
         assert!(parse("name: \"m\"").optimization.is_none());
-        // Only the graph level is part of the subset: other policies are unknown fields.
+        // Only the graph level is part of the subset: other policies are fields of Triton's
+        // that oxserve does not implement, named as such.
         let err = parse_err("optimization { priority: PRIORITY_MAX }");
-        assert!(err.contains("unknown field 'priority'"), "{err}");
+        assert!(err.contains("Triton's field 'priority'"), "{err}");
+        assert!(err.contains("is not supported"), "{err}");
         let json = config_to_json_value(&parse("name: \"m\"\noptimization { graph { level: 1 } }"));
         assert_eq!(json["optimization"]["graph"]["level"], 1);
         validate_config(&parse("name: \"m\"\noptimization { graph { level: 1 } }")).unwrap();
@@ -532,6 +639,91 @@ optimization { execution_accelerators {
             err,
             "config.pbtxt: unknown field 'dim' in inference.ModelInput at line 1, column 42"
         );
+    }
+
+    #[test]
+    fn tritons_unimplemented_fields_say_why() {
+        let err = parse_err("name: \"m\"\nsequence_batching { }\n");
+        assert_eq!(
+            err,
+            "config.pbtxt: Triton's field 'sequence_batching' in inference.ModelConfig is not \
+             supported: stateful (sequence) models are not supported yet at line 2, column 1"
+        );
+        for (text, reason) in [
+            ("ensemble_scheduling { }", "ensembles are not supported yet"),
+            ("batch_input [ { } ]", "ragged batching"),
+            ("response_cache { }", "response cache"),
+            ("model_transaction_policy { }", "decoupled"),
+            (
+                "instance_group [ { rate_limiter { } } ]",
+                "only name, kind, count and gpus",
+            ),
+            (
+                "optimization { cuda { } }",
+                "only graph { level } and execution_accelerators",
+            ),
+        ] {
+            let err = parse_err(text);
+            assert!(err.contains("is not supported"), "{text}: {err}");
+            assert!(err.contains(reason), "{text}: {err}");
+        }
+    }
+
+    /// Triton fields that parse but that oxserve cannot honour: each one is a load error with
+    /// the reason, never accepted and ignored.
+    #[test]
+    fn fields_that_cannot_act_are_rejected_with_the_reason() {
+        let check = |text: &str| {
+            let mut cfg = parse(text);
+            cfg.name = "m".into();
+            validate_config(&cfg).map_err(|e| e.to_string())
+        };
+        let input = |extra: &str| {
+            format!("input [ {{ name: \"x\" data_type: TYPE_FP32 dims: [ 3, 4, 4 ] {extra} }} ]")
+        };
+        for (extra, reason) in [
+            (
+                "is_shape_tensor: true",
+                "input 'x': is_shape_tensor is not supported",
+            ),
+            (
+                "allow_ragged_batch: true",
+                "input 'x': allow_ragged_batch is not supported",
+            ),
+            ("optional: true", "input 'x': optional inputs are not supported"),
+        ] {
+            let err = check(&input(extra)).unwrap_err();
+            assert!(err.contains(reason), "{extra}: {err}");
+        }
+        let err = check("output [ { name: \"y\" data_type: TYPE_FP32 dims: [ 1 ] is_shape_tensor: true } ]")
+            .unwrap_err();
+        assert!(
+            err.contains("output 'y': is_shape_tensor is not supported"),
+            "{err}"
+        );
+
+        // format: FORMAT_NONE is the default; an image layout is Triton's published metadata
+        // and needs three dims, as Triton checks.
+        assert!(check(&input("format: FORMAT_NONE")).is_ok());
+        assert!(check(&input("format: FORMAT_NCHW")).is_ok());
+        assert!(check(&input("format: FORMAT_NHWC")).is_ok());
+        let err = check("input [ { name: \"x\" data_type: TYPE_FP32 format: FORMAT_NHWC dims: [ 16 ] } ]")
+            .unwrap_err();
+        assert!(err.contains("FORMAT_NHWC needs 3 dims"), "{err}");
+
+        let err = check("instance_group [ { kind: KIND_MODEL } ]").unwrap_err();
+        assert!(err.contains("KIND_MODEL is not supported"), "{err}");
+        let err = check("instance_group [ { kind: KIND_CPU gpus: [ 0 ] } ]").unwrap_err();
+        assert!(err.contains("kind KIND_CPU but gpus [0] are listed"), "{err}");
+        assert!(check("instance_group [ { kind: KIND_GPU gpus: [ 0 ] } ]").is_ok());
+        assert!(check("instance_group [ { kind: KIND_AUTO } ]").is_ok());
+
+        let err = check(
+            "model_warmup [ { name: \"w\" batch_size: 1 inputs { key: \"x\" value: { \
+             data_type: TYPE_FP32 dims: [ 4 ] zero_data: true } } } ]",
+        )
+        .unwrap_err();
+        assert!(err.contains("model_warmup is not supported yet"), "{err}");
     }
 
     #[test]

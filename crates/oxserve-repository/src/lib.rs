@@ -146,10 +146,37 @@ mod tests {
             ("backend", 17),
             ("dynamic_batching", 11),
             ("optimization", 12),
+            ("model_warmup", 16),
         ] {
             assert!(numbers.contains(&(name.to_owned(), number)), "{name} = {number}");
         }
-        assert_eq!(numbers.len(), 12, "no fields beyond the agreed subset");
+        assert_eq!(numbers.len(), 13, "no fields beyond the agreed subset");
+        let warmup = descriptor_pool()
+            .get_message_by_name("inference.ModelWarmup")
+            .unwrap();
+        let numbers: Vec<(String, u32)> = warmup
+            .fields()
+            .map(|f| (f.name().to_owned(), f.number()))
+            .collect();
+        for (name, number) in [("name", 1), ("batch_size", 2), ("inputs", 3), ("count", 4)] {
+            assert!(numbers.contains(&(name.to_owned(), number)), "{name} = {number}");
+        }
+        let input = descriptor_pool()
+            .get_message_by_name("inference.ModelWarmup.Input")
+            .unwrap();
+        let numbers: Vec<(String, u32)> = input
+            .fields()
+            .map(|f| (f.name().to_owned(), f.number()))
+            .collect();
+        for (name, number) in [
+            ("data_type", 1),
+            ("dims", 2),
+            ("zero_data", 3),
+            ("random_data", 4),
+            ("input_data_file", 5),
+        ] {
+            assert!(numbers.contains(&(name.to_owned(), number)), "{name} = {number}");
+        }
         let batching = descriptor_pool()
             .get_message_by_name("inference.ModelDynamicBatching")
             .unwrap();
