@@ -52,6 +52,13 @@ pub fn list_models(root: &Path) -> Result<Vec<ModelDir>, RepositoryError> {
     Ok(models)
 }
 
+/// Checks that a repository root is a directory this process can list. The server refuses to
+/// start otherwise, as Triton does: a server that reported ready while serving nothing would
+/// hide the mistake.
+pub fn check_repository(root: &Path) -> Result<(), RepositoryError> {
+    list_models(root).map(|_| ())
+}
+
 /// Reads `config.pbtxt`, or a config with only `name` when the file is absent (the engine
 /// completes it from the model file). The config's name must equal the directory name.
 pub fn read_model_config(dir: &ModelDir) -> Result<pb::ModelConfig, ConfigError> {
@@ -177,6 +184,20 @@ mod tests {
         let err = list_models(&missing).unwrap_err().to_string();
         assert!(err.starts_with("cannot read model repository "), "{err}");
         assert!(err.contains(&missing.display().to_string()), "{err}");
+    }
+
+    #[test]
+    fn a_repository_must_be_a_readable_directory() {
+        let root = tempfile::tempdir().unwrap();
+        check_repository(root.path()).unwrap();
+        let missing = root.path().join("nope");
+        let err = check_repository(&missing).unwrap_err().to_string();
+        assert!(err.starts_with("cannot read model repository "), "{err}");
+        assert!(err.contains("No such file or directory"), "{err}");
+        let file = root.path().join("file");
+        fs::write(&file, "not a directory").unwrap();
+        let err = check_repository(&file).unwrap_err().to_string();
+        assert!(err.contains("Not a directory"), "{err}");
     }
 
     #[test]

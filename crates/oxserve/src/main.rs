@@ -206,6 +206,12 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if settings.models.repositories.is_empty() {
         anyhow::bail!("no model repository given (use --model-repository DIR)");
     }
+    // As Triton: a repository that cannot be read stops the start, rather than a server that
+    // reports ready with no models.
+    for root in &settings.models.repositories {
+        // The message already holds the OS error; `{:#}` would print it twice.
+        oxserve_repository::check_repository(root).map_err(|e| anyhow::anyhow!("{e}"))?;
+    }
 
     let options = ServerOptions {
         host: settings.server.host.clone(),
@@ -257,6 +263,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
 
 fn models(args: ModelsArgs) -> anyhow::Result<()> {
     init_logging("text", "warn")?;
+    for root in &args.repositories {
+        oxserve_repository::check_repository(root).map_err(|e| anyhow::anyhow!("{e}"))?;
+    }
     let manager = ModelManager::new(
         backends_with(args.onnxruntime_library),
         ManagerOptions {
