@@ -359,6 +359,7 @@ impl ModelManager {
                 .collect(),
             gpu_accelerators: gpu_accelerators(&config)?,
         };
+        check_engine_options(&spec, backend)?;
         let scheduling = scheduler_config(
             &config,
             spec.instance_count,
@@ -425,6 +426,30 @@ fn gpu_accelerators(cfg: &ModelConfig) -> Result<Vec<Accelerator>, String> {
             parameters: a.parameters.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
         })
         .collect())
+}
+
+/// Optimization settings only some engines act on: elsewhere they are load errors with the
+/// reason, never settings silently ignored.
+fn check_engine_options(spec: &LoadSpec, backend: &dyn Backend) -> Result<(), String> {
+    if spec.graph_optimization_level != 0 && backend.name() != ONNXRUNTIME {
+        return Err(format!(
+            "optimization {{ graph {{ level: {} }} }}: the {} engine has no graph optimization \
+             levels (ONNX Runtime has); remove it",
+            spec.graph_optimization_level,
+            backend.name()
+        ));
+    }
+    if let Some(a) = spec.gpu_accelerators.first()
+        && !backend.supports_gpu()
+    {
+        return Err(format!(
+            "optimization {{ execution_accelerators {{ gpu_execution_accelerator '{}' }} }}: the \
+             {} engine runs on CPU only; remove it",
+            a.name,
+            backend.name()
+        ));
+    }
+    Ok(())
 }
 
 /// Triton's `KIND_AUTO`: a group goes to the GPU when the engine can place instances there and
@@ -789,6 +814,43 @@ mod selection_tests {
             err.contains("KIND_AUTO lists gpus [0], but the tract engine runs on CPU only"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn engine_specific_optimizations_are_rejected_elsewhere() {
+        let spec = |level: i32, accelerators: Vec<Accelerator>| LoadSpec {
+            model_name: "m".into(),
+            version: 1,
+            model_path: "m/1/model.onnx".into(),
+            inputs: vec![],
+            outputs: vec![],
+            max_batch_size: 0,
+            instance_count: 1,
+            devices: vec![],
+            graph_optimization_level: level,
+            parameters: Default::default(),
+            gpu_accelerators: accelerators,
+        };
+        let tract = Stub {
+            name: TRACT,
+            available: Ok(String::new()),
+        };
+        let cuda = || {
+            vec![Accelerator {
+                name: "cuda".into(),
+                parameters: Default::default(),
+            }]
+        };
+        assert!(check_engine_options(&spec(0, vec![]), &tract).is_ok());
+        let err = check_engine_options(&spec(1, vec![]), &tract).unwrap_err();
+        assert!(
+            err.contains("the tract engine has no graph optimization levels"),
+            "{err}"
+        );
+        let err = check_engine_options(&spec(0, cuda()), &tract).unwrap_err();
+        assert!(err.contains("gpu_execution_accelerator 'cuda'"), "{err}");
+        let ort = GpuStub(Ok(String::new()));
+        assert!(check_engine_options(&spec(1, cuda()), &ort).is_ok());
     }
 
     #[test]
