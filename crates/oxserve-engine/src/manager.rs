@@ -770,7 +770,6 @@ mod selection_tests {
                     kind: Kind::Auto as i32,
                     count: 1,
                     gpus: gpus.to_vec(),
-                    ..Default::default()
                 },
                 ModelInstanceGroup {
                     name: "c".into(),

@@ -109,6 +109,16 @@ impl Shared {
         }
     }
 
+    /// Counts an instance failure, giving up at the limit before anyone hears of the failure,
+    /// so that a client answered "the instance failed" finds the version's state settled.
+    fn instance_failed(&self, reason: &str) -> Verdict {
+        let verdict = self.failures.lock().record(Instant::now());
+        if let Verdict::GiveUp { failures } = verdict {
+            self.give_up(failures, reason);
+        }
+        verdict
+    }
+
     /// Waits `wait` before an instance is re-created; false if the scheduler stops or gives up
     /// meanwhile.
     fn pause(&self, wait: Duration) -> bool {
@@ -126,15 +136,21 @@ impl Shared {
     /// reason, new ones are refused, and the other instances finish their batch and end.
     fn give_up(&self, failures: usize, last: &str) {
         let window = self.config.restart.window.as_secs_f64();
+        let mut first = false;
         let reason = self
             .failure
             .get_or_init(|| {
+                first = true;
                 format!(
                     "the model instances failed {failures} times within {window} s (the restart \
                      limit); last failure: {last}"
                 )
             })
             .clone();
+        if !first {
+            // Another instance gave up first and answered the queue.
+            return;
+        }
         let left = {
             let mut st = self.state.lock();
             st.failed = true;
@@ -400,20 +416,24 @@ fn instance_thread(
     // without answering, which it cannot while serving threads still hold senders.
     drop(ready);
     loop {
-        let reason = match catch_unwind(AssertUnwindSafe(|| serve(shared, instance.as_mut()))) {
+        let (reason, verdict) = match catch_unwind(AssertUnwindSafe(|| serve(shared, instance.as_mut()))) {
             Ok(Served::Stopped) => {
                 discard(instance, index);
                 return;
             }
-            Ok(Served::Failed(reason)) => reason,
+            Ok(Served::Failed { reason, verdict }) => (reason, verdict),
             // Our own queue code panicked: the batch it held (if any) was never taken.
-            Err(payload) => format!(
-                "instance #{index} panicked outside a batch: {}",
-                truncate(&panic_message(payload.as_ref()), 300)
-            ),
+            Err(payload) => {
+                let reason = format!(
+                    "instance #{index} panicked outside a batch: {}",
+                    truncate(&panic_message(payload.as_ref()), 300)
+                );
+                let verdict = shared.instance_failed(&reason);
+                (reason, verdict)
+            }
         };
         discard(instance, index);
-        match recreate(shared, model, index, reason) {
+        match recreate(shared, model, index, reason, verdict) {
             Some(fresh) => instance = fresh,
             None => return,
         }
@@ -445,40 +465,40 @@ fn discard(instance: Box<dyn ModelInstance>, index: usize) {
     }
 }
 
-/// Counts a failure and re-creates the instance after the policy's backoff; `None` when the
-/// version gives up (or the scheduler stops meanwhile).
+/// Re-creates the instance after the policy's backoff, counting re-creations that fail; `None`
+/// when the version gives up (or the scheduler stops meanwhile).
 fn recreate(
     shared: &Shared,
     model: &dyn LoadedModel,
     index: usize,
     mut reason: String,
+    mut verdict: Verdict,
 ) -> Option<Box<dyn ModelInstance>> {
     loop {
-        let verdict = shared.failures.lock().record(Instant::now());
-        match verdict {
-            Verdict::GiveUp { failures } => {
-                shared.give_up(failures, &reason);
-                return None;
-            }
-            Verdict::Restart { after } => {
-                tracing::error!(
-                    scheduler = %shared.config.thread_name, instance = index, %reason,
-                    retry_in_ms = after.as_millis() as u64,
-                    "model instance failed; re-creating it"
+        let after = match verdict {
+            // `instance_failed` has already given up and answered the queue.
+            Verdict::GiveUp { .. } => return None,
+            Verdict::Restart { after } => after,
+        };
+        tracing::error!(
+            scheduler = %shared.config.thread_name, instance = index, %reason,
+            retry_in_ms = after.as_millis() as u64,
+            "model instance failed; re-creating it"
+        );
+        if !shared.pause(after) {
+            return None;
+        }
+        match create_instance(model, index) {
+            Ok(instance) => {
+                tracing::info!(
+                    scheduler = %shared.config.thread_name, instance = index,
+                    "model instance re-created"
                 );
-                if !shared.pause(after) {
-                    return None;
-                }
-                match create_instance(model, index) {
-                    Ok(instance) => {
-                        tracing::info!(
-                            scheduler = %shared.config.thread_name, instance = index,
-                            "model instance re-created"
-                        );
-                        return Some(instance);
-                    }
-                    Err(e) => reason = e.message().to_string(),
-                }
+                return Some(instance);
+            }
+            Err(e) => {
+                reason = e.message().to_string();
+                verdict = shared.instance_failed(&reason);
             }
         }
     }
@@ -487,14 +507,15 @@ fn recreate(
 enum Served {
     /// The scheduler stops or gave up: the thread ends.
     Stopped,
-    /// The instance failed on a batch (whose requests are answered): re-create it.
-    Failed(String),
+    /// The instance failed on a batch (whose requests are answered, after the failure was
+    /// counted): re-create it unless the version gave up.
+    Failed { reason: String, verdict: Verdict },
 }
 
 fn serve(shared: &Shared, instance: &mut dyn ModelInstance) -> Served {
     while let Some(batch) = next_batch(shared) {
-        if let Some(reason) = run_batch(shared, instance, batch) {
-            return Served::Failed(reason);
+        if let Some((reason, verdict)) = run_batch(shared, instance, batch) {
+            return Served::Failed { reason, verdict };
         }
     }
     Served::Stopped
@@ -550,12 +571,12 @@ struct Work {
 }
 
 /// Runs one batch and answers its requests. A panic fails exactly these requests and returns
-/// its description, so the caller re-creates the instance.
+/// its description and the counted failure's verdict, so the caller re-creates the instance.
 fn run_batch(
     shared: &Shared,
     instance: &mut dyn ModelInstance,
     batch: Vec<Entry<Waiting>>,
-) -> Option<String> {
+) -> Option<(String, Verdict)> {
     let started = Instant::now();
     let mut replies = Vec::with_capacity(batch.len());
     let mut work = Vec::with_capacity(batch.len());
@@ -589,10 +610,11 @@ fn run_batch(
                 "the engine panicked while running a batch: {}",
                 truncate(&panic_message(payload.as_ref()), 300)
             );
+            let verdict = shared.instance_failed(&reason);
             for (seq, reply) in replies {
                 shared.answer(seq, reply, Err(ExecError::InstanceFailed(reason.clone())));
             }
-            Some(reason)
+            Some((reason, verdict))
         }
     }
 }
