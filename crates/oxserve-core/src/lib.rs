@@ -11,4 +11,4 @@ pub use dtype::DataType;
 pub use error::{Error, ErrorKind, Result};
 pub use metadata::{ModelMetadata, TensorMeta};
 pub use request::{InferRequest, InferResponse, ParamValue, Parameters, RequestedOutput};
-pub use tensor::{Tensor, TensorData, element_count};
+pub use tensor::{Tensor, TensorData, check_bools, element_count};

@@ -30,6 +30,17 @@ pub fn element_count(shape: &[i64]) -> Result<usize> {
     })
 }
 
+/// An error naming the first byte of a BOOL tensor that is neither 0 nor 1.
+pub fn check_bools(name: &str, raw: &[u8]) -> Result<()> {
+    match raw.iter().position(|&b| b > 1) {
+        None => Ok(()),
+        Some(pos) => Err(Error::invalid(format!(
+            "input '{name}': BOOL element {pos} is {}, not 0 or 1",
+            raw[pos]
+        ))),
+    }
+}
+
 impl Tensor {
     pub fn new(name: impl Into<String>, datatype: DataType, shape: Vec<i64>, data: TensorData) -> Self {
         Tensor {
@@ -55,7 +66,10 @@ impl Tensor {
     }
 
     /// Checks that the contents hold exactly as many elements as the shape says, in the
-    /// representation the data type needs.
+    /// representation the data type needs, and that every BOOL byte is 0 or 1 (an engine
+    /// written in Rust holds them as `bool`, where any other byte is undefined behaviour).
+    /// Meaningful only on bytes the client can no longer change: a shared-memory input of any
+    /// type but floating point is a private copy for this reason.
     pub fn check_consistent(&self) -> Result<()> {
         let count = self.element_count()?;
         match (&self.data, self.datatype.size()) {
@@ -72,6 +86,9 @@ impl Tensor {
                         self.shape,
                         expected
                     )));
+                }
+                if self.datatype == DataType::Bool {
+                    check_bools(&self.name, raw)?;
                 }
             }
             (TensorData::Strings(items), None) => {
@@ -199,6 +216,18 @@ mod tests {
             TensorData::Strings(vec![Bytes::from_static(b"a")]),
         );
         assert!(t.check_consistent().is_err());
+    }
+
+    #[test]
+    fn bool_bytes_other_than_0_or_1_are_rejected() {
+        let t = Tensor::from_raw("b", DataType::Bool, vec![3], vec![0u8, 1, 0]);
+        assert!(t.check_consistent().is_ok());
+        let t = Tensor::from_raw("b", DataType::Bool, vec![3], vec![0u8, 1, 2]);
+        let e = t.check_consistent().unwrap_err();
+        assert_eq!(e.message(), "input 'b': BOOL element 2 is 2, not 0 or 1");
+        // The same bytes as UINT8 are fine.
+        let t = Tensor::from_raw("u", DataType::U8, vec![3], vec![0u8, 1, 255]);
+        assert!(t.check_consistent().is_ok());
     }
 
     #[test]

@@ -17,7 +17,7 @@ use oxserve_engine::InferenceService;
 use oxserve_kserve::grpc::status::size_limit_as_resource_exhausted;
 use oxserve_kserve::grpc::{GrpcOptions, grpc_service_with_options};
 use oxserve_kserve::http::{HttpOptions, router};
-use oxserve_shm::SharedMemoryRegistry;
+use oxserve_shm::{RegistrationPolicy, SharedMemoryRegistry};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tonic::transport::server::TcpIncoming;
@@ -38,6 +38,8 @@ pub struct ServerOptions {
     pub exit_timeout: std::time::Duration,
     /// Whether clients may register system shared-memory regions.
     pub shared_memory: bool,
+    /// Which clients may register which objects (loopback, a key prefix).
+    pub shared_memory_registration: RegistrationPolicy,
 }
 
 /// Bound sockets, so the caller can report the real ports (port 0 picks a free one) before
@@ -99,7 +101,7 @@ pub async fn serve(
 
     // Shared-memory regions registered over either protocol serve requests on both.
     let shm = std::sync::Arc::new(if options.shared_memory {
-        SharedMemoryRegistry::new()
+        SharedMemoryRegistry::with_policy(options.shared_memory_registration.clone())
     } else {
         SharedMemoryRegistry::disabled()
     });
@@ -109,6 +111,8 @@ pub async fn serve(
         // Small responses must not wait for Nagle's algorithm.
         let _ = tcp.set_nodelay(true);
     });
+    // ConnectInfo: handlers see the client's address (shared-memory registration needs it).
+    let app = app.into_make_service_with_connect_info::<SocketAddr>();
     let http = axum::serve(http_listener, app).with_graceful_shutdown(stopped(stop_rx.clone()));
 
     let grpc = tonic::transport::Server::builder()

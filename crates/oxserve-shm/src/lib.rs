@@ -5,9 +5,16 @@
 //! through the network stack, which otherwise cost more than the model on a busy host.
 //!
 //! One registry is shared by the HTTP and gRPC front-ends, as in Triton.
+//!
+//! Nothing a client puts in shared memory is trusted. Registration is admitted by a
+//! [`RegistrationPolicy`] (loopback clients, object names under a prefix), and only
+//! floating-point inputs reach the engine as views of the client's pages; everything else is
+//! copied first ([`may_stay_a_view`]), so a client rewriting its object mid-inference can change
+//! its answer but not what the server and the engines checked.
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
+use std::net::IpAddr;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
@@ -15,8 +22,10 @@ use std::sync::{Arc, RwLock};
 use bytes::Bytes;
 use oxserve_core::{DataType, Error, InferResponse, ParamValue, Parameters, Result};
 
+pub use admission::{DEFAULT_KEY_PREFIX, RegistrationPolicy, admit_registration, is_loopback};
 use mapping::Mapping;
 
+mod admission;
 mod mapping;
 
 /// Where POSIX shared-memory objects live on Linux (what `shm_open` uses).
@@ -91,6 +100,8 @@ pub struct SharedMemoryRegistry {
     regions: RwLock<BTreeMap<String, Arc<Region>>>,
     /// False when the operator turned the extension off: nothing can be registered.
     enabled: bool,
+    /// Who may register which objects.
+    policy: RegistrationPolicy,
 }
 
 impl Default for SharedMemoryRegistry {
@@ -98,13 +109,24 @@ impl Default for SharedMemoryRegistry {
         SharedMemoryRegistry {
             regions: RwLock::default(),
             enabled: true,
+            policy: RegistrationPolicy::default(),
         }
     }
 }
 
 impl SharedMemoryRegistry {
+    /// A registry with the default [`RegistrationPolicy`] (loopback clients, keys under
+    /// [`DEFAULT_KEY_PREFIX`]).
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A registry that admits registrations by `policy`.
+    pub fn with_policy(policy: RegistrationPolicy) -> Self {
+        SharedMemoryRegistry {
+            policy,
+            ..Self::default()
+        }
     }
 
     /// A registry that refuses every registration (`--allow-shared-memory false`).
@@ -125,9 +147,20 @@ impl SharedMemoryRegistry {
         }
     }
 
-    /// Registers `byte_size` bytes at `offset` of the shared-memory object `key` under `name`.
-    pub fn register(&self, name: &str, key: &str, offset: u64, byte_size: u64) -> Result<()> {
+    /// Registers `byte_size` bytes at `offset` of the shared-memory object `key` under `name`,
+    /// for a client at `peer` (`None`: the transport did not say, treated as remote), if the
+    /// registry's [`RegistrationPolicy`] admits it (PERMISSION_DENIED with the reason if not).
+    pub fn register(
+        &self,
+        peer: Option<IpAddr>,
+        name: &str,
+        key: &str,
+        offset: u64,
+        byte_size: u64,
+    ) -> Result<()> {
         self.refuse_if_disabled()?;
+        // Before the object is opened: a refused client learns nothing about what exists.
+        admit_registration(&self.policy, peer, key)?;
         if name.is_empty() {
             return Err(Error::invalid("a shared memory region needs a name"));
         }
@@ -190,18 +223,19 @@ impl SharedMemoryRegistry {
         Ok(Bytes::from(region.read(at.offset, at.byte_size)?))
     }
 
-    /// The bytes an input's parameters point at: BYTES (`datatype` is the wire name) are parsed
-    /// by the server, so they are copied and cannot change under the parse; fixed-size inputs
-    /// are views of the region's mapping.
+    /// The bytes an input's parameters point at (`datatype` is the wire name): a view of the
+    /// region's mapping for floating-point inputs, a private copy for every other type (see
+    /// [`may_stay_a_view`]). Whatever checks values (BOOL bytes, indices, shapes, BYTES
+    /// lengths) then checks the copy, which the client can no longer change.
     pub fn input(&self, at: &ShmRef, datatype: &str, inputs: &mut SharedMemoryInputs) -> Result<Bytes> {
-        if datatype == DataType::Bytes.wire_name() {
-            self.read(at)
-        } else {
-            self.view(at, inputs)
+        match DataType::from_wire_name(datatype) {
+            Some(dt) if may_stay_a_view(dt) => self.view(at, inputs),
+            // Unknown names are copied too; the caller rejects them anyway.
+            _ => self.read(at),
         }
     }
 
-    /// The bytes a fixed-size input's parameters point at, as a view of the region's mapping
+    /// The bytes a floating-point input's parameters point at, as a view of the region's mapping
     /// (no copy; as in Triton, the client must leave them alone until the response arrives),
     /// or a copy where the region could not be mapped. `inputs` keeps the region for
     /// [`SharedMemoryInputs::check`].
@@ -234,6 +268,31 @@ impl SharedMemoryRegistry {
             }
         }
         Ok(())
+    }
+}
+
+/// Whether an input of type `dt` may reach the engine as a live view of the client's pages,
+/// which the client can rewrite while the engine runs.
+///
+/// Only floating-point values: a float that changes mid-inference changes only the answer the
+/// client gets. Every other type can carry a value an engine checks and then reads again:
+/// an integer used as an index (ONNX Runtime's Gather checks every index in one pass and reads
+/// them in another: rewritten in between, an out-of-bounds read), a shape or a size; a BOOL
+/// that must be 0 or 1 (any other byte in a Rust `bool` is undefined behaviour); BYTES whose
+/// lengths the server parses. Those are copied once, and every check runs on the copy.
+pub fn may_stay_a_view(dt: DataType) -> bool {
+    match dt {
+        DataType::F16 | DataType::BF16 | DataType::F32 | DataType::F64 => true,
+        DataType::Bool
+        | DataType::U8
+        | DataType::U16
+        | DataType::U32
+        | DataType::U64
+        | DataType::I8
+        | DataType::I16
+        | DataType::I32
+        | DataType::I64
+        | DataType::Bytes => false,
     }
 }
 
@@ -337,10 +396,11 @@ pub fn output_params(at: &ShmRef, written: usize) -> Parameters {
     params
 }
 
-/// A registered region: the client's object, opened once and mapped read-only so fixed-size
-/// inputs reach the engine without a copy (see [`mapping`] for what happens when the client
-/// shrinks the object under a read). Outputs, BYTES inputs and regions that could not be
-/// mapped use positioned I/O (`pwrite`/`pread`), which on a shrunk object just comes up short.
+/// A registered region: the client's object, opened once and mapped read-only so
+/// floating-point inputs reach the engine without a copy (see [`mapping`] for what happens
+/// when the client shrinks the object under a read). Outputs, inputs of every other type and
+/// regions that could not be mapped use positioned I/O (`pwrite`/`pread`), which on a shrunk
+/// object just comes up short.
 #[derive(Debug)]
 struct Region {
     /// The name it is registered under, for messages.
@@ -509,6 +569,9 @@ impl Region {
 mod tests {
     use super::*;
 
+    /// A client on the loopback interface.
+    const LOCAL: Option<IpAddr> = Some(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST));
+
     /// A shared-memory object of `len` bytes, removed when dropped.
     struct Object(PathBuf, String);
 
@@ -546,7 +609,7 @@ mod tests {
         let obj = Object::new(4096 + 64);
         let shm = SharedMemoryRegistry::new();
         // A region that starts at an offset that is not page-aligned.
-        shm.register("r", &obj.1, 100, 256).unwrap();
+        shm.register(LOCAL, "r", &obj.1, 100, 256).unwrap();
         shm.write("out", &at("r", 8, 16), &[7u8; 16]).unwrap();
         assert_eq!(shm.read(&at("r", 8, 16)).unwrap().as_ref(), &[7u8; 16]);
         // The bytes landed at 100 + 8 in the object.
@@ -566,12 +629,16 @@ mod tests {
     #[test]
     fn bad_registrations_are_refused() {
         let obj = Object::new(1024);
-        let shm = SharedMemoryRegistry::new();
-        assert!(shm.register("r", &obj.1, 1000, 100).is_err(), "past the end");
-        assert!(shm.register("r", &obj.1, 0, 0).is_err(), "empty");
-        assert!(shm.register("r", "/no-such-oxserve-object", 0, 8).is_err());
+        // Any key is admitted, so what is checked here is the object itself.
+        let shm = SharedMemoryRegistry::with_policy(RegistrationPolicy::open());
         assert!(
-            shm.register("r", "/../etc/passwd", 0, 8).is_err(),
+            shm.register(LOCAL, "r", &obj.1, 1000, 100).is_err(),
+            "past the end"
+        );
+        assert!(shm.register(LOCAL, "r", &obj.1, 0, 0).is_err(), "empty");
+        assert!(shm.register(LOCAL, "r", "/no-such-oxserve-object", 0, 8).is_err());
+        assert!(
+            shm.register(LOCAL, "r", "/../etc/passwd", 0, 8).is_err(),
             "escapes /dev/shm"
         );
         // A symbolic link in /dev/shm to a file elsewhere is refused, as shm_open refuses it.
@@ -580,11 +647,11 @@ mod tests {
         let link = format!("/oxserve-test-link-{}-{}", std::process::id(), rand_suffix());
         let link_path = object_path(&link).unwrap();
         std::os::unix::fs::symlink(elsewhere.path(), &link_path).unwrap();
-        let refused = shm.register("r", &link, 0, 8);
+        let refused = shm.register(LOCAL, "r", &link, 0, 8);
         let _ = std::fs::remove_file(&link_path);
         assert!(refused.is_err(), "followed a symbolic link out of /dev/shm");
-        shm.register("r", &obj.1, 0, 1024).unwrap();
-        let e = shm.register("r", &obj.1, 0, 8).unwrap_err();
+        shm.register(LOCAL, "r", &obj.1, 0, 1024).unwrap();
+        let e = shm.register(LOCAL, "r", &obj.1, 0, 8).unwrap_err();
         assert!(e.message().contains("already in manager"), "{e:?}");
         assert_eq!(
             shm.status(Some("nope")).unwrap_err().kind(),
@@ -599,7 +666,7 @@ mod tests {
     fn accesses_outside_the_region_or_the_object_are_errors() {
         let obj = Object::new(1024);
         let shm = SharedMemoryRegistry::new();
-        shm.register("r", &obj.1, 0, 1024).unwrap();
+        shm.register(LOCAL, "r", &obj.1, 0, 1024).unwrap();
         assert!(shm.read(&at("r", 1024, 1)).is_err());
         assert!(shm.read(&at("r", 1000, 100)).is_err());
         assert!(shm.read(&at("r", usize::MAX, 2)).is_err());
@@ -641,7 +708,7 @@ mod tests {
     fn unregistering_keeps_the_object_of_requests_in_flight() {
         let obj = Object::new(64);
         let shm = SharedMemoryRegistry::new();
-        shm.register("r", &obj.1, 0, 64).unwrap();
+        shm.register(LOCAL, "r", &obj.1, 0, 64).unwrap();
         let held = shm.region("r").unwrap();
         shm.write("o", &at("r", 8, 4), &[5u8; 4]).unwrap();
         let view = shm.view(&at("r", 8, 4), &mut SharedMemoryInputs::new()).unwrap();
@@ -656,7 +723,7 @@ mod tests {
     fn fixed_size_inputs_are_views_of_the_region_without_a_copy() {
         let obj = Object::new(8192);
         let shm = SharedMemoryRegistry::new();
-        shm.register("r", &obj.1, 0, 8192).unwrap();
+        shm.register(LOCAL, "r", &obj.1, 0, 8192).unwrap();
         let mut inputs = SharedMemoryInputs::new();
         let a = shm.view(&at("r", 4096, 16), &mut inputs).unwrap();
         let b = shm.view(&at("r", 4096, 16), &mut inputs).unwrap();
@@ -668,10 +735,62 @@ mod tests {
     }
 
     #[test]
+    fn only_floating_point_inputs_stay_views_every_other_type_is_a_private_copy() {
+        let obj = Object::new(4096);
+        let shm = SharedMemoryRegistry::new();
+        shm.register(LOCAL, "r", &obj.1, 0, 4096).unwrap();
+        let place = at("r", 64, 16);
+        let mut names: Vec<&str> = DataType::ALL.iter().map(|dt| dt.wire_name()).collect();
+        names.push("NOT_A_TYPE");
+        for name in names {
+            shm.write("o", &place, &[1u8; 16]).unwrap();
+            let mut inputs = SharedMemoryInputs::new();
+            let got = shm.input(&place, name, &mut inputs).unwrap();
+            assert_eq!(got.as_ref(), &[1u8; 16], "{name}");
+            // The client rewrites its bytes while the engine holds the tensor.
+            shm.write("o", &place, &[2u8; 16]).unwrap();
+            let float = matches!(name, "FP16" | "BF16" | "FP32" | "FP64");
+            if float {
+                assert_eq!(got.as_ref(), &[2u8; 16], "{name}: a view shows the rewrite");
+                assert_eq!(inputs.0.len(), 1, "{name}: the view's region is kept for check()");
+            } else {
+                assert_eq!(got.as_ref(), &[1u8; 16], "{name}: a copy does not change");
+                assert!(inputs.0.is_empty(), "{name}");
+            }
+            let dt = DataType::from_wire_name(name);
+            assert_eq!(dt.is_some_and(may_stay_a_view), float, "{name}");
+        }
+    }
+
+    #[test]
+    fn registration_outside_the_policy_is_refused_before_the_object_is_opened() {
+        let obj = Object::new(64);
+        let shm = SharedMemoryRegistry::new();
+        let remote = Some("192.0.2.7".parse().unwrap());
+        let e = shm.register(remote, "r", &obj.1, 0, 64).unwrap_err();
+        assert_eq!(e.kind(), oxserve_core::ErrorKind::PermissionDenied);
+        assert!(e.message().contains("loopback"), "{e:?}");
+        let e = shm.register(None, "r", &obj.1, 0, 64).unwrap_err();
+        assert_eq!(e.kind(), oxserve_core::ErrorKind::PermissionDenied);
+        // Outside the prefix: refused whether or not the object exists.
+        for key in ["/input_simple", "/no-such-object"] {
+            let e = shm.register(LOCAL, "r", key, 0, 64).unwrap_err();
+            assert_eq!(e.kind(), oxserve_core::ErrorKind::PermissionDenied, "{key}");
+        }
+        assert!(shm.status(None).unwrap().is_empty());
+        shm.register(LOCAL, "r", &obj.1, 0, 64).unwrap();
+        let remote_allowed = SharedMemoryRegistry::with_policy(RegistrationPolicy {
+            allow_remote: true,
+            ..RegistrationPolicy::default()
+        });
+        remote_allowed.register(remote, "r", &obj.1, 0, 64).unwrap();
+    }
+
+    #[test]
     fn an_object_shrunk_under_a_request_fails_the_request_not_the_server() {
         let obj = Object::new(64 << 10);
         let shm = SharedMemoryRegistry::new();
-        shm.register("r", &obj.1, 0, 64 << 10).unwrap();
+        shm.register(LOCAL, "r", &obj.1, 0, 64 << 10).unwrap();
         shm.write("o", &at("r", 0, 64 << 10), &vec![1u8; 64 << 10])
             .unwrap();
         let mut inputs = SharedMemoryInputs::new();
@@ -694,7 +813,7 @@ mod tests {
         // Registered again (over an object of the right size), the region serves.
         std::fs::write(&obj.0, vec![2u8; 64 << 10]).unwrap();
         shm.unregister("r");
-        shm.register("r", &obj.1, 0, 64 << 10).unwrap();
+        shm.register(LOCAL, "r", &obj.1, 0, 64 << 10).unwrap();
         let mut inputs = SharedMemoryInputs::new();
         assert_eq!(shm.view(&at("r", 0, 4), &mut inputs).unwrap().as_ref(), &[2u8; 4]);
         inputs.check().unwrap();
@@ -705,19 +824,19 @@ mod tests {
         let obj = Object::new(64);
         let shm = SharedMemoryRegistry::new();
         for i in 0..MAX_REGIONS {
-            shm.register(&format!("r{i}"), &obj.1, 0, 64).unwrap();
+            shm.register(LOCAL, &format!("r{i}"), &obj.1, 0, 64).unwrap();
         }
-        let e = shm.register("one-more", &obj.1, 0, 64).unwrap_err();
+        let e = shm.register(LOCAL, "one-more", &obj.1, 0, 64).unwrap_err();
         assert!(e.message().contains("unregister some first"), "{e:?}");
         shm.unregister("r0");
-        shm.register("one-more", &obj.1, 0, 64).unwrap();
+        shm.register(LOCAL, "one-more", &obj.1, 0, 64).unwrap();
     }
 
     #[test]
     fn a_disabled_registry_refuses_registrations_and_tensors() {
         let obj = Object::new(64);
         let shm = SharedMemoryRegistry::disabled();
-        let e = shm.register("r", &obj.1, 0, 64).unwrap_err();
+        let e = shm.register(LOCAL, "r", &obj.1, 0, 64).unwrap_err();
         assert_eq!(e.kind(), oxserve_core::ErrorKind::Unsupported);
         let e = shm.read(&at("r", 0, 4)).unwrap_err();
         assert!(e.message().contains("disabled"), "{e:?}");

@@ -1,7 +1,8 @@
-//! Read-only mappings of clients' shared-memory objects, so fixed-size inputs reach the engine
-//! without a copy (as in Triton), made safe against the one thing a mapping cannot survive on
-//! its own: the client shrinking its object while the server reads it. Touching a mapped page
-//! past the new end of the object raises SIGBUS, which would kill the server.
+//! Read-only mappings of clients' shared-memory objects, so floating-point inputs reach the
+//! engine without a copy (as in Triton; other types are copied, see `may_stay_a_view`), made
+//! safe against the one thing a mapping cannot survive on its own: the client shrinking its
+//! object while the server reads it. Touching a mapped page past the new end of the object
+//! raises SIGBUS, which would kill the server.
 //!
 //! A process-wide SIGBUS handler (installed with the first mapping) looks the faulting address
 //! up in a fixed table of live mappings. If it is in one, it maps anonymous zero pages over the

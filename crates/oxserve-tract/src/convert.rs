@@ -2,7 +2,7 @@
 
 use bytes::Bytes;
 use oxserve_backend::BackendError;
-use oxserve_core::{DataType, Tensor, TensorData};
+use oxserve_core::{DataType, Tensor, TensorData, check_bools};
 use tract_onnx::prelude::tract_ndarray::{ArrayD, IxDyn};
 use tract_onnx::prelude::{Blob, DatumType, IntoTensor, TValue, Tensor as TractTensor};
 
@@ -46,15 +46,6 @@ pub(crate) fn to_tract(tensor: &Tensor, datum: DatumType, dims: &[usize]) -> Res
     let name = &tensor.name;
     match &tensor.data {
         TensorData::Raw(raw) => {
-            if datum == DatumType::Bool
-                && let Some(pos) = raw.iter().position(|&b| b > 1)
-            {
-                // Any other byte would be an invalid `bool` inside tract.
-                return Err(invalid_input(format!(
-                    "input '{name}': BOOL element {pos} is {}, not 0 or 1",
-                    raw[pos]
-                )));
-            }
             // Safe construction (the workspace forbids `unsafe`): an aligned, zeroed buffer,
             // then one byte copy. The copy also takes care of request bytes that are not aligned
             // for the element type, which is the common case for slices of a request body.
@@ -69,6 +60,13 @@ pub(crate) fn to_tract(tensor: &Tensor, datum: DatumType, dims: &[usize]) -> Res
                 )));
             }
             dst.copy_from_slice(raw);
+            // Checked on tract's own copy, after copying and before anything reads it as `bool`
+            // (where any byte but 0 or 1 is undefined behaviour): what is checked is what tract
+            // runs on, even if the source bytes could change (they cannot today: shared-memory
+            // BOOL inputs are copied, see oxserve_shm::may_stay_a_view).
+            if datum == DatumType::Bool {
+                check_bools(name, dst).map_err(|e| invalid_input(e.message().to_string()))?;
+            }
             Ok(t.into())
         }
         TensorData::Strings(items) => {

@@ -1546,6 +1546,7 @@ mod tests {
             grpc: Default::default(),
             exit_timeout: Duration::from_secs(5),
             shared_memory: true,
+            shared_memory_registration: Default::default(),
         };
         let engine = InferenceService::new(
             ModelManager::new(

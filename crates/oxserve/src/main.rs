@@ -67,6 +67,13 @@ struct ServeArgs {
     /// Let clients register system shared-memory regions (Triton's extension).
     #[arg(long, value_name = "BOOL")]
     allow_shared_memory: Option<bool>,
+    /// Clients may register only shared-memory objects whose names start with this prefix
+    /// (leading slashes ignored; "" = any name, as in Triton). Default: oxserve.
+    #[arg(long, value_name = "PREFIX")]
+    shared_memory_prefix: Option<String>,
+    /// Accept shared-memory registrations from clients that are not on the loopback interface.
+    #[arg(long, value_name = "BOOL")]
+    allow_remote_shared_memory: Option<bool>,
     /// Largest HTTP request body / gRPC message in bytes (Triton: --http-max-input-size).
     #[arg(long, visible_alias = "http-max-input-size")]
     max_input_size: Option<usize>,
@@ -193,6 +200,12 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     s.metrics_port = args.metrics_port.unwrap_or(s.metrics_port);
     s.allow_metrics = args.allow_metrics.unwrap_or(s.allow_metrics);
     s.allow_shared_memory = args.allow_shared_memory.unwrap_or(s.allow_shared_memory);
+    if let Some(prefix) = args.shared_memory_prefix {
+        s.shared_memory_prefix = prefix;
+    }
+    s.allow_remote_shared_memory = args
+        .allow_remote_shared_memory
+        .unwrap_or(s.allow_remote_shared_memory);
     s.max_input_size = args.max_input_size.unwrap_or(s.max_input_size);
     s.exit_timeout_secs = args.exit_timeout_secs.unwrap_or(s.exit_timeout_secs);
     settings.models.strict_readiness = args.strict_readiness.unwrap_or(settings.models.strict_readiness);
@@ -229,6 +242,10 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         },
         exit_timeout: std::time::Duration::from_secs(settings.server.exit_timeout_secs),
         shared_memory: settings.server.allow_shared_memory,
+        shared_memory_registration: oxserve_shm::RegistrationPolicy {
+            key_prefix: settings.server.shared_memory_prefix.clone(),
+            allow_remote: settings.server.allow_remote_shared_memory,
+        },
     };
     let manager = ModelManager::new(
         backends_with(settings.backends.onnxruntime_library.clone()),

@@ -29,6 +29,11 @@ pub struct ServerSettings {
     /// Accept system shared-memory registrations (Triton's extension; only clients on the
     /// same host can use it, so a server reachable only over the network may turn it off).
     pub allow_shared_memory: bool,
+    /// Shared-memory objects a client may register must be named with this prefix (leading
+    /// slashes ignored); empty: any name, as in Triton.
+    pub shared_memory_prefix: String,
+    /// Accept shared-memory registrations from clients that are not on the loopback interface.
+    pub allow_remote_shared_memory: bool,
     /// Largest HTTP request body and gRPC message, in bytes.
     pub max_input_size: usize,
     /// Seconds shutdown waits for in-flight work before exiting anyway.
@@ -72,6 +77,8 @@ impl Default for ServerSettings {
             metrics_port: 8002,
             allow_metrics: true,
             allow_shared_memory: true,
+            shared_memory_prefix: oxserve_shm::DEFAULT_KEY_PREFIX.into(),
+            allow_remote_shared_memory: false,
             max_input_size: 64 << 20,
             exit_timeout_secs: 30,
         }
@@ -177,6 +184,28 @@ mod tests {
                 .unwrap_err()
                 .to_string();
             assert!(e.contains("onnxruntime_libary"), "{e}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn shared_memory_registration_from_file_and_environment() {
+        figment::Jail::expect_with(|jail| {
+            let s = Settings::load(None).map_err(|e| e.to_string())?;
+            assert_eq!(s.server.shared_memory_prefix, "oxserve");
+            assert!(!s.server.allow_remote_shared_memory);
+            jail.create_file(
+                "s.toml",
+                "[server]\nshared_memory_prefix = \"\"\nallow_remote_shared_memory = true\n",
+            )?;
+            let s = Settings::load(Some(Path::new("s.toml"))).map_err(|e| e.to_string())?;
+            assert_eq!(s.server.shared_memory_prefix, "");
+            assert!(s.server.allow_remote_shared_memory);
+            jail.set_env("OXSERVE__SERVER__SHARED_MEMORY_PREFIX", "team_a_");
+            jail.set_env("OXSERVE__SERVER__ALLOW_REMOTE_SHARED_MEMORY", "false");
+            let s = Settings::load(Some(Path::new("s.toml"))).map_err(|e| e.to_string())?;
+            assert_eq!(s.server.shared_memory_prefix, "team_a_");
+            assert!(!s.server.allow_remote_shared_memory);
             Ok(())
         });
     }

@@ -230,13 +230,16 @@ impl GrpcInferenceService for GrpcFrontend {
         Ok(Response::new(SystemSharedMemoryStatusResponse { regions }))
     }
 
+    /// Admitted by the client's address (`oxserve_shm::admit_registration`); a transport that
+    /// does not report it counts as remote (fail closed).
     async fn system_shared_memory_register(
         &self,
         request: Request<SystemSharedMemoryRegisterRequest>,
     ) -> Result<Response<SystemSharedMemoryRegisterResponse>, Status> {
+        let peer = request.remote_addr().map(|addr| addr.ip());
         let r = request.into_inner();
         self.shm
-            .register(&r.name, &r.key, r.offset, r.byte_size)
+            .register(peer, &r.name, &r.key, r.offset, r.byte_size)
             .map_err(status)?;
         Ok(Response::new(SystemSharedMemoryRegisterResponse {}))
     }

@@ -2,8 +2,10 @@
 //! unregister}`. CUDA shared memory has the same routes; this server has no CUDA regions, so it
 //! reports none and refuses to register one.
 
+use std::net::SocketAddr;
+
 use axum::body::Body;
-use axum::extract::{Path, State};
+use axum::extract::{ConnectInfo, Path, State};
 use axum::http::HeaderMap;
 use axum::response::Response;
 use oxserve_core::Error;
@@ -53,12 +55,17 @@ pub(super) async fn status_region(
     status_json(&s, Some(&name))
 }
 
+/// Registration is admitted by the client's address (see `oxserve_shm::admit_registration`),
+/// which the listener records as `ConnectInfo`. A server that serves this router without it
+/// has no client addresses: every registration then counts as remote (fail closed).
 pub(super) async fn register(
     State(s): State<AppState>,
     Path(name): Path<String>,
+    peer: Option<axum::Extension<ConnectInfo<SocketAddr>>>,
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<Response> {
+    let peer = peer.map(|axum::Extension(ConnectInfo(addr))| addr.ip());
     let body = body::read_body(&headers, body, s.options.max_body_bytes).await?;
     let request: RegisterJson = serde_json::from_slice(&body).map_err(|e| {
         Error::invalid(format!(
@@ -66,7 +73,7 @@ pub(super) async fn register(
         ))
     })?;
     s.shm
-        .register(&name, &request.key, request.offset, request.byte_size)?;
+        .register(peer, &name, &request.key, request.offset, request.byte_size)?;
     Ok(json_response(&serde_json::json!({})))
 }
 
