@@ -1546,6 +1546,9 @@ mod tests {
             grpc: Default::default(),
             exit_timeout: Duration::from_secs(5),
             shared_memory: true,
+            http_tls: None,
+            grpc_tls: None,
+            tls_reload_interval: None,
         };
         let engine = InferenceService::new(
             ModelManager::new(
