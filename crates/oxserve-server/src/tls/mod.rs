@@ -35,3 +35,6 @@ pub struct TlsFiles {
 /// HTTP/1.1 (hyper picks by what the client chose); gRPC needs HTTP/2.
 pub const HTTP_ALPN: &[&[u8]] = &[b"h2", b"http/1.1"];
 pub const GRPC_ALPN: &[&[u8]] = &[b"h2"];
+
+#[cfg(test)]
+mod tests;
