@@ -94,10 +94,10 @@ struct ServeArgs {
 #[derive(Args)]
 struct TlsArgs {
     /// Serve HTTP and gRPC over TLS with this certificate chain (PEM, leaf first).
-    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    #[arg(long, value_name = "FILE")]
     tls_cert: Option<PathBuf>,
     /// The private key (PEM) of --tls-cert.
-    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    #[arg(long, value_name = "FILE")]
     tls_key: Option<PathBuf>,
     /// Require client certificates signed by these CAs (PEM): mutual TLS on both listeners.
     #[arg(long, value_name = "FILE")]
