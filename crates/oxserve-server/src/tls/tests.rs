@@ -1,5 +1,6 @@
 //! The TLS listener against a real rustls client, with certificates made by rcgen.
 
+use std::future::IntoFuture;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
@@ -371,4 +372,50 @@ fn unusable_files_are_clear_errors() {
     });
     assert!(bad_ca.contains("client CA certificate"), "{bad_ca}");
     assert!(bad_ca.contains("HTTP listener"), "{bad_ca}");
+}
+
+#[tokio::test]
+async fn handlers_see_the_clients_address() {
+    use axum::extract::ConnectInfo;
+    use futures::StreamExt;
+    use tonic::transport::server::Connected;
+
+    let pki = Pki::new();
+    let files = pki.server_files(1);
+    let client = connector(&pki.ca, None, &[b"http/1.1"]);
+
+    // HTTP: axum's ConnectInfo<SocketAddr>, as lib.rs serves it.
+    let tls = Arc::new(ReloadableTls::load("HTTP", files.clone(), HTTP_ALPN).unwrap());
+    let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = tcp.local_addr().unwrap();
+    let app = axum::Router::new().route(
+        "/",
+        axum::routing::get(|ConnectInfo(peer): ConnectInfo<SocketAddr>| async move { peer.to_string() }),
+    );
+    let listener = axum::serve::ListenerExt::tap_io(TlsListener::new(tcp, tls), |_| {});
+    tokio::spawn(
+        axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>()).into_future(),
+    );
+    let mut stream = connect(&client, addr).await.unwrap();
+    let me = stream.get_ref().0.local_addr().unwrap();
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    assert!(response.ends_with(&me.to_string()), "{response} should name {me}");
+
+    // gRPC: tonic reads the address from the connection's TcpConnectInfo.
+    let tls = Arc::new(ReloadableTls::load("gRPC", files, GRPC_ALPN).unwrap());
+    let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = tcp.local_addr().unwrap();
+    let mut incoming = Box::pin(super::grpc_incoming(TlsListener::new(tcp, tls)));
+    let client = connector(&pki.ca, None, &[b"h2"]);
+    let (stream, accepted) = tokio::join!(connect(&client, addr), incoming.next());
+    let me = stream.unwrap().get_ref().0.local_addr().unwrap();
+    let info = accepted.unwrap().unwrap().connect_info();
+    assert_eq!(info.remote_addr(), Some(me));
+    assert_eq!(info.local_addr(), Some(addr));
 }
