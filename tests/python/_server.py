@@ -68,11 +68,19 @@ def serve_help(binary: str) -> str:
 class ServerProcess:
     """One oxserve process on ephemeral ports."""
 
+    # TLS arguments for every server of the session (`OXSERVE_TEST_TLS=1`, see conftest.py):
+    # with them the whole suite runs over TLS without changing a test.
+    session_tls_args: list[str] = []
+
     def __init__(self, name: str, repositories: list[str], extra_args: list[str] | None = None,
-                 ready_path: str = "/v2/health/ready"):
+                 ready_path: str = "/v2/health/ready", tls_args: list[str] | None = None):
         self.name = name
         self.repositories = repositories
         self.extra_args = list(extra_args or [])
+        self.tls_args = list(ServerProcess.session_tls_args if tls_args is None else tls_args)
+        # Extra `requests` arguments for the server's own HTTP calls (readiness, index), e.g.
+        # `verify=CA` and `cert=(crt, key)` for a server with its own test CA or mutual TLS.
+        self.requests_kwargs: dict = {}
         self.ready_path = ready_path
         self.proc: subprocess.Popen | None = None
         self.http_addr = ""
@@ -89,15 +97,16 @@ class ServerProcess:
     # -- queries --------------------------------------------------------------------------------
     def repository_index(self) -> dict[str, dict]:
         """POST /v2/repository/index, by model name (state and reason of each)."""
-        r = requests.post(self.http_url + "/v2/repository/index", timeout=30)
+        r = requests.post(self.http_url + "/v2/repository/index", timeout=30, **self.requests_kwargs)
         assert r.status_code == 200, r.text
         return {e["name"]: e for e in r.json()}
 
     # -- addresses --------------------------------------------------------------------------
     @property
     def http_url(self) -> str:
-        """Base URL for `requests`, e.g. http://127.0.0.1:PORT"""
-        return f"http://{self.http_addr}"
+        """Base URL for `requests`, e.g. http://127.0.0.1:PORT (https:// with --tls-cert)"""
+        scheme = "https" if "--tls-cert" in self.tls_args else "http"
+        return f"{scheme}://{self.http_addr}"
 
     @property
     def http_host(self) -> str:
@@ -142,7 +151,7 @@ class ServerProcess:
         # listener, put it on an ephemeral port too, so fixed default ports never collide.
         if "--metrics-port" in serve_help(binary):
             cmd += ["--metrics-port", "0"]
-        return cmd + self.extra_args
+        return cmd + self.tls_args + self.extra_args
 
     def _read_stdout(self) -> None:
         assert self.proc is not None and self.proc.stdout is not None
@@ -203,7 +212,7 @@ class ServerProcess:
             if code is not None:
                 self.fail(f"exited with code {code} while waiting for {self.ready_path}")
             try:
-                resp = requests.get(url, timeout=2)
+                resp = requests.get(url, timeout=2, **self.requests_kwargs)
                 if resp.status_code == 200:
                     break
                 last = f"HTTP {resp.status_code} {resp.text[:200]!r}"

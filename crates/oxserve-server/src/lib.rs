@@ -4,13 +4,16 @@
 mod metrics;
 mod process;
 mod request_id;
+pub mod tls;
 
 pub use metrics::{OPENMETRICS_CONTENT_TYPE, metrics_router};
 pub use process::{ProcessStats, process_registry};
 pub use request_id::REQUEST_ID;
 
-use std::future::Future;
+use std::future::{Future, IntoFuture};
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
 
 use anyhow::Context;
 use oxserve_engine::InferenceService;
@@ -21,6 +24,8 @@ use oxserve_shm::{RegistrationPolicy, SharedMemoryRegistry};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tonic::transport::server::TcpIncoming;
+
+use crate::tls::{GRPC_ALPN, HTTP_ALPN, ReloadableTls, TlsFiles, TlsListener};
 
 /// Where and how to listen.
 #[derive(Debug, Clone)]
@@ -40,6 +45,12 @@ pub struct ServerOptions {
     pub shared_memory: bool,
     /// Which clients may register which objects (loopback, a key prefix).
     pub shared_memory_registration: RegistrationPolicy,
+    /// TLS on the HTTP listener; `None` = plain HTTP. (Metrics stay plain HTTP.)
+    pub http_tls: Option<TlsFiles>,
+    /// TLS on the gRPC listener; `None` = plain gRPC.
+    pub grpc_tls: Option<TlsFiles>,
+    /// How often the TLS files are checked for changes; `None` = only on SIGHUP.
+    pub tls_reload_interval: Option<std::time::Duration>,
 }
 
 /// Bound sockets, so the caller can report the real ports (port 0 picks a free one) before
@@ -48,10 +59,21 @@ pub struct Listeners {
     http: TcpListener,
     grpc: TcpListener,
     metrics: Option<TcpListener>,
+    http_tls: Option<Arc<ReloadableTls>>,
+    grpc_tls: Option<Arc<ReloadableTls>>,
 }
 
 impl Listeners {
+    /// Reads the TLS files (an unusable one fails here, before any port is bound) and binds.
     pub async fn bind(options: &ServerOptions) -> anyhow::Result<Self> {
+        let load_tls = |listener, files: &Option<TlsFiles>, alpn| {
+            files
+                .clone()
+                .map(|files| ReloadableTls::load(listener, files, alpn).map(Arc::new))
+                .transpose()
+        };
+        let http_tls = load_tls("HTTP", &options.http_tls, HTTP_ALPN)?;
+        let grpc_tls = load_tls("gRPC", &options.grpc_tls, GRPC_ALPN)?;
         let http = TcpListener::bind((options.host.as_str(), options.http_port))
             .await
             .with_context(|| format!("cannot listen for HTTP on {}:{}", options.host, options.http_port))?;
@@ -66,7 +88,13 @@ impl Listeners {
                     .with_context(|| format!("cannot listen for metrics on {}:{port}", options.host))?,
             ),
         };
-        Ok(Listeners { http, grpc, metrics })
+        Ok(Listeners {
+            http,
+            grpc,
+            metrics,
+            http_tls,
+            grpc_tls,
+        })
     }
 
     pub fn http_addr(&self) -> std::io::Result<SocketAddr> {
@@ -81,7 +109,19 @@ impl Listeners {
     pub fn metrics_addr(&self) -> std::io::Result<Option<SocketAddr>> {
         self.metrics.as_ref().map(TcpListener::local_addr).transpose()
     }
+
+    /// Whether the HTTP listener speaks TLS.
+    pub fn http_tls(&self) -> bool {
+        self.http_tls.is_some()
+    }
+
+    /// Whether the gRPC listener speaks TLS.
+    pub fn grpc_tls(&self) -> bool {
+        self.grpc_tls.is_some()
+    }
 }
+
+type ServerFuture<E> = Pin<Box<dyn Future<Output = Result<(), E>> + Send>>;
 
 /// Serves until `shutdown` resolves, then stops accepting, lets in-flight requests finish and
 /// returns.
@@ -107,25 +147,60 @@ pub async fn serve(
     });
     let app =
         router(engine.clone(), options.http.clone(), shm.clone()).layer(request_id::request_id_layers());
-    let http_listener = axum::serve::ListenerExt::tap_io(listeners.http, |tcp| {
-        // Small responses must not wait for Nagle's algorithm.
-        let _ = tcp.set_nodelay(true);
-    });
-    // ConnectInfo: handlers see the client's address (shared-memory registration needs it).
+    // Handlers see the client's address (`ConnectInfo<SocketAddr>`) over TCP and TLS alike.
     let app = app.into_make_service_with_connect_info::<SocketAddr>();
-    let http = axum::serve(http_listener, app).with_graceful_shutdown(stopped(stop_rx.clone()));
+    let http: ServerFuture<std::io::Error> = match listeners.http_tls.clone() {
+        Some(tls) => Box::pin(
+            // `tap_io` (a no-op here: the TLS listener sets TCP_NODELAY itself) is what lets
+            // axum derive `ConnectInfo<SocketAddr>` from any listener with that address type.
+            axum::serve(
+                axum::serve::ListenerExt::tap_io(TlsListener::new(listeners.http, tls), |_| {}),
+                app,
+            )
+            .with_graceful_shutdown(stopped(stop_rx.clone()))
+            .into_future(),
+        ),
+        None => {
+            let http_listener = axum::serve::ListenerExt::tap_io(listeners.http, |tcp| {
+                // Small responses must not wait for Nagle's algorithm.
+                let _ = tcp.set_nodelay(true);
+            });
+            Box::pin(
+                axum::serve(http_listener, app)
+                    .with_graceful_shutdown(stopped(stop_rx.clone()))
+                    .into_future(),
+            )
+        }
+    };
 
-    let grpc = tonic::transport::Server::builder()
+    let grpc_router = tonic::transport::Server::builder()
         .layer(request_id::request_id_layers())
         .layer(tower::util::MapResponseLayer::new(
             size_limit_as_resource_exhausted::<tonic::body::Body>,
         ))
         .add_service(health_service)
-        .add_service(grpc_service_with_options(engine.clone(), options.grpc, shm))
-        .serve_with_incoming_shutdown(
+        .add_service(grpc_service_with_options(engine.clone(), options.grpc, shm));
+    let grpc: ServerFuture<tonic::transport::Error> = match listeners.grpc_tls.clone() {
+        Some(tls) => Box::pin(grpc_router.serve_with_incoming_shutdown(
+            tls::grpc_incoming(TlsListener::new(listeners.grpc, tls)),
+            stopped(stop_rx.clone()),
+        )),
+        None => Box::pin(grpc_router.serve_with_incoming_shutdown(
             TcpIncoming::from(listeners.grpc).with_nodelay(Some(true)),
             stopped(stop_rx.clone()),
-        );
+        )),
+    };
+
+    // Certificates reload on SIGHUP and when their files change, without a restart.
+    let tls_sources: Vec<_> = [listeners.http_tls, listeners.grpc_tls]
+        .into_iter()
+        .flatten()
+        .collect();
+    tokio::spawn(tls::watch_certificates(
+        tls_sources,
+        options.tls_reload_interval,
+        stopped(stop_rx.clone()),
+    ));
 
     let metrics = listeners.metrics.map(|listener| {
         axum::serve(listener, metrics_router(engine.metrics()))

@@ -1547,6 +1547,9 @@ mod tests {
             exit_timeout: Duration::from_secs(5),
             shared_memory: true,
             shared_memory_registration: Default::default(),
+            http_tls: None,
+            grpc_tls: None,
+            tls_reload_interval: None,
         };
         let engine = InferenceService::new(
             ModelManager::new(

@@ -93,6 +93,56 @@ struct ServeArgs {
     /// `onnxruntime` package of the project's .venv (see docs/backends.md).
     #[arg(long, value_name = "PATH")]
     onnxruntime_library: Option<PathBuf>,
+    #[command(flatten)]
+    tls: TlsArgs,
+}
+
+/// TLS for the HTTP and gRPC listeners (docs/security.md); the metrics port stays plain.
+#[derive(Args)]
+struct TlsArgs {
+    /// Serve HTTP and gRPC over TLS with this certificate chain (PEM, leaf first).
+    #[arg(long, value_name = "FILE")]
+    tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, value_name = "FILE")]
+    tls_key: Option<PathBuf>,
+    /// Require client certificates signed by these CAs (PEM): mutual TLS on both listeners.
+    #[arg(long, value_name = "FILE")]
+    tls_client_ca: Option<PathBuf>,
+    /// Triton: serve gRPC over TLS.
+    #[arg(long, value_name = "BOOL", value_parser = clap::builder::BoolishValueParser::new())]
+    grpc_use_ssl: Option<bool>,
+    /// Triton: require client certificates on gRPC (implies --grpc-use-ssl).
+    #[arg(long, value_name = "BOOL", value_parser = clap::builder::BoolishValueParser::new())]
+    grpc_use_ssl_mutual: Option<bool>,
+    /// Triton: the gRPC certificate (PEM), instead of --tls-cert.
+    #[arg(long, value_name = "FILE")]
+    grpc_server_cert: Option<PathBuf>,
+    /// Triton: the gRPC private key (PEM), instead of --tls-key.
+    #[arg(long, value_name = "FILE")]
+    grpc_server_key: Option<PathBuf>,
+    /// Triton: CA (PEM) for gRPC client certificates, with --grpc-use-ssl-mutual.
+    #[arg(long, value_name = "FILE")]
+    grpc_root_cert: Option<PathBuf>,
+}
+
+impl TlsArgs {
+    /// Flags override the file and environment, one setting at a time.
+    fn apply(self, tls: &mut settings::TlsSettings) {
+        let set = |target: &mut Option<PathBuf>, flag: Option<PathBuf>| {
+            if flag.is_some() {
+                *target = flag;
+            }
+        };
+        set(&mut tls.cert, self.tls_cert);
+        set(&mut tls.key, self.tls_key);
+        set(&mut tls.client_ca, self.tls_client_ca);
+        set(&mut tls.grpc.server_cert, self.grpc_server_cert);
+        set(&mut tls.grpc.server_key, self.grpc_server_key);
+        set(&mut tls.grpc.root_cert, self.grpc_root_cert);
+        tls.grpc.use_ssl = self.grpc_use_ssl.or(tls.grpc.use_ssl);
+        tls.grpc.use_ssl_mutual = self.grpc_use_ssl_mutual.or(tls.grpc.use_ssl_mutual);
+    }
 }
 
 #[derive(Args)]
@@ -215,6 +265,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(f) = args.log_format {
         settings.log.format = f;
     }
+    args.tls.apply(&mut settings.tls);
     init_logging(&settings.log.format, &settings.log.level)?;
     if settings.models.repositories.is_empty() {
         anyhow::bail!("no model repository given (use --model-repository DIR)");
@@ -224,6 +275,10 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     for root in &settings.models.repositories {
         // The message already holds the OS error; `{:#}` would print it twice.
         oxserve_repository::check_repository(root).map_err(|e| anyhow::anyhow!("{e}"))?;
+    }
+    let tls = settings.tls.resolve()?;
+    for note in &tls.notes {
+        tracing::warn!("{note}");
     }
 
     let options = ServerOptions {
@@ -246,6 +301,10 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             key_prefix: settings.server.shared_memory_prefix.clone(),
             allow_remote: settings.server.allow_remote_shared_memory,
         },
+        http_tls: tls.http,
+        grpc_tls: tls.grpc,
+        tls_reload_interval: Some(std::time::Duration::from_secs(settings.tls.reload_interval_secs))
+            .filter(|interval| !interval.is_zero()),
     };
     let manager = ModelManager::new(
         backends_with(settings.backends.onnxruntime_library.clone()),
@@ -268,7 +327,8 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }
         println!("{line}");
         let metrics_text = metrics.map_or_else(|| "off".to_string(), |m| m.to_string());
-        tracing::info!(%http, %grpc, metrics = %metrics_text, "listening");
+        let (http_tls, grpc_tls) = (listeners.http_tls(), listeners.grpc_tls());
+        tracing::info!(%http, http_tls, %grpc, grpc_tls, metrics = %metrics_text, "listening");
         let loader = engine.clone();
         tokio::spawn(async move {
             loader.load_models().await;

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
+use oxserve_server::tls::TlsFiles;
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -14,6 +15,7 @@ pub struct Settings {
     pub models: ModelSettings,
     pub log: LogSettings,
     pub backends: BackendSettings,
+    pub tls: TlsSettings,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -57,6 +59,134 @@ pub struct BackendSettings {
     /// The ONNX Runtime shared library (`libonnxruntime.so`); unset: `ORT_DYLIB_PATH`, else
     /// auto-detected in the project's `.venv`.
     pub onnxruntime_library: Option<PathBuf>,
+}
+
+/// TLS for the HTTP and gRPC listeners (docs/security.md). Unset: both are plain.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsSettings {
+    /// Certificate chain (PEM, leaf first) for both listeners (`--tls-cert`).
+    pub cert: Option<PathBuf>,
+    /// Its private key (PEM) (`--tls-key`).
+    pub key: Option<PathBuf>,
+    /// CA certificates (PEM) that client certificates must chain to; set, every client must
+    /// present one (mutual TLS) (`--tls-client-ca`).
+    pub client_ca: Option<PathBuf>,
+    /// Seconds between checks of the files for changes; 0: reload only on SIGHUP.
+    pub reload_interval_secs: u64,
+    /// The gRPC listener alone, as Triton's `--grpc-*` SSL flags set it.
+    pub grpc: GrpcTlsSettings,
+}
+
+/// Triton's gRPC SSL options: `--grpc-use-ssl`, `--grpc-use-ssl-mutual`, `--grpc-server-cert`,
+/// `--grpc-server-key`, `--grpc-root-cert`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GrpcTlsSettings {
+    /// TLS on gRPC; unset: on when a certificate is configured.
+    pub use_ssl: Option<bool>,
+    /// Require client certificates on gRPC (implies `use_ssl`).
+    pub use_ssl_mutual: Option<bool>,
+    /// Certificate for gRPC instead of `tls.cert`.
+    pub server_cert: Option<PathBuf>,
+    /// Key for gRPC instead of `tls.key`.
+    pub server_key: Option<PathBuf>,
+    /// CA for client certificates on gRPC, used with `use_ssl_mutual` (as in Triton).
+    pub root_cert: Option<PathBuf>,
+}
+
+/// Which listener speaks TLS with which files.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct ListenerTls {
+    pub http: Option<TlsFiles>,
+    pub grpc: Option<TlsFiles>,
+    /// Settings that had no effect, to log once logging is up.
+    pub notes: Vec<String>,
+}
+
+impl Default for TlsSettings {
+    fn default() -> Self {
+        TlsSettings {
+            cert: None,
+            key: None,
+            client_ca: None,
+            reload_interval_secs: 5,
+            grpc: GrpcTlsSettings::default(),
+        }
+    }
+}
+
+impl TlsSettings {
+    /// The files of each listener: `cert`/`key`/`client_ca` serve both, the `grpc` settings
+    /// override them for gRPC. Incomplete or contradictory settings are errors.
+    pub fn resolve(&self) -> anyhow::Result<ListenerTls> {
+        let mut notes = Vec::new();
+        let http = match (&self.cert, &self.key) {
+            (Some(cert), Some(key)) => Some(TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: self.client_ca.clone(),
+            }),
+            (None, None) if self.client_ca.is_some() => {
+                anyhow::bail!("--tls-client-ca (tls.client_ca) needs --tls-cert and --tls-key")
+            }
+            (None, None) => None,
+            _ => anyhow::bail!("--tls-cert and --tls-key (tls.cert, tls.key) must be given together"),
+        };
+
+        let g = &self.grpc;
+        let mutual = g.use_ssl_mutual == Some(true);
+        if mutual && g.use_ssl == Some(false) {
+            anyhow::bail!("--grpc-use-ssl false contradicts --grpc-use-ssl-mutual true");
+        }
+        let has_files = self.cert.is_some() || g.server_cert.is_some() || g.server_key.is_some();
+        let grpc_on = mutual || g.use_ssl.unwrap_or(has_files);
+        let grpc = if grpc_on {
+            let (Some(cert), Some(key)) = (
+                g.server_cert.as_ref().or(self.cert.as_ref()),
+                g.server_key.as_ref().or(self.key.as_ref()),
+            ) else {
+                anyhow::bail!(
+                    "TLS on gRPC needs a certificate and a key: --tls-cert and --tls-key, or \
+                     --grpc-server-cert and --grpc-server-key"
+                );
+            };
+            let client_ca = match g.use_ssl_mutual {
+                Some(true) => Some(
+                    g.root_cert
+                        .as_ref()
+                        .or(self.client_ca.as_ref())
+                        .cloned()
+                        .ok_or_else(|| {
+                            anyhow::anyhow!(
+                                "--grpc-use-ssl-mutual needs --grpc-root-cert (or --tls-client-ca)"
+                            )
+                        })?,
+                ),
+                Some(false) => None,
+                None => self.client_ca.clone(),
+            };
+            if g.root_cert.is_some() && !mutual {
+                notes.push(
+                    "--grpc-root-cert is used only with --grpc-use-ssl-mutual true (as in Triton)"
+                        .to_string(),
+                );
+            }
+            Some(TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca,
+            })
+        } else {
+            if has_files {
+                notes.push(
+                    "--grpc-use-ssl false: gRPC stays plain although a certificate is configured".to_string(),
+                );
+            }
+            None
+        };
+        Ok(ListenerTls { http, grpc, notes })
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -186,6 +316,144 @@ mod tests {
             assert!(e.contains("onnxruntime_libary"), "{e}");
             Ok(())
         });
+    }
+
+    fn files(cert: &str, key: &str, client_ca: Option<&str>) -> Option<TlsFiles> {
+        Some(TlsFiles {
+            cert: cert.into(),
+            key: key.into(),
+            client_ca: client_ca.map(PathBuf::from),
+        })
+    }
+
+    #[test]
+    fn tls_settings_from_file_and_environment() {
+        figment::Jail::expect_with(|jail| {
+            let s = Settings::load(None).map_err(|e| e.to_string())?;
+            assert_eq!(
+                s.tls.resolve().map_err(|e| e.to_string())?,
+                ListenerTls::default()
+            );
+            assert_eq!(s.tls.reload_interval_secs, 5);
+            jail.create_file(
+                "t.toml",
+                "[tls]\ncert = \"s.crt\"\nkey = \"s.key\"\nreload_interval_secs = 2\n\
+                 [tls.grpc]\nuse_ssl_mutual = true\nroot_cert = \"ca.crt\"\n",
+            )?;
+            jail.set_env("OXSERVE__TLS__CLIENT_CA", "env-ca.crt");
+            let s = Settings::load(Some(Path::new("t.toml"))).map_err(|e| e.to_string())?;
+            assert_eq!(s.tls.reload_interval_secs, 2);
+            let tls = s.tls.resolve().map_err(|e| e.to_string())?;
+            assert_eq!(tls.http, files("s.crt", "s.key", Some("env-ca.crt")));
+            assert_eq!(tls.grpc, files("s.crt", "s.key", Some("ca.crt")));
+            jail.create_file("bad.toml", "[tls]\ncrt = \"x\"\n")?;
+            let e = Settings::load(Some(Path::new("bad.toml")))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("crt"), "{e}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn tls_flags_resolve_per_listener() {
+        let both = TlsSettings {
+            cert: Some("a.crt".into()),
+            key: Some("a.key".into()),
+            ..TlsSettings::default()
+        };
+        let tls = both.resolve().unwrap();
+        assert_eq!(tls.http, files("a.crt", "a.key", None));
+        assert_eq!(tls.grpc, tls.http);
+        assert!(tls.notes.is_empty());
+
+        // Triton's flags alone: TLS on gRPC only; the root cert acts only with mutual auth.
+        let triton = TlsSettings {
+            grpc: GrpcTlsSettings {
+                use_ssl: Some(true),
+                server_cert: Some("g.crt".into()),
+                server_key: Some("g.key".into()),
+                root_cert: Some("ca.crt".into()),
+                use_ssl_mutual: None,
+            },
+            ..TlsSettings::default()
+        };
+        let tls = triton.resolve().unwrap();
+        assert_eq!((tls.http, tls.grpc), (None, files("g.crt", "g.key", None)));
+        assert_eq!(tls.notes.len(), 1);
+        let mut mutual = triton.clone();
+        mutual.grpc.use_ssl = None;
+        mutual.grpc.use_ssl_mutual = Some(true);
+        assert_eq!(
+            mutual.resolve().unwrap().grpc,
+            files("g.crt", "g.key", Some("ca.crt"))
+        );
+
+        // --grpc-use-ssl false keeps gRPC plain while HTTP uses TLS.
+        let mut plain_grpc = both.clone();
+        plain_grpc.grpc.use_ssl = Some(false);
+        let tls = plain_grpc.resolve().unwrap();
+        assert_eq!((tls.http.is_some(), tls.grpc), (true, None));
+    }
+
+    #[test]
+    fn incomplete_tls_settings_are_errors() {
+        let cases = [
+            (
+                TlsSettings {
+                    cert: Some("a.crt".into()),
+                    ..TlsSettings::default()
+                },
+                "together",
+            ),
+            (
+                TlsSettings {
+                    client_ca: Some("ca.crt".into()),
+                    ..TlsSettings::default()
+                },
+                "--tls-client-ca",
+            ),
+            (
+                TlsSettings {
+                    grpc: GrpcTlsSettings {
+                        use_ssl: Some(true),
+                        ..GrpcTlsSettings::default()
+                    },
+                    ..TlsSettings::default()
+                },
+                "certificate and a key",
+            ),
+            (
+                TlsSettings {
+                    cert: Some("a.crt".into()),
+                    key: Some("a.key".into()),
+                    grpc: GrpcTlsSettings {
+                        use_ssl_mutual: Some(true),
+                        ..GrpcTlsSettings::default()
+                    },
+                    ..TlsSettings::default()
+                },
+                "--grpc-root-cert",
+            ),
+            (
+                TlsSettings {
+                    cert: Some("a.crt".into()),
+                    key: Some("a.key".into()),
+                    grpc: GrpcTlsSettings {
+                        use_ssl: Some(false),
+                        use_ssl_mutual: Some(true),
+                        root_cert: Some("ca.crt".into()),
+                        ..GrpcTlsSettings::default()
+                    },
+                    ..TlsSettings::default()
+                },
+                "contradicts",
+            ),
+        ];
+        for (settings, expected) in cases {
+            let e = settings.resolve().unwrap_err().to_string();
+            assert!(e.contains(expected), "{settings:?}: {e}");
+        }
     }
 
     #[test]
