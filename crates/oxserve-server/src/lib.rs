@@ -1,14 +1,22 @@
 //! Listeners and lifecycle of a running server: bind the HTTP, gRPC and metrics ports, serve
 //! the protocol front-ends over one engine, report health, and shut down gracefully.
 
+mod auth;
+mod guard;
 mod metrics;
 mod process;
+mod rate_limit;
 mod request_id;
+mod routes;
 pub mod tls;
 
-pub use metrics::{OPENMETRICS_CONTENT_TYPE, metrics_router};
+pub use auth::{ApiKey, ApiKeys, KeyFileError, MIN_TOKEN_LEN, Scopes};
+pub use guard::{Access, AccessPolicy, ClientAddress, GrpcWire, GuardLayer, HttpWire};
+pub use metrics::{OPENMETRICS_CONTENT_TYPE, metrics_router, metrics_router_with};
 pub use process::{ProcessStats, process_registry};
+pub use rate_limit::{MAX_TRACKED_CLIENTS, RateLimitRule, RateLimits};
 pub use request_id::REQUEST_ID;
+pub use routes::{ModelRef, Route, Scope, classify};
 
 use std::future::{Future, IntoFuture};
 use std::net::SocketAddr;
@@ -51,6 +59,8 @@ pub struct ServerOptions {
     pub grpc_tls: Option<TlsFiles>,
     /// How often the TLS files are checked for changes; `None` = only on SIGHUP.
     pub tls_reload_interval: Option<std::time::Duration>,
+    /// API keys, their scopes and rate limits, for every listener (default: all open).
+    pub access: std::sync::Arc<AccessPolicy>,
 }
 
 /// Bound sockets, so the caller can report the real ports (port 0 picks a free one) before
@@ -145,9 +155,16 @@ pub async fn serve(
     } else {
         SharedMemoryRegistry::disabled()
     });
-    let app =
-        router(engine.clone(), options.http.clone(), shm.clone()).layer(request_id::request_id_layers());
-    // Handlers see the client's address (`ConnectInfo<SocketAddr>`) over TCP and TLS alike.
+    // API keys and rate limits, checked before any handler runs (after the request id, so
+    // refusals carry one too); counted in the metrics.
+    let mut server_metrics = prometheus_client::registry::Registry::with_prefix("oxserve");
+    let access = Access::new(options.access.clone(), &mut server_metrics);
+    tokio::spawn(rate_limit_housekeeping(access.clone(), stop_rx.clone()));
+    let app = router(engine.clone(), options.http.clone(), shm.clone())
+        .layer(GuardLayer::new(access.clone(), HttpWire))
+        .layer(request_id::request_id_layers());
+    // Handlers and the guard's per-address rate limits see the client's address
+    // (`ConnectInfo<SocketAddr>`) over TCP and TLS alike.
     let app = app.into_make_service_with_connect_info::<SocketAddr>();
     let http: ServerFuture<std::io::Error> = match listeners.http_tls.clone() {
         Some(tls) => Box::pin(
@@ -178,6 +195,7 @@ pub async fn serve(
         .layer(tower::util::MapResponseLayer::new(
             size_limit_as_resource_exhausted::<tonic::body::Body>,
         ))
+        .layer(GuardLayer::new(access.clone(), GrpcWire))
         .add_service(health_service)
         .add_service(grpc_service_with_options(engine.clone(), options.grpc, shm));
     let grpc: ServerFuture<tonic::transport::Error> = match listeners.grpc_tls.clone() {
@@ -203,8 +221,13 @@ pub async fn serve(
     ));
 
     let metrics = listeners.metrics.map(|listener| {
-        axum::serve(listener, metrics_router(engine.metrics()))
-            .with_graceful_shutdown(stopped(stop_rx.clone()))
+        let router = metrics_router_with(engine.metrics(), server_metrics)
+            .layer(GuardLayer::new(access.clone(), HttpWire));
+        axum::serve(
+            listener,
+            router.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(stopped(stop_rx.clone()))
     });
 
     let engine_for_signal = engine.clone();
@@ -245,6 +268,19 @@ pub async fn serve(
         }
     }
     Ok(())
+}
+
+/// Drops idle rate-limit buckets every few seconds, so memory follows the active clients.
+async fn rate_limit_housekeeping(access: std::sync::Arc<Access>, mut stop: watch::Receiver<bool>) {
+    if access.rate_limits().is_empty() {
+        return;
+    }
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(std::time::Duration::from_secs(10)) => access.rate_limits().housekeeping(),
+            _ = stop.changed() => return,
+        }
+    }
 }
 
 /// Keeps grpc.health.v1 in step with the engine's readiness.

@@ -24,13 +24,21 @@ pub const OPENMETRICS_CONTENT_TYPE: &str = "application/openmetrics-text; versio
 struct MetricsState {
     engine: Arc<Metrics>,
     process: Registry,
+    /// The server's own families (authentication, rate limits).
+    server: Registry,
 }
 
 /// `GET /metrics`; every other path is 404.
 pub fn metrics_router(engine: Arc<Metrics>) -> Router {
+    metrics_router_with(engine, Registry::default())
+}
+
+/// [`metrics_router`] that also exposes the families of `server`.
+pub fn metrics_router_with(engine: Arc<Metrics>, server: Registry) -> Router {
     let state = Arc::new(MetricsState {
         engine,
         process: process_registry(),
+        server,
     });
     Router::new()
         .route("/metrics", get(scrape))
@@ -52,11 +60,13 @@ fn encode(state: &MetricsState, openmetrics: bool) -> Result<(String, &'static s
     if openmetrics {
         text::encode_registry(&mut body, state.engine.registry())?;
         text::encode_registry(&mut body, &state.process)?;
+        text::encode_registry(&mut body, &state.server)?;
         text::encode_eof(&mut body)?;
         Ok((body, OPENMETRICS_CONTENT_TYPE))
     } else {
         prometheus_text::encode(&mut body, state.engine.registry())?;
         prometheus_text::encode(&mut body, &state.process)?;
+        prometheus_text::encode(&mut body, &state.server)?;
         Ok((body, prometheus_text::CONTENT_TYPE))
     }
 }
@@ -79,6 +89,7 @@ mod tests {
         MetricsState {
             engine: Arc::new(Metrics::new()),
             process: process_registry(),
+            server: Registry::default(),
         }
     }
 

@@ -1550,6 +1550,7 @@ mod tests {
             http_tls: None,
             grpc_tls: None,
             tls_reload_interval: None,
+            access: Default::default(),
         };
         let engine = InferenceService::new(
             ModelManager::new(

@@ -93,6 +93,13 @@ struct ServeArgs {
     /// `onnxruntime` package of the project's .venv (see docs/backends.md).
     #[arg(long, value_name = "PATH")]
     onnxruntime_library: Option<PathBuf>,
+    /// API key file (TOML `[[keys]]` with name, token or token_sha256, scopes); with keys,
+    /// every endpoint but health needs `Authorization: Bearer <token>` (docs/security.md).
+    #[arg(long, value_name = "FILE")]
+    api_keys: Option<PathBuf>,
+    /// Whether health endpoints need a key too once keys are configured.
+    #[arg(long, value_name = "BOOL")]
+    health_requires_key: Option<bool>,
     #[command(flatten)]
     tls: TlsArgs,
 }
@@ -266,7 +273,12 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         settings.log.format = f;
     }
     args.tls.apply(&mut settings.tls);
+    settings.auth.api_keys = args.api_keys.or(settings.auth.api_keys);
+    settings.auth.health_requires_key = args
+        .health_requires_key
+        .unwrap_or(settings.auth.health_requires_key);
     init_logging(&settings.log.format, &settings.log.level)?;
+    let access = access_policy(&settings)?;
     if settings.models.repositories.is_empty() {
         anyhow::bail!("no model repository given (use --model-repository DIR)");
     }
@@ -305,6 +317,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         grpc_tls: tls.grpc,
         tls_reload_interval: Some(std::time::Duration::from_secs(settings.tls.reload_interval_secs))
             .filter(|interval| !interval.is_zero()),
+        access: Arc::new(access),
     };
     let manager = ModelManager::new(
         backends_with(settings.backends.onnxruntime_library.clone()),
@@ -335,6 +348,35 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             tracing::info!(ready = loader.is_ready(), "model repository loaded");
         });
         oxserve_server::serve(engine, listeners, &options, oxserve_server::shutdown_signal()).await
+    })
+}
+
+/// API keys from the key file and `OXSERVE_API_KEY` (one token with every scope), and the
+/// rate limits; any mistake stops start-up with the reason.
+fn access_policy(settings: &Settings) -> anyhow::Result<oxserve_server::AccessPolicy> {
+    let mut keys = match &settings.auth.api_keys {
+        Some(path) => oxserve_server::ApiKeys::from_file(path)?,
+        None => oxserve_server::ApiKeys::default(),
+    };
+    if let Some(token) = std::env::var_os("OXSERVE_API_KEY") {
+        let token = token.to_str().context("OXSERVE_API_KEY is not valid UTF-8")?;
+        keys.add_token("OXSERVE_API_KEY", token)
+            .map_err(|e| anyhow::anyhow!("OXSERVE_API_KEY: {e}"))?;
+    }
+    let rate_limits = oxserve_server::RateLimits::new(&settings.rate_limits)
+        .map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
+    match keys.len() {
+        0 => tracing::warn!("no API keys configured: every endpoint is open to anyone who can connect"),
+        n => tracing::info!(
+            keys = n,
+            health_requires_key = settings.auth.health_requires_key,
+            "API keys required"
+        ),
+    }
+    Ok(oxserve_server::AccessPolicy {
+        keys,
+        health_requires_key: settings.auth.health_requires_key,
+        rate_limits,
     })
 }
 

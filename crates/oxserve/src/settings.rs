@@ -16,6 +16,20 @@ pub struct Settings {
     pub log: LogSettings,
     pub backends: BackendSettings,
     pub tls: TlsSettings,
+    pub auth: AuthSettings,
+    /// `[[rate_limits]]` rules (docs/security.md).
+    pub rate_limits: Vec<oxserve_server::RateLimitRule>,
+}
+
+/// API keys (docs/security.md).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthSettings {
+    /// The key file (`--api-keys`); unset and no `OXSERVE_API_KEY`: no authentication.
+    pub api_keys: Option<PathBuf>,
+    /// Whether health endpoints need a key too once keys are configured (default: open, for
+    /// Kubernetes probes).
+    pub health_requires_key: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -474,6 +488,41 @@ mod tests {
             let s = Settings::load(Some(Path::new("s.toml"))).map_err(|e| e.to_string())?;
             assert_eq!(s.server.shared_memory_prefix, "team_a_");
             assert!(!s.server.allow_remote_shared_memory);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn auth_and_rate_limits_from_file_and_environment() {
+        figment::Jail::expect_with(|jail| {
+            let s = Settings::load(None).map_err(|e| e.to_string())?;
+            assert_eq!(s.auth.api_keys, None);
+            assert!(!s.auth.health_requires_key && s.rate_limits.is_empty());
+            jail.create_file(
+                "a.toml",
+                "[auth]\napi_keys = \"/etc/oxserve/keys.toml\"\n\n\
+                 [[rate_limits]]\ngroup = \"infer\"\nmodel = \"resnet\"\nper_key = 50\nburst = 5\n\n\
+                 [[rate_limits]]\ngroup = \"all\"\nper_address = 200.5\n",
+            )?;
+            jail.set_env("OXSERVE__AUTH__HEALTH_REQUIRES_KEY", "true");
+            let s = Settings::load(Some(Path::new("a.toml"))).map_err(|e| e.to_string())?;
+            assert_eq!(
+                s.auth.api_keys.as_deref(),
+                Some(Path::new("/etc/oxserve/keys.toml"))
+            );
+            assert!(s.auth.health_requires_key);
+            assert_eq!(s.rate_limits.len(), 2);
+            assert_eq!(s.rate_limits[0].model.as_deref(), Some("resnet"));
+            assert_eq!(
+                (s.rate_limits[0].per_key, s.rate_limits[0].burst),
+                (Some(50.0), Some(5))
+            );
+            assert_eq!(s.rate_limits[1].per_address, Some(200.5));
+            jail.create_file("bad.toml", "[[rate_limits]]\ngroup = \"infer\"\nper_sec = 1\n")?;
+            let e = Settings::load(Some(Path::new("bad.toml")))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("per_sec"), "{e}");
             Ok(())
         });
     }
