@@ -10,6 +10,7 @@ mod stats;
 
 use std::sync::Arc;
 
+use oxserve_shm::SharedMemoryRegistry;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{Path, State};
@@ -19,7 +20,6 @@ use axum::routing::{get, post};
 use bytes::Bytes;
 use oxserve_core::{Error, ErrorKind, ModelMetadata};
 use oxserve_engine::InferenceService;
-use oxserve_shm::SharedMemoryRegistry;
 use serde::{Deserialize, Serialize};
 
 pub use error::{ApiError, http_status};
