@@ -528,6 +528,79 @@ mod tests {
         assert_eq!(model_in_grpc_message(&grpc_frame(b"", false), None), None);
     }
 
+    fn access(keys: &str, health_requires_key: bool) -> Arc<Access> {
+        let keys = if keys.is_empty() {
+            ApiKeys::default()
+        } else {
+            ApiKeys::parse(keys, "keys.toml").expect("valid keys")
+        };
+        let policy = AccessPolicy {
+            keys,
+            health_requires_key,
+            rate_limits: RateLimits::default(),
+        };
+        Access::new(Arc::new(policy), &mut Registry::default())
+    }
+
+    fn with_token(token: Option<&str>) -> http::HeaderMap {
+        let mut h = http::HeaderMap::new();
+        if let Some(t) = token {
+            h.insert(
+                header::AUTHORIZATION,
+                HeaderValue::from_str(&format!("Bearer {t}")).expect("header"),
+            );
+        }
+        h
+    }
+
+    const KEYS: &str =
+        "[[keys]]\nname = \"m\"\ntoken = \"metrics-token-0123456789\"\nscopes = [\"metrics\"]\n";
+
+    #[test]
+    fn health_is_open_unless_configured_and_no_keys_means_open() {
+        let ready = classify("/v2/health/ready");
+        let repo = classify("/v2/repository/index");
+        // No keys: everything open, nothing active.
+        let open = access("", true);
+        assert!(!open.is_active());
+        assert!(matches!(open.authorize(&repo, &with_token(None)), Ok(None)));
+        // Keys: health open without a key and with a key lacking the scope, not with a bad key.
+        let a = access(KEYS, false);
+        assert!(a.is_active());
+        assert!(matches!(a.authorize(&ready, &with_token(None)), Ok(None)));
+        assert!(
+            a.authorize(&ready, &with_token(Some("metrics-token-0123456789")))
+                .is_ok()
+        );
+        assert!(matches!(
+            a.authorize(&ready, &with_token(Some("wrong-token-0123456789"))),
+            Err(Refusal::Auth(AuthError::Invalid))
+        ));
+        assert!(matches!(
+            a.authorize(&repo, &with_token(None)),
+            Err(Refusal::Auth(AuthError::Missing))
+        ));
+        // health_requires_key: probes need a key with the health scope.
+        let closed = access(KEYS, true);
+        assert!(matches!(
+            closed.authorize(&ready, &with_token(None)),
+            Err(Refusal::Auth(AuthError::Missing))
+        ));
+        assert!(matches!(
+            closed.authorize(&ready, &with_token(Some("metrics-token-0123456789"))),
+            Err(Refusal::Auth(AuthError::Forbidden { .. }))
+        ));
+        let metrics = classify("/metrics");
+        assert_eq!(
+            closed
+                .authorize(&metrics, &with_token(Some("metrics-token-0123456789")))
+                .ok()
+                .flatten()
+                .as_deref(),
+            Some("m")
+        );
+    }
+
     #[test]
     fn refusals_carry_their_status_and_headers() {
         let forbidden = Refusal::Auth(AuthError::Forbidden {

@@ -139,6 +139,32 @@ pub struct BenchArgs {
     /// Print one JSON object per point instead of a table.
     #[arg(long)]
     json: bool,
+    /// An extra header on every request, e.g. an API key: `--header "authorization: Bearer T"`.
+    #[arg(long = "header", value_name = "NAME: VALUE", value_parser = parse_header)]
+    headers: Vec<(http::HeaderName, HeaderValue)>,
+}
+
+/// `--header` values, for every client of the run (set once, read on every request).
+static EXTRA_HEADERS: std::sync::OnceLock<http::HeaderMap> = std::sync::OnceLock::new();
+
+fn parse_header(s: &str) -> Result<(http::HeaderName, HeaderValue), String> {
+    let (name, value) = s.split_once(':').ok_or("expected NAME: VALUE")?;
+    Ok((
+        name.trim().parse().map_err(|e| format!("{e}"))?,
+        value.trim().parse().map_err(|e| format!("{e}"))?,
+    ))
+}
+
+fn with_extra_headers(mut request: http::request::Builder) -> http::request::Builder {
+    if let (Some(extra), Some(headers)) = (EXTRA_HEADERS.get(), request.headers_mut()) {
+        headers.extend(extra.clone());
+    }
+    request
+}
+
+/// A reqwest client that sends the `--header` values.
+pub(crate) fn http_client() -> reqwest::ClientBuilder {
+    reqwest::Client::builder().default_headers(EXTRA_HEADERS.get().cloned().unwrap_or_default())
 }
 
 /// One measured point, as printed by `--json`.
@@ -346,7 +372,9 @@ impl HttpPool {
         if let Some(n) = header_len {
             request = request.header("inference-header-content-length", n.clone());
         }
-        let request = request.body(Full::new(body.clone())).map_err(|e| e.to_string())?;
+        let request = with_extra_headers(request)
+            .body(Full::new(body.clone()))
+            .map_err(|e| e.to_string())?;
         let response = conn.send_request(request).await.map_err(|e| e.to_string())?;
         let status = response.status();
         let body = response
@@ -436,7 +464,7 @@ impl GrpcConns {
             *cell.lock().unwrap_or_else(PoisonError::into_inner) = conn.clone();
         }
         conn.ready().await.map_err(|e| e.to_string())?;
-        let request = http::Request::builder()
+        let request = with_extra_headers(http::Request::builder())
             .method(http::Method::POST)
             .version(http::Version::HTTP_2)
             .uri(self.uri.clone())
@@ -493,7 +521,7 @@ async fn shm_request(args: &BenchArgs) -> anyhow::Result<ShmRequest> {
         bail!("--shared-memory applies to http-json, http-binary and grpc, not in-process");
     }
     let http_url = args.http_url.trim_end_matches('/');
-    let meta = http_metadata(&reqwest::Client::new(), http_url, &args.model, None).await?;
+    let meta = http_metadata(&http_client().build()?, http_url, &args.model, None).await?;
     let request = random_request(&meta, None, args.batch);
     let regions = BenchRegions::create(http_url, &request).await?;
     Ok(ShmRequest { request, regions })
@@ -524,7 +552,7 @@ async fn sender_for(
     }
     Ok(match protocol {
         BenchProtocol::HttpJson | BenchProtocol::HttpBinary => {
-            let client = reqwest::Client::new();
+            let client = http_client().build()?;
             let meta = http_metadata(&client, http_url, &args.model, None).await?;
             let binary = protocol == BenchProtocol::HttpBinary;
             let (body, header_len) = http_body(&random_request(&meta, None, args.batch), binary)?;
@@ -543,7 +571,11 @@ async fn sender_for(
             let mut client = pb::GrpcInferenceServiceClient::connect(args.grpc_url.clone())
                 .await
                 .with_context(|| format!("cannot connect to {}", args.grpc_url))?;
-            let meta = grpc_metadata(&mut client, &args.model, None).await?;
+            // With `--header` (an API key), the metadata comes over HTTP, whose client sends it.
+            let meta = match args.headers.is_empty() {
+                true => grpc_metadata(&mut client, &args.model, None).await?,
+                false => http_metadata(&http_client().build()?, http_url, &args.model, None).await?,
+            };
             let request = grpc_request(&random_request(&meta, None, args.batch));
             Sender::Grpc(GrpcConns::new(&args.grpc_url, &request, grpc_channels).await?)
         }
@@ -853,7 +885,7 @@ impl StatsSource {
                 None => StatsSource::None,
             };
         }
-        let Ok(client) = reqwest::Client::builder().timeout(Duration::from_secs(5)).build() else {
+        let Ok(client) = http_client().timeout(Duration::from_secs(5)).build() else {
             return StatsSource::None;
         };
         let url = format!(
@@ -1286,6 +1318,7 @@ async fn run_points(
     if window.is_zero() {
         bail!("the measurement window must be longer than zero");
     }
+    let _ = EXTRA_HEADERS.set(args.headers.iter().cloned().collect());
     if args.batch < 1 {
         bail!("--batch must be at least 1, got {}", args.batch);
     }
