@@ -3,6 +3,7 @@
 
 mod auth;
 mod guard;
+mod inflight;
 mod metrics;
 mod process;
 mod rate_limit;
@@ -12,6 +13,10 @@ pub mod tls;
 
 pub use auth::{ApiKey, ApiKeys, KeyFileError, MIN_TOKEN_LEN, Scopes};
 pub use guard::{Access, AccessPolicy, ClientAddress, GrpcWire, GuardLayer, HttpWire};
+pub use inflight::{
+    GRPC_WEIGHT, InflightBudget, InflightLayer, JSON_WEIGHT, MAX_DEFAULT_BUDGET, MIN_DEFAULT_BUDGET,
+    default_budget_bytes,
+};
 pub use metrics::{OPENMETRICS_CONTENT_TYPE, metrics_router, metrics_router_with};
 pub use process::{ProcessStats, process_registry};
 pub use rate_limit::{MAX_TRACKED_CLIENTS, RateLimitRule, RateLimits};
@@ -61,6 +66,8 @@ pub struct ServerOptions {
     pub tls_reload_interval: Option<std::time::Duration>,
     /// API keys, their scopes and rate limits, for every listener (default: all open).
     pub access: std::sync::Arc<AccessPolicy>,
+    /// The in-flight byte budget (`--max-inflight-bytes`); `None`: [`default_budget_bytes`].
+    pub max_inflight_bytes: Option<usize>,
 }
 
 /// Bound sockets, so the caller can report the real ports (port 0 picks a free one) before
@@ -160,7 +167,13 @@ pub async fn serve(
     let mut server_metrics = prometheus_client::registry::Registry::with_prefix("oxserve");
     let access = Access::new(options.access.clone(), &mut server_metrics);
     tokio::spawn(rate_limit_housekeeping(access.clone(), stop_rx.clone()));
+    // One budget of request bytes in flight for both listeners, taken before bodies are read
+    // (inside the guard: a refused key costs no budget).
+    let budget = InflightBudget::new(options.max_inflight_bytes.unwrap_or_else(default_budget_bytes));
+    tracing::info!(bytes = budget.limit(), "in-flight request byte budget");
+    budget.register_metrics(&mut server_metrics);
     let app = router(engine.clone(), options.http.clone(), shm.clone())
+        .layer(budget.http_layer(options.http.max_body_bytes))
         .layer(GuardLayer::new(access.clone(), HttpWire))
         .layer(request_id::request_id_layers());
     // Handlers and the guard's per-address rate limits see the client's address
@@ -196,6 +209,7 @@ pub async fn serve(
             size_limit_as_resource_exhausted::<tonic::body::Body>,
         ))
         .layer(GuardLayer::new(access.clone(), GrpcWire))
+        .layer(budget.grpc_layer(options.grpc.max_message_bytes))
         .add_service(health_service)
         .add_service(grpc_service_with_options(engine.clone(), options.grpc, shm));
     let grpc: ServerFuture<tonic::transport::Error> = match listeners.grpc_tls.clone() {

@@ -1584,6 +1584,7 @@ mod tests {
             grpc_tls: None,
             tls_reload_interval: None,
             access: Default::default(),
+            max_inflight_bytes: None,
         };
         let engine = InferenceService::new(
             ModelManager::new(

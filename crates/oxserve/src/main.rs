@@ -77,6 +77,10 @@ struct ServeArgs {
     /// Largest HTTP request body / gRPC message in bytes (Triton: --http-max-input-size).
     #[arg(long, visible_alias = "http-max-input-size")]
     max_input_size: Option<usize>,
+    /// Budget of request bytes in flight across all connections; over it requests get 429 /
+    /// RESOURCE_EXHAUSTED. Default: a quarter of the memory limit, 384 MiB to 16 GiB.
+    #[arg(long, value_name = "BYTES")]
+    max_inflight_bytes: Option<usize>,
     /// Report ready only when every model is ready.
     #[arg(long, value_name = "BOOL")]
     strict_readiness: Option<bool>,
@@ -264,6 +268,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .allow_remote_shared_memory
         .unwrap_or(s.allow_remote_shared_memory);
     s.max_input_size = args.max_input_size.unwrap_or(s.max_input_size);
+    s.max_inflight_bytes = args.max_inflight_bytes.or(s.max_inflight_bytes);
     s.exit_timeout_secs = args.exit_timeout_secs.unwrap_or(s.exit_timeout_secs);
     settings.models.strict_readiness = args.strict_readiness.unwrap_or(settings.models.strict_readiness);
     if let Some(library) = args.onnxruntime_library {
@@ -318,6 +323,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         tls_reload_interval: Some(std::time::Duration::from_secs(settings.tls.reload_interval_secs))
             .filter(|interval| !interval.is_zero()),
         access: Arc::new(access),
+        max_inflight_bytes: settings.server.max_inflight_bytes,
     };
     let manager = ModelManager::new(
         backends_with(settings.backends.onnxruntime_library.clone()),

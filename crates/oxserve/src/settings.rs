@@ -52,6 +52,10 @@ pub struct ServerSettings {
     pub allow_remote_shared_memory: bool,
     /// Largest HTTP request body and gRPC message, in bytes.
     pub max_input_size: usize,
+    /// Budget of request bytes in flight (bodies, decompressed and decoded data) across all
+    /// connections; unset: a quarter of the memory limit, 384 MiB to 16 GiB
+    /// (docs/security.md, "Memory limits").
+    pub max_inflight_bytes: Option<usize>,
     /// Seconds shutdown waits for in-flight work before exiting anyway.
     pub exit_timeout_secs: u64,
 }
@@ -224,6 +228,7 @@ impl Default for ServerSettings {
             shared_memory_prefix: oxserve_shm::DEFAULT_KEY_PREFIX.into(),
             allow_remote_shared_memory: false,
             max_input_size: 64 << 20,
+            max_inflight_bytes: None,
             exit_timeout_secs: 30,
         }
     }
@@ -523,6 +528,21 @@ mod tests {
                 .unwrap_err()
                 .to_string();
             assert!(e.contains("per_sec"), "{e}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn max_inflight_bytes_from_file_and_environment() {
+        figment::Jail::expect_with(|jail| {
+            let s = Settings::load(None).map_err(|e| e.to_string())?;
+            assert_eq!(s.server.max_inflight_bytes, None);
+            jail.create_file("i.toml", "[server]\nmax_inflight_bytes = 1073741824\n")?;
+            let s = Settings::load(Some(Path::new("i.toml"))).map_err(|e| e.to_string())?;
+            assert_eq!(s.server.max_inflight_bytes, Some(1 << 30));
+            jail.set_env("OXSERVE__SERVER__MAX_INFLIGHT_BYTES", "536870912");
+            let s = Settings::load(Some(Path::new("i.toml"))).map_err(|e| e.to_string())?;
+            assert_eq!(s.server.max_inflight_bytes, Some(512 << 20));
             Ok(())
         });
     }

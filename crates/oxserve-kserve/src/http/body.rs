@@ -1,19 +1,79 @@
 //! Reading request bodies within the size limit, and undoing gzip/deflate Content-Encoding.
+//!
+//! Memory: the server's in-flight byte budget (oxserve-server's `inflight` layer) charges
+//! the body's frames as they arrive. What reading adds on top of the frames — the
+//! decompressed bytes, and the one contiguous copy of a body that came in pieces without a
+//! Content-Length — is charged here, through the [`BodyCharge`] the layer puts in scope for
+//! the request, before the bytes are kept.
 
+use std::future::Future;
 use std::io::Read;
+use std::sync::Arc;
 
 use axum::body::Body;
 use axum::http::HeaderMap;
 use axum::http::header::{CONTENT_ENCODING, CONTENT_LENGTH};
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use oxserve_core::{Error, ErrorKind, Result};
+use tokio::task::futures::TaskLocalFuture;
+
+/// Decompressed output is produced and charged in pieces of this size.
+const INFLATE_CHUNK: usize = 256 << 10;
+
+/// Charges memory a request's body holds against the server's in-flight budget.
+pub trait BodyCharge: Send + Sync {
+    /// `bytes` more decompressed body bytes are about to be kept (priced like the body's
+    /// content: JSON bytes cost more than binary tensor data once decoded).
+    fn charge_decoded(&self, bytes: usize) -> Result<()>;
+    /// `bytes` more bytes of a plain copy are about to be kept (weight 1).
+    fn charge_copy(&self, bytes: usize) -> Result<()>;
+}
+
+tokio::task_local! {
+    static BODY_CHARGE: Arc<dyn BodyCharge>;
+}
+
+/// Runs `future` (a request handler) with `charge` receiving what [`read_body`] adds to the
+/// body's memory.
+pub fn with_body_charge<F: Future>(
+    charge: Arc<dyn BodyCharge>,
+    future: F,
+) -> TaskLocalFuture<Arc<dyn BodyCharge>, F> {
+    BODY_CHARGE.scope(charge, future)
+}
+
+fn charge_decoded(bytes: usize) -> Result<()> {
+    BODY_CHARGE
+        .try_with(|c| c.charge_decoded(bytes))
+        .unwrap_or(Ok(()))
+}
+
+fn charge_copy(bytes: usize) -> Result<()> {
+    BODY_CHARGE.try_with(|c| c.charge_copy(bytes)).unwrap_or(Ok(()))
+}
 
 fn too_large(limit: usize) -> Error {
     Error::new(
         ErrorKind::PayloadTooLarge,
         format!("request body is larger than the limit of {limit} bytes"),
     )
+}
+
+/// The error that stopped reading: the budget's own (429 / 413, as the in-flight layer put it
+/// in the body) when there is one in the chain, else a malformed-body 400.
+fn read_error(e: &(dyn std::error::Error + 'static), limit: usize) -> Error {
+    if e.downcast_ref::<LengthLimitError>().is_some() {
+        return too_large(limit);
+    }
+    let mut source = Some(e);
+    while let Some(err) = source {
+        if let Some(found) = err.downcast_ref::<Error>() {
+            return found.clone();
+        }
+        source = err.source();
+    }
+    Error::invalid(format!("cannot read request body: {e}"))
 }
 
 /// Reads the whole body, refusing more than `limit` bytes before or after decompression.
@@ -24,14 +84,7 @@ pub async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<
     if declared.is_some_and(|len| len > limit as u64) {
         return Err(too_large(limit));
     }
-    let collected = Limited::new(body, limit).collect().await.map_err(|e| {
-        if e.downcast_ref::<LengthLimitError>().is_some() {
-            too_large(limit)
-        } else {
-            Error::invalid(format!("cannot read request body: {e}"))
-        }
-    })?;
-    let raw = collected.to_bytes();
+    let raw = collect(Limited::new(body, limit), declared, limit).await?;
     match headers.get(CONTENT_ENCODING).map(|v| v.to_str().map(str::trim)) {
         None => Ok(raw),
         Some(Ok(enc)) if enc.is_empty() || enc.eq_ignore_ascii_case("identity") => Ok(raw),
@@ -48,15 +101,67 @@ pub async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<
     }
 }
 
-/// Decompresses, stopping one byte past the limit so a small bomb cannot exhaust memory.
+/// The body as one buffer. With a Content-Length the buffer is allocated once at that size
+/// and each frame is freed as soon as it is copied in, so memory stays at one body; without
+/// one, the frames are kept and joined at the end, and the joined copy is charged.
+async fn collect(mut body: Limited<Body>, declared: Option<u64>, limit: usize) -> Result<Bytes> {
+    let mut frames: Vec<Bytes> = Vec::new();
+    let mut contiguous = declared.map(|len| BytesMut::with_capacity(len as usize));
+    let mut total = 0usize;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| read_error(e.as_ref(), limit))?;
+        let Ok(data) = frame.into_data() else { continue };
+        total += data.len();
+        match &mut contiguous {
+            // A body longer than it said is refused by the HTTP layer before it gets here.
+            Some(buf) => buf.extend_from_slice(&data),
+            None => frames.push(data),
+        }
+    }
+    if let Some(buf) = contiguous {
+        return Ok(buf.freeze());
+    }
+    if frames.len() <= 1 {
+        return Ok(frames.pop().unwrap_or_default());
+    }
+    charge_copy(total)?;
+    let mut joined = BytesMut::with_capacity(total);
+    for frame in frames {
+        joined.extend_from_slice(&frame);
+    }
+    Ok(joined.freeze())
+}
+
+/// Decompresses in pieces, charging each before it is kept and stopping one byte past the
+/// limit, so a small bomb can exhaust neither the budget nor memory. The pieces are joined
+/// into one buffer at the end (that copy is charged too).
 fn inflate(decoder: impl Read, name: &str, limit: usize) -> Result<Bytes> {
-    let mut out = Vec::new();
-    decoder
-        .take(limit as u64 + 1)
-        .read_to_end(&mut out)
-        .map_err(|e| Error::invalid(format!("request body is not valid {name} data: {e}")))?;
-    if out.len() > limit {
-        return Err(too_large(limit));
+    let mut decoder = decoder.take(limit as u64 + 1);
+    let mut pieces: Vec<Vec<u8>> = Vec::new();
+    let mut total = 0usize;
+    loop {
+        let mut piece = Vec::with_capacity(INFLATE_CHUNK);
+        let n = (&mut decoder)
+            .take(INFLATE_CHUNK as u64)
+            .read_to_end(&mut piece)
+            .map_err(|e| Error::invalid(format!("request body is not valid {name} data: {e}")))?;
+        if n == 0 {
+            break;
+        }
+        total += n;
+        if total > limit {
+            return Err(too_large(limit));
+        }
+        charge_decoded(n)?;
+        pieces.push(piece);
+    }
+    if pieces.len() == 1 {
+        return Ok(Bytes::from(pieces.pop().unwrap_or_default()));
+    }
+    charge_copy(total)?;
+    let mut out = Vec::with_capacity(total);
+    for piece in pieces {
+        out.extend_from_slice(&piece);
     }
     Ok(Bytes::from(out))
 }

@@ -22,6 +22,7 @@ use oxserve_core::{Error, ErrorKind, ModelMetadata};
 use oxserve_engine::InferenceService;
 use serde::{Deserialize, Serialize};
 
+pub use body::{BodyCharge, read_body, with_body_charge};
 pub use error::{ApiError, http_status};
 pub use infer::{EncodedResponse, OutputEncoding, encode_response, parse_request};
 pub use json_data::JsonData;
