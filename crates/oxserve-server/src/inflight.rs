@@ -71,9 +71,12 @@ fn usable_memory_bytes() -> Option<u64> {
         let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
         Some(kib * 1024)
     });
-    let cgroup = ["/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"]
-        .iter()
-        .find_map(|path| std::fs::read_to_string(path).ok()?.trim().parse::<u64>().ok());
+    let cgroup = [
+        "/sys/fs/cgroup/memory.max",
+        "/sys/fs/cgroup/memory/memory.limit_in_bytes",
+    ]
+    .iter()
+    .find_map(|path| std::fs::read_to_string(path).ok()?.trim().parse::<u64>().ok());
     match (physical, cgroup) {
         (Some(p), Some(c)) => Some(p.min(c)),
         (p, c) => p.or(c),
@@ -123,10 +126,10 @@ impl InflightBudget {
         self.inner.limit - self.inner.semaphore.available_permits()
     }
 
-    /// Adds `oxserve_inflight_bytes`, `oxserve_inflight_bytes_limit` and
-    /// `oxserve_inflight_rejected_total{protocol,reason}` to `registry`.
+    /// Adds `inflight_bytes`, `inflight_bytes_limit` and
+    /// `inflight_rejected_total{protocol,reason}` to `registry` (the server's registry, which
+    /// prefixes them with `oxserve_`).
     pub fn register_metrics(&self, registry: &mut Registry) {
-        let registry = registry.sub_registry_with_prefix("oxserve");
         registry.register(
             "inflight_bytes",
             "Request bytes in flight, as charged against --max-inflight-bytes",
@@ -212,8 +215,7 @@ impl Pricing {
     /// The cost of `len` bytes starting at offset `from`.
     fn cost(self, from: usize, len: usize) -> usize {
         let head = len.min(self.head_len.saturating_sub(from));
-        head.saturating_mul(self.head_weight)
-            .saturating_add(len - head)
+        head.saturating_mul(self.head_weight).saturating_add(len - head)
     }
 }
 
@@ -284,12 +286,7 @@ impl Ticket {
         let mut left = bytes;
         while left > 0 {
             let step = left.min(u32::MAX as usize);
-            match self
-                .budget
-                .semaphore
-                .clone()
-                .try_acquire_many_owned(step as u32)
-            {
+            match self.budget.semaphore.clone().try_acquire_many_owned(step as u32) {
                 Ok(p) => match &mut taken {
                     Some(t) => t.merge(p),
                     None => taken = Some(p),
@@ -427,8 +424,13 @@ impl Protocol for Http {
             head_len,
             head_weight: JSON_WEIGHT,
         };
-        let encoding = match headers.get(header::CONTENT_ENCODING).and_then(|v| v.to_str().ok()) {
-            Some(e) if !e.trim().is_empty() && !e.trim().eq_ignore_ascii_case("identity") => Encoding::Inflated,
+        let encoding = match headers
+            .get(header::CONTENT_ENCODING)
+            .and_then(|v| v.to_str().ok())
+        {
+            Some(e) if !e.trim().is_empty() && !e.trim().eq_ignore_ascii_case("identity") => {
+                Encoding::Inflated
+            }
             _ => Encoding::Plain,
         };
         (pricing, encoding)
@@ -664,7 +666,7 @@ mod tests {
                 }),
             )
             .route("/fail", post(|| async { StatusCode::INTERNAL_SERVER_ERROR }))
-            .route("/never", post(|| std::future::pending::<StatusCode>()))
+            .route("/never", post(std::future::pending::<StatusCode>))
             .layer(budget.http_layer(1 << 20))
     }
 
@@ -692,11 +694,10 @@ mod tests {
         b.body(AxumBody::new(stream)).expect("request")
     }
 
-    fn futures_stream(
-        chunks: Vec<Vec<u8>>,
-    ) -> http_body_util::StreamBody<
-        futures::stream::Iter<std::vec::IntoIter<Result<Frame<Bytes>, std::convert::Infallible>>>,
-    > {
+    type FrameStream =
+        futures::stream::Iter<std::vec::IntoIter<Result<Frame<Bytes>, std::convert::Infallible>>>;
+
+    fn futures_stream(chunks: Vec<Vec<u8>>) -> http_body_util::StreamBody<FrameStream> {
         let frames: Vec<_> = chunks
             .into_iter()
             .map(|c| Ok(Frame::data(Bytes::from(c))))
@@ -708,33 +709,51 @@ mod tests {
     async fn content_length_is_charged_before_reading_and_released_after() {
         let budget = InflightBudget::new(LIMIT);
         // Binary body (weight 1): 600 bytes charged while the handler runs, none after.
-        let r = app(&budget).oneshot(with_length("/read", vec![b'x'; 600], true)).await.unwrap();
+        let r = app(&budget)
+            .oneshot(with_length("/read", vec![b'x'; 600], true))
+            .await
+            .unwrap();
         assert_eq!(text(r).await, (StatusCode::OK, "600 600".into()));
         assert_eq!(budget.in_flight(), 0);
         // JSON body: charged at JSON_WEIGHT.
-        let r = app(&budget).oneshot(with_length("/read", vec![b' '; 100], false)).await.unwrap();
-        assert_eq!(text(r).await, (StatusCode::OK, format!("100 {}", 100 * JSON_WEIGHT)));
+        let r = app(&budget)
+            .oneshot(with_length("/read", vec![b' '; 100], false))
+            .await
+            .unwrap();
+        assert_eq!(
+            text(r).await,
+            (StatusCode::OK, format!("100 {}", 100 * JSON_WEIGHT))
+        );
         assert_eq!(budget.in_flight(), 0);
     }
 
     #[tokio::test]
     async fn over_budget_is_429_busy_and_alone_too_large_is_413() {
         let budget = InflightBudget::new(LIMIT);
-        let mut registry = Registry::default();
+        let mut registry = Registry::with_prefix("oxserve");
         budget.register_metrics(&mut registry);
         // Hold 700 bytes with a request that never finishes.
         let mut held = app(&budget).oneshot(with_length("/never", vec![0; 700], true));
         assert!(futures_poll_once(&mut held).await);
         assert_eq!(budget.in_flight(), 700);
-        let r = app(&budget).oneshot(with_length("/read", vec![0; 400], true)).await.unwrap();
-        assert_eq!(r.headers().get(header::RETRY_AFTER).map(|v| v.as_bytes()), Some(&b"1"[..]));
+        let r = app(&budget)
+            .oneshot(with_length("/read", vec![0; 400], true))
+            .await
+            .unwrap();
+        assert_eq!(
+            r.headers().get(header::RETRY_AFTER).map(|v| v.as_bytes()),
+            Some(&b"1"[..])
+        );
         let (status, body) = text(r).await;
         assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
         assert!(body.contains("--max-inflight-bytes"), "{body}");
         // Cancellation (the client went away) releases the held bytes.
         drop(held);
         assert_eq!(budget.in_flight(), 0);
-        let r = app(&budget).oneshot(with_length("/read", vec![0; 1001], true)).await.unwrap();
+        let r = app(&budget)
+            .oneshot(with_length("/read", vec![0; 1001], true))
+            .await
+            .unwrap();
         let (status, body) = text(r).await;
         assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
         assert!(body.contains("whole in-flight budget of 1000 bytes"), "{body}");
@@ -745,7 +764,10 @@ mod tests {
             "{exposition}"
         );
         assert!(exposition.contains(r#"reason="too_large"} 1"#), "{exposition}");
-        assert!(exposition.contains("oxserve_inflight_bytes_limit 1000"), "{exposition}");
+        assert!(
+            exposition.contains("oxserve_inflight_bytes_limit 1000"),
+            "{exposition}"
+        );
     }
 
     /// Polls a future once; true when it is still pending.
@@ -756,7 +778,10 @@ mod tests {
     #[tokio::test]
     async fn released_after_an_error_response() {
         let budget = InflightBudget::new(LIMIT);
-        let r = app(&budget).oneshot(with_length("/fail", vec![0; 900], true)).await.unwrap();
+        let r = app(&budget)
+            .oneshot(with_length("/fail", vec![0; 900], true))
+            .await
+            .unwrap();
         assert_eq!(r.status(), StatusCode::INTERNAL_SERVER_ERROR);
         assert_eq!(budget.in_flight(), 0);
     }
@@ -764,20 +789,20 @@ mod tests {
     #[tokio::test]
     async fn streamed_bodies_are_charged_frame_by_frame() {
         let budget = InflightBudget::new(LIMIT);
-        // 3 × 200 bytes, plus the joined copy the reader makes of a multi-frame body.
+        // 3 × 150 bytes, plus the joined copy the reader makes of a multi-frame body.
         let r = app(&budget)
-            .oneshot(streamed("/read", vec![vec![1; 200]; 3], true))
+            .oneshot(streamed("/read", vec![vec![1; 150]; 3], true))
             .await
             .unwrap();
-        assert_eq!(text(r).await, (StatusCode::OK, "600 1200".into()));
+        assert_eq!(text(r).await, (StatusCode::OK, "450 900".into()));
         assert_eq!(budget.in_flight(), 0);
-        // 6 × 200 bytes pass 1000 at the fifth frame: 429, everything released.
+        // 6 × 200 bytes pass the whole budget at the sixth frame: 413, everything released.
         let r = app(&budget)
             .oneshot(streamed("/read", vec![vec![1; 200]; 6], true))
             .await
             .unwrap();
         let (status, body) = text(r).await;
-        assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{body}");
+        assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{body}");
         assert_eq!(budget.in_flight(), 0);
     }
 

@@ -10,7 +10,6 @@ mod stats;
 
 use std::sync::Arc;
 
-use oxserve_shm::SharedMemoryRegistry;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{Path, State};
@@ -20,6 +19,7 @@ use axum::routing::{get, post};
 use bytes::Bytes;
 use oxserve_core::{Error, ErrorKind, ModelMetadata};
 use oxserve_engine::InferenceService;
+use oxserve_shm::SharedMemoryRegistry;
 use serde::{Deserialize, Serialize};
 
 pub use body::{BodyCharge, read_body, with_body_charge};
