@@ -8,7 +8,8 @@ use bytes::Bytes;
 use clap::{Args, ValueEnum};
 use oxserve_core::{DataType, InferRequest, InferResponse, ModelMetadata, Tensor, TensorData, TensorMeta};
 use oxserve_kserve::grpc::pb;
-use oxserve_kserve::http::{JsonData, OutputEncoding, encode_response};
+use oxserve_frontend::{DecodeLimits, InputData, ModelTarget, Placement, PlacedOutput, RunResponse};
+use oxserve_kserve::http::{JsonData, decode_request, encode_response};
 use rand::Rng;
 use serde::Deserialize;
 
@@ -258,22 +259,58 @@ fn grpc_response(r: pb::ModelInferResponse) -> anyhow::Result<InferResponse> {
     })
 }
 
+/// A request read from a KServe v2 JSON file: the server's own decoder, so the file means
+/// what it would mean sent to the server. Its inputs must carry their data.
+fn request_from_file(model: &str, version: Option<u64>, body: &Bytes) -> anyhow::Result<InferRequest> {
+    let decoded = decode_request(
+        ModelTarget::unchecked(model, version),
+        body,
+        None,
+        &DecodeLimits::default(),
+    )?;
+    let inputs = decoded
+        .inputs
+        .into_iter()
+        .map(|input| match input.data {
+            InputData::Body(data) => Ok(Tensor::new(input.name, input.datatype, input.shape, data)),
+            InputData::SharedMemory(_) => bail!("input '{}': shared memory is not supported here", input.name),
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok(InferRequest {
+        model_name: model.to_string(),
+        model_version: version,
+        id: decoded.id,
+        parameters: decoded.parameters,
+        inputs,
+        outputs: Vec::new(),
+    })
+}
+
+/// A response with every output in the JSON, for printing.
+fn inline(response: InferResponse) -> RunResponse {
+    RunResponse {
+        model_name: response.model_name,
+        model_version: response.model_version,
+        id: response.id,
+        parameters: response.parameters,
+        outputs: response
+            .outputs
+            .into_iter()
+            .map(|tensor| PlacedOutput {
+                tensor,
+                placement: Placement::Inline,
+            })
+            .collect(),
+    }
+}
+
 pub async fn run(args: InferArgs) -> anyhow::Result<()> {
     let url = args.url.trim_end_matches('/').to_string();
     let file_request = match &args.input {
         Some(path) => {
             let body =
                 Bytes::from(std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?);
-            Some(
-                oxserve_kserve::http::parse_request(
-                    &args.model,
-                    args.version,
-                    &body,
-                    None,
-                    &oxserve_shm::SharedMemoryRegistry::new(),
-                )?
-                .0,
-            )
+            Some(request_from_file(&args.model, args.version, &body)?)
         }
         None => None,
     };
@@ -315,7 +352,7 @@ pub async fn run(args: InferArgs) -> anyhow::Result<()> {
                 ),
             };
             let response = client.model_infer(grpc_request(&request)).await?.into_inner();
-            let encoded = encode_response(&grpc_response(response)?, &OutputEncoding::default())?;
+            let encoded = encode_response(&inline(grpc_response(response)?))?;
             String::from_utf8_lossy(&encoded.body).into_owned()
         }
     };

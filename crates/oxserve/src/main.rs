@@ -81,6 +81,9 @@ struct ServeArgs {
     /// RESOURCE_EXHAUSTED. Default: a quarter of the memory limit, 384 MiB to 16 GiB.
     #[arg(long, value_name = "BYTES")]
     max_inflight_bytes: Option<usize>,
+    /// Most BYTES elements decoded per infer request (default 1048576); more is a 400.
+    #[arg(long)]
+    max_bytes_elements: Option<usize>,
     /// Report ready only when every model is ready.
     #[arg(long, value_name = "BOOL")]
     strict_readiness: Option<bool>,
@@ -269,6 +272,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .unwrap_or(s.allow_remote_shared_memory);
     s.max_input_size = args.max_input_size.unwrap_or(s.max_input_size);
     s.max_inflight_bytes = args.max_inflight_bytes.or(s.max_inflight_bytes);
+    s.max_bytes_elements = args.max_bytes_elements.unwrap_or(s.max_bytes_elements);
     s.exit_timeout_secs = args.exit_timeout_secs.unwrap_or(s.exit_timeout_secs);
     settings.models.strict_readiness = args.strict_readiness.unwrap_or(settings.models.strict_readiness);
     if let Some(library) = args.onnxruntime_library {
@@ -298,6 +302,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         tracing::warn!("{note}");
     }
 
+    let decode_limits = oxserve_frontend::DecodeLimits {
+        max_bytes_elements: settings.server.max_bytes_elements,
+    };
     let options = ServerOptions {
         host: settings.server.host.clone(),
         http_port: settings.server.http_port,
@@ -308,9 +315,11 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             .then_some(settings.server.metrics_port),
         http: HttpOptions {
             max_body_bytes: settings.server.max_input_size,
+            decode: decode_limits,
         },
         grpc: GrpcOptions {
             max_message_bytes: settings.server.max_input_size,
+            decode: decode_limits,
         },
         exit_timeout: std::time::Duration::from_secs(settings.server.exit_timeout_secs),
         shared_memory: settings.server.allow_shared_memory,

@@ -56,6 +56,8 @@ pub struct ServerSettings {
     /// connections; unset: a quarter of the memory limit, 384 MiB to 16 GiB
     /// (docs/security.md, "Memory limits").
     pub max_inflight_bytes: Option<usize>,
+    /// Most BYTES elements decoded per infer request, over all its inputs.
+    pub max_bytes_elements: usize,
     /// Seconds shutdown waits for in-flight work before exiting anyway.
     pub exit_timeout_secs: u64,
 }
@@ -229,6 +231,7 @@ impl Default for ServerSettings {
             allow_remote_shared_memory: false,
             max_input_size: 64 << 20,
             max_inflight_bytes: None,
+            max_bytes_elements: oxserve_frontend::DEFAULT_MAX_BYTES_ELEMENTS,
             exit_timeout_secs: 30,
         }
     }

@@ -1,9 +1,10 @@
 //! Pure conversions between the gRPC wire messages and oxserve's domain types.
 
 use bytes::Bytes;
-use oxserve_core::{
-    DataType, Error, InferRequest, InferResponse, ModelMetadata, RequestedOutput, Result, Tensor, TensorMeta,
-    element_count,
+use oxserve_core::{DataType, Error, ModelMetadata, Result, TensorMeta};
+use oxserve_frontend::{
+    BytesBudget, DecodeLimits, DecodedInput, DecodedRequest, InputData, ModelTarget, OutputRequest, Placement,
+    PlacedOutput, RunResponse, data_from_wire, input_elements, parse_datatype, shm_and_data_error,
 };
 use oxserve_engine::{BatchStat, IndexEntry, ModelStatistics, ServerMetadata, StatDuration};
 
@@ -17,37 +18,52 @@ use super::pb::{
     model_metadata_response::TensorMetadata,
     repository_index_response::ModelIndex,
 };
-use oxserve_shm::{
-    SharedMemoryInputs, SharedMemoryOutputs, SharedMemoryRegistry, ShmRef, check_output_place, output_params,
-    place_of, take_shm_ref,
-};
+use oxserve_shm::{ShmRef, output_params, take_shm_ref};
 
-/// Parses a version string from a request: empty means "let the server pick" (the latest
-/// ready version); anything else must be a non-negative integer.
-pub fn parse_version(version: &str) -> Result<Option<u64>> {
-    if version.is_empty() {
-        return Ok(None);
-    }
-    version.parse::<u64>().map(Some).map_err(|_| {
-        Error::invalid(format!(
-            "failed to get model version from specified version string '{version}', \
-             version should be an integral value > 0"
-        ))
-    })
+/// The version string of a request: empty lets the server pick (the one rule for every
+/// protocol lives in the front-end crate).
+pub use oxserve_frontend::parse_version;
+
+/// How much decoding work a request's tensors take, for [`oxserve_frontend::decode_off_worker`]:
+/// typed contents are converted element by element and BYTES raw contents are split; other
+/// raw contents are handed on as they are and cost nothing.
+pub fn decode_work_bytes(request: &ModelInferRequest) -> usize {
+    let typed: usize = request
+        .inputs
+        .iter()
+        .filter_map(|i| i.contents.as_ref())
+        .map(|c| {
+            c.bool_contents.len()
+                + 4 * (c.int_contents.len() + c.uint_contents.len() + c.fp32_contents.len())
+                + 8 * (c.int64_contents.len() + c.uint64_contents.len() + c.fp64_contents.len())
+                + c.bytes_contents.iter().map(|b| b.len() + 4).sum::<usize>()
+        })
+        .sum();
+    let has_bytes = request
+        .inputs
+        .iter()
+        .any(|i| i.datatype == DataType::Bytes.wire_name());
+    let raw_bytes: usize = if has_bytes {
+        request.raw_input_contents.iter().map(Bytes::len).sum()
+    } else {
+        0
+    };
+    typed + raw_bytes
 }
 
-/// Decodes an inference request. Tensor data is taken from the shared-memory region an input
-/// names, else from `raw_input_contents` when present (one entry per input not in shared
-/// memory, no typed contents anywhere), else from each input's typed `contents`; raw data is
-/// handed on as `Bytes` slices of the received message, fixed-size inputs in shared memory as
-/// views of the region (listed in the returned [`SharedMemoryInputs`]).
+/// Decodes an inference request for `target` (already resolved from its model name and
+/// version). Tensor data comes from the shared-memory region an input names (read later by
+/// the runner), else from `raw_input_contents` when present (one entry per input not in
+/// shared memory, no typed contents anywhere), else from each input's typed `contents`; raw
+/// data is handed on as `Bytes` slices of the received message.
 pub fn infer_request_from_wire(
+    target: ModelTarget,
     request: ModelInferRequest,
-    shm: &SharedMemoryRegistry,
-) -> Result<(InferRequest, SharedMemoryInputs, SharedMemoryOutputs)> {
+    limits: &DecodeLimits,
+) -> Result<DecodedRequest> {
     let ModelInferRequest {
-        model_name,
-        model_version,
+        model_name: _,
+        model_version: _,
         id,
         parameters,
         inputs,
@@ -55,8 +71,11 @@ pub fn infer_request_from_wire(
         raw_input_contents,
     } = request;
 
-    let model_version = parse_version(&model_version)?;
-    let parameters = params_from_wire("request", &parameters)?;
+    let mut request = DecodedRequest::new(
+        target,
+        (!id.is_empty()).then_some(id),
+        params_from_wire("request", &parameters)?,
+    )?;
 
     // Inputs in shared memory have no entry in raw_input_contents (as tritonclient sends them).
     let inputs = inputs
@@ -78,56 +97,40 @@ pub fn infer_request_from_wire(
     }
     // With the counts equal, `raw.next()` yields exactly one entry per such input in raw mode.
     let mut raw = raw_input_contents.into_iter();
-    let mut shm_inputs = SharedMemoryInputs::new();
-    let inputs = inputs
+    let mut budget = limits.budget();
+    request.inputs = inputs
         .into_iter()
         .map(|(input, at)| {
             let source = match at {
-                Some(at) => Source::SharedMemory(shm.input(&at, &input.datatype, &mut shm_inputs)?),
+                Some(at) => Source::SharedMemory(at),
                 None if use_raw => Source::Raw(raw.next().unwrap_or_default()),
                 None => Source::Contents,
             };
-            input_from_wire(input, source)
+            input_from_wire(input, source, &mut budget)
         })
         .collect::<Result<Vec<_>>>()?;
 
-    let mut shm_outputs = SharedMemoryOutputs::new();
-    let outputs = outputs
+    request.outputs = outputs
         .into_iter()
         .map(|output| {
-            let (requested, at) = output_from_wire(output)?;
-            if let Some(at) = at {
-                shm_outputs.push((requested.name.clone(), at));
-            }
-            Ok(requested)
+            let InferRequestedOutputTensor { name, parameters } = output;
+            OutputRequest::from_parameters(name, params_from_wire("output", &parameters)?)
         })
         .collect::<Result<Vec<_>>>()?;
-
-    Ok((
-        InferRequest {
-            model_name,
-            model_version,
-            id: (!id.is_empty()).then_some(id),
-            parameters,
-            inputs,
-            outputs,
-        },
-        shm_inputs,
-        shm_outputs,
-    ))
+    Ok(request)
 }
 
 /// Where an input's bytes come from.
 enum Source {
-    /// A shared-memory region (a view of it, or a copy for BYTES).
-    SharedMemory(Bytes),
+    /// A shared-memory region.
+    SharedMemory(ShmRef),
     /// Its entry of `raw_input_contents`.
     Raw(Bytes),
     /// Its own typed `contents`.
     Contents,
 }
 
-fn input_from_wire(input: InferInputTensor, source: Source) -> Result<Tensor> {
+fn input_from_wire(input: InferInputTensor, source: Source, budget: &mut BytesBudget) -> Result<DecodedInput> {
     let InferInputTensor {
         name,
         datatype,
@@ -136,20 +139,17 @@ fn input_from_wire(input: InferInputTensor, source: Source) -> Result<Tensor> {
         contents,
     } = input;
 
-    let datatype = DataType::from_wire_name(&datatype)
-        .ok_or_else(|| Error::invalid(format!("input '{name}' has unknown datatype '{datatype}'")))?;
+    let datatype = parse_datatype(&name, &datatype)?;
     // Rejects negative dimensions and overflowing products before any data is looked at.
-    let count =
-        element_count(&shape).map_err(|e| Error::invalid(format!("input '{name}': {}", e.message())))?;
+    let count = input_elements(&name, &shape)?;
+    budget.take(&name, datatype, count)?;
 
     let data = match source {
-        Source::SharedMemory(raw) => {
+        Source::SharedMemory(at) => {
             if contents.is_some() {
-                return Err(Error::invalid(format!(
-                    "input '{name}' names a shared memory region and also has contents"
-                )));
+                return Err(shm_and_data_error(&name));
             }
-            Tensor::data_from_wire(&name, datatype, raw)?
+            InputData::SharedMemory(at)
         }
         Source::Raw(raw) => {
             if contents.is_some() {
@@ -158,7 +158,7 @@ fn input_from_wire(input: InferInputTensor, source: Source) -> Result<Tensor> {
                      raw_input_contents"
                 )));
             }
-            Tensor::data_from_wire(&name, datatype, raw)?
+            InputData::Body(data_from_wire(&name, datatype, count, raw)?)
         }
         Source::Contents => {
             let contents = match contents {
@@ -171,50 +171,25 @@ fn input_from_wire(input: InferInputTensor, source: Source) -> Result<Tensor> {
                     )));
                 }
             };
-            typed_to_data(&name, datatype, count, contents)?
+            InputData::Body(typed_to_data(&name, datatype, count, contents)?)
         }
     };
-
-    let tensor = Tensor::new(name, datatype, shape, data);
-    // Byte length for raw fixed-size data, element count for BYTES.
-    tensor.check_consistent()?;
-    Ok(tensor)
-}
-
-fn output_from_wire(output: InferRequestedOutputTensor) -> Result<(RequestedOutput, Option<ShmRef>)> {
-    let InferRequestedOutputTensor { name, parameters } = output;
-    let mut parameters = params_from_wire("output", &parameters)?;
-    let at = take_shm_ref("output", &name, &mut parameters)?;
-    // Triton's classification extension: `classification` = N asks for the top N classes;
-    // 0 (what tritonclient sends for "not set" in some versions) means the plain tensor.
-    let classification = match parameters.remove("classification") {
-        None => None,
-        Some(value) => match value.as_i64() {
-            Some(0) => None,
-            Some(n) if n > 0 => Some(usize::try_from(n).map_err(|_| {
-                Error::invalid(format!("output '{name}': classification count {n} is too large"))
-            })?),
-            _ => {
-                return Err(Error::invalid(format!(
-                    "output '{name}': parameter 'classification' must be a non-negative \
-                         int64, got {value:?}"
-                )));
-            }
-        },
-    };
-    check_output_place(&name, at.as_ref(), classification)?;
-    Ok((RequestedOutput { name, classification }, at))
+    // The byte length against the shape is checked by the runner, for every input.
+    Ok(DecodedInput {
+        name,
+        datatype,
+        shape,
+        data,
+    })
 }
 
 /// Encodes an inference response with every output in `raw_output_contents` (one entry per
-/// output, in order; BYTES length-prefixed), which is what tritonclient reads. An output
+/// output, in order; BYTES length-prefixed), which is what tritonclient reads: gRPC has no
+/// inline form worth its cost, so inline and binary outputs travel the same way. An output
 /// written to shared memory keeps its (empty) entry, as in Triton, so the indices line up,
 /// and says where its data went in its parameters.
-pub fn infer_response_to_wire(
-    response: InferResponse,
-    shm_outputs: &SharedMemoryOutputs,
-) -> ModelInferResponse {
-    let InferResponse {
+pub fn infer_response_to_wire(response: RunResponse) -> ModelInferResponse {
+    let RunResponse {
         model_name,
         model_version,
         id,
@@ -223,15 +198,23 @@ pub fn infer_response_to_wire(
     } = response;
     let mut wire_outputs = Vec::with_capacity(outputs.len());
     let mut raw_output_contents = Vec::with_capacity(outputs.len());
-    for tensor in outputs {
+    for PlacedOutput { tensor, placement } in outputs {
         // Fixed-size data is a cheap `Bytes` clone; BYTES is encoded once here. An output in
-        // shared memory was written there already and only its length is needed.
-        let (raw, parameters) = match place_of(shm_outputs, &tensor.name) {
-            Some(at) => (
-                Bytes::new(),
-                params_to_wire(&output_params(at, tensor.wire_len())),
-            ),
-            None => (tensor.to_wire_bytes(), WireParams::new()),
+        // shared memory was written there already and only where it went is sent.
+        let (raw, parameters) = match placement {
+            Placement::SharedMemory {
+                region,
+                offset,
+                byte_size,
+            } => {
+                let at = ShmRef {
+                    region,
+                    offset,
+                    byte_size,
+                };
+                (Bytes::new(), params_to_wire(&output_params(&at, byte_size)))
+            }
+            Placement::Inline | Placement::Binary => (tensor.to_wire_bytes(), WireParams::new()),
         };
         raw_output_contents.push(raw);
         wire_outputs.push(InferOutputTensor {

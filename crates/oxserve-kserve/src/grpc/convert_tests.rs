@@ -4,20 +4,64 @@ use std::collections::BTreeMap;
 
 use bytes::Bytes;
 use oxserve_core::{
-    DataType, ErrorKind, InferResponse, ModelMetadata, ParamValue, Tensor, TensorData, TensorMeta,
+    DataType, ErrorKind, InferRequest, InferResponse, ModelMetadata, ParamValue, RequestedOutput, Tensor,
+    TensorData, TensorMeta,
 };
+use oxserve_frontend::resolve_inputs;
+use oxserve_shm::SharedMemoryRegistry;
 use oxserve_engine::{IndexEntry, ServerMetadata};
 use prost::Message;
 
 use super::*;
 use crate::grpc::pb::{InferParameter, ModelConfigResponse, infer_parameter::ParameterChoice};
 
-/// Decodes with an empty shared-memory registry.
+/// Decodes a request and turns its inputs into tensors as the runner does, with an empty
+/// shared-memory registry.
 fn decode(req: ModelInferRequest) -> Result<InferRequest> {
-    decode_with(req, &SharedMemoryRegistry::new()).map(|(r, _, _)| r)
+    let target = ModelTarget::unchecked(req.model_name.clone(), parse_version(&req.model_version)?);
+    let decoded = infer_request_from_wire(target, req, &DecodeLimits::default())?;
+    let (inputs, _) = resolve_inputs(&SharedMemoryRegistry::new(), decoded.inputs)?;
+    Ok(InferRequest {
+        model_name: decoded.target.name().to_string(),
+        model_version: decoded.target.version(),
+        id: decoded.id,
+        parameters: decoded.parameters,
+        inputs,
+        outputs: decoded
+            .outputs
+            .into_iter()
+            .map(|o| RequestedOutput {
+                name: o.name,
+                classification: o.classification,
+            })
+            .collect(),
+    })
 }
 
-use super::infer_request_from_wire as decode_with;
+/// A response with each output placed inline, or in shared memory where `shm` names it.
+fn placed(response: InferResponse, shm: &[(&str, ShmRef)]) -> RunResponse {
+    RunResponse {
+        model_name: response.model_name,
+        model_version: response.model_version,
+        id: response.id,
+        parameters: response.parameters,
+        outputs: response
+            .outputs
+            .into_iter()
+            .map(|tensor| {
+                let placement = match shm.iter().find(|(n, _)| *n == tensor.name) {
+                    Some((_, at)) => Placement::SharedMemory {
+                        region: at.region.clone(),
+                        offset: at.offset,
+                        byte_size: tensor.wire_len(),
+                    },
+                    None => Placement::Inline,
+                };
+                PlacedOutput { tensor, placement }
+            })
+            .collect(),
+    }
+}
 
 fn input(
     name: &str,
@@ -549,7 +593,7 @@ fn outputs_in_shared_memory_keep_an_empty_raw_entry_and_say_where_they_went() {
         offset: 16,
         byte_size: 64,
     };
-    let wire = infer_response_to_wire(response, &vec![("a".to_string(), at)]);
+    let wire = infer_response_to_wire(placed(response, &[("a", at)]));
     assert!(wire.raw_output_contents[0].is_empty());
     assert_eq!(wire.raw_output_contents[1].as_ref(), floats.as_slice());
     let p = &wire.outputs[0].parameters;
@@ -575,7 +619,7 @@ fn response_uses_raw_output_contents() {
             Tensor::new("labels", DataType::Bytes, vec![2], TensorData::Strings(strings)),
         ],
     };
-    let wire = infer_response_to_wire(response, &SharedMemoryOutputs::new());
+    let wire = infer_response_to_wire(placed(response, &[]));
     assert_eq!(wire.model_name, "m");
     assert_eq!(wire.model_version, "12");
     assert_eq!(wire.id, "abc");
@@ -607,7 +651,7 @@ fn response_uses_raw_output_contents() {
         outputs: vec![],
     };
     assert_eq!(
-        infer_response_to_wire(response, &SharedMemoryOutputs::new()).id,
+        infer_response_to_wire(placed(response, &[])).id,
         ""
     );
 }

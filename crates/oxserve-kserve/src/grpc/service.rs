@@ -5,11 +5,12 @@ use std::sync::Arc;
 
 use oxserve_core::Error;
 use oxserve_engine::InferenceService;
+use oxserve_frontend::{DecodeLimits, ModelTarget, decode_off_worker, run};
 use tonic::codec::CompressionEncoding;
 use tonic::{Request, Response, Status};
 
 use super::convert::{
-    index_entry_to_wire, infer_request_from_wire, infer_response_to_wire, model_metadata_to_wire,
+    decode_work_bytes, index_entry_to_wire, infer_request_from_wire, infer_response_to_wire, model_metadata_to_wire,
     model_statistics_to_wire, parse_version, server_metadata_to_wire,
 };
 use super::pb::{
@@ -31,12 +32,15 @@ pub struct GrpcOptions {
     /// Largest request or response message, in bytes (tonic's own default is 4 MiB, too small
     /// for image batches). Same default as the HTTP body limit.
     pub max_message_bytes: usize,
+    /// Limits applied while decoding infer requests (BYTES elements).
+    pub decode: DecodeLimits,
 }
 
 impl Default for GrpcOptions {
     fn default() -> Self {
         GrpcOptions {
             max_message_bytes: 64 * 1024 * 1024,
+            decode: DecodeLimits::default(),
         }
     }
 }
@@ -56,7 +60,11 @@ pub fn grpc_service_with_options(
     options: GrpcOptions,
     shm: Arc<SharedMemoryRegistry>,
 ) -> GrpcServer {
-    GrpcInferenceServiceServer::new(GrpcFrontend { engine, shm })
+    GrpcInferenceServiceServer::new(GrpcFrontend {
+        engine,
+        shm,
+        decode: options.decode,
+    })
         .max_decoding_message_size(options.max_message_bytes)
         .max_encoding_message_size(options.max_message_bytes)
         // tritonclient can compress requests. Responses stay uncompressed, as in Triton's
@@ -71,11 +79,16 @@ pub fn grpc_service_with_options(
 pub struct GrpcFrontend {
     engine: InferenceService,
     shm: Arc<SharedMemoryRegistry>,
+    decode: DecodeLimits,
 }
 
 impl GrpcFrontend {
     pub fn new(engine: InferenceService, shm: Arc<SharedMemoryRegistry>) -> Self {
-        GrpcFrontend { engine, shm }
+        GrpcFrontend {
+            engine,
+            shm,
+            decode: DecodeLimits::default(),
+        }
     }
 }
 
@@ -142,12 +155,18 @@ impl GrpcInferenceService for GrpcFrontend {
         &self,
         request: Request<ModelInferRequest>,
     ) -> Result<Response<ModelInferResponse>, Status> {
-        let (request, shm_inputs, shm_outputs) =
-            infer_request_from_wire(request.into_inner(), &self.shm).map_err(status)?;
-        let response = self.engine.infer(request).await.map_err(status)?;
-        shm_inputs.check().map_err(status)?;
-        self.shm.write_outputs(&response, &shm_outputs).map_err(status)?;
-        Ok(Response::new(infer_response_to_wire(response, &shm_outputs)))
+        let request = request.into_inner();
+        // The model first: an unknown one costs no tensor decoding.
+        let target = ModelTarget::resolve_str(&self.engine, &request.model_name, &request.model_version)
+            .map_err(status)?;
+        let limits = self.decode;
+        let decoded = decode_off_worker(decode_work_bytes(&request), move || {
+            infer_request_from_wire(target, request, &limits)
+        })
+        .await
+        .map_err(status)?;
+        let response = run(&self.engine, &self.shm, decoded).await.map_err(status)?;
+        Ok(Response::new(infer_response_to_wire(response)))
     }
 
     async fn model_config(

@@ -4,17 +4,16 @@
 use std::collections::BTreeMap;
 
 use bytes::{BufMut, Bytes, BytesMut};
-use oxserve_core::{
-    DataType, Error, InferRequest, InferResponse, ModelMetadata, ParamValue, Parameters, RequestedOutput,
-    Result, Tensor, TensorData, element_count,
+use oxserve_core::{Error, ModelMetadata, ParamValue, Parameters, Result, TensorData};
+use oxserve_frontend::{
+    DecodeLimits, DecodedInput, DecodedRequest, InputData, ModelTarget, OutputRequest, Placement, PlacedOutput,
+    RunResponse, data_from_wire, input_elements, parse_datatype, shm_and_data_error,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 use super::json_data::{JsonData, decode_data};
-use oxserve_shm::{
-    SharedMemoryInputs, SharedMemoryOutputs, SharedMemoryRegistry, check_output_place, place_of, take_shm_ref,
-};
+use oxserve_shm::take_shm_ref;
 
 #[derive(Deserialize)]
 #[serde(untagged)]
@@ -70,51 +69,21 @@ struct OutputJson {
     parameters: Option<ParamsJson>,
 }
 
-/// How each response output is to be sent: in the JSON or in the binary section.
-#[derive(Debug, Default)]
-pub struct OutputEncoding {
-    /// Request-level `binary_data_output`, or true for raw binary requests.
-    pub default_binary: bool,
-    /// Per-output `binary_data` parameters.
-    pub per_output: Vec<(String, bool)>,
-    /// Outputs the client asked to have written into its shared memory.
-    pub shared_memory: SharedMemoryOutputs,
-    /// The regions the request's inputs are views of, to check once the engine has answered.
-    pub shared_memory_inputs: SharedMemoryInputs,
-}
-
-impl OutputEncoding {
-    fn is_binary(&self, name: &str) -> bool {
-        self.per_output
-            .iter()
-            .find(|(n, _)| n == name)
-            .map_or(self.default_binary, |&(_, b)| b)
-    }
-}
-
-fn take_bool(params: &mut Parameters, key: &str) -> Result<Option<bool>> {
-    match params.remove(key) {
-        None => Ok(None),
-        Some(ParamValue::Bool(b)) => Ok(Some(b)),
-        Some(_) => Err(Error::invalid(format!("parameter '{key}' must be a boolean"))),
-    }
-}
-
 fn params(p: Option<ParamsJson>) -> Parameters {
     p.map(|m| m.into_iter().map(|(k, v)| (k, v.into())).collect())
         .unwrap_or_default()
 }
 
-/// Parses an infer request body. `header_len` is the `Inference-Header-Content-Length`
-/// value when the binary extension is used; inputs naming a shared-memory region are read
-/// from `shm`.
-pub fn parse_request(
-    model_name: &str,
-    model_version: Option<u64>,
+/// Decodes an infer request body for `target`. `header_len` is the
+/// `Inference-Header-Content-Length` value when the binary extension is used. Inputs in the
+/// body are decoded (JSON `data` into typed bytes, binary data as slices of the body); inputs
+/// naming a shared-memory region are left for the runner to read.
+pub fn decode_request(
+    target: ModelTarget,
     body: &Bytes,
     header_len: Option<usize>,
-    shm: &SharedMemoryRegistry,
-) -> Result<(InferRequest, OutputEncoding)> {
+    limits: &DecodeLimits,
+) -> Result<DecodedRequest> {
     let (json, binary) = match header_len {
         Some(n) if n > body.len() => {
             return Err(Error::invalid(format!(
@@ -133,21 +102,14 @@ pub fn parse_request(
     let parsed: RequestJson<'_> = serde_json::from_slice(&json)
         .map_err(|e| Error::invalid(format!("malformed inference request JSON: {e}")))?;
 
-    let mut parameters = params(parsed.parameters);
-    let default_binary = take_bool(&mut parameters, "binary_data_output")?.unwrap_or(false);
-
+    let mut request = DecodedRequest::new(target, parsed.id, params(parsed.parameters))?;
+    let mut budget = limits.budget();
     let mut cursor = 0usize;
-    let mut shared_memory_inputs = SharedMemoryInputs::new();
-    let mut inputs = Vec::with_capacity(parsed.inputs.len());
+    request.inputs.reserve(parsed.inputs.len());
     for input in parsed.inputs {
-        let datatype = DataType::from_wire_name(&input.datatype).ok_or_else(|| {
-            Error::invalid(format!(
-                "input '{}' has unknown datatype '{}'",
-                input.name, input.datatype
-            ))
-        })?;
-        let elements = element_count(&input.shape)
-            .map_err(|e| Error::invalid(format!("input '{}': {}", input.name, e.message())))?;
+        let datatype = parse_datatype(&input.name, &input.datatype)?;
+        let elements = input_elements(&input.name, &input.shape)?;
+        budget.take(&input.name, datatype, elements)?;
         let mut input_params = params(input.parameters);
         let shm_ref = take_shm_ref("input", &input.name, &mut input_params)?;
         let binary_size = match input_params.remove("binary_data_size") {
@@ -159,47 +121,41 @@ pub fn parse_request(
                 ))
             })?),
         };
-        let data = if let Some(at) = &shm_ref {
-            if binary_size.is_some() || input.data.is_some() {
+        let data = match (shm_ref, binary_size, input.data) {
+            (Some(at), None, None) => InputData::SharedMemory(at),
+            (Some(_), _, _) => return Err(shm_and_data_error(&input.name)),
+            (None, Some(_), Some(_)) => {
                 return Err(Error::invalid(format!(
-                    "input '{}' names a shared memory region and also carries data",
+                    "input '{}' has both JSON data and binary_data_size",
                     input.name
                 )));
             }
-            let bytes = shm.input(at, &input.datatype, &mut shared_memory_inputs)?;
-            Tensor::data_from_wire(&input.name, datatype, bytes)?
-        } else {
-            match (binary_size, input.data) {
-                (Some(_), Some(_)) => {
-                    return Err(Error::invalid(format!(
-                        "input '{}' has both JSON data and binary_data_size",
-                        input.name
-                    )));
-                }
-                (Some(size), None) => {
-                    let end = cursor
-                        .checked_add(size)
-                        .filter(|&e| e <= binary.len())
-                        .ok_or_else(|| {
-                            Error::invalid(format!(
-                                "input '{}': binary_data_size {size} goes past the end of the binary data ({} bytes left)",
-                                input.name,
-                                binary.len() - cursor
-                            ))
-                        })?;
-                    let raw = binary.slice(cursor..end);
-                    cursor = end;
-                    Tensor::data_from_wire(&input.name, datatype, raw)?
-                }
-                (None, Some(raw)) => decode_data(&input.name, datatype, elements, raw)?,
-                (None, None) => {
-                    return Err(Error::invalid(format!("input '{}' has no data", input.name)));
-                }
+            (None, Some(size), None) => {
+                let end = cursor
+                    .checked_add(size)
+                    .filter(|&e| e <= binary.len())
+                    .ok_or_else(|| {
+                        Error::invalid(format!(
+                            "input '{}': binary_data_size {size} goes past the end of the binary data ({} bytes left)",
+                            input.name,
+                            binary.len() - cursor
+                        ))
+                    })?;
+                let raw = binary.slice(cursor..end);
+                cursor = end;
+                InputData::Body(data_from_wire(&input.name, datatype, elements, raw)?)
+            }
+            (None, None, Some(raw)) => InputData::Body(decode_data(&input.name, datatype, elements, raw)?),
+            (None, None, None) => {
+                return Err(Error::invalid(format!("input '{}' has no data", input.name)));
             }
         };
-        let tensor = Tensor::new(input.name, datatype, input.shape, data);
-        tensor.check_consistent()?;
-        inputs.push(tensor);
+        request.inputs.push(DecodedInput {
+            name: input.name,
+            datatype,
+            shape: input.shape,
+            data,
+        });
     }
     if cursor != binary.len() {
         return Err(Error::invalid(format!(
@@ -208,59 +164,18 @@ pub fn parse_request(
         )));
     }
 
-    let mut outputs = Vec::new();
-    let mut per_output = Vec::new();
-    let mut shared_memory = Vec::new();
-    for output in parsed.outputs.unwrap_or_default() {
-        let mut p = params(output.parameters);
-        let shm_ref = take_shm_ref("output", &output.name, &mut p)?;
-        if let Some(b) = take_bool(&mut p, "binary_data")? {
-            per_output.push((output.name.clone(), b));
-        }
-        let classification = match p.remove("classification") {
-            None => None,
-            Some(v) => Some(v.as_i64().and_then(|n| usize::try_from(n).ok()).ok_or_else(|| {
-                Error::invalid(format!(
-                    "output '{}': classification must be a non-negative integer",
-                    output.name
-                ))
-            })?),
-        };
-        check_output_place(&output.name, shm_ref.as_ref(), classification)?;
-        if let Some(at) = shm_ref {
-            shared_memory.push((output.name.clone(), at));
-        }
-        outputs.push(RequestedOutput {
-            name: output.name,
-            classification,
-        });
-    }
-
-    Ok((
-        InferRequest {
-            model_name: model_name.to_string(),
-            model_version,
-            id: parsed.id,
-            parameters,
-            inputs,
-            outputs,
-        },
-        OutputEncoding {
-            default_binary,
-            per_output,
-            shared_memory,
-            shared_memory_inputs,
-        },
-    ))
+    request.outputs = parsed
+        .outputs
+        .unwrap_or_default()
+        .into_iter()
+        .map(|o| OutputRequest::from_parameters(o.name, params(o.parameters)))
+        .collect::<Result<_>>()?;
+    Ok(request)
 }
 
 /// Triton's raw binary request (`Inference-Header-Content-Length: 0`): the body is the only
 /// input's bytes, as a batch of one; every output comes back binary.
-pub fn parse_raw_request(
-    metadata: &ModelMetadata,
-    model_version: Option<u64>,
-    body: Bytes,
-) -> Result<(InferRequest, OutputEncoding)> {
+pub fn decode_raw_request(target: ModelTarget, metadata: &ModelMetadata, body: Bytes) -> Result<DecodedRequest> {
     let [input] = metadata.inputs.as_slice() else {
         return Err(Error::invalid(format!(
             "a raw binary request needs a model with exactly one input; '{}' has {}",
@@ -315,20 +230,12 @@ pub fn parse_raw_request(
             TensorData::Raw(body)
         }
     };
-    let tensor = Tensor::new(input.name.clone(), input.datatype, shape, data);
-    tensor.check_consistent()?;
-    Ok((
-        InferRequest {
-            model_name: metadata.name.clone(),
-            model_version,
-            inputs: vec![tensor],
-            ..Default::default()
-        },
-        OutputEncoding {
-            default_binary: true,
-            ..Default::default()
-        },
-    ))
+    let mut request = DecodedRequest::new(target, None, Parameters::new())?;
+    request.binary_by_default = true;
+    request
+        .inputs
+        .push(DecodedInput::body(input.name.clone(), input.datatype, shape, data));
+    Ok(request)
 }
 
 #[derive(Serialize)]
@@ -376,45 +283,46 @@ pub struct EncodedResponse {
     pub header_len: Option<usize>,
 }
 
-pub fn encode_response(response: &InferResponse, encoding: &OutputEncoding) -> Result<EncodedResponse> {
+/// Encodes a response: JSON alone, or with binary outputs after it (Triton's binary tensor
+/// data extension); outputs written to shared memory say where they went.
+pub fn encode_response(response: &RunResponse) -> Result<EncodedResponse> {
     let mut binaries: Vec<Bytes> = Vec::new();
     let outputs = response
         .outputs
         .iter()
-        .map(|t| {
-            if let Some(at) = place_of(&encoding.shared_memory, &t.name) {
-                OutputOut {
-                    name: &t.name,
-                    datatype: t.datatype.wire_name(),
-                    shape: &t.shape,
-                    parameters: Some(OutputParams::SharedMemory {
-                        shared_memory_region: &at.region,
-                        shared_memory_byte_size: t.wire_len(),
-                        shared_memory_offset: at.offset,
+        .map(|PlacedOutput { tensor: t, placement }| {
+            let (parameters, data) = match placement {
+                Placement::SharedMemory {
+                    region,
+                    offset,
+                    byte_size,
+                } => (
+                    Some(OutputParams::SharedMemory {
+                        shared_memory_region: region,
+                        shared_memory_byte_size: *byte_size,
+                        shared_memory_offset: *offset,
                     }),
-                    data: None,
+                    None,
+                ),
+                Placement::Binary => {
+                    let wire = t.to_wire_bytes();
+                    let size = wire.len();
+                    binaries.push(wire);
+                    (
+                        Some(OutputParams::Binary {
+                            binary_data_size: size,
+                        }),
+                        None,
+                    )
                 }
-            } else if encoding.is_binary(&t.name) {
-                let wire = t.to_wire_bytes();
-                let size = wire.len();
-                binaries.push(wire);
-                OutputOut {
-                    name: &t.name,
-                    datatype: t.datatype.wire_name(),
-                    shape: &t.shape,
-                    parameters: Some(OutputParams::Binary {
-                        binary_data_size: size,
-                    }),
-                    data: None,
-                }
-            } else {
-                OutputOut {
-                    name: &t.name,
-                    datatype: t.datatype.wire_name(),
-                    shape: &t.shape,
-                    parameters: None,
-                    data: Some(JsonData(t)),
-                }
+                Placement::Inline => (None, Some(JsonData(t))),
+            };
+            OutputOut {
+                name: &t.name,
+                datatype: t.datatype.wire_name(),
+                shape: &t.shape,
+                parameters,
+                data,
             }
         })
         .collect();
@@ -447,32 +355,45 @@ pub fn encode_response(response: &InferResponse, encoding: &OutputEncoding) -> R
 #[cfg(test)]
 mod tests {
     use super::*;
-    use oxserve_core::TensorMeta;
+    use oxserve_core::{DataType, Tensor, TensorMeta};
+    use oxserve_frontend::resolve_inputs;
+    use oxserve_shm::SharedMemoryRegistry;
 
     fn f32_bytes(v: &[f32]) -> Vec<u8> {
         v.iter().flat_map(|x| x.to_le_bytes()).collect()
     }
 
+    fn decode(body: &[u8], header_len: Option<usize>) -> Result<DecodedRequest> {
+        decode_request(
+            ModelTarget::unchecked("m", None),
+            &Bytes::copy_from_slice(body),
+            header_len,
+            &DecodeLimits::default(),
+        )
+    }
+
+    /// Decodes and turns the inputs into tensors as the runner does (no region registered).
+    fn tensors(body: &[u8], header_len: Option<usize>) -> Result<Vec<Tensor>> {
+        let request = decode(body, header_len)?;
+        Ok(resolve_inputs(&SharedMemoryRegistry::new(), request.inputs)?.0)
+    }
+
     #[test]
     fn json_request_with_parameters_and_outputs() {
-        let body = Bytes::from_static(
-            br#"{"id":"7","parameters":{"binary_data_output":true,"priority":2},
+        let body = br#"{"id":"7","parameters":{"binary_data_output":true,"priority":2},
                 "inputs":[{"name":"A","shape":[1,2],"datatype":"FP32","data":[[1,2]]}],
-                "outputs":[{"name":"O","parameters":{"binary_data":false,"classification":2}}]}"#,
-        );
-        let (req, enc) = parse_request("m", Some(3), &body, None, &SharedMemoryRegistry::new()).unwrap();
+                "outputs":[{"name":"O","parameters":{"binary_data":false,"classification":2}}]}"#;
+        let req = decode(body, None).unwrap();
         assert_eq!(req.id.as_deref(), Some("7"));
-        assert_eq!(req.model_version, Some(3));
         assert_eq!(req.parameters.get("priority"), Some(&ParamValue::Int(2)));
         assert!(!req.parameters.contains_key("binary_data_output"));
+        assert!(req.binary_by_default);
         assert_eq!(
-            req.inputs[0].raw().unwrap().as_ref(),
-            f32_bytes(&[1.0, 2.0]).as_slice()
+            req.inputs[0].data,
+            InputData::Body(TensorData::Raw(Bytes::from(f32_bytes(&[1.0, 2.0]))))
         );
         assert_eq!(req.outputs[0].classification, Some(2));
-        assert!(enc.default_binary);
-        assert!(!enc.is_binary("O"));
-        assert!(enc.is_binary("other"));
+        assert_eq!(req.outputs[0].binary, Some(false));
     }
 
     #[test]
@@ -481,32 +402,16 @@ mod tests {
         let mut body = header.to_vec();
         body.extend(f32_bytes(&[1.0, -1.0]));
         body.extend([1, 0, 0, 0, b'x', 1, 0, 0, 0, b'y']);
-        let (req, _) = parse_request(
-            "m",
-            None,
-            &Bytes::from(body),
-            Some(header.len()),
-            &SharedMemoryRegistry::new(),
-        )
-        .unwrap();
+        let t = tensors(&body, Some(header.len())).unwrap();
+        assert_eq!(t[0].raw().unwrap().as_ref(), f32_bytes(&[1.0, -1.0]).as_slice());
         assert_eq!(
-            req.inputs[0].raw().unwrap().as_ref(),
-            f32_bytes(&[1.0, -1.0]).as_slice()
-        );
-        assert_eq!(
-            req.inputs[1].data,
+            t[1].data,
             TensorData::Strings(vec![Bytes::from_static(b"x"), Bytes::from_static(b"y")])
         );
     }
 
     fn err(body: &[u8], header_len: Option<usize>) -> String {
-        match parse_request(
-            "m",
-            None,
-            &Bytes::copy_from_slice(body),
-            header_len,
-            &SharedMemoryRegistry::new(),
-        ) {
+        match tensors(body, header_len) {
             Ok(_) => panic!("expected an error"),
             Err(e) => e.message().to_string(),
         }
@@ -532,6 +437,13 @@ mod tests {
         );
         assert!(
             err(
+                br#"{"inputs":[{"name":"A","shape":[1],"datatype":"FP32","data":[1,2]}]}"#,
+                None
+            )
+            .contains("more values than its shape holds")
+        );
+        assert!(
+            err(
                 br#"{"inputs":[{"name":"A","shape":[1],"datatype":"FP32"}]}"#,
                 None
             )
@@ -551,6 +463,32 @@ mod tests {
         let mut bad_prefix = hb.to_vec();
         bad_prefix.extend([9, 0, 0, 0, b'a']);
         assert!(err(&bad_prefix, Some(hb.len())).contains("claims 9 bytes"));
+        let shm_and_data = br#"{"inputs":[{"name":"A","shape":[1],"datatype":"FP32","data":[1],
+            "parameters":{"shared_memory_region":"r","shared_memory_byte_size":4}}]}"#;
+        assert!(err(shm_and_data, None).contains("names a shared memory region and also carries data"));
+    }
+
+    #[test]
+    fn bytes_elements_are_limited_per_request() {
+        let body = br#"{"inputs":[{"name":"A","shape":[2],"datatype":"BYTES","data":["a","b"]},
+            {"name":"B","shape":[2],"datatype":"BYTES","data":["c","d"]}]}"#;
+        let limits = |n| DecodeLimits {
+            max_bytes_elements: n,
+        };
+        let decode_with = |n| {
+            decode_request(
+                ModelTarget::unchecked("m", None),
+                &Bytes::copy_from_slice(body),
+                None,
+                &limits(n),
+            )
+        };
+        assert!(decode_with(4).is_ok());
+        let e = decode_with(3).err().map(|e| e.message().to_string());
+        assert!(
+            e.as_deref().is_some_and(|m| m.contains("input 'B'") && m.contains("more than 3 BYTES elements")),
+            "{e:?}"
+        );
     }
 
     #[test]
@@ -570,40 +508,33 @@ mod tests {
                 shape: vec![-1, 4],
             }],
         };
-        let (req, enc) = parse_raw_request(&md, None, Bytes::from(f32_bytes(&[1.0, 2.0, 3.0, 4.0]))).unwrap();
+        let target = || ModelTarget::unchecked("m", None);
+        let req = decode_raw_request(target(), &md, Bytes::from(f32_bytes(&[1.0, 2.0, 3.0, 4.0]))).unwrap();
         assert_eq!(req.inputs[0].shape, vec![1, 4]);
-        assert!(enc.default_binary);
-        assert!(parse_raw_request(&md, None, Bytes::from(vec![0u8; 6])).is_err());
+        assert!(req.binary_by_default);
+        assert!(decode_raw_request(target(), &md, Bytes::from(vec![0u8; 6])).is_err());
     }
 
     #[test]
-    fn response_json_and_binary() {
-        let resp = InferResponse {
+    fn response_json_binary_and_shared_memory() {
+        let tensor = Tensor::from_raw("O", DataType::F32, vec![2], f32_bytes(&[0.5, 2.0]));
+        let resp = |placement| RunResponse {
             model_name: "m".into(),
             model_version: 1,
             id: Some("x".into()),
             parameters: Default::default(),
-            outputs: vec![Tensor::from_raw(
-                "O",
-                DataType::F32,
-                vec![2],
-                f32_bytes(&[0.5, 2.0]),
-            )],
+            outputs: vec![PlacedOutput {
+                tensor: tensor.clone(),
+                placement,
+            }],
         };
-        let e = encode_response(&resp, &OutputEncoding::default()).unwrap();
+        let e = encode_response(&resp(Placement::Inline)).unwrap();
         assert!(e.header_len.is_none());
         assert_eq!(
             std::str::from_utf8(&e.body).unwrap(),
             r#"{"model_name":"m","model_version":"1","id":"x","outputs":[{"name":"O","datatype":"FP32","shape":[2],"data":[0.5,2.0]}]}"#
         );
-        let e = encode_response(
-            &resp,
-            &OutputEncoding {
-                default_binary: true,
-                ..Default::default()
-            },
-        )
-        .unwrap();
+        let e = encode_response(&resp(Placement::Binary)).unwrap();
         let n = e.header_len.unwrap();
         assert!(
             std::str::from_utf8(&e.body[..n])
@@ -611,5 +542,17 @@ mod tests {
                 .contains(r#""parameters":{"binary_data_size":8}"#)
         );
         assert_eq!(&e.body[n..], f32_bytes(&[0.5, 2.0]).as_slice());
+        let e = encode_response(&resp(Placement::SharedMemory {
+            region: "r".into(),
+            offset: 0,
+            byte_size: 8,
+        }))
+        .unwrap();
+        assert!(e.header_len.is_none());
+        assert!(
+            std::str::from_utf8(&e.body)
+                .unwrap()
+                .contains(r#""parameters":{"shared_memory_region":"r","shared_memory_byte_size":8}}"#)
+        );
     }
 }

@@ -18,13 +18,24 @@ enum Sink {
 struct Flatten<'s> {
     datatype: DataType,
     sink: &'s mut Sink,
+    /// Most bytes (fixed-size types) or elements (BYTES) the shape holds: decoding stops
+    /// there, so a short shape cannot make the server hold a long array.
+    cap: usize,
+}
+
+fn too_many<E: de::Error>() -> E {
+    E::custom("the data has more values than its shape holds")
 }
 
 impl Flatten<'_> {
-    fn push_raw(&mut self, bytes: &[u8]) {
+    fn push_raw<E: de::Error>(&mut self, bytes: &[u8]) -> Result<(), E> {
         if let Sink::Raw(v) = self.sink {
+            if v.len() + bytes.len() > self.cap {
+                return Err(too_many());
+            }
             v.extend_from_slice(bytes);
         }
+        Ok(())
     }
 
     fn number<E: de::Error>(&mut self, n: Number) -> Result<(), E> {
@@ -36,7 +47,7 @@ impl Flatten<'_> {
                     Number::F(_) => None,
                 }
                 .ok_or_else(|| E::custom(format_args!("{} is not a valid {} value", n, self.datatype)))?;
-                self.push_raw(&v.to_le_bytes());
+                self.push_raw(&v.to_le_bytes())?;
             }};
         }
         match self.datatype {
@@ -48,8 +59,8 @@ impl Flatten<'_> {
             DataType::I16 => int!(i16),
             DataType::I32 => int!(i32),
             DataType::I64 => int!(i64),
-            DataType::F32 => self.push_raw(&(n.as_f64() as f32).to_le_bytes()),
-            DataType::F64 => self.push_raw(&n.as_f64().to_le_bytes()),
+            DataType::F32 => self.push_raw(&(n.as_f64() as f32).to_le_bytes())?,
+            DataType::F64 => self.push_raw(&n.as_f64().to_le_bytes())?,
             DataType::Bool => {
                 return Err(E::custom(format_args!(
                     "BOOL data must be true or false, not {n}"
@@ -109,11 +120,13 @@ impl<'de> Visitor<'de> for Flatten<'_> {
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
         let datatype = self.datatype;
+        let cap = self.cap;
         let sink = self.sink;
         while seq
             .next_element_seed(Flatten {
                 datatype,
                 sink: &mut *sink,
+                cap,
             })?
             .is_some()
         {}
@@ -127,8 +140,7 @@ impl<'de> Visitor<'de> for Flatten<'_> {
                 self.datatype
             )));
         }
-        self.push_raw(&[u8::from(v)]);
-        Ok(())
+        self.push_raw(&[u8::from(v)])
     }
 
     fn visit_i64<E: de::Error>(mut self, v: i64) -> Result<(), E> {
@@ -146,6 +158,9 @@ impl<'de> Visitor<'de> for Flatten<'_> {
     fn visit_str<E: de::Error>(self, v: &str) -> Result<(), E> {
         match self.sink {
             Sink::Strings(items) => {
+                if items.len() >= self.cap {
+                    return Err(too_many());
+                }
                 items.push(Bytes::copy_from_slice(v.as_bytes()));
                 Ok(())
             }
@@ -176,14 +191,18 @@ impl<'de> Visitor<'de> for Flatten<'_> {
 pub fn decode_data(name: &str, datatype: DataType, elements: usize, data: &RawValue) -> Result<TensorData> {
     // Never trust the shape for the allocation size: the JSON text bounds the real count.
     let hint = elements.min(data.get().len());
-    let mut sink = match datatype.size() {
-        Some(size) => Sink::Raw(Vec::with_capacity(hint.saturating_mul(size))),
-        None => Sink::Strings(Vec::with_capacity(hint)),
+    let (mut sink, cap) = match datatype.size() {
+        Some(size) => (
+            Sink::Raw(Vec::with_capacity(hint.saturating_mul(size))),
+            elements.saturating_mul(size),
+        ),
+        None => (Sink::Strings(Vec::with_capacity(hint)), elements),
     };
     let mut de = serde_json::Deserializer::from_str(data.get());
     Flatten {
         datatype,
         sink: &mut sink,
+        cap,
     }
     .deserialize(&mut de)
     .map_err(|e| Error::invalid(format!("input '{name}': {}", strip_position(&e))))?;
@@ -348,6 +367,15 @@ mod tests {
         assert!(msg(DataType::Bool, "[1]").contains("true or false"));
         assert!(msg(DataType::F32, "[null]").contains("null"));
         assert!(msg(DataType::F32, r#"[{"a":1}]"#).contains("object"));
+    }
+
+    #[test]
+    fn decoding_stops_at_the_shape() {
+        let msg = |dt, n, s| decode(dt, n, s).unwrap_err().message().to_string();
+        assert!(msg(DataType::F32, 2, "[1, 2, 3]").contains("more values than its shape holds"));
+        assert!(msg(DataType::Bytes, 1, r#"["a", "b"]"#).contains("more values than its shape holds"));
+        assert!(msg(DataType::Bool, 0, "[true]").contains("more values"));
+        assert!(decode(DataType::I64, 2, "[[1], [2]]").is_ok());
     }
 
     #[test]

@@ -19,12 +19,13 @@ use axum::routing::{get, post};
 use bytes::Bytes;
 use oxserve_core::{Error, ErrorKind, ModelMetadata};
 use oxserve_engine::InferenceService;
+use oxserve_frontend::{DecodeLimits, ModelTarget, decode_off_worker};
 use oxserve_shm::SharedMemoryRegistry;
 use serde::{Deserialize, Serialize};
 
 pub use body::{BodyCharge, read_body, with_body_charge};
 pub use error::{ApiError, http_status};
-pub use infer::{EncodedResponse, OutputEncoding, encode_response, parse_request};
+pub use infer::{EncodedResponse, decode_raw_request, decode_request, encode_response};
 pub use json_data::JsonData;
 
 /// Triton's header naming the JSON part's length in a binary-extension body.
@@ -34,12 +35,15 @@ pub const INFERENCE_HEADER_CONTENT_LENGTH: &str = "inference-header-content-leng
 pub struct HttpOptions {
     /// Largest request body accepted, before and after decompression (Triton's default 64 MiB).
     pub max_body_bytes: usize,
+    /// Limits applied while decoding infer requests (BYTES elements).
+    pub decode: DecodeLimits,
 }
 
 impl Default for HttpOptions {
     fn default() -> Self {
         HttpOptions {
             max_body_bytes: 64 << 20,
+            decode: DecodeLimits::default(),
         }
     }
 }
@@ -130,11 +134,7 @@ async fn method_not_allowed() -> Response {
 }
 
 fn parse_version(version: &str) -> ApiResult<Option<u64>> {
-    version.parse::<u64>().map(Some).map_err(|_| {
-        ApiError(Error::invalid(format!(
-            "model version '{version}' is not a number"
-        )))
-    })
+    Ok(oxserve_frontend::parse_version(version)?)
 }
 
 fn json_response<T: Serialize>(value: &T) -> Response {
@@ -295,6 +295,9 @@ fn header_length(headers: &HeaderMap) -> ApiResult<Option<usize>> {
     }
 }
 
+/// The infer endpoint: the model is looked up first (an unknown one costs no body read and no
+/// decoding), then the body is read and decoded (off the async workers when large), run by
+/// the shared request runner, and encoded.
 async fn run_infer(
     s: AppState,
     model: String,
@@ -303,18 +306,23 @@ async fn run_infer(
     body: Body,
 ) -> ApiResult<Response> {
     let header_len = header_length(&headers)?;
+    let target = ModelTarget::resolve(&s.engine, &model, version)?;
     let body = body::read_body(&headers, body, s.options.max_body_bytes).await?;
-    let (request, encoding) = match header_len {
+    let request = match header_len {
         Some(0) => {
             let metadata = s.engine.model_metadata(&model, version)?;
-            infer::parse_raw_request(&metadata, version, body)?
+            infer::decode_raw_request(target, &metadata, body)?
         }
-        _ => infer::parse_request(&model, version, &body, header_len, &s.shm)?,
+        _ => {
+            let limits = s.options.decode;
+            decode_off_worker(body.len(), move || {
+                infer::decode_request(target, &body, header_len, &limits)
+            })
+            .await?
+        }
     };
-    let response = s.engine.infer(request).await?;
-    encoding.shared_memory_inputs.check()?;
-    s.shm.write_outputs(&response, &encoding.shared_memory)?;
-    let encoded = infer::encode_response(&response, &encoding)?;
+    let response = oxserve_frontend::run(&s.engine, &s.shm, request).await?;
+    let encoded = infer::encode_response(&response)?;
     Ok(match encoded.header_len {
         None => ([(header::CONTENT_TYPE, "application/json")], encoded.body).into_response(),
         Some(n) => {
