@@ -101,12 +101,15 @@ pub fn data_from_wire(name: &str, datatype: DataType, elements: usize, raw: Byte
         };
         let len = u32::from_le_bytes([prefix[0], prefix[1], prefix[2], prefix[3]]) as usize;
         let start = pos + 4;
-        let end = start.checked_add(len).filter(|&e| e <= raw.len()).ok_or_else(|| {
-            Error::invalid(format!(
-                "input '{name}': BYTES element at offset {pos} claims {len} bytes but only {} remain",
-                raw.len() - start
-            ))
-        })?;
+        let end = start
+            .checked_add(len)
+            .filter(|&e| e <= raw.len())
+            .ok_or_else(|| {
+                Error::invalid(format!(
+                    "input '{name}': BYTES element at offset {pos} claims {len} bytes but only {} remain",
+                    raw.len() - start
+                ))
+            })?;
         items.push(raw.slice(start..end));
         pos = end;
     }
@@ -149,7 +152,10 @@ mod tests {
             Some(TensorData::Strings(vec![Bytes::from_static(b"a"), Bytes::new()]))
         );
         let e = data_from_wire("s", DataType::Bytes, 1, two).err();
-        assert!(e.is_some_and(|e| e.message().contains("more BYTES elements than its shape holds (1)")));
+        assert!(e.is_some_and(|e| {
+            e.message()
+                .contains("more BYTES elements than its shape holds (1)")
+        }));
         let e = data_from_wire("s", DataType::Bytes, 5, Bytes::from_static(&[9, 0, 0, 0, b'x'])).err();
         assert!(e.is_some_and(|e| e.message().contains("claims 9 bytes")));
         let e = data_from_wire("s", DataType::Bytes, 5, Bytes::from_static(&[1, 0])).err();

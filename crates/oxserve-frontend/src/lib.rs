@@ -27,4 +27,4 @@ pub use request::{
     OutputRequest, input_elements, parse_classification, parse_datatype, parse_version, shm_and_data_error,
     take_bool,
 };
-pub use runner::{Placement, PlacedOutput, RunResponse, resolve_inputs, run};
+pub use runner::{PlacedOutput, Placement, RunResponse, resolve_inputs, run};

@@ -174,7 +174,9 @@ pub fn parse_classification(output: &str, value: &ParamValue) -> Result<Option<u
     match value.as_i64() {
         Some(0) => Ok(None),
         Some(n) if n > 0 => usize::try_from(n).map(Some).map_err(|_| {
-            Error::invalid(format!("output '{output}': classification count {n} is too large"))
+            Error::invalid(format!(
+                "output '{output}': classification count {n} is too large"
+            ))
         }),
         _ => Err(Error::invalid(format!(
             "output '{output}': parameter 'classification' must be a non-negative integer"
@@ -247,7 +249,10 @@ mod tests {
     fn classification_zero_is_the_plain_tensor_and_negative_is_refused() {
         assert_eq!(parse_classification("o", &ParamValue::Int(0)).ok(), Some(None));
         assert_eq!(parse_classification("o", &ParamValue::Int(3)).ok(), Some(Some(3)));
-        assert_eq!(parse_classification("o", &ParamValue::Uint(2)).ok(), Some(Some(2)));
+        assert_eq!(
+            parse_classification("o", &ParamValue::Uint(2)).ok(),
+            Some(Some(2))
+        );
         for bad in [
             ParamValue::Int(-1),
             ParamValue::Bool(true),
@@ -255,7 +260,10 @@ mod tests {
             ParamValue::Double(1.5),
         ] {
             let e = parse_classification("o", &bad).err();
-            assert!(e.is_some_and(|e| e.message().contains("non-negative integer")), "{bad:?}");
+            assert!(
+                e.is_some_and(|e| e.message().contains("non-negative integer")),
+                "{bad:?}"
+            );
         }
     }
 
@@ -263,7 +271,10 @@ mod tests {
     fn output_parameters() {
         let o = OutputRequest::from_parameters(
             "o".into(),
-            params(&[(BINARY_DATA, ParamValue::Bool(false)), (CLASSIFICATION, ParamValue::Int(2))]),
+            params(&[
+                (BINARY_DATA, ParamValue::Bool(false)),
+                (CLASSIFICATION, ParamValue::Int(2)),
+            ]),
         )
         .ok();
         assert_eq!(o.as_ref().and_then(|o| o.binary), Some(false));
@@ -286,7 +297,8 @@ mod tests {
         both.insert(CLASSIFICATION.into(), ParamValue::Int(1));
         let e = OutputRequest::from_parameters("o".into(), both).err();
         assert!(e.is_some_and(|e| e.message().contains("can't set both")));
-        let e = OutputRequest::from_parameters("o".into(), params(&[(BINARY_DATA, ParamValue::Int(1))])).err();
+        let e =
+            OutputRequest::from_parameters("o".into(), params(&[(BINARY_DATA, ParamValue::Int(1))])).err();
         assert!(e.is_some_and(|e| e.message().contains("'binary_data' must be a boolean")));
     }
 

@@ -7,8 +7,8 @@ use anyhow::{Context, bail};
 use bytes::Bytes;
 use clap::{Args, ValueEnum};
 use oxserve_core::{DataType, InferRequest, InferResponse, ModelMetadata, Tensor, TensorData, TensorMeta};
+use oxserve_frontend::{DecodeLimits, InputData, ModelTarget, PlacedOutput, Placement, RunResponse};
 use oxserve_kserve::grpc::pb;
-use oxserve_frontend::{DecodeLimits, InputData, ModelTarget, Placement, PlacedOutput, RunResponse};
 use oxserve_kserve::http::{JsonData, decode_request, encode_response};
 use rand::Rng;
 use serde::Deserialize;
@@ -273,7 +273,9 @@ fn request_from_file(model: &str, version: Option<u64>, body: &Bytes) -> anyhow:
         .into_iter()
         .map(|input| match input.data {
             InputData::Body(data) => Ok(Tensor::new(input.name, input.datatype, input.shape, data)),
-            InputData::SharedMemory(_) => bail!("input '{}': shared memory is not supported here", input.name),
+            InputData::SharedMemory(_) => {
+                bail!("input '{}': shared memory is not supported here", input.name)
+            }
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
     Ok(InferRequest {

@@ -2,11 +2,11 @@
 
 use bytes::Bytes;
 use oxserve_core::{DataType, Error, ModelMetadata, Result, TensorMeta};
-use oxserve_frontend::{
-    BytesBudget, DecodeLimits, DecodedInput, DecodedRequest, InputData, ModelTarget, OutputRequest, Placement,
-    PlacedOutput, RunResponse, data_from_wire, input_elements, parse_datatype, shm_and_data_error,
-};
 use oxserve_engine::{BatchStat, IndexEntry, ModelStatistics, ServerMetadata, StatDuration};
+use oxserve_frontend::{
+    BytesBudget, DecodeLimits, DecodedInput, DecodedRequest, InputData, ModelTarget, OutputRequest,
+    PlacedOutput, Placement, RunResponse, data_from_wire, input_elements, parse_datatype, shm_and_data_error,
+};
 
 use super::contents::typed_to_data;
 use super::params::{WireParams, params_from_wire, params_to_wire};
@@ -130,7 +130,11 @@ enum Source {
     Contents,
 }
 
-fn input_from_wire(input: InferInputTensor, source: Source, budget: &mut BytesBudget) -> Result<DecodedInput> {
+fn input_from_wire(
+    input: InferInputTensor,
+    source: Source,
+    budget: &mut BytesBudget,
+) -> Result<DecodedInput> {
     let InferInputTensor {
         name,
         datatype,

@@ -7,9 +7,9 @@ use oxserve_core::{
     DataType, ErrorKind, InferRequest, InferResponse, ModelMetadata, ParamValue, RequestedOutput, Tensor,
     TensorData, TensorMeta,
 };
+use oxserve_engine::{IndexEntry, ServerMetadata};
 use oxserve_frontend::resolve_inputs;
 use oxserve_shm::SharedMemoryRegistry;
-use oxserve_engine::{IndexEntry, ServerMetadata};
 use prost::Message;
 
 use super::*;
@@ -283,7 +283,11 @@ fn raw_bytes_are_length_prefixed() {
     ];
     assert_eq!(t.map(|t| t.data), Some(TensorData::Strings(expected)));
     // Three elements on the wire, shape says two.
-    fails_with(raw("BYTES", &[2], wire), ErrorKind::InvalidArgument, "3 elements");
+    fails_with(
+        raw("BYTES", &[2], wire),
+        ErrorKind::InvalidArgument,
+        "more BYTES elements than its shape holds (2)",
+    );
     // Truncated length prefix.
     fails_with(
         raw("BYTES", &[1], vec![5, 0]),
@@ -650,10 +654,7 @@ fn response_uses_raw_output_contents() {
         parameters: BTreeMap::new(),
         outputs: vec![],
     };
-    assert_eq!(
-        infer_response_to_wire(placed(response, &[])).id,
-        ""
-    );
+    assert_eq!(infer_response_to_wire(placed(response, &[])).id, "");
 }
 
 #[test]

@@ -10,8 +10,8 @@ use tonic::codec::CompressionEncoding;
 use tonic::{Request, Response, Status};
 
 use super::convert::{
-    decode_work_bytes, index_entry_to_wire, infer_request_from_wire, infer_response_to_wire, model_metadata_to_wire,
-    model_statistics_to_wire, parse_version, server_metadata_to_wire,
+    decode_work_bytes, index_entry_to_wire, infer_request_from_wire, infer_response_to_wire,
+    model_metadata_to_wire, model_statistics_to_wire, parse_version, server_metadata_to_wire,
 };
 use super::pb::{
     GrpcInferenceService, GrpcInferenceServiceServer, ModelConfigRequest, ModelConfigResponse,
@@ -65,13 +65,13 @@ pub fn grpc_service_with_options(
         shm,
         decode: options.decode,
     })
-        .max_decoding_message_size(options.max_message_bytes)
-        .max_encoding_message_size(options.max_message_bytes)
-        // tritonclient can compress requests. Responses stay uncompressed, as in Triton's
-        // default: gRPC clients advertise gzip by default, and compressing every tensor
-        // would cost more CPU than it saves on the networks models are served on.
-        .accept_compressed(CompressionEncoding::Gzip)
-        .accept_compressed(CompressionEncoding::Deflate)
+    .max_decoding_message_size(options.max_message_bytes)
+    .max_encoding_message_size(options.max_message_bytes)
+    // tritonclient can compress requests. Responses stay uncompressed, as in Triton's
+    // default: gRPC clients advertise gzip by default, and compressing every tensor
+    // would cost more CPU than it saves on the networks models are served on.
+    .accept_compressed(CompressionEncoding::Gzip)
+    .accept_compressed(CompressionEncoding::Deflate)
 }
 
 /// Implements the generated service trait on the engine facade.
@@ -89,6 +89,11 @@ impl GrpcFrontend {
             shm,
             decode: DecodeLimits::default(),
         }
+    }
+
+    /// The same front-end with other decoding limits (what [`GrpcOptions::decode`] sets).
+    pub fn with_decode_limits(self, decode: DecodeLimits) -> Self {
+        GrpcFrontend { decode, ..self }
     }
 }
 

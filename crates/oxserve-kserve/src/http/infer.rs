@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 use bytes::{BufMut, Bytes, BytesMut};
 use oxserve_core::{Error, ModelMetadata, ParamValue, Parameters, Result, TensorData};
 use oxserve_frontend::{
-    DecodeLimits, DecodedInput, DecodedRequest, InputData, ModelTarget, OutputRequest, Placement, PlacedOutput,
-    RunResponse, data_from_wire, input_elements, parse_datatype, shm_and_data_error,
+    DecodeLimits, DecodedInput, DecodedRequest, InputData, ModelTarget, OutputRequest, PlacedOutput,
+    Placement, RunResponse, data_from_wire, input_elements, parse_datatype, shm_and_data_error,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
@@ -175,7 +175,11 @@ pub fn decode_request(
 
 /// Triton's raw binary request (`Inference-Header-Content-Length: 0`): the body is the only
 /// input's bytes, as a batch of one; every output comes back binary.
-pub fn decode_raw_request(target: ModelTarget, metadata: &ModelMetadata, body: Bytes) -> Result<DecodedRequest> {
+pub fn decode_raw_request(
+    target: ModelTarget,
+    metadata: &ModelMetadata,
+    body: Bytes,
+) -> Result<DecodedRequest> {
     let [input] = metadata.inputs.as_slice() else {
         return Err(Error::invalid(format!(
             "a raw binary request needs a model with exactly one input; '{}' has {}",
@@ -226,15 +230,32 @@ pub fn decode_raw_request(target: ModelTarget, metadata: &ModelMetadata, body: B
                     )));
                 }
                 shape[i] = (body.len() / unit) as i64;
+            } else {
+                let expected = shape
+                    .iter()
+                    .map(|&d| d as usize)
+                    .product::<usize>()
+                    .saturating_mul(size);
+                if body.len() != expected {
+                    return Err(Error::invalid(format!(
+                        "raw binary body of {} bytes does not fit input '{}' of shape {:?} ({expected} bytes)",
+                        body.len(),
+                        input.name,
+                        shape
+                    )));
+                }
             }
             TensorData::Raw(body)
         }
     };
     let mut request = DecodedRequest::new(target, None, Parameters::new())?;
     request.binary_by_default = true;
-    request
-        .inputs
-        .push(DecodedInput::body(input.name.clone(), input.datatype, shape, data));
+    request.inputs.push(DecodedInput::body(
+        input.name.clone(),
+        input.datatype,
+        shape,
+        data,
+    ));
     Ok(request)
 }
 
@@ -486,7 +507,8 @@ mod tests {
         assert!(decode_with(4).is_ok());
         let e = decode_with(3).err().map(|e| e.message().to_string());
         assert!(
-            e.as_deref().is_some_and(|m| m.contains("input 'B'") && m.contains("more than 3 BYTES elements")),
+            e.as_deref()
+                .is_some_and(|m| m.contains("input 'B'") && m.contains("more than 3 BYTES elements")),
             "{e:?}"
         );
     }
