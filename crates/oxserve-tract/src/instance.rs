@@ -10,7 +10,7 @@ use oxserve_core::Tensor;
 use tract_onnx::prelude::{TValue, TVec, TypedSimpleState};
 
 use crate::convert::{from_tract, to_tract};
-use crate::error::{internal, invalid_input, panic_message, summarize};
+use crate::error::{internal, invalid_input, panic_message, summarize, truncate};
 use crate::model::{InputSlot, Prepared};
 
 pub(crate) struct TractInstance {
@@ -76,14 +76,19 @@ impl ModelInstance for TractInstance {
             Err(panic) => {
                 drop(state);
                 self.state = spawn(&prepared).ok();
+                let message = panic_message(panic.as_ref());
                 tracing::error!(
                     model = %prepared.model_name,
-                    panic = %panic_message(panic.as_ref()),
+                    panic = %message,
                     "tract panicked while running a batch"
                 );
-                return Err(internal(format!(
-                    "model '{}': the tract engine failed on this batch",
-                    prepared.model_name
+                // The same model ran other batches, so what differs is the input values: tract
+                // checks values such as Gather indices with Rust bounds checks, which panic
+                // where ONNX Runtime returns INVALID_ARGUMENT. Answer as ONNX Runtime does.
+                return Err(invalid_input(format!(
+                    "model '{}' could not run on these input values (out of range?): tract: {}",
+                    prepared.model_name,
+                    truncate(&message, 200)
                 )));
             }
         };
