@@ -2,7 +2,6 @@
 //! generate load.
 
 mod bench;
-mod bench_shm;
 mod client;
 mod settings;
 

@@ -98,7 +98,7 @@ impl BenchRegions {
     pub async fn create(http_url: &str, request: &InferRequest) -> anyhow::Result<Self> {
         let mut regions = BenchRegions {
             http_url: http_url.to_string(),
-            client: crate::bench::http_client().build()?,
+            client: super::headers::http_client().build()?,
             inputs: Vec::new(),
             outputs: Vec::new(),
             files: Vec::new(),
