@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use hdrhistogram::Histogram;
 
+use super::cpu::process_cpu_time;
 use super::options::Distribution;
 use super::record::Recorder;
 use super::schedule::{Schedule, WindowFigures, is_stable};
@@ -177,6 +178,9 @@ pub(super) struct Measured {
     pub(super) server: Option<ServerBreakdown>,
     pub(super) stable: bool,
     pub(super) first_error: Option<String>,
+    /// The load generator's own CPU time over the reported windows (`None` where the
+    /// process's CPU time is not readable).
+    pub(super) client_cpu: Option<Duration>,
 }
 
 pub(super) async fn measure_point(
@@ -199,6 +203,7 @@ pub(super) async fn measure_point(
     let mut snapshots = vec![stats.snapshot().await];
     let _ = recorder.take();
     let mut boundary = Instant::now();
+    let mut cpu_at_boundaries = vec![process_cpu_time()];
     let mut windows: Vec<Window> = Vec::new();
     let mut figures = Vec::new();
     let max_windows = if m.fixed { 1 } else { m.max_windows.max(3) };
@@ -214,6 +219,7 @@ pub(super) async fn measure_point(
             elapsed: now - boundary,
         };
         boundary = now;
+        cpu_at_boundaries.push(process_cpu_time());
         snapshots.push(stats.snapshot().await);
         figures.push(w.figures());
         windows.push(w);
@@ -231,6 +237,10 @@ pub(super) async fn measure_point(
         (Some(before), Some(after)) => after.breakdown_since(before),
         _ => None,
     };
+    let client_cpu = match (cpu_at_boundaries[first], cpu_at_boundaries[windows.len()]) {
+        (Some(before), Some(after)) => after.checked_sub(before),
+        _ => None,
+    };
     let first_error = recorder
         .first_error
         .lock()
@@ -241,5 +251,6 @@ pub(super) async fn measure_point(
         server,
         stable: stable || m.fixed,
         first_error,
+        client_cpu,
     })
 }

@@ -42,6 +42,17 @@ pub enum SharedMemory {
     System,
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ClientKind {
+    /// Requests made directly on hyper's connections: a framed gRPC message encoded once, no
+    /// per-request URL handling (the least client CPU per request; BENCHMARKS.md).
+    Lean,
+    /// hyper-util's pooled `Client` and tonic's generated client, to measure the lean ones
+    /// against.
+    Stock,
+}
+
 #[derive(Args)]
 pub struct BenchArgs {
     /// HTTP base URL (http-json, http-binary; also where server statistics are read).
@@ -104,6 +115,9 @@ pub struct BenchArgs {
     /// output regions sized from one probe request.
     #[arg(long, value_enum, default_value = "none")]
     pub(super) shared_memory: SharedMemory,
+    /// HTTP and gRPC client implementation (for measuring the load generator itself).
+    #[arg(long, value_enum, default_value = "lean")]
+    pub(super) client: ClientKind,
     /// Print one JSON object per point instead of a table.
     #[arg(long)]
     pub(super) json: bool,

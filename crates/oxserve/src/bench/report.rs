@@ -3,7 +3,7 @@
 use serde::Serialize;
 
 use super::load::{Load, Measure, Measured};
-use super::options::{BenchProtocol, Distribution, Mode, SharedMemory};
+use super::options::{BenchProtocol, ClientKind, Distribution, Mode, SharedMemory};
 use super::record::new_histogram;
 use super::server_stats::ServerBreakdown;
 
@@ -11,6 +11,7 @@ use super::server_stats::ServerBreakdown;
 #[derive(Serialize, Debug)]
 pub struct Point {
     pub protocol: BenchProtocol,
+    pub client: ClientKind,
     pub shared_memory: SharedMemory,
     pub mode: Mode,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -34,6 +35,10 @@ pub struct Point {
     pub p95_us: u64,
     pub p99_us: u64,
     pub max_us: u64,
+    /// The load generator's own CPU time per successful request (user + system, all
+    /// threads), over the reported windows.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_cpu_us: Option<f64>,
     /// Windows measured in all, and whether the last three agreed.
     pub windows: usize,
     pub stable: bool,
@@ -49,6 +54,7 @@ pub struct Point {
 
 pub(super) fn summarize(
     protocol: BenchProtocol,
+    client: ClientKind,
     shared_memory: SharedMemory,
     load: Load,
     batch: i64,
@@ -60,6 +66,7 @@ pub(super) fn summarize(
         server,
         stable,
         first_error,
+        client_cpu,
     } = measured;
     let reported = if m.fixed { 1 } else { windows.len().min(3) };
     let last = &windows[windows.len() - reported..];
@@ -78,15 +85,17 @@ pub(super) fn summarize(
             rate, distribution, ..
         } => (Mode::Rate, None, Some(rate), Some(distribution)),
     };
+    let requests = hist.len();
     Point {
         protocol,
+        client,
         shared_memory,
         mode,
         concurrency,
         rate,
         distribution,
         batch,
-        requests: hist.len(),
+        requests,
         errors,
         dropped,
         throughput_rps: throughput,
@@ -97,6 +106,9 @@ pub(super) fn summarize(
         p95_us: hist.value_at_quantile(0.95),
         p99_us: hist.value_at_quantile(0.99),
         max_us: hist.max(),
+        client_cpu_us: client_cpu
+            .filter(|_| requests > 0)
+            .map(|cpu| cpu.as_secs_f64() * 1e6 / requests as f64),
         windows: windows.len(),
         stable,
         window_secs: m.window.as_secs_f64(),

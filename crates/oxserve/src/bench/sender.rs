@@ -11,8 +11,9 @@ use oxserve_kserve::grpc::pb;
 use super::grpc::GrpcConns;
 use super::headers::http_client;
 use super::http1::HttpPool;
-use super::options::{BenchArgs, BenchProtocol};
+use super::options::{BenchArgs, BenchProtocol, ClientKind};
 use super::shm::BenchRegions;
+use super::stock::{StockGrpc, StockHttp};
 use crate::client::{grpc_metadata, grpc_request, http_body, http_metadata, random_request};
 
 /// One way of sending the request, shared by every worker. Built once per run, so the
@@ -20,13 +21,13 @@ use crate::client::{grpc_metadata, grpc_request, http_body, http_metadata, rando
 #[allow(clippy::large_enum_variant)]
 pub(super) enum Sender {
     Http {
-        pool: HttpPool,
+        pool: HttpClient,
         body: Bytes,
         content_type: HeaderValue,
         /// Triton's `Inference-Header-Content-Length` for the binary tensor extension.
         header_len: Option<HeaderValue>,
     },
-    Grpc(GrpcConns),
+    Grpc(GrpcClient),
     InProcess {
         engine: InferenceService,
         request: InferRequest,
@@ -50,6 +51,62 @@ impl Sender {
                 .await
                 .map(|_| ())
                 .map_err(|e| e.to_string()),
+        }
+    }
+}
+
+/// The HTTP/1.1 client `--client` chose (built once per run, so the variants' size
+/// difference does not matter).
+#[allow(clippy::large_enum_variant)]
+pub(super) enum HttpClient {
+    Lean(HttpPool),
+    Stock(StockHttp),
+}
+
+impl HttpClient {
+    fn new(kind: ClientKind, base_url: &str, path: &str) -> anyhow::Result<Self> {
+        Ok(match kind {
+            ClientKind::Lean => HttpClient::Lean(HttpPool::new(base_url, path)?),
+            ClientKind::Stock => HttpClient::Stock(StockHttp::new(base_url, path)?),
+        })
+    }
+
+    async fn post(
+        &self,
+        body: &Bytes,
+        content_type: &HeaderValue,
+        header_len: Option<&HeaderValue>,
+    ) -> Result<(), String> {
+        match self {
+            HttpClient::Lean(pool) => pool.post(body, content_type, header_len).await,
+            HttpClient::Stock(client) => client.post(body, content_type, header_len).await,
+        }
+    }
+}
+
+/// The gRPC client `--client` chose.
+pub(super) enum GrpcClient {
+    Lean(GrpcConns),
+    Stock(StockGrpc),
+}
+
+impl GrpcClient {
+    async fn new(
+        kind: ClientKind,
+        url: &str,
+        request: &pb::ModelInferRequest,
+        connections: usize,
+    ) -> anyhow::Result<Self> {
+        Ok(match kind {
+            ClientKind::Lean => GrpcClient::Lean(GrpcConns::new(url, request, connections).await?),
+            ClientKind::Stock => GrpcClient::Stock(StockGrpc::new(url, request, connections).await?),
+        })
+    }
+
+    async fn call(&self, slot: usize) -> Result<(), String> {
+        match self {
+            GrpcClient::Lean(conns) => conns.call(slot).await,
+            GrpcClient::Stock(client) => client.call(slot).await,
         }
     }
 }
@@ -83,14 +140,14 @@ pub(super) async fn sender_for(
     if let Some(shm) = shm {
         return Ok(match protocol {
             BenchProtocol::HttpJson | BenchProtocol::HttpBinary => Sender::Http {
-                pool: HttpPool::new(http_url, &format!("/v2/models/{}/infer", args.model))?,
+                pool: HttpClient::new(args.client, http_url, &format!("/v2/models/{}/infer", args.model))?,
                 body: shm.regions.http_body(&shm.request)?,
                 content_type: HeaderValue::from_static("application/json"),
                 header_len: None,
             },
             BenchProtocol::Grpc => {
                 let request = shm.regions.grpc_request(grpc_request(&shm.request));
-                Sender::Grpc(GrpcConns::new(&args.grpc_url, &request, grpc_channels).await?)
+                Sender::Grpc(GrpcClient::new(args.client, &args.grpc_url, &request, grpc_channels).await?)
             }
             BenchProtocol::InProcess => bail!("--shared-memory does not apply to in-process"),
         });
@@ -102,7 +159,7 @@ pub(super) async fn sender_for(
             let binary = protocol == BenchProtocol::HttpBinary;
             let (body, header_len) = http_body(&random_request(&meta, None, args.batch), binary)?;
             Sender::Http {
-                pool: HttpPool::new(http_url, &format!("/v2/models/{}/infer", args.model))?,
+                pool: HttpClient::new(args.client, http_url, &format!("/v2/models/{}/infer", args.model))?,
                 body,
                 content_type: HeaderValue::from_static(if binary {
                     "application/octet-stream"
@@ -122,7 +179,7 @@ pub(super) async fn sender_for(
                 false => http_metadata(&http_client().build()?, http_url, &args.model, None).await?,
             };
             let request = grpc_request(&random_request(&meta, None, args.batch));
-            Sender::Grpc(GrpcConns::new(&args.grpc_url, &request, grpc_channels).await?)
+            Sender::Grpc(GrpcClient::new(args.client, &args.grpc_url, &request, grpc_channels).await?)
         }
         BenchProtocol::InProcess => {
             let engine = engine.context("in-process needs --model-repository")?.clone();
