@@ -47,7 +47,7 @@ for round in $(seq 1 "$rounds"); do
         "$bin" bench --model add_sub --http-url "http://$(addr $name http)" \
             --grpc-url "http://$(addr $name grpc)" --protocol http-json,grpc \
             --concurrency "$concurrency" --duration "$duration" --warmup 1 --json "${headers[@]}" |
-            sed "s/^{/{\"server\":\"$name\",\"round\":$round,/" | tee -a "$work/points.jsonl"
+            sed "s/^{/{\"target\":\"$name\",\"round\":$round,/" | tee -a "$work/points.jsonl" >&2
     done
 done
 python3 - "$work/points.jsonl" <<'PY'
@@ -58,9 +58,8 @@ def key(p):
 for proto in sorted({key(p) for p in points}):
     med = {}
     for server in ("open", "auth"):
-        rates = [p["throughput_rps"] for p in points
-                 if p["server"] == server and key(p) == proto and p["errors"] == 0]
-        med[server] = statistics.median(rates)
+        rates = [p["throughput_rps"] for p in points if p["target"] == server and key(p) == proto]
+        med[server] = statistics.median(rates) if rates else float("nan")
         print(f"{proto:10} {server:5} median {med[server]:9.0f} req/s  rounds {sorted(round(r) for r in rates)}")
     errors = sum(p["errors"] for p in points if key(p) == proto)
     print(f"{proto:10} auth/open {med['auth'] / med['open']:.3f}  (errors: {errors})")

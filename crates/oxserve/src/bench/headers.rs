@@ -27,6 +27,17 @@ pub(super) fn with_extra_headers(mut request: http::request::Builder) -> http::r
     request
 }
 
+/// Adds the extra headers to a tonic request's metadata (names that are not valid gRPC
+/// metadata are skipped; `parse_header` already accepted only valid HTTP headers).
+pub(super) fn add_extra_metadata(metadata: &mut tonic::metadata::MetadataMap) {
+    let Some(extra) = EXTRA_HEADERS.get() else {
+        return;
+    };
+    let mut headers = std::mem::take(metadata).into_headers();
+    headers.extend(extra.clone());
+    *metadata = tonic::metadata::MetadataMap::from_headers(headers);
+}
+
 /// A reqwest client that sends the `--header` values.
 pub(super) fn http_client() -> reqwest::ClientBuilder {
     reqwest::Client::builder().default_headers(EXTRA_HEADERS.get().cloned().unwrap_or_default())

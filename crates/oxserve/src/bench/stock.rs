@@ -46,7 +46,9 @@ impl StockHttp {
         if let Some(n) = header_len {
             request = request.header("inference-header-content-length", n.clone());
         }
-        let request = request.body(Full::new(body.clone())).map_err(|e| e.to_string())?;
+        let request = super::headers::with_extra_headers(request)
+            .body(Full::new(body.clone()))
+            .map_err(|e| e.to_string())?;
         let response = self.client.request(request).await.map_err(|e| e.to_string())?;
         let status = response.status();
         let body = response
@@ -99,8 +101,10 @@ impl StockGrpc {
 
     pub(super) async fn call(&self, slot: usize) -> Result<(), String> {
         let mut client = self.clients[slot % self.clients.len()].clone();
+        let mut request = tonic::Request::new(self.request.clone());
+        super::headers::add_extra_metadata(request.metadata_mut());
         client
-            .model_infer(self.request.clone())
+            .model_infer(request)
             .await
             .map(|_| ())
             .map_err(|s| format!("gRPC {:?}: {}", s.code(), s.message()))
