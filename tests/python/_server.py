@@ -5,8 +5,8 @@ The binary comes from $OXSERVE_BIN. It is started as
     $OXSERVE_BIN serve --model-repository R1 [--model-repository R2 ...] \
         --http-port 0 --grpc-port 0 --host 127.0.0.1 [extra args]
 
-with ORT_DISABLE_TELEMETRY=1 and the repository root as working directory (plus
-`--metrics-port 0` when the binary has that flag). The server prints exactly one JSON line on
+with ORT_DISABLE_TELEMETRY=1 (and OXSERVE_API_KEY under OXSERVE_TEST_API_KEY=1) and the
+repository root as working directory (plus `--metrics-port 0` when the binary has that flag). The server prints exactly one JSON line on
 stdout, {"event":"listening","http":"127.0.0.1:P","grpc":"127.0.0.1:P","metrics":"127.0.0.1:P"}
 ("metrics" only while the metrics endpoint is enabled); its logs go to stderr, which is written
 to a file whose tail is shown on any failure.
@@ -71,13 +71,24 @@ class ServerProcess:
     # TLS arguments for every server of the session (`OXSERVE_TEST_TLS=1`, see conftest.py):
     # with them the whole suite runs over TLS without changing a test.
     session_tls_args: list[str] = []
+    # The API key every server of the session gets (`OXSERVE_TEST_API_KEY=1`, see conftest.py),
+    # passed as OXSERVE_API_KEY (one key with every scope); "" for none.
+    session_api_key: str = ""
+    # host:port of every listener (HTTP, gRPC, metrics) of a server started with an API key ->
+    # its token: the patched clients send `authorization: Bearer <token>` to these only.
+    api_key_by_address: dict[str, str] = {}
 
     def __init__(self, name: str, repositories: list[str], extra_args: list[str] | None = None,
-                 ready_path: str = "/v2/health/ready", tls_args: list[str] | None = None):
+                 ready_path: str = "/v2/health/ready", tls_args: list[str] | None = None,
+                 api_key: str | None = None):
         self.name = name
         self.repositories = repositories
         self.extra_args = list(extra_args or [])
         self.tls_args = list(ServerProcess.session_tls_args if tls_args is None else tls_args)
+        # A server given its own key file (--api-keys) is left with just those keys.
+        if api_key is None:
+            api_key = "" if "--api-keys" in self.extra_args else ServerProcess.session_api_key
+        self.api_key = api_key
         # Extra `requests` arguments for the server's own HTTP calls (readiness, index), e.g.
         # `verify=CA` and `cert=(crt, key)` for a server with its own test CA or mutual TLS.
         self.requests_kwargs: dict = {}
@@ -163,6 +174,8 @@ class ServerProcess:
         binary = oxserve_bin()
         env = dict(os.environ)
         env["ORT_DISABLE_TELEMETRY"] = "1"
+        if self.api_key:
+            env["OXSERVE_API_KEY"] = self.api_key
         self._stderr_file = open(self.stderr_path, "wb")
         cmd = self.command(binary)
         self.proc = subprocess.Popen(
@@ -203,6 +216,10 @@ class ServerProcess:
             self._kill()
             self.fail(f"listening line has a non-string metrics address: {line!r}")
         self.metrics_addr = metrics
+        if self.api_key:
+            for addr in (self.http_addr, self.grpc_addr, self.metrics_addr):
+                if addr:
+                    ServerProcess.api_key_by_address[addr] = self.api_key
 
         # 2. Readiness, polled (no fixed sleeps).
         url = self.http_url + self.ready_path

@@ -358,3 +358,41 @@ def test_bad_key_files_and_rules_stop_start_up(tmp_path, kind, keys, config, exp
     assert out.stdout == "", "must fail before listening"
     assert expected in out.stderr, out.stderr
     assert "secret-secret-secret" not in out.stderr
+
+
+@pytest.mark.skipif(not ServerProcess.session_api_key,
+                    reason="checks the OXSERVE_TEST_API_KEY=1 switch (conftest.py), which is off")
+def test_session_api_key_is_enforced(server):
+    """Under OXSERVE_TEST_API_KEY=1 the session's servers really need the key the patched
+    clients send: a request without it (a raw socket, which nothing patches) is refused, the
+    same with it succeeds, and a gRPC call with another token is UNAUTHENTICATED."""
+    import socket
+
+    import grpc
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+    if "--tls-cert" in server.tls_args:
+        pytest.skip("the raw-socket half speaks plain HTTP; run without OXSERVE_TEST_TLS")
+    host, port = server.http_addr.rsplit(":", 1)
+
+    def raw_get(*headers: str) -> str:
+        with socket.create_connection((host, int(port)), timeout=10) as s:
+            s.sendall("\r\n".join(["GET /v2/models/add_sub HTTP/1.1", f"Host: {host}",
+                                   "Connection: close", *headers, "", ""]).encode())
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+        return data.split(b"\r\n", 1)[0].decode()
+
+    assert " 401 " in raw_get() + " ", raw_get()
+    assert " 200 " in raw_get(f"Authorization: Bearer {server.api_key}") + " "
+    channel = grpc.insecure_channel(server.grpc_host)
+    try:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as e:
+            stub.ModelMetadata(service_pb2.ModelMetadataRequest(name="add_sub"), timeout=10,
+                               metadata=(("authorization", "Bearer not-the-session-key-0000"),))
+        assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED, e.value
+        assert stub.ModelMetadata(service_pb2.ModelMetadataRequest(name="add_sub"), timeout=10).name == "add_sub"
+    finally:
+        channel.close()
