@@ -73,7 +73,12 @@ fn http(request: http::Request<Body>) -> Result<StatusCode, TestCaseError> {
             Err(never) => match never {},
         };
         let status = response.status();
-        let body = response.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
         (status, body)
     });
     prop_assert!(
@@ -87,7 +92,10 @@ fn http(request: http::Request<Body>) -> Result<StatusCode, TestCaseError> {
 fn grpc(request: ModelInferRequest) -> Result<(), TestCaseError> {
     use tonic::Code;
     let s = server();
-    if let Err(status) = s.runtime.block_on(s.grpc.model_infer(tonic::Request::new(request))) {
+    if let Err(status) = s
+        .runtime
+        .block_on(s.grpc.model_infer(tonic::Request::new(request)))
+    {
         prop_assert!(
             !matches!(
                 status.code(),
@@ -171,7 +179,12 @@ fn edits() -> impl Strategy<Value = Vec<Edit>> {
         (any::<usize>(), any::<u8>()).prop_map(|(at, byte)| Edit::Insert { at, byte }),
         (any::<usize>(), 1usize..16).prop_map(|(at, len)| Edit::Delete { at, len }),
         // Bytes that matter to JSON and to protobuf varints.
-        (any::<usize>(), prop::sample::select(vec![b'"', b'[', b']', b'{', b'}', b',', b'-', b'9', 0x80, 0xff, 0]))
+        (
+            any::<usize>(),
+            prop::sample::select(vec![
+                b'"', b'[', b']', b'{', b'}', b',', b'-', b'9', 0x80, 0xff, 0
+            ])
+        )
             .prop_map(|(at, byte)| Edit::Set { at, byte }),
     ];
     prop::collection::vec(edit, 1..6)
@@ -197,7 +210,22 @@ fn apply(mut bytes: Vec<u8>, edits: &[Edit]) -> Vec<u8> {
 /// Values that break sizes: empty, negative, zero, off by one, huge, overflowing products.
 fn dim() -> impl Strategy<Value = i64> {
     prop_oneof![
-        prop::sample::select(vec![-2i64, -1, 0, 1, 2, 8, 9, 15, 16, 17, 1 << 31, 1 << 40, i64::MAX, i64::MIN]),
+        prop::sample::select(vec![
+            -2i64,
+            -1,
+            0,
+            1,
+            2,
+            8,
+            9,
+            15,
+            16,
+            17,
+            1 << 31,
+            1 << 40,
+            i64::MAX,
+            i64::MIN
+        ]),
         0i64..64,
     ]
 }
@@ -216,7 +244,10 @@ fn datatype() -> impl Strategy<Value = String> {
 fn config() -> ProptestConfig {
     // Fast enough for every CI run; PROPTEST_CASES raises it.
     ProptestConfig {
-        cases: std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(200),
+        cases: std::env::var("PROPTEST_CASES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(200),
         failure_persistence: None,
         ..ProptestConfig::default()
     }

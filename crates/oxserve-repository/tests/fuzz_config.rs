@@ -11,11 +11,45 @@ const ADD_SUB: &str = include_str!("../../../examples/models/add_sub/config.pbtx
 /// Tokens of the text format and of Triton's schema, for edits that keep the text
 /// almost-valid so the parser gets past its first line.
 const TOKENS: &[&str] = &[
-    "[", "]", "{", "}", ":", ",", "\"", "#", "\n", "-1", "0", "18446744073709551616", "1e400", "nan",
-    "TYPE_FP32", "TYPE_STRING", "TYPE_BOOL", "TYPE_INVALID", "dims", "reshape", "input", "output",
-    "max_batch_size", "instance_group", "KIND_CPU", "KIND_GPU", "count", "dynamic_batching",
-    "version_policy", "specific", "versions", "parameters", "key", "value", "string_value", "\\x",
-    "\u{fffd}", "é", "\0",
+    "[",
+    "]",
+    "{",
+    "}",
+    ":",
+    ",",
+    "\"",
+    "#",
+    "\n",
+    "-1",
+    "0",
+    "18446744073709551616",
+    "1e400",
+    "nan",
+    "TYPE_FP32",
+    "TYPE_STRING",
+    "TYPE_BOOL",
+    "TYPE_INVALID",
+    "dims",
+    "reshape",
+    "input",
+    "output",
+    "max_batch_size",
+    "instance_group",
+    "KIND_CPU",
+    "KIND_GPU",
+    "count",
+    "dynamic_batching",
+    "version_policy",
+    "specific",
+    "versions",
+    "parameters",
+    "key",
+    "value",
+    "string_value",
+    "\\x",
+    "\u{fffd}",
+    "é",
+    "\0",
 ];
 
 fn check(text: &str) -> Result<(), TestCaseError> {
@@ -23,14 +57,20 @@ fn check(text: &str) -> Result<(), TestCaseError> {
         Ok(config) => {
             let _ = validate_config(&config);
             let json = config_to_json(&config);
-            prop_assert!(config_from_json(&json).is_ok(), "rendered JSON does not parse back: {json}");
+            prop_assert!(
+                config_from_json(&json).is_ok(),
+                "rendered JSON does not parse back: {json}"
+            );
         }
         Err(ConfigError::Parse {
             position: Some((line, column)),
             ..
         }) => {
             let lines = text.split('\n').count();
-            prop_assert!(line >= 1 && line <= lines && column >= 1, "position {line}:{column}");
+            prop_assert!(
+                line >= 1 && line <= lines && column >= 1,
+                "position {line}:{column}"
+            );
         }
         Err(_) => {}
     }
@@ -39,7 +79,10 @@ fn check(text: &str) -> Result<(), TestCaseError> {
 
 fn config() -> ProptestConfig {
     ProptestConfig {
-        cases: std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(300),
+        cases: std::env::var("PROPTEST_CASES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(300),
         failure_persistence: None,
         ..ProptestConfig::default()
     }

@@ -10,7 +10,14 @@ use proptest::prelude::*;
 fn value() -> impl Strategy<Value = ParamValue> {
     prop_oneof![
         any::<bool>().prop_map(ParamValue::Bool),
-        prop_oneof![Just(i64::MIN), Just(-1i64), Just(0i64), Just(i64::MAX), any::<i64>()].prop_map(ParamValue::Int),
+        prop_oneof![
+            Just(i64::MIN),
+            Just(-1i64),
+            Just(0i64),
+            Just(i64::MAX),
+            any::<i64>()
+        ]
+        .prop_map(ParamValue::Int),
         prop_oneof![Just(u64::MAX), Just(1u64 << 63), any::<u64>()].prop_map(ParamValue::Uint),
         prop_oneof![Just(f64::NAN), Just(-0.0f64), Just(1e300f64), any::<f64>()].prop_map(ParamValue::Double),
         ".{0,8}".prop_map(ParamValue::String),
@@ -19,7 +26,10 @@ fn value() -> impl Strategy<Value = ParamValue> {
 
 fn config() -> ProptestConfig {
     ProptestConfig {
-        cases: std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(1000),
+        cases: std::env::var("PROPTEST_CASES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1000),
         failure_persistence: None,
         ..ProptestConfig::default()
     }

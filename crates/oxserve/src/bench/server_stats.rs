@@ -172,7 +172,10 @@ impl StatsSource {
                 None => StatsSource::None,
             };
         }
-        let Ok(client) = super::headers::http_client().timeout(Duration::from_secs(5)).build() else {
+        let Ok(client) = super::headers::http_client()
+            .timeout(Duration::from_secs(5))
+            .build()
+        else {
             return StatsSource::None;
         };
         let url = format!(
