@@ -11,6 +11,7 @@ mod scheduling;
 mod service;
 mod stats;
 mod validate;
+mod warmup;
 
 pub use lifecycle::{LoadOverride, OverrideFile};
 pub use manager::{BACKEND_REASON_PARAMETER, ControlMode, ManagerOptions, ModelManager, PLACEMENT_REASON_PARAMETER};

@@ -527,7 +527,7 @@ impl ModelManager {
                 },
             );
         }
-        Ok(ServedVersion {
+        let served = ServedVersion {
             model_name: dir.name.clone(),
             version,
             load_key,
@@ -536,7 +536,10 @@ impl ModelManager {
             metadata,
             scheduler,
             stats,
-        })
+        };
+        // Ready only once its warmup has run (a failed warmup is a failed load).
+        crate::warmup::run(&served, &dir.path)?;
+        Ok(served)
     }
 }
 

@@ -351,7 +351,7 @@ async fn run(
     })
 }
 
-fn exec_error(served: &ServedVersion, e: ExecError) -> (Error, FailureReason) {
+pub(crate) fn exec_error(served: &ServedVersion, e: ExecError) -> (Error, FailureReason) {
     let name = &served.model_name;
     match e {
         ExecError::Overloaded => (
