@@ -418,12 +418,6 @@ def test_new_version_replaces_the_old_and_reloads_under_traffic_lose_nothing(tmp
             g.close()
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "a version retired because the version policy no longer selects it (version 2 added under "
-    "the default policy, latest 1) ends UNAVAILABLE 'unloaded' in a record whose `unloaded` "
-    "flag is false, and InferenceService::is_ready (service.rs) with strict readiness requires "
-    "every version of every non-unloaded model to serve: /v2/health/ready turns 503 after a "
-    "routine reload although every model has a READY version"))
 def test_a_version_retired_by_a_reload_keeps_the_server_ready(tmp_path):
     repo = make_repo(tmp_path, "add_sub")
     model = repo / "add_sub"
@@ -509,12 +503,6 @@ def test_unload_lets_requests_in_flight_finish(tmp_path):
 # 4. a corrupt new version: the load fails, the old version keeps serving
 # ---------------------------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "with the default version policy (latest 1) a reload whose only selected version (the new, "
-    "corrupt version 2) fails retires the serving version 1 anyway: lifecycle.rs install() "
-    "puts every previously serving version that is not in built.versions into `leaving` even "
-    "when the versions that replace it failed, so add_sub has no READY version afterwards "
-    "(requests fail 'not ready') instead of 'the reload failed, the previous load keeps serving'"))
 def test_corrupt_new_version_fails_and_the_old_one_keeps_serving(tmp_path):
     repo = make_repo(tmp_path, "add_sub")
     model = repo / "add_sub"

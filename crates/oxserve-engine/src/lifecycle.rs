@@ -28,13 +28,15 @@ use crate::model::ServedVersion;
 pub(crate) struct Built {
     pub versions: BTreeMap<u64, std::result::Result<Arc<ServedVersion>, String>>,
     pub error: Option<String>,
+    /// config.pbtxt's `version_labels`.
+    pub labels: BTreeMap<String, u64>,
 }
 
 impl Built {
     pub(crate) fn failed(reason: String) -> Built {
         Built {
-            versions: BTreeMap::new(),
             error: Some(reason),
+            ..Built::default()
         }
     }
 }
@@ -195,30 +197,57 @@ impl ModelManager {
             return Err(reason);
         }
 
+        let failures: Vec<String> = built
+            .versions
+            .iter()
+            .filter_map(|(v, r)| r.as_ref().err().map(|reason| format!("version {v}: {reason}")))
+            .collect();
+        if any_serving && !failures.is_empty() {
+            // A reload is all or nothing: what served keeps serving, unchanged, and the versions
+            // this load did bring up are dropped unpublished.
+            let reason = format!(
+                "the reload failed, the previous load keeps serving: {}",
+                failures.join("; ")
+            );
+            tracing::error!(model = %name, %reason, "model reload failed");
+            let mut failed_new = BTreeMap::new();
+            for (v, result) in built.versions {
+                match result {
+                    Ok(served) if serving_before(&v).is_none_or(|old| !Arc::ptr_eq(&old, &served)) => {
+                        self.retiring.retire(name, v, served, true);
+                    }
+                    Ok(_) => {}
+                    // Shown in the index; the versions that served are untouched.
+                    Err(reason) if serving_before(&v).is_none() => {
+                        failed_new.insert(v, VersionState::Unavailable(reason));
+                    }
+                    Err(_) => {}
+                }
+            }
+            self.publish(name, |latest| {
+                let mut record = latest.cloned().unwrap_or_default();
+                record.versions.retain(|_, s| !matches!(s, VersionState::Loading));
+                for (v, state) in &failed_new {
+                    record.versions.entry(*v).or_insert_with(|| state.clone());
+                }
+                record.reload_error = Some(reason.clone());
+                record
+            });
+            return Err(failures.join("; "));
+        }
+
         let mut versions = BTreeMap::new();
-        let mut failures = Vec::new();
-        let mut kept_after_failure = Vec::new();
         let mut retire: Vec<(u64, Arc<ServedVersion>, bool)> = Vec::new();
         for (v, result) in built.versions {
-            let before = serving_before(&v);
             match result {
                 Ok(served) => {
-                    if let Some(old) = before.filter(|old| !Arc::ptr_eq(old, &served)) {
+                    if let Some(old) = serving_before(&v).filter(|old| !Arc::ptr_eq(old, &served)) {
                         retire.push((v, old, true));
                     }
                     versions.insert(v, VersionState::Ready(served));
                 }
                 Err(reason) => {
-                    failures.push(format!("version {v}: {reason}"));
-                    match before {
-                        Some(old) => {
-                            kept_after_failure.push(format!("version {v}: {reason}"));
-                            versions.insert(v, VersionState::Ready(old));
-                        }
-                        None => {
-                            versions.insert(v, VersionState::Unavailable(reason));
-                        }
-                    }
+                    versions.insert(v, VersionState::Unavailable(reason));
                 }
             }
         }
@@ -236,19 +265,16 @@ impl ModelManager {
             }
         }
         let override_dir = override_dir.map(Arc::new);
-        let reload_error = (!kept_after_failure.is_empty()).then(|| {
-            format!(
-                "the reload failed, the previous load keeps serving: {}",
-                kept_after_failure.join("; ")
-            )
-        });
+        let labels: BTreeMap<String, Vec<u64>> = built.labels.iter().map(|(l, v)| (l.clone(), vec![*v])).collect();
         self.publish(name, |latest| {
             let mut record = ModelRecord {
                 versions: versions.clone(),
                 error: None,
-                reload_error: reload_error.clone(),
+                reload_error: None,
                 unloaded: false,
                 _override_dir: override_dir.clone(),
+                labels: labels.clone(),
+                default_pin: None,
             };
             for v in &leaving {
                 record.versions.insert(*v, VersionState::Unloading);
@@ -350,9 +376,7 @@ impl ModelManager {
                         record.versions.insert(*v, VersionState::Unloading);
                     }
                     _ => {
-                        record
-                            .versions
-                            .insert(*v, VersionState::Unavailable("unloaded".into()));
+                        record.versions.insert(*v, VersionState::Unloaded);
                     }
                 }
             }
@@ -426,6 +450,117 @@ impl ModelManager {
     /// Waits until every retired version has been dropped (tests, shutdown).
     pub fn wait_retired(&self, timeout: Duration) -> bool {
         self.retiring.wait_empty(timeout)
+    }
+}
+
+impl ModelManager {
+    /// Points a label at a serving version (run time; the next load re-applies config.pbtxt's
+    /// labels). The label's earlier version is kept for [`ModelManager::rollback`].
+    pub fn set_version_label(&self, name: &str, label: &str, version: u64) -> Result<()> {
+        if !oxserve_repository::is_label_name(label) {
+            return Err(Error::invalid(format!(
+                "label '{label}' must be 1-64 letters, digits, '_', '-' or '.'"
+            )));
+        }
+        let _serial = self.lifecycle.lock();
+        let record = self.serving_record(name)?;
+        if record.versions.get(&version).and_then(VersionState::serving).is_none() {
+            return Err(Error::invalid(format!(
+                "cannot point label '{label}' of model '{name}' at version {version}: it is not serving"
+            )));
+        }
+        if record.label(label) == Some(version) {
+            return Ok(());
+        }
+        self.publish(name, |latest| {
+            let mut record = latest.cloned().unwrap_or_default();
+            record.labels.entry(label.to_string()).or_default().push(version);
+            record
+        });
+        tracing::info!(model = %name, %label, version, "version label set");
+        Ok(())
+    }
+
+    /// Rolls a label back to the version it pointed at before, or (no label) the default back
+    /// from the version requests get now to the next lower serving version. Effective for the
+    /// next request. Ok: the version it points at now.
+    pub fn rollback(&self, name: &str, label: Option<&str>) -> Result<u64> {
+        let _serial = self.lifecycle.lock();
+        let record = self.serving_record(name)?;
+        let target = match label {
+            Some(label) => {
+                let history = record
+                    .labels
+                    .get(label)
+                    .ok_or_else(|| Error::not_found(format!("model '{name}' has no version label '{label}'")))?;
+                let previous = history.len().checked_sub(2).map(|i| history[i]).ok_or_else(|| {
+                    Error::invalid(format!(
+                        "label '{label}' of model '{name}' has pointed only at version {}: nothing to roll back to",
+                        history.last().copied().unwrap_or_default()
+                    ))
+                })?;
+                if record.versions.get(&previous).and_then(VersionState::serving).is_none() {
+                    return Err(Error::invalid(format!(
+                        "cannot roll label '{label}' of model '{name}' back to version {previous}: it is not serving"
+                    )));
+                }
+                previous
+            }
+            None => {
+                let current = record
+                    .default_pin
+                    .filter(|pin| record.versions.get(pin).and_then(VersionState::serving).is_some())
+                    .or_else(|| record.latest_serving(None))
+                    .ok_or_else(|| Error::unavailable(format!("model '{name}' has no serving version")))?;
+                record.latest_serving(Some(current)).ok_or_else(|| {
+                    Error::invalid(format!(
+                        "model '{name}' serves no version below {current}: nothing to roll back to"
+                    ))
+                })?
+            }
+        };
+        self.publish(name, |latest| {
+            let mut record = latest.cloned().unwrap_or_default();
+            match label {
+                Some(label) => {
+                    if let Some(history) = record.labels.get_mut(label) {
+                        history.pop();
+                    }
+                }
+                None => record.default_pin = Some(target),
+            }
+            record
+        });
+        tracing::info!(model = %name, label = label.unwrap_or("(default)"), version = target, "rolled back");
+        Ok(target)
+    }
+
+    /// A model's labels (label → version) and the version requests without one get.
+    pub fn version_labels(&self, name: &str) -> Result<(BTreeMap<String, u64>, Option<u64>)> {
+        let table = self.snapshot();
+        let record = table
+            .models
+            .get(name)
+            .ok_or_else(|| Error::not_found(format!("unknown model '{name}'")))?;
+        let labels = record
+            .labels
+            .iter()
+            .filter_map(|(l, h)| h.last().map(|v| (l.clone(), *v)))
+            .collect();
+        let default = record
+            .default_pin
+            .filter(|pin| record.versions.get(pin).and_then(VersionState::serving).is_some())
+            .or_else(|| record.latest_serving(None));
+        Ok((labels, default))
+    }
+
+    fn serving_record(&self, name: &str) -> Result<ModelRecord> {
+        self.snapshot()
+            .models
+            .get(name)
+            .filter(|r| !r.unloaded)
+            .cloned()
+            .ok_or_else(|| Error::not_found(format!("unknown model '{name}'")))
     }
 }
 
@@ -555,9 +690,7 @@ fn retire_loop(shared: Weak<RetireShared>, table: Weak<ArcSwap<ModelTable>>) {
                     if let Some(record) = next.models.get_mut(&model)
                         && matches!(record.versions.get(&version), Some(VersionState::Unloading))
                     {
-                        record
-                            .versions
-                            .insert(version, VersionState::Unavailable("unloaded".into()));
+                        record.versions.insert(version, VersionState::Unloaded);
                     }
                     next
                 });

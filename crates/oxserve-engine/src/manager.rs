@@ -104,6 +104,8 @@ pub(crate) enum VersionState {
     Loading,
     /// Taken out of service; its in-flight and queued requests are finishing.
     Unloading,
+    /// Taken out of service on purpose (an unload, or no longer selected) and gone.
+    Unloaded,
     Unavailable(String),
 }
 
@@ -123,6 +125,7 @@ impl VersionState {
             VersionState::Ready(served) => served.scheduler.failure(),
             VersionState::Loading => Some("loading"),
             VersionState::Unloading => Some("unloading"),
+            VersionState::Unloaded => Some("unloaded"),
             VersionState::Unavailable(reason) => Some(reason),
         }
     }
@@ -151,6 +154,29 @@ pub(crate) struct ModelRecord {
     /// The files of a load request that carried them (Triton's `file:` parameters): the
     /// directory lives as long as the versions loaded from it.
     pub _override_dir: Option<Arc<tempfile::TempDir>>,
+    /// Version labels, each with the versions it pointed at before (the last is current), so
+    /// a rollback can step back. Set from config.pbtxt at each load, changed at run time.
+    pub labels: BTreeMap<String, Vec<u64>>,
+    /// The version a request without a version or label gets, when rolled back from the
+    /// latest (cleared by the next load).
+    pub default_pin: Option<u64>,
+}
+
+impl ModelRecord {
+    /// The version a label points at now.
+    pub(crate) fn label(&self, label: &str) -> Option<u64> {
+        self.labels.get(label).and_then(|history| history.last().copied())
+    }
+
+    /// The highest serving version, optionally below `below`.
+    pub(crate) fn latest_serving(&self, below: Option<u64>) -> Option<u64> {
+        self.versions
+            .iter()
+            .rev()
+            .filter(|(v, _)| below.is_none_or(|b| **v < b))
+            .find(|(_, s)| s.serving().is_some())
+            .map(|(v, _)| *v)
+    }
 }
 
 impl ModelRecord {
@@ -327,7 +353,10 @@ impl ModelManager {
         // New versions show as LOADING while they load; reloaded ones keep serving.
         self.publish_loading(&dir.name, &selected);
         let config_key = oxserve_repository::config_to_json(&config);
-        let mut built = Built::default();
+        let mut built = Built {
+            labels: config.version_labels.iter().map(|(l, v)| (l.clone(), *v as u64)).collect(),
+            ..Built::default()
+        };
         for version in selected {
             let version_key = crate::lifecycle::version_key(&config_key, &dir.path, version);
             if let Some(served) = current
@@ -742,6 +771,17 @@ fn metadata(name: &str, version: u64, cfg: &ModelConfig, io: &ModelIo) -> ModelM
 }
 
 impl ModelTable {
+    /// The version a label of a model points at (NOT_FOUND for an unknown model or label).
+    pub(crate) fn label_version(&self, name: &str, label: &str) -> Result<u64> {
+        let record = self
+            .models
+            .get(name)
+            .ok_or_else(|| Error::not_found(format!("unknown model '{name}'")))?;
+        record
+            .label(label)
+            .ok_or_else(|| Error::not_found(format!("model '{name}' has no version label '{label}'")))
+    }
+
     /// The version a request addresses: the given one, or the highest ready one.
     pub(crate) fn resolve(&self, name: &str, version: Option<u64>) -> Result<Arc<ServedVersion>> {
         let Some(record) = self.models.get(name) else {
@@ -759,10 +799,11 @@ impl ModelTable {
                 None => Err(Error::not_found(format!("unknown version {v} of model '{name}'"))),
             },
             None => record
-                .versions
-                .values()
-                .rev()
-                .find_map(|s| s.serving().map(Arc::clone))
+                .default_pin
+                .and_then(|pin| record.versions.get(&pin))
+                .and_then(VersionState::serving)
+                .map(Arc::clone)
+                .or_else(|| record.versions.values().rev().find_map(|s| s.serving().map(Arc::clone)))
                 .ok_or_else(|| {
                     // Say why: the model's own error, else the newest version's reason.
                     let reason = record

@@ -99,12 +99,18 @@ impl InferenceService {
             return true;
         }
         let table = self.inner.manager.snapshot();
-        // Unloaded models were taken out on purpose: they do not make the server unready.
+        // Models and versions taken out on purpose do not make the server unready, nor does a
+        // reload that failed while the versions loaded before keep serving.
         table.models.values().filter(|m| !m.unloaded).all(|m| {
             m.error.is_none()
-                && m.versions
-                    .values()
-                    .all(|v| v.serving().is_some() || matches!(v, crate::manager::VersionState::Unloading))
+                && m.versions.values().all(|v| {
+                    v.serving().is_some()
+                        || matches!(
+                            v,
+                            crate::manager::VersionState::Unloading | crate::manager::VersionState::Unloaded
+                        )
+                        || (m.reload_error.is_some() && matches!(v, crate::manager::VersionState::Unavailable(_)))
+                })
         })
     }
 
@@ -240,6 +246,26 @@ impl InferenceService {
         if let Err(e) = spawned {
             tracing::error!(error = %e, "cannot start the repository poll thread");
         }
+    }
+
+    /// The version a label points at (NOT_FOUND: unknown model or label).
+    pub fn label_version(&self, name: &str, label: &str) -> Result<u64> {
+        self.inner.manager.snapshot().label_version(name, label)
+    }
+
+    /// Points a label at a serving version (see [`ModelManager::set_version_label`]).
+    pub fn set_version_label(&self, name: &str, label: &str, version: u64) -> Result<()> {
+        self.inner.manager.set_version_label(name, label, version)
+    }
+
+    /// Rolls a label, or the default version, back (see [`ModelManager::rollback`]).
+    pub fn rollback(&self, name: &str, label: Option<&str>) -> Result<u64> {
+        self.inner.manager.rollback(name, label)
+    }
+
+    /// A model's labels and its default version.
+    pub fn version_labels(&self, name: &str) -> Result<(std::collections::BTreeMap<String, u64>, Option<u64>)> {
+        self.inner.manager.version_labels(name)
     }
 
     pub fn control_mode(&self) -> ControlMode {

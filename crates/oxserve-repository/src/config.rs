@@ -253,7 +253,25 @@ pub fn validate_config(cfg: &pb::ModelConfig) -> Result<(), ConfigError> {
         )));
     }
     check_warmups(cfg).map_err(invalid)?;
+    for (label, version) in &cfg.version_labels {
+        if !is_label_name(label) {
+            return Err(invalid(format!(
+                "version_labels: label '{label}' must be 1-64 letters, digits, '_', '-' or '.'"
+            )));
+        }
+        if *version < 1 {
+            return Err(invalid(format!("version_labels: label '{label}' names version {version}; versions start at 1")));
+        }
+    }
     Ok(())
+}
+
+/// A version label usable in a URL path segment and a header.
+pub fn is_label_name(label: &str) -> bool {
+    (1..=64).contains(&label.len())
+        && label.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+        && label != "."
+        && label != ".."
 }
 
 /// Triton's rules for `model_warmup`: fixed dims, one data source per input, a batch size
