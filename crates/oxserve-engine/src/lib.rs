@@ -14,6 +14,8 @@ mod validate;
 mod warmup;
 
 pub use lifecycle::{LoadOverride, OverrideFile};
-pub use manager::{BACKEND_REASON_PARAMETER, ControlMode, ManagerOptions, ModelManager, PLACEMENT_REASON_PARAMETER};
+pub use manager::{
+    BACKEND_REASON_PARAMETER, ControlMode, ManagerOptions, ModelManager, PLACEMENT_REASON_PARAMETER,
+};
 pub use service::{IndexEntry, InferenceService, ServerMetadata};
 pub use stats::{BatchStat, FailureReason, InferStats, Metrics, ModelStatistics, StatDuration};

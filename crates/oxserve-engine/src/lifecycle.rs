@@ -265,7 +265,8 @@ impl ModelManager {
             }
         }
         let override_dir = override_dir.map(Arc::new);
-        let labels: BTreeMap<String, Vec<u64>> = built.labels.iter().map(|(l, v)| (l.clone(), vec![*v])).collect();
+        let labels: BTreeMap<String, Vec<u64>> =
+            built.labels.iter().map(|(l, v)| (l.clone(), vec![*v])).collect();
         self.publish(name, |latest| {
             let mut record = ModelRecord {
                 versions: versions.clone(),
@@ -464,7 +465,12 @@ impl ModelManager {
         }
         let _serial = self.lifecycle.lock();
         let record = self.serving_record(name)?;
-        if record.versions.get(&version).and_then(VersionState::serving).is_none() {
+        if record
+            .versions
+            .get(&version)
+            .and_then(VersionState::serving)
+            .is_none()
+        {
             return Err(Error::invalid(format!(
                 "cannot point label '{label}' of model '{name}' at version {version}: it is not serving"
             )));
@@ -489,17 +495,21 @@ impl ModelManager {
         let record = self.serving_record(name)?;
         let target = match label {
             Some(label) => {
-                let history = record
-                    .labels
-                    .get(label)
-                    .ok_or_else(|| Error::not_found(format!("model '{name}' has no version label '{label}'")))?;
+                let history = record.labels.get(label).ok_or_else(|| {
+                    Error::not_found(format!("model '{name}' has no version label '{label}'"))
+                })?;
                 let previous = history.len().checked_sub(2).map(|i| history[i]).ok_or_else(|| {
                     Error::invalid(format!(
                         "label '{label}' of model '{name}' has pointed only at version {}: nothing to roll back to",
                         history.last().copied().unwrap_or_default()
                     ))
                 })?;
-                if record.versions.get(&previous).and_then(VersionState::serving).is_none() {
+                if record
+                    .versions
+                    .get(&previous)
+                    .and_then(VersionState::serving)
+                    .is_none()
+                {
                     return Err(Error::invalid(format!(
                         "cannot roll label '{label}' of model '{name}' back to version {previous}: it is not serving"
                     )));
@@ -584,7 +594,8 @@ fn write_override_files(name: &str, files: &[OverrideFile]) -> Result<(ModelDir,
             .parent()
             .map_or(Ok(()), std::fs::create_dir_all)
             .and_then(|()| std::fs::write(&path, &file.contents));
-        written.map_err(|e| Error::internal(format!("cannot write the model's file '{}': {e}", file.path)))?;
+        written
+            .map_err(|e| Error::internal(format!("cannot write the model's file '{}': {e}", file.path)))?;
     }
     Ok((
         ModelDir {
@@ -706,8 +717,14 @@ mod tests {
 
     #[test]
     fn override_paths_stay_inside_the_model_directory() {
-        assert_eq!(safe_relative_path("1/model.onnx"), Some(PathBuf::from("1/model.onnx")));
-        assert_eq!(safe_relative_path("./1/model.onnx"), Some(PathBuf::from("1/model.onnx")));
+        assert_eq!(
+            safe_relative_path("1/model.onnx"),
+            Some(PathBuf::from("1/model.onnx"))
+        );
+        assert_eq!(
+            safe_relative_path("./1/model.onnx"),
+            Some(PathBuf::from("1/model.onnx"))
+        );
         assert_eq!(safe_relative_path("../x"), None);
         assert_eq!(safe_relative_path("1/../../x"), None);
         assert_eq!(safe_relative_path("/etc/passwd"), None);
@@ -730,7 +747,10 @@ mod tests {
         std::fs::create_dir(dir.path().join("2")).unwrap();
         let with_two = fingerprint_dir(dir.path());
         assert_ne!(version_key("{}", dir.path(), 1), version_key("{}", dir.path(), 2));
-        assert_ne!(version_key("{}", dir.path(), 1), version_key("{\"a\":1}", dir.path(), 1));
+        assert_ne!(
+            version_key("{}", dir.path(), 1),
+            version_key("{\"a\":1}", dir.path(), 1)
+        );
         assert_eq!(with_two, fingerprint_dir(dir.path()));
     }
 }

@@ -75,7 +75,9 @@ impl std::str::FromStr for ControlMode {
             "none" => Ok(ControlMode::None),
             "poll" => Ok(ControlMode::Poll),
             "explicit" => Ok(ControlMode::Explicit),
-            other => Err(format!("unknown model control mode '{other}' (none, poll or explicit)")),
+            other => Err(format!(
+                "unknown model control mode '{other}' (none, poll or explicit)"
+            )),
         }
     }
 }
@@ -246,7 +248,8 @@ impl ModelManager {
         let all = !explicit || self.options.startup_models.iter().any(|m| m == "*");
         for name in &self.options.startup_models {
             if explicit && name != "*" && !dirs.contains_key(name) {
-                let reason = format!("failed to load '{name}': no model directory '{name}' in the model repositories");
+                let reason =
+                    format!("failed to load '{name}': no model directory '{name}' in the model repositories");
                 tracing::error!(model = %name, "{reason}");
                 self.publish(name, |_| ModelRecord::failed(reason.clone()));
             }
@@ -310,13 +313,15 @@ impl ModelManager {
     ) -> Result<(), String> {
         let current = self.snapshot().models.get(&dir.name).cloned();
         // A panic in our own configuration code is a model failure, not a lost table.
-        let built = catch_unwind(AssertUnwindSafe(|| self.build_record(dir, config, current.as_ref())))
-            .unwrap_or_else(|payload| {
-                crate::lifecycle::Built::failed(format!(
-                    "loading panicked: {}",
-                    truncate(&panic_message(payload.as_ref()), 300)
-                ))
-            });
+        let built = catch_unwind(AssertUnwindSafe(|| {
+            self.build_record(dir, config, current.as_ref())
+        }))
+        .unwrap_or_else(|payload| {
+            crate::lifecycle::Built::failed(format!(
+                "loading panicked: {}",
+                truncate(&panic_message(payload.as_ref()), 300)
+            ))
+        });
         self.install(&dir.name, current.as_ref(), built, override_dir)
     }
 
@@ -354,7 +359,11 @@ impl ModelManager {
         self.publish_loading(&dir.name, &selected);
         let config_key = oxserve_repository::config_to_json(&config);
         let mut built = Built {
-            labels: config.version_labels.iter().map(|(l, v)| (l.clone(), *v as u64)).collect(),
+            labels: config
+                .version_labels
+                .iter()
+                .map(|(l, v)| (l.clone(), *v as u64))
+                .collect(),
             ..Built::default()
         };
         for version in selected {
@@ -803,7 +812,13 @@ impl ModelTable {
                 .and_then(|pin| record.versions.get(&pin))
                 .and_then(VersionState::serving)
                 .map(Arc::clone)
-                .or_else(|| record.versions.values().rev().find_map(|s| s.serving().map(Arc::clone)))
+                .or_else(|| {
+                    record
+                        .versions
+                        .values()
+                        .rev()
+                        .find_map(|s| s.serving().map(Arc::clone))
+                })
                 .ok_or_else(|| {
                     // Say why: the model's own error, else the newest version's reason.
                     let reason = record

@@ -109,7 +109,8 @@ impl InferenceService {
                             v,
                             crate::manager::VersionState::Unloading | crate::manager::VersionState::Unloaded
                         )
-                        || (m.reload_error.is_some() && matches!(v, crate::manager::VersionState::Unavailable(_)))
+                        || (m.reload_error.is_some()
+                            && matches!(v, crate::manager::VersionState::Unavailable(_)))
                 })
         })
     }
@@ -264,7 +265,10 @@ impl InferenceService {
     }
 
     /// A model's labels and its default version.
-    pub fn version_labels(&self, name: &str) -> Result<(std::collections::BTreeMap<String, u64>, Option<u64>)> {
+    pub fn version_labels(
+        &self,
+        name: &str,
+    ) -> Result<(std::collections::BTreeMap<String, u64>, Option<u64>)> {
         self.inner.manager.version_labels(name)
     }
 

@@ -49,11 +49,17 @@ fn sample_inputs(warmup: &ModelWarmup, batched: bool, model_dir: &Path) -> Resul
         let input = &warmup.inputs[name];
         let datatype = oxserve_repository::data_type_of(input.data_type)
             .ok_or_else(|| format!("input '{name}' has no usable data_type"))?;
-        let rows = if batched { warmup.batch_size.max(1) as usize } else { 1 };
+        let rows = if batched {
+            warmup.batch_size.max(1) as usize
+        } else {
+            1
+        };
         let row_elements = input
             .dims
             .iter()
-            .try_fold(1usize, |n, &d| usize::try_from(d).ok().and_then(|d| n.checked_mul(d)))
+            .try_fold(1usize, |n, &d| {
+                usize::try_from(d).ok().and_then(|d| n.checked_mul(d))
+            })
             .ok_or_else(|| format!("input '{name}' needs fixed, non-negative dims"))?;
         let mut shape: Vec<i64> = input.dims.clone();
         if batched {
@@ -63,11 +69,18 @@ fn sample_inputs(warmup: &ModelWarmup, batched: bool, model_dir: &Path) -> Resul
         let data = match &input.input_data_type {
             Some(InputDataType::ZeroData(_)) => zeros(datatype, elements),
             Some(InputDataType::RandomData(_)) => random(datatype, elements),
-            Some(InputDataType::InputDataFile(file)) => {
-                from_file(datatype, row_elements, rows, &model_dir.join(WARMUP_DIR).join(file))
-                    .map_err(|e| format!("input '{name}': {e}"))?
+            Some(InputDataType::InputDataFile(file)) => from_file(
+                datatype,
+                row_elements,
+                rows,
+                &model_dir.join(WARMUP_DIR).join(file),
+            )
+            .map_err(|e| format!("input '{name}': {e}"))?,
+            None => {
+                return Err(format!(
+                    "input '{name}' sets none of zero_data, random_data, input_data_file"
+                ));
             }
-            None => return Err(format!("input '{name}' sets none of zero_data, random_data, input_data_file")),
         };
         tensors.push(Tensor::new(name.clone(), datatype, shape, data));
     }
@@ -104,7 +117,11 @@ fn random(datatype: DataType, elements: usize) -> TensorData {
         let words = (0..elements)
             .map(|_| {
                 let len = rng.random_range(1..=8);
-                Bytes::from((0..len).map(|_| rng.random_range(b'a'..=b'z')).collect::<Vec<u8>>())
+                Bytes::from(
+                    (0..len)
+                        .map(|_| rng.random_range(b'a'..=b'z'))
+                        .collect::<Vec<u8>>(),
+                )
             })
             .collect();
         return TensorData::Strings(words);
@@ -114,7 +131,12 @@ fn random(datatype: DataType, elements: usize) -> TensorData {
 
 /// One row of raw data (Triton's layout: fixed-size elements row-major, BYTES elements each
 /// a 4-byte little-endian length and the bytes), repeated for every row of the batch.
-fn from_file(datatype: DataType, row_elements: usize, rows: usize, path: &Path) -> Result<TensorData, String> {
+fn from_file(
+    datatype: DataType,
+    row_elements: usize,
+    rows: usize,
+    path: &Path,
+) -> Result<TensorData, String> {
     let raw = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     match datatype.size() {
         Some(size) => {
@@ -149,7 +171,9 @@ fn from_file(datatype: DataType, row_elements: usize, rows: usize, path: &Path) 
                     items.len()
                 ));
             }
-            Ok(TensorData::Strings(std::iter::repeat_n(items, rows).flatten().collect()))
+            Ok(TensorData::Strings(
+                std::iter::repeat_n(items, rows).flatten().collect(),
+            ))
         }
     }
 }
@@ -160,11 +184,17 @@ mod tests {
 
     #[test]
     fn samples_have_the_batch_in_front_and_valid_values() {
-        let TensorData::Raw(b) = random(DataType::Bool, 64) else { panic!() };
+        let TensorData::Raw(b) = random(DataType::Bool, 64) else {
+            panic!()
+        };
         assert!(b.iter().all(|&v| v <= 1));
-        let TensorData::Raw(f) = random(DataType::F32, 4) else { panic!() };
+        let TensorData::Raw(f) = random(DataType::F32, 4) else {
+            panic!()
+        };
         assert_eq!(f.len(), 16);
-        let TensorData::Strings(s) = zeros(DataType::Bytes, 3) else { panic!() };
+        let TensorData::Strings(s) = zeros(DataType::Bytes, 3) else {
+            panic!()
+        };
         assert_eq!(s, vec![Bytes::new(); 3]);
     }
 
@@ -173,13 +203,28 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("x");
         std::fs::write(&path, 1.5f32.to_le_bytes().repeat(2)).unwrap();
-        let TensorData::Raw(b) = from_file(DataType::F32, 2, 3, &path).unwrap() else { panic!() };
+        let TensorData::Raw(b) = from_file(DataType::F32, 2, 3, &path).unwrap() else {
+            panic!()
+        };
         assert_eq!(b.len(), 24);
-        assert!(from_file(DataType::F32, 3, 1, &path).unwrap_err().contains("one sample"));
+        assert!(
+            from_file(DataType::F32, 3, 1, &path)
+                .unwrap_err()
+                .contains("one sample")
+        );
         std::fs::write(&path, [2, 0, 0, 0, b'h', b'i', 0, 0, 0, 0]).unwrap();
-        let TensorData::Strings(s) = from_file(DataType::Bytes, 2, 2, &path).unwrap() else { panic!() };
-        assert_eq!(s, vec![Bytes::from("hi"), Bytes::new(), Bytes::from("hi"), Bytes::new()]);
+        let TensorData::Strings(s) = from_file(DataType::Bytes, 2, 2, &path).unwrap() else {
+            panic!()
+        };
+        assert_eq!(
+            s,
+            vec![Bytes::from("hi"), Bytes::new(), Bytes::from("hi"), Bytes::new()]
+        );
         std::fs::write(&path, [9, 0, 0, 0, b'h']).unwrap();
-        assert!(from_file(DataType::Bytes, 1, 1, &path).unwrap_err().contains("cut short"));
+        assert!(
+            from_file(DataType::Bytes, 1, 1, &path)
+                .unwrap_err()
+                .contains("cut short")
+        );
     }
 }

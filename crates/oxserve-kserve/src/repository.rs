@@ -21,7 +21,10 @@ pub(crate) enum RepositoryParameter {
 const FILE_PREFIX: &str = "file:";
 
 /// The overrides of a load request; unknown parameters are refused with their name.
-pub(crate) fn load_override(model: &str, parameters: Vec<(String, RepositoryParameter)>) -> Result<LoadOverride> {
+pub(crate) fn load_override(
+    model: &str,
+    parameters: Vec<(String, RepositoryParameter)>,
+) -> Result<LoadOverride> {
     let mut overrides = LoadOverride::default();
     for (key, value) in parameters {
         if key == "config" {
@@ -64,7 +67,10 @@ pub(crate) fn load_override(model: &str, parameters: Vec<(String, RepositoryPara
 
 /// Checks an unload request's parameters: only `unload_dependents` (a boolean) is known.
 /// No model here depends on another one, so it has nothing more to unload.
-pub(crate) fn check_unload_parameters(model: &str, parameters: &[(String, RepositoryParameter)]) -> Result<()> {
+pub(crate) fn check_unload_parameters(
+    model: &str,
+    parameters: &[(String, RepositoryParameter)],
+) -> Result<()> {
     for (key, value) in parameters {
         match (key.as_str(), value) {
             ("unload_dependents", RepositoryParameter::Bool(_)) => {}
@@ -93,7 +99,10 @@ mod tests {
             "m",
             vec![
                 ("config".into(), RepositoryParameter::Text("{}".into())),
-                ("file:1/model.onnx".into(), RepositoryParameter::Text("AAEC".into())),
+                (
+                    "file:1/model.onnx".into(),
+                    RepositoryParameter::Text("AAEC".into()),
+                ),
                 ("file:1/extra.bin".into(), RepositoryParameter::Bytes(vec![7])),
             ],
         )
@@ -106,17 +115,30 @@ mod tests {
 
     #[test]
     fn bad_load_parameters_name_the_parameter() {
-        let err = |p: Vec<(String, RepositoryParameter)>| load_override("m", p).err().unwrap().message().to_string();
+        let err = |p: Vec<(String, RepositoryParameter)>| {
+            load_override("m", p).err().unwrap().message().to_string()
+        };
         assert!(err(vec![("config".into(), RepositoryParameter::Bool(true))]).contains("'config'"));
         assert!(err(vec![("file:1/a".into(), RepositoryParameter::Text("***".into()))]).contains("base64"));
         assert!(err(vec![("file:1/a".into(), RepositoryParameter::Int(3))]).contains("'file:1/a'"));
-        assert!(err(vec![("colour".into(), RepositoryParameter::Int(3))]).contains("unknown parameter 'colour'"));
+        assert!(
+            err(vec![("colour".into(), RepositoryParameter::Int(3))]).contains("unknown parameter 'colour'")
+        );
     }
 
     #[test]
     fn unload_knows_only_unload_dependents() {
-        assert!(check_unload_parameters("m", &[("unload_dependents".into(), RepositoryParameter::Bool(true))]).is_ok());
-        assert!(check_unload_parameters("m", &[("unload_dependents".into(), RepositoryParameter::Int(1))]).is_err());
+        assert!(
+            check_unload_parameters(
+                "m",
+                &[("unload_dependents".into(), RepositoryParameter::Bool(true))]
+            )
+            .is_ok()
+        );
+        assert!(
+            check_unload_parameters("m", &[("unload_dependents".into(), RepositoryParameter::Int(1))])
+                .is_err()
+        );
         assert!(check_unload_parameters("m", &[("x".into(), RepositoryParameter::Bool(true))]).is_err());
     }
 }

@@ -260,7 +260,9 @@ pub fn validate_config(cfg: &pb::ModelConfig) -> Result<(), ConfigError> {
             )));
         }
         if *version < 1 {
-            return Err(invalid(format!("version_labels: label '{label}' names version {version}; versions start at 1")));
+            return Err(invalid(format!(
+                "version_labels: label '{label}' names version {version}; versions start at 1"
+            )));
         }
     }
     Ok(())
@@ -269,7 +271,9 @@ pub fn validate_config(cfg: &pb::ModelConfig) -> Result<(), ConfigError> {
 /// A version label usable in a URL path segment and a header.
 pub fn is_label_name(label: &str) -> bool {
     (1..=64).contains(&label.len())
-        && label.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+        && label
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
         && label != "."
         && label != ".."
 }
@@ -304,7 +308,10 @@ fn check_warmups(cfg: &pb::ModelConfig) -> Result<(), String> {
                 return Err(format!("{what}: input '{name}' needs a data_type"));
             }
             if input.dims.iter().any(|&d| d < 0) {
-                return Err(format!("{what}: input '{name}' dims {:?} must be fixed (no -1)", input.dims));
+                return Err(format!(
+                    "{what}: input '{name}' dims {:?} must be fixed (no -1)",
+                    input.dims
+                ));
             }
             match &input.input_data_type {
                 None => {

@@ -41,6 +41,63 @@ enum Command {
     Infer(client::InferArgs),
     /// Generate load against a server (or the engine in-process) and report latency.
     Bench(bench::BenchArgs),
+    /// Point a model's version label, or its default version, back at the previous version.
+    Rollback(RollbackArgs),
+}
+
+#[derive(Args)]
+struct RollbackArgs {
+    /// The model.
+    model: String,
+    /// Roll this version label back; without it, the version requests without a version get.
+    #[arg(long)]
+    label: Option<String>,
+    /// The server's HTTP address.
+    #[arg(long, default_value = "http://127.0.0.1:8000")]
+    url: String,
+    /// An extra header, e.g. an API key with the repository scope:
+    /// `--header "authorization: Bearer T"`.
+    #[arg(long = "header", value_name = "NAME: VALUE")]
+    headers: Vec<String>,
+}
+
+/// `oxserve rollback`: the repository extension's rollback request; prints where the label
+/// (or the default) points now.
+async fn rollback(args: RollbackArgs) -> anyhow::Result<()> {
+    let mut headers = reqwest::header::HeaderMap::new();
+    for h in &args.headers {
+        let (name, value) = h.split_once(':').context("--header needs NAME: VALUE")?;
+        headers.insert(
+            reqwest::header::HeaderName::from_bytes(name.trim().as_bytes())?,
+            reqwest::header::HeaderValue::from_str(value.trim())?,
+        );
+    }
+    let client = reqwest::Client::builder().default_headers(headers).build()?;
+    let url = format!(
+        "{}/v2/repository/models/{}/rollback",
+        args.url.trim_end_matches('/'),
+        args.model
+    );
+    let response = client
+        .post(&url)
+        .json(&serde_json::json!({ "label": args.label }))
+        .send()
+        .await
+        .with_context(|| format!("cannot reach {url}"))?;
+    let status = response.status();
+    let body: serde_json::Value = response.json().await.unwrap_or_default();
+    if !status.is_success() {
+        anyhow::bail!("{status}: {}", body["error"].as_str().unwrap_or("(no message)"));
+    }
+    let target = args
+        .label
+        .map_or("the default version".to_string(), |l| format!("label '{l}'"));
+    println!(
+        "{}: {target} now points at version {}",
+        args.model,
+        body["version"].as_str().unwrap_or("?")
+    );
+    Ok(())
 }
 
 #[derive(Args)]
@@ -236,6 +293,7 @@ fn main() -> std::process::ExitCode {
         Command::Models(args) => models(args),
         Command::Infer(args) => runtime().and_then(|rt| rt.block_on(client::run(args))),
         Command::Bench(args) => runtime().and_then(|rt| rt.block_on(bench::run(args))),
+        Command::Rollback(args) => runtime().and_then(|rt| rt.block_on(rollback(args))),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
