@@ -143,6 +143,11 @@ impl ModelManager {
     /// Applies `change` to one model's record in the published table (atomically; retried if
     /// another change was published meanwhile).
     pub(crate) fn publish(&self, name: &str, change: impl Fn(Option<&ModelRecord>) -> ModelRecord) {
+        if let Some(staged) = self.staging.lock().as_mut() {
+            let record = change(staged.models.get(name));
+            staged.models.insert(name.to_string(), record);
+            return;
+        }
         self.table.rcu(|table| {
             let mut next = ModelTable::clone(table);
             let record = change(table.models.get(name));

@@ -206,6 +206,9 @@ pub struct ModelManager {
     pub(crate) lifecycle: parking_lot::Mutex<crate::lifecycle::PollState>,
     /// Versions taken out of the table, dropped once their last request has finished.
     pub(crate) retiring: crate::lifecycle::Retirement,
+    /// During the start-up load, changes collect here and are published together at the end,
+    /// so the first table clients see has every start-up model in its final state.
+    pub(crate) staging: parking_lot::Mutex<Option<ModelTable>>,
 }
 
 impl ModelManager {
@@ -218,6 +221,7 @@ impl ModelManager {
             options,
             metrics: Arc::new(Metrics::new()),
             lifecycle: parking_lot::Mutex::new(Default::default()),
+            staging: parking_lot::Mutex::new(None),
         }
     }
 
@@ -243,7 +247,7 @@ impl ModelManager {
             tracing::error!(model = %name, "{reason}");
             table.models.insert(name, ModelRecord::failed(reason));
         }
-        self.table.store(Arc::new(table));
+        *self.staging.lock() = Some(table);
         let explicit = self.options.control_mode == ControlMode::Explicit;
         let all = !explicit || self.options.startup_models.iter().any(|m| m == "*");
         for name in &self.options.startup_models {
@@ -260,6 +264,9 @@ impl ModelManager {
                 // Start-up failures are in the index with their reasons; the rest serve.
                 let _ = self.load_dir_inner(dir, None, None);
             }
+        }
+        if let Some(table) = self.staging.lock().take() {
+            self.table.store(Arc::new(table));
         }
     }
 
