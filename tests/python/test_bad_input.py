@@ -815,11 +815,7 @@ GRPC_CASES = [
                  "answers 404 'Unable to find cuda shared memory region: R'")),)),
     GrpcCase("repository_load_unsupported",
              rpc("RepositoryModelLoad", service_pb2.RepositoryModelLoadRequest(model_name="add_sub")),
-             grpc.StatusCode.UNIMPLEMENTED, ("add_sub", "load"),
-             marks=(pytest.mark.xfail(strict=True, reason=(
-                 "server bug: gRPC RepositoryModelLoad answers UNIMPLEMENTED with an empty message; "
-                 "HTTP POST /v2/repository/models/M/load answers 501 'cannot load or unload M: this server "
-                 "loads the repository at startup (model control mode 'none')'")),)),
+             grpc.StatusCode.UNIMPLEMENTED, ("add_sub", "load", "model control mode 'none'")),
 ]
 
 

@@ -61,7 +61,8 @@ MODELS = {
     "crashing": ({"op": "panic", "delay_ms": 100}, ONE_CPU, ""),
     "load_panics": ({"panic_in_load": True}, ONE_CPU, ""),
     "creation_panics": ({"panic_on_instance_creations": [1]}, ONE_CPU, ""),
-    "with_warmup": ({}, WARMUP, ""),
+    # Its first execution, the warmup's, panics: the warmup fails and so does the load.
+    "warmup_panics": ({"panic_on_executions": [1]}, WARMUP, ""),
     "ragged": ({}, ONE_CPU, "allow_ragged_batch: true"),
     "kind_model": ({}, "instance_group [ { count: 1 kind: KIND_MODEL } ]", ""),
 }
@@ -70,7 +71,7 @@ MODELS = {
 NEVER_LOAD = {
     "load_panics": "panicked while loading the model",
     "creation_panics": "panicked while being created",
-    "with_warmup": "model_warmup is not supported yet",
+    "warmup_panics": "warmup 'zeros' failed",
     "ragged": "allow_ragged_batch is not supported",
     "kind_model": "KIND_MODEL is not supported",
 }

@@ -4,13 +4,18 @@
 
 mod autocomplete;
 mod classification;
+mod lifecycle;
 mod manager;
 mod model;
 mod scheduling;
 mod service;
 mod stats;
 mod validate;
+mod warmup;
 
-pub use manager::{BACKEND_REASON_PARAMETER, ManagerOptions, ModelManager, PLACEMENT_REASON_PARAMETER};
+pub use lifecycle::{LoadOverride, OverrideFile};
+pub use manager::{
+    BACKEND_REASON_PARAMETER, ControlMode, ManagerOptions, ModelManager, PLACEMENT_REASON_PARAMETER,
+};
 pub use service::{IndexEntry, InferenceService, ServerMetadata};
 pub use stats::{BatchStat, FailureReason, InferStats, Metrics, ModelStatistics, StatDuration};

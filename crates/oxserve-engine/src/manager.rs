@@ -27,6 +27,10 @@ pub struct ManagerOptions {
     pub repositories: Vec<PathBuf>,
     /// Jobs that may wait per model version before requests are shed with 429.
     pub queue_capacity: usize,
+    /// Triton's `--model-control-mode`: what is loaded at start-up and what may change later.
+    pub control_mode: ControlMode,
+    /// `--load-model`: the models loaded at start-up in explicit mode (`*`: all of them).
+    pub startup_models: Vec<String>,
 }
 
 impl Default for ManagerOptions {
@@ -34,6 +38,46 @@ impl Default for ManagerOptions {
         ManagerOptions {
             repositories: Vec::new(),
             queue_capacity: 1024,
+            control_mode: ControlMode::None,
+            startup_models: Vec::new(),
+        }
+    }
+}
+
+/// Triton's model control modes (docs/model-repository.md, "Model control").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ControlMode {
+    /// Everything at start-up; the repository is not read again and the load and unload
+    /// requests are refused.
+    None,
+    /// Everything at start-up, then the repositories are scanned again every poll interval
+    /// and changes are applied; the load and unload requests are refused.
+    Poll,
+    /// Only `--load-model` models at start-up; afterwards models change only through the load
+    /// and unload requests.
+    Explicit,
+}
+
+impl ControlMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ControlMode::None => "none",
+            ControlMode::Poll => "poll",
+            ControlMode::Explicit => "explicit",
+        }
+    }
+}
+
+impl std::str::FromStr for ControlMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "none" => Ok(ControlMode::None),
+            "poll" => Ok(ControlMode::Poll),
+            "explicit" => Ok(ControlMode::Explicit),
+            other => Err(format!(
+                "unknown model control mode '{other}' (none, poll or explicit)"
+            )),
         }
     }
 }
@@ -54,9 +98,16 @@ pub const BACKEND_REASON_PARAMETER: &str = "oxserve_backend_reason";
 /// The model configuration parameter that says where `KIND_AUTO` instance groups went.
 pub const PLACEMENT_REASON_PARAMETER: &str = "oxserve_instance_placement_reason";
 
+#[derive(Clone)]
 pub(crate) enum VersionState {
     /// Loaded; it serves unless its instances gave up (see [`VersionState::serving`]).
     Ready(Arc<ServedVersion>),
+    /// Being loaded for the first time (a version being reloaded keeps serving as `Ready`).
+    Loading,
+    /// Taken out of service; its in-flight and queued requests are finishing.
+    Unloading,
+    /// Taken out of service on purpose (an unload, or no longer selected) and gone.
+    Unloaded,
     Unavailable(String),
 }
 
@@ -74,48 +125,108 @@ impl VersionState {
     pub(crate) fn unavailable_reason(&self) -> Option<&str> {
         match self {
             VersionState::Ready(served) => served.scheduler.failure(),
+            VersionState::Loading => Some("loading"),
+            VersionState::Unloading => Some("unloading"),
+            VersionState::Unloaded => Some("unloaded"),
             VersionState::Unavailable(reason) => Some(reason),
+        }
+    }
+
+    /// The repository index's state name (Triton's).
+    pub(crate) fn index_state(&self) -> &'static str {
+        match self {
+            VersionState::Ready(_) if self.serving().is_some() => "READY",
+            VersionState::Loading => "LOADING",
+            VersionState::Unloading => "UNLOADING",
+            _ => "UNAVAILABLE",
         }
     }
 }
 
-#[derive(Default)]
+#[derive(Default, Clone)]
 pub(crate) struct ModelRecord {
     pub versions: BTreeMap<u64, VersionState>,
     /// Why the model as a whole could not load (bad config, no versions, ...).
     pub error: Option<String>,
+    /// Why the last reload failed while the versions loaded before kept serving.
+    pub reload_error: Option<String>,
+    /// Unloaded on request (or its directory removed in poll mode): it stays in the index,
+    /// UNAVAILABLE, and does not count against strict readiness.
+    pub unloaded: bool,
+    /// The files of a load request that carried them (Triton's `file:` parameters): the
+    /// directory lives as long as the versions loaded from it.
+    pub _override_dir: Option<Arc<tempfile::TempDir>>,
+    /// Version labels, each with the versions it pointed at before (the last is current), so
+    /// a rollback can step back. Set from config.pbtxt at each load, changed at run time.
+    pub labels: BTreeMap<String, Vec<u64>>,
+    /// The version a request without a version or label gets, when rolled back from the
+    /// latest (cleared by the next load).
+    pub default_pin: Option<u64>,
 }
 
 impl ModelRecord {
-    fn failed(reason: String) -> Self {
+    /// The version a label points at now.
+    pub(crate) fn label(&self, label: &str) -> Option<u64> {
+        self.labels.get(label).and_then(|history| history.last().copied())
+    }
+
+    /// The highest serving version, optionally below `below`.
+    pub(crate) fn latest_serving(&self, below: Option<u64>) -> Option<u64> {
+        self.versions
+            .iter()
+            .rev()
+            .filter(|(v, _)| below.is_none_or(|b| **v < b))
+            .find(|(_, s)| s.serving().is_some())
+            .map(|(v, _)| *v)
+    }
+}
+
+impl ModelRecord {
+    pub(crate) fn failed(reason: String) -> Self {
         ModelRecord {
-            versions: BTreeMap::new(),
             error: Some(reason),
+            ..ModelRecord::default()
         }
     }
 }
 
-#[derive(Default)]
+#[derive(Default, Clone)]
 pub(crate) struct ModelTable {
     pub models: BTreeMap<String, ModelRecord>,
 }
 
-/// Owns the model table. Readers take a snapshot without locking.
+/// Owns the model table. Readers take a snapshot without locking; the lifecycle path
+/// (`lifecycle.rs`) changes it one model at a time and publishes each change atomically.
 pub struct ModelManager {
-    table: ArcSwap<ModelTable>,
+    pub(crate) table: Arc<ArcSwap<ModelTable>>,
     backends: Vec<Arc<dyn Backend>>,
-    options: ManagerOptions,
+    pub(crate) options: ManagerOptions,
     metrics: Arc<Metrics>,
+    /// Loads and unloads run one at a time (requests never wait on it).
+    pub(crate) lifecycle: parking_lot::Mutex<crate::lifecycle::PollState>,
+    /// Versions taken out of the table, dropped once their last request has finished.
+    pub(crate) retiring: crate::lifecycle::Retirement,
+    /// During the start-up load, changes collect here and are published together at the end,
+    /// so the first table clients see has every start-up model in its final state.
+    pub(crate) staging: parking_lot::Mutex<Option<ModelTable>>,
 }
 
 impl ModelManager {
     pub fn new(backends: Vec<Arc<dyn Backend>>, options: ManagerOptions) -> Self {
+        let table = Arc::new(ArcSwap::from_pointee(ModelTable::default()));
         ModelManager {
-            table: ArcSwap::from_pointee(ModelTable::default()),
+            retiring: crate::lifecycle::Retirement::start(Arc::clone(&table)),
+            table,
             backends,
             options,
             metrics: Arc::new(Metrics::new()),
+            lifecycle: parking_lot::Mutex::new(Default::default()),
+            staging: parking_lot::Mutex::new(None),
         }
+    }
+
+    pub fn control_mode(&self) -> ControlMode {
+        self.options.control_mode
     }
 
     pub(crate) fn metrics(&self) -> &Arc<Metrics> {
@@ -126,73 +237,156 @@ impl ModelManager {
         self.table.load()
     }
 
-    /// Loads every model of every repository (blocking; run it off the async runtime).
+    /// The start-up load (blocking; run it off the async runtime): every model of every
+    /// repository, or in explicit mode only `--load-model` ones. Each model is loaded as a
+    /// later load request would load it, so start-up and reloads share one path.
     pub fn load_all(&self) {
+        let (dirs, duplicates) = self.scan_repositories();
         let mut table = ModelTable::default();
+        for (name, reason) in duplicates {
+            tracing::error!(model = %name, "{reason}");
+            table.models.insert(name, ModelRecord::failed(reason));
+        }
+        *self.staging.lock() = Some(table);
+        let explicit = self.options.control_mode == ControlMode::Explicit;
+        let all = !explicit || self.options.startup_models.iter().any(|m| m == "*");
+        for name in &self.options.startup_models {
+            if explicit && name != "*" && !dirs.contains_key(name) {
+                let reason =
+                    format!("failed to load '{name}': no model directory '{name}' in the model repositories");
+                tracing::error!(model = %name, "{reason}");
+                self.publish(name, |_| ModelRecord::failed(reason.clone()));
+            }
+        }
+        for (name, dir) in &dirs {
+            if all || self.options.startup_models.contains(name) {
+                self.remember_applied(name, crate::lifecycle::fingerprint_dir(&dir.path));
+                // Start-up failures are in the index with their reasons; the rest serve.
+                let _ = self.load_dir_inner(dir, None, None);
+            }
+        }
+        if let Some(table) = self.staging.lock().take() {
+            self.table.store(Arc::new(table));
+        }
+    }
+
+    /// The model directories of every repository by name, and the names found in more than
+    /// one repository (a load error for those models, with the reason).
+    pub(crate) fn scan_repositories(&self) -> (BTreeMap<String, ModelDir>, Vec<(String, String)>) {
+        let mut dirs = BTreeMap::new();
+        let mut duplicates = Vec::new();
         for root in &self.options.repositories {
-            let dirs = match repo::list_models(root) {
-                Ok(dirs) => dirs,
+            let listed = match repo::list_models(root) {
+                Ok(listed) => listed,
                 Err(e) => {
                     tracing::error!(repository = %root.display(), error = %e, "cannot read model repository");
                     continue;
                 }
             };
-            for dir in dirs {
-                if table.models.contains_key(&dir.name) {
-                    let reason = format!(
-                        "model '{}' is in more than one repository (again in {})",
-                        dir.name,
-                        root.display()
-                    );
-                    tracing::error!(model = %dir.name, "{reason}");
-                    table.models.insert(dir.name.clone(), ModelRecord::failed(reason));
+            for dir in listed {
+                if dirs.contains_key(&dir.name) {
+                    duplicates.push((
+                        dir.name.clone(),
+                        format!(
+                            "model '{}' is in more than one repository (again in {})",
+                            dir.name,
+                            root.display()
+                        ),
+                    ));
                     continue;
                 }
-                // A panic in our own configuration code is a model failure, not a lost table.
-                let record = match catch_unwind(AssertUnwindSafe(|| self.load_model(&dir))) {
-                    Ok(record) => record,
-                    Err(payload) => self.model_failed(
-                        &dir.name,
-                        format!(
-                            "loading panicked: {}",
-                            truncate(&panic_message(payload.as_ref()), 300)
-                        ),
-                    ),
-                };
-                table.models.insert(dir.name.clone(), record);
+                dirs.insert(dir.name.clone(), dir);
             }
         }
-        self.table.store(Arc::new(table));
+        for (name, _) in &duplicates {
+            dirs.remove(name);
+        }
+        (dirs, duplicates)
     }
 
-    fn load_model(&self, dir: &ModelDir) -> ModelRecord {
+    /// Loads (or reloads) the versions of one model directory that its version policy selects,
+    /// with `config` instead of its config.pbtxt when given (Triton's load override).
+    ///
+    /// Versions whose files and configuration are unchanged keep serving as they are; changed
+    /// and new versions load while the old ones serve and are swapped in atomically; versions
+    /// no longer selected are taken out of service and unloaded once their requests finish. A
+    /// version that fails to load keeps its previous incarnation serving, with the reason in
+    /// the index. Err: why the load failed (some version or the whole model).
+    pub(crate) fn load_dir_inner(
+        &self,
+        dir: &ModelDir,
+        config: Option<ModelConfig>,
+        override_dir: Option<tempfile::TempDir>,
+    ) -> Result<(), String> {
+        let current = self.snapshot().models.get(&dir.name).cloned();
+        // A panic in our own configuration code is a model failure, not a lost table.
+        let built = catch_unwind(AssertUnwindSafe(|| {
+            self.build_record(dir, config, current.as_ref())
+        }))
+        .unwrap_or_else(|payload| {
+            crate::lifecycle::Built::failed(format!(
+                "loading panicked: {}",
+                truncate(&panic_message(payload.as_ref()), 300)
+            ))
+        });
+        self.install(&dir.name, current.as_ref(), built, override_dir)
+    }
+
+    fn build_record(
+        &self,
+        dir: &ModelDir,
+        config: Option<ModelConfig>,
+        current: Option<&ModelRecord>,
+    ) -> crate::lifecycle::Built {
+        use crate::lifecycle::Built;
         let started = Instant::now();
-        let config = match repo::read_model_config(dir) {
-            Ok(cfg) => cfg,
-            Err(e) => return self.model_failed(&dir.name, e.to_string()),
+        let config = match config {
+            Some(cfg) => cfg,
+            None => match repo::read_model_config(dir) {
+                Ok(cfg) => cfg,
+                Err(e) => return Built::failed(e.to_string()),
+            },
         };
         let selection = match self.select_backend(&config) {
             Ok(s) => s,
-            Err(reason) => return self.model_failed(&dir.name, reason),
+            Err(reason) => return Built::failed(reason),
         };
         let backend = &selection.backend;
         let available = match repo::list_versions(&dir.path) {
             Ok(v) => v,
-            Err(e) => return self.model_failed(&dir.name, e.to_string()),
+            Err(e) => return Built::failed(e.to_string()),
         };
         let selected = repo::select_versions(config.version_policy.as_ref(), &available);
         if selected.is_empty() {
-            return self.model_failed(
-                &dir.name,
-                format!("no version directory matches the version policy (found {available:?})"),
-            );
+            return Built::failed(format!(
+                "no version directory matches the version policy (found {available:?})"
+            ));
         }
-        let mut record = ModelRecord::default();
+        // New versions show as LOADING while they load; reloaded ones keep serving.
+        self.publish_loading(&dir.name, &selected);
+        let config_key = oxserve_repository::config_to_json(&config);
+        let mut built = Built {
+            labels: config
+                .version_labels
+                .iter()
+                .map(|(l, v)| (l.clone(), *v as u64))
+                .collect(),
+            ..Built::default()
+        };
         for version in selected {
+            let version_key = crate::lifecycle::version_key(&config_key, &dir.path, version);
+            if let Some(served) = current
+                .and_then(|r| r.versions.get(&version))
+                .and_then(VersionState::serving)
+                .filter(|s| s.load_key == version_key)
+            {
+                built.versions.insert(version, Ok(Arc::clone(served)));
+                continue;
+            }
             // An engine that panics while reading or loading the model (or creating an
             // instance) fails this version only.
             let loaded = catch_unwind(AssertUnwindSafe(|| {
-                self.load_version(dir, version, &config, &selection)
+                self.load_version(dir, version, &config, &selection, version_key)
             }))
             .unwrap_or_else(|payload| {
                 Err(format!(
@@ -201,33 +395,22 @@ impl ModelManager {
                     truncate(&panic_message(payload.as_ref()), 300)
                 ))
             });
-            let state = match loaded {
-                Ok(served) => {
-                    tracing::info!(
-                        model = %dir.name, version, backend = backend.name(),
-                        reason = %selection.reason,
-                        load_ms = started.elapsed().as_millis() as u64,
-                        "model version ready"
-                    );
-                    VersionState::Ready(Arc::new(served))
-                }
-                Err(reason) => {
-                    tracing::error!(
-                        model = %dir.name, version, backend = backend.name(),
-                        backend_reason = %selection.reason, %reason,
-                        "model version failed to load"
-                    );
-                    VersionState::Unavailable(reason)
-                }
-            };
-            record.versions.insert(version, state);
+            match &loaded {
+                Ok(_) => tracing::info!(
+                    model = %dir.name, version, backend = backend.name(),
+                    reason = %selection.reason,
+                    load_ms = started.elapsed().as_millis() as u64,
+                    "model version ready"
+                ),
+                Err(reason) => tracing::error!(
+                    model = %dir.name, version, backend = backend.name(),
+                    backend_reason = %selection.reason, %reason,
+                    "model version failed to load"
+                ),
+            }
+            built.versions.insert(version, loaded.map(Arc::new));
         }
-        record
-    }
-
-    fn model_failed(&self, name: &str, reason: String) -> ModelRecord {
-        tracing::error!(model = %name, %reason, "model failed to load");
-        ModelRecord::failed(reason)
+        built
     }
 
     fn backend_named(&self, name: &str) -> Option<Arc<dyn Backend>> {
@@ -289,6 +472,7 @@ impl ModelManager {
         version: u64,
         base: &ModelConfig,
         selection: &Selection,
+        load_key: u64,
     ) -> Result<ServedVersion, String> {
         let backend = selection.backend.as_ref();
         let model_path = repo::model_file_path(&dir.path, version, base);
@@ -388,15 +572,19 @@ impl ModelManager {
                 },
             );
         }
-        Ok(ServedVersion {
+        let served = ServedVersion {
             model_name: dir.name.clone(),
             version,
+            load_key,
             config: Arc::new(config),
             io,
             metadata,
             scheduler,
             stats,
-        })
+        };
+        // Ready only once its warmup has run (a failed warmup is a failed load).
+        crate::warmup::run(&served, &dir.path)?;
+        Ok(served)
     }
 }
 
@@ -599,6 +787,17 @@ fn metadata(name: &str, version: u64, cfg: &ModelConfig, io: &ModelIo) -> ModelM
 }
 
 impl ModelTable {
+    /// The version a label of a model points at (NOT_FOUND for an unknown model or label).
+    pub(crate) fn label_version(&self, name: &str, label: &str) -> Result<u64> {
+        let record = self
+            .models
+            .get(name)
+            .ok_or_else(|| Error::not_found(format!("unknown model '{name}'")))?;
+        record
+            .label(label)
+            .ok_or_else(|| Error::not_found(format!("model '{name}' has no version label '{label}'")))
+    }
+
     /// The version a request addresses: the given one, or the highest ready one.
     pub(crate) fn resolve(&self, name: &str, version: Option<u64>) -> Result<Arc<ServedVersion>> {
         let Some(record) = self.models.get(name) else {
@@ -616,10 +815,17 @@ impl ModelTable {
                 None => Err(Error::not_found(format!("unknown version {v} of model '{name}'"))),
             },
             None => record
-                .versions
-                .values()
-                .rev()
-                .find_map(|s| s.serving().map(Arc::clone))
+                .default_pin
+                .and_then(|pin| record.versions.get(&pin))
+                .and_then(VersionState::serving)
+                .map(Arc::clone)
+                .or_else(|| {
+                    record
+                        .versions
+                        .values()
+                        .rev()
+                        .find_map(|s| s.serving().map(Arc::clone))
+                })
                 .ok_or_else(|| {
                     // Say why: the model's own error, else the newest version's reason.
                     let reason = record

@@ -46,6 +46,9 @@ impl ModelIo {
 pub(crate) struct ServedVersion {
     pub model_name: String,
     pub version: u64,
+    /// What it was loaded from (configuration and version files): a reload with the same key
+    /// keeps this version serving instead of loading it again.
+    pub load_key: u64,
     pub config: Arc<ModelConfig>,
     pub io: ModelIo,
     pub metadata: ModelMetadata,

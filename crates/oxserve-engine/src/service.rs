@@ -10,7 +10,8 @@ use oxserve_core::{Error, ErrorKind, InferRequest, InferResponse, ModelMetadata,
 use oxserve_repository::pb::ModelConfig;
 use oxserve_scheduler::{ExecError, Job};
 
-use crate::manager::ModelManager;
+use crate::lifecycle::LoadOverride;
+use crate::manager::{ControlMode, ModelManager};
 use crate::model::ServedVersion;
 use crate::stats::{FailureReason, Metrics, ModelStatistics};
 use crate::validate::{finish, prepare};
@@ -98,10 +99,20 @@ impl InferenceService {
             return true;
         }
         let table = self.inner.manager.snapshot();
-        table
-            .models
-            .values()
-            .all(|m| m.error.is_none() && m.versions.values().all(|v| v.serving().is_some()))
+        // Models and versions taken out on purpose do not make the server unready, nor does a
+        // reload that failed while the versions loaded before keep serving.
+        table.models.values().filter(|m| !m.unloaded).all(|m| {
+            m.error.is_none()
+                && m.versions.values().all(|v| {
+                    v.serving().is_some()
+                        || matches!(
+                            v,
+                            crate::manager::VersionState::Unloading | crate::manager::VersionState::Unloaded
+                        )
+                        || (m.reload_error.is_some()
+                            && matches!(v, crate::manager::VersionState::Unavailable(_)))
+                })
+        })
     }
 
     pub fn server_metadata(&self) -> ServerMetadata {
@@ -144,6 +155,8 @@ impl InferenceService {
         Ok(Arc::clone(&served.config))
     }
 
+    /// Every model of the table with each version's state and reason, and (as Triton lists
+    /// them) the models of the repositories that were never loaded, with no state.
     pub fn repository_index(&self, ready_only: bool) -> Vec<IndexEntry> {
         let table = self.inner.manager.snapshot();
         let mut entries = Vec::new();
@@ -160,22 +173,112 @@ impl InferenceService {
                 continue;
             }
             for (version, state) in &record.versions {
-                let (state, reason) = match state.unavailable_reason() {
-                    None => ("READY", String::new()),
-                    Some(reason) => ("UNAVAILABLE", reason.to_string()),
-                };
-                if ready_only && state != "READY" {
+                let index_state = state.index_state();
+                if ready_only && index_state != "READY" {
                     continue;
                 }
+                let reason = match (index_state, &record.reload_error) {
+                    ("READY", Some(reload_error)) => reload_error.clone(),
+                    ("READY", None) => String::new(),
+                    _ => state.unavailable_reason().unwrap_or_default().to_string(),
+                };
                 entries.push(IndexEntry {
                     name: name.clone(),
                     version: Some(*version),
-                    state: state.into(),
+                    state: index_state.into(),
                     reason,
                 });
             }
         }
+        if !ready_only {
+            let (dirs, _) = self.inner.manager.scan_repositories();
+            for name in dirs.keys().filter(|n| !table.models.contains_key(*n)) {
+                entries.push(IndexEntry {
+                    name: name.clone(),
+                    version: None,
+                    state: String::new(),
+                    reason: String::new(),
+                });
+            }
+            entries.sort_by(|a, b| a.name.cmp(&b.name).then(a.version.cmp(&b.version)));
+        }
         entries
+    }
+
+    /// Loads or reloads a model (Triton's repository load request) on a blocking thread:
+    /// the answer comes when the new versions serve, or with why they do not.
+    pub async fn load_model(&self, name: &str, overrides: LoadOverride) -> Result<()> {
+        let this = self.clone();
+        let name = name.to_string();
+        tokio::task::spawn_blocking(move || this.inner.manager.load_model(&name, overrides))
+            .await
+            .map_err(|e| Error::internal(format!("the model load task failed: {e}")))?
+    }
+
+    /// Unloads a model (Triton's repository unload request): it stops taking requests at
+    /// once; its in-flight and queued requests finish before its memory is freed.
+    pub async fn unload_model(&self, name: &str) -> Result<()> {
+        let this = self.clone();
+        let name = name.to_string();
+        tokio::task::spawn_blocking(move || this.inner.manager.unload_model(&name))
+            .await
+            .map_err(|e| Error::internal(format!("the model unload task failed: {e}")))?
+    }
+
+    /// In poll mode, scans the repositories every `interval` on its own thread and applies
+    /// what changed (see [`ModelManager::poll_repositories`]) until shutdown begins.
+    pub fn start_polling(&self, interval: Duration) {
+        if self.inner.manager.control_mode() != ControlMode::Poll {
+            return;
+        }
+        let weak = Arc::downgrade(&self.inner);
+        let spawned = std::thread::Builder::new()
+            .name("oxserve-poll".into())
+            .spawn(move || {
+                loop {
+                    std::thread::sleep(interval);
+                    let Some(inner) = weak.upgrade() else { return };
+                    if inner.stopping.load(Ordering::Acquire) {
+                        return;
+                    }
+                    inner.manager.poll_repositories();
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "cannot start the repository poll thread");
+        }
+    }
+
+    /// The version a label points at (NOT_FOUND: unknown model or label).
+    pub fn label_version(&self, name: &str, label: &str) -> Result<u64> {
+        self.inner.manager.snapshot().label_version(name, label)
+    }
+
+    /// Points a label at a serving version (see [`ModelManager::set_version_label`]).
+    pub fn set_version_label(&self, name: &str, label: &str, version: u64) -> Result<()> {
+        self.inner.manager.set_version_label(name, label, version)
+    }
+
+    /// Rolls a label, or the default version, back (see [`ModelManager::rollback`]).
+    pub fn rollback(&self, name: &str, label: Option<&str>) -> Result<u64> {
+        self.inner.manager.rollback(name, label)
+    }
+
+    /// A model's labels and its default version.
+    pub fn version_labels(
+        &self,
+        name: &str,
+    ) -> Result<(std::collections::BTreeMap<String, u64>, Option<u64>)> {
+        self.inner.manager.version_labels(name)
+    }
+
+    pub fn control_mode(&self) -> ControlMode {
+        self.inner.manager.control_mode()
+    }
+
+    /// Waits until versions taken out of service have been unloaded (tests, figures).
+    pub fn wait_unloaded(&self, timeout: Duration) -> bool {
+        self.inner.manager.wait_retired(timeout)
     }
 
     /// Validates and runs one request.
@@ -278,7 +381,7 @@ async fn run(
     })
 }
 
-fn exec_error(served: &ServedVersion, e: ExecError) -> (Error, FailureReason) {
+pub(crate) fn exec_error(served: &ServedVersion, e: ExecError) -> (Error, FailureReason) {
     let name = &served.model_name;
     match e {
         ExecError::Overloaded => (

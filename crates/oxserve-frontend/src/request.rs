@@ -33,6 +33,37 @@ impl ModelTarget {
         })
     }
 
+    /// The version a label of the model points at now (NOT_FOUND: unknown model or label;
+    /// UNAVAILABLE: that version is not serving).
+    pub fn resolve_label(engine: &InferenceService, name: &str, label: &str) -> Result<ModelTarget> {
+        let version = engine.label_version(name, label)?;
+        Self::resolve(engine, name, Some(version))
+    }
+
+    /// Applies a `version_label` request parameter (any protocol), taking it out of the
+    /// parameters: the request then runs on the version the label points at. A request that
+    /// also names a version is refused.
+    pub fn with_label_parameter(
+        self,
+        engine: &InferenceService,
+        parameters: &mut Parameters,
+    ) -> Result<ModelTarget> {
+        let Some(value) = parameters.remove(VERSION_LABEL) else {
+            return Ok(self);
+        };
+        let ParamValue::String(label) = value else {
+            return Err(Error::invalid(format!(
+                "parameter '{VERSION_LABEL}' must be a string"
+            )));
+        };
+        if let Some(version) = self.version {
+            return Err(Error::invalid(format!(
+                "the request names version {version} and parameter '{VERSION_LABEL}' '{label}': give one of them"
+            )));
+        }
+        Self::resolve_label(engine, &self.name, &label)
+    }
+
     /// A target that was not looked up: for clients that build requests without a server,
     /// and tests. The engine still resolves the model when the request runs.
     pub fn unchecked(name: impl Into<String>, version: Option<u64>) -> ModelTarget {
@@ -57,6 +88,9 @@ impl ModelTarget {
         self.version
     }
 }
+
+/// The request parameter that names a version label instead of a version.
+pub const VERSION_LABEL: &str = "version_label";
 
 /// Parses a model version as every protocol carries it: empty means "let the server pick"
 /// (the latest ready version); anything else must be a non-negative integer. Triton's message.

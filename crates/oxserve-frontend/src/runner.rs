@@ -57,11 +57,13 @@ pub async fn run(
     let DecodedRequest {
         target,
         id,
-        parameters,
+        mut parameters,
         inputs,
         outputs: output_requests,
         binary_by_default,
     } = request;
+    // A version label travels as a request parameter over every protocol.
+    let target = target.with_label_parameter(engine, &mut parameters)?;
 
     let (tensors, shm_inputs) = resolve_inputs(shm, inputs)?;
 

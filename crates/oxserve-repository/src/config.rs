@@ -252,12 +252,81 @@ pub fn validate_config(cfg: &pb::ModelConfig) -> Result<(), ConfigError> {
             cfg.default_model_filename
         )));
     }
-    if !cfg.model_warmup.is_empty() {
-        return Err(invalid(
-            "model_warmup is not supported yet (warmup comes with the model lifecycle work); \
-             remove it to load the model"
-                .to_owned(),
-        ));
+    check_warmups(cfg).map_err(invalid)?;
+    for (label, version) in &cfg.version_labels {
+        if !is_label_name(label) {
+            return Err(invalid(format!(
+                "version_labels: label '{label}' must be 1-64 letters, digits, '_', '-' or '.'"
+            )));
+        }
+        if *version < 1 {
+            return Err(invalid(format!(
+                "version_labels: label '{label}' names version {version}; versions start at 1"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// A version label usable in a URL path segment and a header.
+pub fn is_label_name(label: &str) -> bool {
+    (1..=64).contains(&label.len())
+        && label
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+        && label != "."
+        && label != ".."
+}
+
+/// Triton's rules for `model_warmup`: fixed dims, one data source per input, a batch size
+/// the model takes, and `input_data_file` a plain file name (in `<model>/warmup/`).
+fn check_warmups(cfg: &pb::ModelConfig) -> Result<(), String> {
+    use pb::model_warmup::input::InputDataType;
+    for warmup in &cfg.model_warmup {
+        let what = format!("model_warmup '{}'", warmup.name);
+        if warmup.name.is_empty() {
+            return Err("a model_warmup needs a name".to_owned());
+        }
+        if warmup.inputs.is_empty() {
+            return Err(format!("{what} has no inputs"));
+        }
+        if cfg.max_batch_size > 0 {
+            if warmup.batch_size < 1 || warmup.batch_size > cfg.max_batch_size as u32 {
+                return Err(format!(
+                    "{what}: batch_size {} must be between 1 and max_batch_size {}",
+                    warmup.batch_size, cfg.max_batch_size
+                ));
+            }
+        } else if warmup.batch_size > 1 {
+            return Err(format!(
+                "{what}: batch_size {} needs a model that batches (max_batch_size is 0)",
+                warmup.batch_size
+            ));
+        }
+        for (name, input) in &warmup.inputs {
+            if data_type_of(input.data_type).is_none() {
+                return Err(format!("{what}: input '{name}' needs a data_type"));
+            }
+            if input.dims.iter().any(|&d| d < 0) {
+                return Err(format!(
+                    "{what}: input '{name}' dims {:?} must be fixed (no -1)",
+                    input.dims
+                ));
+            }
+            match &input.input_data_type {
+                None => {
+                    return Err(format!(
+                        "{what}: input '{name}' needs one of zero_data, random_data or input_data_file"
+                    ));
+                }
+                Some(InputDataType::InputDataFile(file)) if !is_plain_file_name(file) => {
+                    return Err(format!(
+                        "{what}: input '{name}' input_data_file '{file}' must be a file name in the model's warmup directory"
+                    ));
+                }
+                Some(_) => {}
+            }
+        }
     }
     Ok(())
 }
@@ -718,12 +787,21 @@ optimization { execution_accelerators {
         assert!(check("instance_group [ { kind: KIND_GPU gpus: [ 0 ] } ]").is_ok());
         assert!(check("instance_group [ { kind: KIND_AUTO } ]").is_ok());
 
-        let err = check(
-            "model_warmup [ { name: \"w\" batch_size: 1 inputs { key: \"x\" value: { \
-             data_type: TYPE_FP32 dims: [ 4 ] zero_data: true } } } ]",
-        )
-        .unwrap_err();
-        assert!(err.contains("model_warmup is not supported yet"), "{err}");
+        let warmup = |batch: u32, input: &str| {
+            check(&format!(
+                "max_batch_size: 4 model_warmup [ {{ name: \"w\" batch_size: {batch} inputs {{ key: \"x\" value: {{ {input} }} }} }} ]"
+            ))
+        };
+        assert!(warmup(1, "data_type: TYPE_FP32 dims: [ 4 ] zero_data: true").is_ok());
+        assert!(warmup(4, "data_type: TYPE_FP32 dims: [ 4 ] input_data_file: \"x.bin\"").is_ok());
+        let err = warmup(5, "data_type: TYPE_FP32 dims: [ 4 ] zero_data: true").unwrap_err();
+        assert!(err.contains("between 1 and max_batch_size 4"), "{err}");
+        let err = warmup(1, "data_type: TYPE_FP32 dims: [ -1 ] zero_data: true").unwrap_err();
+        assert!(err.contains("must be fixed"), "{err}");
+        let err = warmup(1, "data_type: TYPE_FP32 dims: [ 4 ]").unwrap_err();
+        assert!(err.contains("needs one of zero_data"), "{err}");
+        let err = warmup(1, "data_type: TYPE_FP32 dims: [ 4 ] input_data_file: \"../x\"").unwrap_err();
+        assert!(err.contains("warmup directory"), "{err}");
     }
 
     #[test]

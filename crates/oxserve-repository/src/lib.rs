@@ -12,7 +12,7 @@ mod layout;
 mod pbtxt;
 
 pub use config::{
-    config_from_json, config_to_json, config_to_json_value, data_type_of, data_type_to_config,
+    config_from_json, config_to_json, config_to_json_value, data_type_of, data_type_to_config, is_label_name,
     parse_config_text, validate_config,
 };
 pub use error::{ConfigError, RepositoryError};
@@ -148,10 +148,11 @@ mod tests {
             ("dynamic_batching", 11),
             ("optimization", 12),
             ("model_warmup", 16),
+            ("version_labels", 1000),
         ] {
             assert!(numbers.contains(&(name.to_owned(), number)), "{name} = {number}");
         }
-        assert_eq!(numbers.len(), 13, "no fields beyond the agreed subset");
+        assert_eq!(numbers.len(), 14, "no fields beyond the agreed subset");
         let warmup = descriptor_pool()
             .get_message_by_name("inference.ModelWarmup")
             .unwrap();

@@ -155,6 +155,12 @@ fn classify_http(segments: &[&str]) -> Route {
         ["v2", "models", model, "infer"] | ["v2", "models", model, "versions", _, "infer"] => {
             Route::for_model(Infer, model)
         }
+        ["v2", "models", model, "labels"] | ["v2", "models", model, "labels", _] => {
+            Route::for_model(Metadata, model)
+        }
+        ["v2", "models", model, "labels", _, "ready"] => Route::for_model(Health, model),
+        ["v2", "models", model, "labels", _, "config"] => Route::for_model(Metadata, model),
+        ["v2", "models", model, "labels", _, "infer"] => Route::for_model(Infer, model),
         ["v2", "repository", ..] => Route::new(Repository),
         ["v2", "systemsharedmemory" | "cudasharedmemory", ..] => Route::new(SharedMemory),
         _ => Route::UNKNOWN,
@@ -168,7 +174,7 @@ fn classify_grpc(service: &str, method: &str) -> Route {
         (KSERVE_GRPC, "ServerLive" | "ServerReady") => Route::new(Health),
         (KSERVE_GRPC, "ModelReady") => Route::in_body(Health),
         (KSERVE_GRPC, "ServerMetadata") => Route::new(Metadata),
-        (KSERVE_GRPC, "ModelMetadata" | "ModelConfig") => Route::in_body(Metadata),
+        (KSERVE_GRPC, "ModelMetadata" | "ModelConfig" | "ModelVersionLabels") => Route::in_body(Metadata),
         (KSERVE_GRPC, "ModelInfer" | "ModelStreamInfer") => Route::in_body(Infer),
         (KSERVE_GRPC, "ModelStatistics") => Route::in_body(Statistics),
         // Triton's administrative calls (some answer UNIMPLEMENTED here, but must not be
@@ -178,6 +184,8 @@ fn classify_grpc(service: &str, method: &str) -> Route {
             "RepositoryIndex"
             | "RepositoryModelLoad"
             | "RepositoryModelUnload"
+            | "ModelVersionLabelSet"
+            | "ModelRollback"
             | "TraceSetting"
             | "LogSettings",
         ) => Route::new(Repository),

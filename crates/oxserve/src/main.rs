@@ -41,6 +41,63 @@ enum Command {
     Infer(client::InferArgs),
     /// Generate load against a server (or the engine in-process) and report latency.
     Bench(bench::BenchArgs),
+    /// Point a model's version label, or its default version, back at the previous version.
+    Rollback(RollbackArgs),
+}
+
+#[derive(Args)]
+struct RollbackArgs {
+    /// The model.
+    model: String,
+    /// Roll this version label back; without it, the version requests without a version get.
+    #[arg(long)]
+    label: Option<String>,
+    /// The server's HTTP address.
+    #[arg(long, default_value = "http://127.0.0.1:8000")]
+    url: String,
+    /// An extra header, e.g. an API key with the repository scope:
+    /// `--header "authorization: Bearer T"`.
+    #[arg(long = "header", value_name = "NAME: VALUE")]
+    headers: Vec<String>,
+}
+
+/// `oxserve rollback`: the repository extension's rollback request; prints where the label
+/// (or the default) points now.
+async fn rollback(args: RollbackArgs) -> anyhow::Result<()> {
+    let mut headers = reqwest::header::HeaderMap::new();
+    for h in &args.headers {
+        let (name, value) = h.split_once(':').context("--header needs NAME: VALUE")?;
+        headers.insert(
+            reqwest::header::HeaderName::from_bytes(name.trim().as_bytes())?,
+            reqwest::header::HeaderValue::from_str(value.trim())?,
+        );
+    }
+    let client = reqwest::Client::builder().default_headers(headers).build()?;
+    let url = format!(
+        "{}/v2/repository/models/{}/rollback",
+        args.url.trim_end_matches('/'),
+        args.model
+    );
+    let response = client
+        .post(&url)
+        .json(&serde_json::json!({ "label": args.label }))
+        .send()
+        .await
+        .with_context(|| format!("cannot reach {url}"))?;
+    let status = response.status();
+    let body: serde_json::Value = response.json().await.unwrap_or_default();
+    if !status.is_success() {
+        anyhow::bail!("{status}: {}", body["error"].as_str().unwrap_or("(no message)"));
+    }
+    let target = args
+        .label
+        .map_or("the default version".to_string(), |l| format!("label '{l}'"));
+    println!(
+        "{}: {target} now points at version {}",
+        args.model,
+        body["version"].as_str().unwrap_or("?")
+    );
+    Ok(())
 }
 
 #[derive(Args)]
@@ -86,6 +143,21 @@ struct ServeArgs {
     /// Report ready only when every model is ready.
     #[arg(long, value_name = "BOOL")]
     strict_readiness: Option<bool>,
+    /// Triton's model control mode: none (load everything at start-up), poll (and apply
+    /// repository changes every --repository-poll-secs) or explicit (--load-model at start-up,
+    /// then the load and unload requests).
+    #[arg(long, value_name = "MODE")]
+    model_control_mode: Option<String>,
+    /// Poll mode: seconds between repository scans (default 15).
+    #[arg(long, value_name = "SECS")]
+    repository_poll_secs: Option<u64>,
+    /// Explicit mode: a model to load at start-up (repeatable; `*` loads every model).
+    #[arg(long = "load-model", value_name = "NAME")]
+    load_model: Vec<String>,
+    /// Exit at start-up when any model fails to load (default: false; true when invoked as
+    /// `tritonserver`, as in Triton).
+    #[arg(long, value_name = "BOOL")]
+    exit_on_error: Option<bool>,
     /// Seconds shutdown waits for in-flight requests before exiting anyway.
     #[arg(long)]
     exit_timeout_secs: Option<u64>,
@@ -171,14 +243,57 @@ struct ModelsArgs {
     onnxruntime_library: Option<PathBuf>,
 }
 
+/// Invoked under this name (a link or copy of the binary), oxserve takes Triton's command
+/// line: `tritonserver --model-repository=/models ...` is `oxserve serve ...` with Triton's
+/// defaults (docs/model-repository.md, "Running as tritonserver").
+const TRITONSERVER: &str = "tritonserver";
+
+fn invoked_as(name: &str) -> bool {
+    std::env::args_os()
+        .next()
+        .map(PathBuf::from)
+        .and_then(|p| p.file_name().map(|n| n == name))
+        .unwrap_or(false)
+}
+
+/// Triton's command line as `oxserve serve`: its flags are ours (the same names), Triton's
+/// `--exit-on-error` default (true) applies, and any flag we do not honour is refused.
+fn tritonserver_cli() -> Cli {
+    let args = std::iter::once(std::ffi::OsString::from(TRITONSERVER))
+        .chain(std::iter::once(std::ffi::OsString::from("serve")))
+        .chain(std::env::args_os().skip(1));
+    match Cli::try_parse_from(args) {
+        Ok(mut cli) => {
+            if let Command::Serve(serve) = &mut cli.command {
+                serve.exit_on_error = serve.exit_on_error.or(Some(true));
+            }
+            cli
+        }
+        Err(e) if e.kind() == clap::error::ErrorKind::UnknownArgument => {
+            let _ = e.print();
+            eprintln!(
+                "note: oxserve running as tritonserver honours the Triton flags listed in docs/model-repository.md \
+                 (\"Running as tritonserver\"); this one is not among them"
+            );
+            std::process::exit(2);
+        }
+        Err(e) => e.exit(),
+    }
+}
+
 fn main() -> std::process::ExitCode {
     disable_onnxruntime_telemetry();
-    let cli = Cli::parse();
+    let cli = if invoked_as(TRITONSERVER) {
+        tritonserver_cli()
+    } else {
+        Cli::parse()
+    };
     let result = match cli.command {
         Command::Serve(args) => serve(args),
         Command::Models(args) => models(args),
         Command::Infer(args) => runtime().and_then(|rt| rt.block_on(client::run(args))),
         Command::Bench(args) => runtime().and_then(|rt| rt.block_on(bench::run(args))),
+        Command::Rollback(args) => runtime().and_then(|rt| rt.block_on(rollback(args))),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -251,6 +366,9 @@ fn backends_with(onnxruntime_library: Option<PathBuf>) -> Vec<Arc<dyn Backend>> 
     backends
 }
 
+/// Set when `--exit-on-error` stops the server because a model failed to load at start-up.
+static START_UP_FAILED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let mut settings = Settings::load(args.config.as_deref())?;
     if !args.model_repository.is_empty() {
@@ -274,6 +392,14 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     s.max_bytes_elements = args.max_bytes_elements.unwrap_or(s.max_bytes_elements);
     s.exit_timeout_secs = args.exit_timeout_secs.unwrap_or(s.exit_timeout_secs);
     settings.models.strict_readiness = args.strict_readiness.unwrap_or(settings.models.strict_readiness);
+    if let Some(mode) = args.model_control_mode {
+        settings.models.control_mode = mode;
+    }
+    settings.models.poll_secs = args.repository_poll_secs.unwrap_or(settings.models.poll_secs);
+    if !args.load_model.is_empty() {
+        settings.models.load = args.load_model;
+    }
+    settings.models.exit_on_error = args.exit_on_error.unwrap_or(settings.models.exit_on_error);
     if let Some(library) = args.onnxruntime_library {
         settings.backends.onnxruntime_library = Some(library);
     }
@@ -333,14 +459,26 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         access: Arc::new(access),
         max_inflight_bytes: settings.server.max_inflight_bytes,
     };
+    let control_mode: oxserve_engine::ControlMode = settings
+        .models
+        .control_mode
+        .parse()
+        .map_err(|e: String| anyhow::anyhow!("--model-control-mode: {e}"))?;
+    if control_mode != oxserve_engine::ControlMode::Explicit && !settings.models.load.is_empty() {
+        anyhow::bail!("--load-model needs --model-control-mode=explicit (as in Triton)");
+    }
     let manager = ModelManager::new(
         backends_with(settings.backends.onnxruntime_library.clone()),
         ManagerOptions {
             repositories: settings.models.repositories.clone(),
             queue_capacity: settings.models.queue_capacity,
+            control_mode,
+            startup_models: settings.models.load.clone(),
         },
     );
     let engine = InferenceService::new(manager, settings.models.strict_readiness);
+    let poll_interval = std::time::Duration::from_secs(settings.models.poll_secs.max(1));
+    let exit_on_error = settings.models.exit_on_error;
 
     runtime()?.block_on(async move {
         let listeners = Listeners::bind(&options).await?;
@@ -357,11 +495,37 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let (http_tls, grpc_tls) = (listeners.http_tls(), listeners.grpc_tls());
         tracing::info!(%http, http_tls, %grpc, grpc_tls, metrics = %metrics_text, "listening");
         let loader = engine.clone();
+        let (failed_tx, failed_rx) = tokio::sync::oneshot::channel::<String>();
         tokio::spawn(async move {
             loader.load_models().await;
             tracing::info!(ready = loader.is_ready(), "model repository loaded");
+            let failures: Vec<String> = loader
+                .repository_index(false)
+                .into_iter()
+                .filter(|e| e.state == "UNAVAILABLE")
+                .map(|e| format!("'{}': {}", e.name, e.reason))
+                .collect();
+            if exit_on_error && !failures.is_empty() {
+                let _ = failed_tx.send(failures.join("; "));
+                return;
+            }
+            loader.start_polling(poll_interval);
         });
-        oxserve_server::serve(engine, listeners, &options, oxserve_server::shutdown_signal()).await
+        // With --exit-on-error, a model that fails to load at start-up stops the server.
+        let stop = async move {
+            tokio::select! {
+                () = oxserve_server::shutdown_signal() => {}
+                Ok(failures) = failed_rx => {
+                    tracing::error!(%failures, "failed to load all models; exiting (--exit-on-error)");
+                    START_UP_FAILED.store(true, std::sync::atomic::Ordering::Release);
+                }
+            }
+        };
+        oxserve_server::serve(engine, listeners, &options, stop).await?;
+        if START_UP_FAILED.load(std::sync::atomic::Ordering::Acquire) {
+            anyhow::bail!("failed to load all models (--exit-on-error)");
+        }
+        Ok(())
     })
 }
 

@@ -70,6 +70,15 @@ pub struct ModelSettings {
     pub strict_readiness: bool,
     /// Requests that may wait per model version before new ones get 429.
     pub queue_capacity: usize,
+    /// Triton's model control mode: `none`, `poll` or `explicit`.
+    pub control_mode: String,
+    /// Poll mode: seconds between repository scans.
+    pub poll_secs: u64,
+    /// Explicit mode: the models loaded at start-up (`*`: all).
+    pub load: Vec<String>,
+    /// Exit at start-up when a model fails to load (Triton's `--exit-on-error`); default off:
+    /// the failure is reported in the index and the other models serve.
+    pub exit_on_error: bool,
 }
 
 /// Engine settings.
@@ -243,6 +252,10 @@ impl Default for ModelSettings {
             repositories: Vec::new(),
             strict_readiness: true,
             queue_capacity: 1024,
+            control_mode: "none".into(),
+            poll_secs: 15,
+            load: Vec::new(),
+            exit_on_error: false,
         }
     }
 }

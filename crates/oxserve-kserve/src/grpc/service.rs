@@ -16,8 +16,11 @@ use super::convert::{
 use super::pb::{
     GrpcInferenceService, GrpcInferenceServiceServer, ModelConfigRequest, ModelConfigResponse,
     ModelInferRequest, ModelInferResponse, ModelMetadataRequest, ModelMetadataResponse, ModelReadyRequest,
-    ModelReadyResponse, ModelStatisticsRequest, ModelStatisticsResponse, RepositoryIndexRequest,
-    RepositoryIndexResponse, ServerLiveRequest, ServerLiveResponse, ServerMetadataRequest,
+    ModelReadyResponse, ModelRollbackRequest, ModelRollbackResponse, ModelStatisticsRequest,
+    ModelStatisticsResponse, ModelVersionLabelSetRequest, ModelVersionLabelSetResponse,
+    ModelVersionLabelsRequest, ModelVersionLabelsResponse, RepositoryIndexRequest, RepositoryIndexResponse,
+    RepositoryModelLoadRequest, RepositoryModelLoadResponse, RepositoryModelUnloadRequest,
+    RepositoryModelUnloadResponse, ServerLiveRequest, ServerLiveResponse, ServerMetadataRequest,
     ServerMetadataResponse, ServerReadyRequest, ServerReadyResponse, SystemSharedMemoryRegisterRequest,
     SystemSharedMemoryRegisterResponse, SystemSharedMemoryStatusRequest, SystemSharedMemoryStatusResponse,
     SystemSharedMemoryUnregisterRequest, SystemSharedMemoryUnregisterResponse,
@@ -231,6 +234,77 @@ impl GrpcInferenceService for GrpcFrontend {
         Ok(Response::new(RepositoryIndexResponse { models }))
     }
 
+    async fn repository_model_load(
+        &self,
+        request: Request<RepositoryModelLoadRequest>,
+    ) -> Result<Response<RepositoryModelLoadResponse>, Status> {
+        let request = request.into_inner();
+        check_repository_name(&request.repository_name)?;
+        let overrides =
+            crate::repository::load_override(&request.model_name, repository_parameters(request.parameters))
+                .map_err(status)?;
+        self.engine
+            .load_model(&request.model_name, overrides)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(RepositoryModelLoadResponse {}))
+    }
+
+    async fn repository_model_unload(
+        &self,
+        request: Request<RepositoryModelUnloadRequest>,
+    ) -> Result<Response<RepositoryModelUnloadResponse>, Status> {
+        let request = request.into_inner();
+        check_repository_name(&request.repository_name)?;
+        let parameters = repository_parameters(request.parameters);
+        crate::repository::check_unload_parameters(&request.model_name, &parameters).map_err(status)?;
+        self.engine
+            .unload_model(&request.model_name)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(RepositoryModelUnloadResponse {}))
+    }
+
+    async fn model_version_labels(
+        &self,
+        request: Request<ModelVersionLabelsRequest>,
+    ) -> Result<Response<ModelVersionLabelsResponse>, Status> {
+        let (labels, default) = self
+            .engine
+            .version_labels(&request.into_inner().name)
+            .map_err(status)?;
+        Ok(Response::new(ModelVersionLabelsResponse {
+            labels: labels.into_iter().map(|(l, v)| (l, v.to_string())).collect(),
+            default_version: default.map(|v| v.to_string()).unwrap_or_default(),
+        }))
+    }
+
+    async fn model_version_label_set(
+        &self,
+        request: Request<ModelVersionLabelSetRequest>,
+    ) -> Result<Response<ModelVersionLabelSetResponse>, Status> {
+        let request = request.into_inner();
+        let version = parse_version(&request.version)
+            .map_err(status)?
+            .ok_or_else(|| status(Error::invalid("the label request needs a version")))?;
+        self.engine
+            .set_version_label(&request.name, &request.label, version)
+            .map_err(status)?;
+        Ok(Response::new(ModelVersionLabelSetResponse {}))
+    }
+
+    async fn model_rollback(
+        &self,
+        request: Request<ModelRollbackRequest>,
+    ) -> Result<Response<ModelRollbackResponse>, Status> {
+        let request = request.into_inner();
+        let label = (!request.label.is_empty()).then_some(request.label.as_str());
+        let version = self.engine.rollback(&request.name, label).map_err(status)?;
+        Ok(Response::new(ModelRollbackResponse {
+            version: version.to_string(),
+        }))
+    }
+
     async fn system_shared_memory_status(
         &self,
         request: Request<SystemSharedMemoryStatusRequest>,
@@ -281,4 +355,40 @@ impl GrpcInferenceService for GrpcFrontend {
         }
         Ok(Response::new(SystemSharedMemoryUnregisterResponse {}))
     }
+}
+
+/// A named repository: Triton answers the same (UNSUPPORTED → UNIMPLEMENTED).
+fn check_repository_name(name: &str) -> Result<(), Status> {
+    if name.is_empty() {
+        Ok(())
+    } else {
+        Err(status(Error::unsupported(
+            "'repository_name' specification is not supported",
+        )))
+    }
+}
+
+/// The wire's parameters in the form both protocols share (an unset one is refused as a
+/// parameter of the wrong type).
+fn repository_parameters(
+    parameters: std::collections::HashMap<String, super::pb::ModelRepositoryParameter>,
+) -> Vec<(String, crate::repository::RepositoryParameter)> {
+    use super::pb::model_repository_parameter::ParameterChoice;
+    use crate::repository::RepositoryParameter;
+    let mut parameters: Vec<_> = parameters
+        .into_iter()
+        .map(|(key, p)| {
+            let value = match p.parameter_choice {
+                Some(ParameterChoice::BoolParam(b)) => RepositoryParameter::Bool(b),
+                Some(ParameterChoice::Int64Param(i)) => RepositoryParameter::Int(i),
+                Some(ParameterChoice::StringParam(s)) => RepositoryParameter::Text(s),
+                Some(ParameterChoice::BytesParam(b)) => RepositoryParameter::Bytes(b),
+                None => RepositoryParameter::Unset,
+            };
+            (key, value)
+        })
+        .collect();
+    // Map order is random; errors name the first bad parameter by name order.
+    parameters.sort_by(|a, b| a.0.cmp(&b.0));
+    parameters
 }

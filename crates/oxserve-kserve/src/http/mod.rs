@@ -5,6 +5,7 @@ mod body;
 mod error;
 mod infer;
 mod json_data;
+mod labels;
 mod shm;
 mod stats;
 
@@ -49,7 +50,7 @@ impl Default for HttpOptions {
 }
 
 #[derive(Clone)]
-struct AppState {
+pub(super) struct AppState {
     engine: InferenceService,
     options: HttpOptions,
     shm: Arc<SharedMemoryRegistry>,
@@ -85,11 +86,18 @@ pub fn router(engine: InferenceService, options: HttpOptions, shm: Arc<SharedMem
             "/v2/models/{model}/versions/{version}/stats",
             get(stats::model_version_stats),
         )
+        .route("/v2/models/{model}/labels", get(labels::list))
+        .route("/v2/models/{model}/labels/{label}", get(labels::metadata))
+        .route("/v2/models/{model}/labels/{label}/ready", get(labels::ready))
+        .route("/v2/models/{model}/labels/{label}/config", get(labels::config))
+        .route("/v2/models/{model}/labels/{label}/infer", post(labels::infer))
+        .route("/v2/repository/models/{model}/labels/{label}", post(labels::set))
+        .route("/v2/repository/models/{model}/rollback", post(labels::rollback))
         .route("/v2/models/{model}/infer", post(infer))
         .route("/v2/models/{model}/versions/{version}/infer", post(infer_version))
         .route("/v2/repository/index", post(repository_index))
-        .route("/v2/repository/models/{model}/load", post(load_unload))
-        .route("/v2/repository/models/{model}/unload", post(load_unload))
+        .route("/v2/repository/models/{model}/load", post(load))
+        .route("/v2/repository/models/{model}/unload", post(unload))
         .route("/v2/systemsharedmemory/status", get(shm::status_all))
         .route(
             "/v2/systemsharedmemory/region/{name}/status",
@@ -200,7 +208,7 @@ fn meta(t: &oxserve_core::TensorMeta) -> TensorMetaJson<'_> {
     }
 }
 
-fn metadata_json(m: &ModelMetadata) -> Response {
+pub(super) fn metadata_json(m: &ModelMetadata) -> Response {
     let body = ModelMetadataJson {
         name: &m.name,
         versions: &m.versions,
@@ -224,7 +232,7 @@ async fn model_metadata_version(
     ))
 }
 
-fn ready_status(s: &AppState, model: &str, version: Option<u64>) -> ApiResult<StatusCode> {
+pub(super) fn ready_status(s: &AppState, model: &str, version: Option<u64>) -> ApiResult<StatusCode> {
     match s.engine.check_model_ready(model, version) {
         Ok(()) => Ok(StatusCode::OK),
         Err(e) if e.kind() == ErrorKind::NotFound => Err(ApiError(e)),
@@ -243,7 +251,7 @@ async fn model_ready_version(
     ready_status(&s, &model, parse_version(&version)?)
 }
 
-fn config_response(s: &AppState, model: &str, version: Option<u64>) -> ApiResult<Response> {
+pub(super) fn config_response(s: &AppState, model: &str, version: Option<u64>) -> ApiResult<Response> {
     let config = s.engine.model_config(model, version)?;
     let json = oxserve_repository::config_to_json(&config);
     Ok(([(header::CONTENT_TYPE, "application/json")], json).into_response())
@@ -260,7 +268,7 @@ async fn model_config_version(
     config_response(&s, &model, parse_version(&version)?)
 }
 
-async fn infer(
+pub(super) async fn infer(
     State(s): State<AppState>,
     Path(model): Path<String>,
     headers: HeaderMap,
@@ -298,7 +306,7 @@ fn header_length(headers: &HeaderMap) -> ApiResult<Option<usize>> {
 /// The infer endpoint: the model is looked up first (an unknown one costs no body read and no
 /// decoding), then the body is read and decoded (off the async workers when large), run by
 /// the shared request runner, and encoded.
-async fn run_infer(
+pub(super) async fn run_infer(
     s: AppState,
     model: String,
     version: Option<u64>,
@@ -371,10 +379,75 @@ async fn repository_index(State(s): State<AppState>, headers: HeaderMap, body: B
     Ok(json_response(&entries))
 }
 
-/// Models are loaded at startup (Triton's model control mode "none"); explicit load and unload
-/// are refused the way Triton refuses them in that mode.
-async fn load_unload(Path(model): Path<String>) -> ApiError {
-    ApiError(Error::unsupported(format!(
-        "cannot load or unload '{model}': this server loads the repository at startup (model control mode 'none')"
-    )))
+/// `POST /v2/repository/models/{model}/load` with an optional body
+/// `{"parameters": {"config": "<model config JSON>", "file:<version>/<name>": "<base64>"}}`
+/// (Triton's): answers once the model serves, or with why it does not.
+async fn load(
+    State(s): State<AppState>,
+    Path(model): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Response> {
+    let body: Bytes = body::read_body(&headers, body, s.options.max_body_bytes).await?;
+    let parameters = repository_parameters(&body, "load")?;
+    let overrides = crate::repository::load_override(&model, parameters)?;
+    s.engine.load_model(&model, overrides).await?;
+    Ok(json_response(&serde_json::json!({})))
+}
+
+/// `POST /v2/repository/models/{model}/unload`, optionally `{"parameters":
+/// {"unload_dependents": bool}}` (no model here depends on another, so it changes nothing).
+async fn unload(
+    State(s): State<AppState>,
+    Path(model): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Response> {
+    let body: Bytes = body::read_body(&headers, body, s.options.max_body_bytes).await?;
+    let parameters = repository_parameters(&body, "unload")?;
+    crate::repository::check_unload_parameters(&model, &parameters)?;
+    s.engine.unload_model(&model).await?;
+    Ok(json_response(&serde_json::json!({})))
+}
+
+/// The `parameters` object of a load or unload body (an empty body has none).
+fn repository_parameters(
+    body: &[u8],
+    what: &str,
+) -> Result<Vec<(String, crate::repository::RepositoryParameter)>, Error> {
+    #[derive(Deserialize, Default)]
+    #[serde(deny_unknown_fields)]
+    struct RepositoryRequest {
+        #[serde(default)]
+        parameters: serde_json::Map<String, serde_json::Value>,
+    }
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(Vec::new());
+    }
+    let request: RepositoryRequest = serde_json::from_slice(body)
+        .map_err(|e| Error::invalid(format!("malformed repository {what} request: {e}")))?;
+    request
+        .parameters
+        .into_iter()
+        .map(|(key, value)| {
+            let parameter = match value {
+                serde_json::Value::Bool(b) => crate::repository::RepositoryParameter::Bool(b),
+                serde_json::Value::Number(n) => match n.as_i64() {
+                    Some(i) => crate::repository::RepositoryParameter::Int(i),
+                    None => {
+                        return Err(Error::invalid(format!(
+                            "repository {what} parameter '{key}' must be a boolean, an integer or a string"
+                        )));
+                    }
+                },
+                serde_json::Value::String(text) => crate::repository::RepositoryParameter::Text(text),
+                _ => {
+                    return Err(Error::invalid(format!(
+                        "repository {what} parameter '{key}' must be a boolean, an integer or a string"
+                    )));
+                }
+            };
+            Ok((key, parameter))
+        })
+        .collect()
 }

@@ -1,0 +1,221 @@
+#!/usr/bin/env python3
+"""Model lifecycle figures (BENCHMARKS.md, "Model lifecycle"), against a real oxserve binary
+in explicit model control mode:
+
+  reloads   failed requests while add_sub is reloaded N times (a version directory added, then
+            removed, each followed by a load request) under continuous HTTP and gRPC traffic;
+  latency   p99 of add_sub requests (one HTTP client) while a large model (bench/make_mlp.py,
+            ~68 MiB) is loaded and unloaded over and over, against p99 with nothing loading,
+            measured in alternating windows;
+  memory    the server's RSS after N load/unload cycles of the fidelity corpus's CNN against
+            after the first (run scripts/make_corpus.py first).
+
+    .venv/bin/python bench/lifecycle.py OXSERVE_BIN [--reloads 50] [--cycles 200] [--windows 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def start(binary: str, repository: Path, load: list[str]) -> tuple[subprocess.Popen, str, str]:
+    args = [binary, "serve", "--model-repository", str(repository), "--http-port", "0",
+            "--grpc-port", "0", "--metrics-port", "0", "--model-control-mode", "explicit"]
+    for name in load:
+        args += ["--load-model", name]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    line = json.loads(proc.stdout.readline())
+    client = httpclient.InferenceServerClient(line["http"])
+    deadline = time.monotonic() + 60
+    while not client.is_server_ready():
+        if time.monotonic() > deadline:
+            raise SystemExit("server not ready")
+        time.sleep(0.05)
+    return proc, line["http"], line["grpc"]
+
+
+def add_sub_inputs(module):
+    a = np.arange(16, dtype=np.float32).reshape(1, 16)
+    b = np.ones((1, 16), dtype=np.float32)
+    inputs = [module.InferInput("INPUT0", [1, 16], "FP32"), module.InferInput("INPUT1", [1, 16], "FP32")]
+    inputs[0].set_data_from_numpy(a)
+    inputs[1].set_data_from_numpy(b)
+    return inputs, a + b
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise SystemExit("no VmRSS")
+
+
+def reloads(binary: str, count: int) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        repo = Path(tmp)
+        shutil.copytree(ROOT / "examples/models/add_sub", repo / "add_sub")
+        proc, http, grpc = start(binary, repo, ["add_sub"])
+        stop = threading.Event()
+        counts = {"ok": 0, "failed": 0}
+        failures: list[str] = []
+        lock = threading.Lock()
+
+        def client(module, url):
+            c = module.InferenceServerClient(url)
+            inputs, expected = add_sub_inputs(module)
+            while not stop.is_set():
+                try:
+                    out = c.infer("add_sub", inputs).as_numpy("OUTPUT0")
+                    ok = np.array_equal(out, expected)
+                    with lock:
+                        counts["ok" if ok else "failed"] += 1
+                        if not ok:
+                            failures.append("wrong answer")
+                except Exception as e:  # noqa: BLE001 - every failure counts
+                    with lock:
+                        counts["failed"] += 1
+                        failures.append(str(e)[:200])
+
+        threads = [threading.Thread(target=client, args=(m, u)) for m, u in
+                   [(httpclient, http), (httpclient, http), (grpcclient, grpc), (grpcclient, grpc)]]
+        for t in threads:
+            t.start()
+        admin = httpclient.InferenceServerClient(http)
+        began = time.monotonic()
+        for i in range(count):
+            if i % 2 == 0:
+                shutil.copytree(repo / "add_sub/1", repo / "add_sub/2")
+            else:
+                shutil.rmtree(repo / "add_sub/2")
+            admin.load_model("add_sub")
+        elapsed = time.monotonic() - began
+        time.sleep(0.5)
+        stop.set()
+        for t in threads:
+            t.join()
+        proc.terminate()
+        proc.wait()
+        print(f"reloads: {count} reloads in {elapsed:.1f} s under 2 HTTP + 2 gRPC clients: "
+              f"{counts['ok']} requests answered correctly, {counts['failed']} failed"
+              + (f" (e.g. {failures[:3]})" if failures else ""))
+
+
+def latency(binary: str, windows: int, seconds: float) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        repo = Path(tmp)
+        shutil.copytree(ROOT / "examples/models/add_sub", repo / "add_sub")
+        subprocess.run([sys.executable, str(ROOT / "bench/make_mlp.py"), str(repo)], check=True,
+                       stdout=subprocess.DEVNULL)
+        proc, http, _ = start(binary, repo, ["add_sub"])
+        client = httpclient.InferenceServerClient(http)
+        admin = httpclient.InferenceServerClient(http, network_timeout=600)
+        inputs, _ = add_sub_inputs(httpclient)
+        loading = threading.Event()
+        done = threading.Event()
+        loads = [0]
+
+        def loader():
+            while not done.is_set():
+                if loading.wait(0.1):
+                    admin.load_model("mlp_plain")
+                    admin.unload_model("mlp_plain")
+                    loads[0] += 1
+
+        t = threading.Thread(target=loader)
+        t.start()
+
+        def window() -> list[float]:
+            lat = []
+            end = time.monotonic() + seconds
+            while time.monotonic() < end:
+                s = time.perf_counter()
+                client.infer("add_sub", inputs)
+                lat.append((time.perf_counter() - s) * 1e6)
+            return lat
+
+        idle, busy = [], []
+        for _ in range(windows):
+            idle += window()
+            loading.set()
+            busy += window()
+            loading.clear()
+        done.set()
+        t.join()
+        proc.terminate()
+        proc.wait()
+        p_idle, p_busy = np.percentile(idle, 99), np.percentile(busy, 99)
+        print(f"latency: add_sub p99 {p_idle:.0f} us with nothing loading ({len(idle)} requests), "
+              f"{p_busy:.0f} us while mlp_plain (68 MiB) loads and unloads ({len(busy)} requests, "
+              f"{loads[0]} loads): {p_busy / p_idle:.2f}x; p50 {np.percentile(idle, 50):.0f} / "
+              f"{np.percentile(busy, 50):.0f} us")
+
+
+def memory(binary: str, cycles: int, engine: str) -> None:
+    cnn = ROOT / "tests/fixtures/corpus/onnxruntime/cnn"
+    if not cnn.is_dir():
+        raise SystemExit(f"{cnn} is missing: run .venv/bin/python scripts/make_corpus.py first")
+    with tempfile.TemporaryDirectory() as tmp:
+        repo = Path(tmp)
+        shutil.copytree(cnn, repo / "cnn", symlinks=False)
+        config = repo / "cnn/config.pbtxt"
+        config.write_text(config.read_text().replace('backend: "onnxruntime"', f'backend: "{engine}"'))
+        proc, http, _ = start(binary, repo, [])
+        admin = httpclient.InferenceServerClient(http)
+        meta = None
+        after = {}
+        for i in range(1, cycles + 1):
+            admin.load_model("cnn")
+            if meta is None:
+                meta = admin.get_model_metadata("cnn")
+            inp = meta["inputs"][0]
+            shape = [1 if d == -1 else d for d in inp["shape"]]
+            x = httpclient.InferInput(inp["name"], shape, inp["datatype"])
+            x.set_data_from_numpy(np.zeros(shape, dtype=np.float32))
+            admin.infer("cnn", [x])
+            admin.unload_model("cnn")
+            while admin.get_model_repository_index()[0].get("state") != "UNAVAILABLE":
+                time.sleep(0.005)
+            if i in (1, 10, cycles):
+                after[i] = rss_kib(proc.pid)
+        proc.terminate()
+        proc.wait()
+        print(f"memory ({engine}): RSS after load/unload/infer cycle 1 {after[1] / 1024:.1f} MiB, after 10 "
+              f"{after[10] / 1024:.1f} MiB, after {cycles} {after[cycles] / 1024:.1f} MiB: "
+              f"{(after[cycles] / after[1] - 1) * 100:+.1f} %")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("binary")
+    parser.add_argument("--reloads", type=int, default=50)
+    parser.add_argument("--cycles", type=int, default=200)
+    parser.add_argument("--windows", type=int, default=3)
+    parser.add_argument("--window-secs", type=float, default=3.0)
+    parser.add_argument("--only", choices=["reloads", "latency", "memory"])
+    parser.add_argument("--engine", default="onnxruntime", help="the CNN's backend (memory)")
+    args = parser.parse_args()
+    print(f"# {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}, {args.binary}")
+    if args.only in (None, "reloads"):
+        reloads(args.binary, args.reloads)
+    if args.only in (None, "latency"):
+        latency(args.binary, args.windows, args.window_secs)
+    if args.only in (None, "memory"):
+        memory(args.binary, args.cycles, args.engine)
+
+
+if __name__ == "__main__":
+    main()
