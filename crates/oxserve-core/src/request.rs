@@ -59,6 +59,9 @@ pub struct InferRequest {
     pub inputs: Vec<Tensor>,
     /// Empty means every output of the model.
     pub outputs: Vec<RequestedOutput>,
+    /// The value of the model's sticky header, when its traffic split has one: requests with
+    /// the same value go to the same version.
+    pub routing_key: Option<String>,
 }
 
 #[derive(Debug, Clone)]

@@ -9,7 +9,9 @@ mod manager;
 mod model;
 mod scheduling;
 mod service;
+mod shadow;
 mod stats;
+mod traffic;
 mod validate;
 mod warmup;
 
@@ -18,4 +20,6 @@ pub use manager::{
     BACKEND_REASON_PARAMETER, ControlMode, ManagerOptions, ModelManager, PLACEMENT_REASON_PARAMETER,
 };
 pub use service::{IndexEntry, InferenceService, ServerMetadata};
+pub use shadow::ShadowStats;
 pub use stats::{BatchStat, FailureReason, InferStats, Metrics, ModelStatistics, StatDuration};
+pub use traffic::{ShadowTraffic, TrafficSplit};

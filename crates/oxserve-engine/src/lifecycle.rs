@@ -30,6 +30,9 @@ pub(crate) struct Built {
     pub error: Option<String>,
     /// config.pbtxt's `version_labels`.
     pub labels: BTreeMap<String, u64>,
+    /// config.pbtxt's `traffic_split` and `shadow`.
+    pub split: Option<crate::traffic::TrafficSplit>,
+    pub shadow: Option<crate::traffic::ShadowTraffic>,
 }
 
 impl Built {
@@ -272,6 +275,7 @@ impl ModelManager {
         let override_dir = override_dir.map(Arc::new);
         let labels: BTreeMap<String, Vec<u64>> =
             built.labels.iter().map(|(l, v)| (l.clone(), vec![*v])).collect();
+        let (split, shadow) = (built.split.clone(), built.shadow.clone());
         self.publish(name, |latest| {
             let mut record = ModelRecord {
                 versions: versions.clone(),
@@ -281,6 +285,8 @@ impl ModelManager {
                 _override_dir: override_dir.clone(),
                 labels: labels.clone(),
                 default_pin: None,
+                split: split.clone(),
+                shadow: shadow.clone(),
             };
             for v in &leaving {
                 record.versions.insert(*v, VersionState::Unloading);
@@ -548,6 +554,52 @@ impl ModelManager {
         });
         tracing::info!(model = %name, label = label.unwrap_or("(default)"), version = target, "rolled back");
         Ok(target)
+    }
+
+    /// Replaces a model's traffic split and/or shadow at run time (`None` leaves one as it
+    /// is; `Some(None)` removes it). The next load re-applies config.pbtxt's.
+    pub fn set_traffic(
+        &self,
+        name: &str,
+        split: Option<Option<crate::traffic::TrafficSplit>>,
+        shadow: Option<Option<crate::traffic::ShadowTraffic>>,
+    ) -> Result<()> {
+        if let Some(Some(split)) = &split {
+            split.check().map_err(Error::invalid)?;
+        }
+        if let Some(Some(shadow)) = &shadow {
+            shadow.check().map_err(Error::invalid)?;
+        }
+        let _serial = self.lifecycle.lock();
+        self.serving_record(name)?;
+        self.publish(name, |latest| {
+            let mut record = latest.cloned().unwrap_or_default();
+            if let Some(split) = &split {
+                record.split = split.clone();
+            }
+            if let Some(shadow) = &shadow {
+                record.shadow = shadow.clone();
+            }
+            record
+        });
+        tracing::info!(model = %name, "traffic split / shadow changed");
+        Ok(())
+    }
+
+    /// A model's traffic split and shadow as they are now.
+    pub fn traffic(
+        &self,
+        name: &str,
+    ) -> Result<(
+        Option<crate::traffic::TrafficSplit>,
+        Option<crate::traffic::ShadowTraffic>,
+    )> {
+        let table = self.snapshot();
+        let record = table
+            .models
+            .get(name)
+            .ok_or_else(|| Error::not_found(format!("unknown model '{name}'")))?;
+        Ok((record.split.clone(), record.shadow.clone()))
     }
 
     /// A model's labels (label → version) and the version requests without one get.

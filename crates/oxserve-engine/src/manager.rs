@@ -162,6 +162,11 @@ pub(crate) struct ModelRecord {
     /// The version a request without a version or label gets, when rolled back from the
     /// latest (cleared by the next load).
     pub default_pin: Option<u64>,
+    /// How requests that name no version are spread over versions (config.pbtxt's
+    /// `traffic_split`, or set at run time).
+    pub split: Option<crate::traffic::TrafficSplit>,
+    /// The candidate that also sees a share of the requests (config.pbtxt's `shadow`).
+    pub shadow: Option<crate::traffic::ShadowTraffic>,
 }
 
 impl ModelRecord {
@@ -371,6 +376,14 @@ impl ModelManager {
                 .iter()
                 .map(|(l, v)| (l.clone(), *v as u64))
                 .collect(),
+            split: config
+                .traffic_split
+                .as_ref()
+                .map(crate::traffic::TrafficSplit::from_config),
+            shadow: config
+                .shadow
+                .as_ref()
+                .and_then(crate::traffic::ShadowTraffic::from_config),
             ..Built::default()
         };
         for version in selected {
@@ -581,6 +594,7 @@ impl ModelManager {
             metadata,
             scheduler,
             stats,
+            shadow: Default::default(),
         };
         // Ready only once its warmup has run (a failed warmup is a failed load).
         crate::warmup::run(&served, &dir.path)?;
@@ -796,6 +810,32 @@ impl ModelTable {
         record
             .label(label)
             .ok_or_else(|| Error::not_found(format!("model '{name}' has no version label '{label}'")))
+    }
+
+    /// The version that answers a request and, when the request is mirrored, the shadow
+    /// candidate: the named version, else the traffic split's choice (sticky by
+    /// `routing_key`), else the default (a rolled-back pin or the highest ready version).
+    pub(crate) fn route(
+        &self,
+        name: &str,
+        version: Option<u64>,
+        routing_key: Option<&str>,
+    ) -> Result<(Arc<ServedVersion>, Option<Arc<ServedVersion>>)> {
+        let record = self.models.get(name);
+        let split = match (version, record) {
+            (None, Some(record)) => record.split_choice(routing_key),
+            _ => None,
+        };
+        let primary = match split {
+            Some(served) => served,
+            None => self.resolve(name, version)?,
+        };
+        // Requests that named their version asked for exactly that: they are not mirrored.
+        let shadow = match (version, record) {
+            (None, Some(record)) => record.shadow_choice(&primary),
+            _ => None,
+        };
+        Ok((primary, shadow))
     }
 
     /// The version a request addresses: the given one, or the highest ready one.

@@ -54,4 +54,6 @@ pub(crate) struct ServedVersion {
     pub metadata: ModelMetadata,
     pub scheduler: Scheduler,
     pub stats: Arc<ModelStats>,
+    /// What mirrored requests found when this version was a shadow candidate.
+    pub shadow: crate::shadow::ShadowRecord,
 }

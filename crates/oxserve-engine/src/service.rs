@@ -264,6 +264,27 @@ impl InferenceService {
         self.inner.manager.rollback(name, label)
     }
 
+    /// Replaces a model's traffic split and/or shadow (see [`ModelManager::set_traffic`]).
+    pub fn set_traffic(
+        &self,
+        name: &str,
+        split: Option<Option<crate::traffic::TrafficSplit>>,
+        shadow: Option<Option<crate::traffic::ShadowTraffic>>,
+    ) -> Result<()> {
+        self.inner.manager.set_traffic(name, split, shadow)
+    }
+
+    /// A model's traffic split and shadow.
+    pub fn traffic(
+        &self,
+        name: &str,
+    ) -> Result<(
+        Option<crate::traffic::TrafficSplit>,
+        Option<crate::traffic::ShadowTraffic>,
+    )> {
+        self.inner.manager.traffic(name)
+    }
+
     /// A model's labels and its default version.
     pub fn version_labels(
         &self,
@@ -281,39 +302,54 @@ impl InferenceService {
         self.inner.manager.wait_retired(timeout)
     }
 
-    /// Validates and runs one request.
+    /// Validates and runs one request: on the version it names, else the one the model's
+    /// traffic split picks, else the default; a share of the requests that name no version
+    /// are also mirrored to the model's shadow candidate (in the background, after this
+    /// answer).
     pub async fn infer(&self, request: InferRequest) -> Result<InferResponse> {
-        let received = Instant::now();
-        let served = self
-            .inner
-            .manager
-            .snapshot()
-            .resolve(&request.model_name, request.model_version)?;
-        served.stats.request_started();
-        let result = run(&served, request, received).await;
-        served.stats.request_finished();
-        if let Err((e, reason)) = &result {
-            served.stats.record_failure(*reason, received.elapsed());
-            if e.kind() == ErrorKind::Internal {
-                tracing::warn!(model = %served.model_name, version = served.version, error = %e, "inference failed");
-            }
+        let (served, shadow) = self.inner.manager.snapshot().route(
+            &request.model_name,
+            request.model_version,
+            request.routing_key.as_deref(),
+        )?;
+        let mirrored = shadow.map(|candidate| (candidate, request.clone()));
+        let answer = run_on(&served, request).await;
+        if let (Ok(primary_answer), Some((candidate, request))) = (&answer, mirrored) {
+            crate::shadow::mirror(
+                self.metrics(),
+                served.version,
+                candidate,
+                request,
+                primary_answer.clone(),
+            );
         }
-        result.map_err(|(e, _)| e)
+        answer
+    }
+
+    /// The version a request without a version goes to under the model's traffic split is
+    /// sticky by this header, when it has one.
+    pub fn sticky_header(&self, name: &str) -> Option<String> {
+        let table = self.inner.manager.snapshot();
+        table.models.get(name)?.split.as_ref()?.sticky_header.clone()
     }
 
     /// Statistics of one version, every ready version of one model, or every model.
     pub fn model_statistics(&self, name: Option<&str>, version: Option<u64>) -> Result<Vec<ModelStatistics>> {
         let table = self.inner.manager.snapshot();
+        let of = |served: &ServedVersion| ModelStatistics {
+            shadow: served.shadow.snapshot(),
+            ..served.stats.snapshot()
+        };
         let ready = |record: &crate::manager::ModelRecord| -> Vec<ModelStatistics> {
             record
                 .versions
                 .values()
-                .filter_map(|s| s.serving().map(|served| served.stats.snapshot()))
+                .filter_map(|s| s.serving().map(|served| of(served)))
                 .collect()
         };
         match (name, version) {
             (None, _) => Ok(table.models.values().flat_map(ready).collect()),
-            (Some(name), Some(v)) => Ok(vec![table.resolve(name, Some(v))?.stats.snapshot()]),
+            (Some(name), Some(v)) => Ok(vec![of(&*table.resolve(name, Some(v))?)]),
             (Some(name), None) => match table.models.get(name) {
                 Some(record) => Ok(ready(record)),
                 None => Err(Error::not_found(format!("unknown model '{name}'"))),
@@ -325,6 +361,21 @@ impl InferenceService {
     pub fn metrics(&self) -> Arc<Metrics> {
         Arc::clone(self.inner.manager.metrics())
     }
+}
+
+/// Runs one request on one version, with its statistics (successes, failures, timings).
+pub(crate) async fn run_on(served: &ServedVersion, request: InferRequest) -> Result<InferResponse> {
+    let received = Instant::now();
+    served.stats.request_started();
+    let result = run(served, request, received).await;
+    served.stats.request_finished();
+    if let Err((e, reason)) = &result {
+        served.stats.record_failure(*reason, received.elapsed());
+        if e.kind() == ErrorKind::Internal {
+            tracing::warn!(model = %served.model_name, version = served.version, error = %e, "inference failed");
+        }
+    }
+    result.map_err(|(e, _)| e)
 }
 
 /// Reads Triton's schedule-policy parameters: `priority` (0 = the model's default level) and

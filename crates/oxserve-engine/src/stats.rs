@@ -63,7 +63,7 @@ pub struct InferStats {
 }
 
 /// One model version's statistics, Triton's `ModelStatistics` shape.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct ModelStatistics {
     pub name: String,
     pub version: String,
@@ -75,6 +75,8 @@ pub struct ModelStatistics {
     pub execution_count: u64,
     pub inference_stats: InferStats,
     pub batch_stats: Vec<BatchStat>,
+    /// When this version is a shadow candidate: how its answers compared with the primary's.
+    pub shadow: Option<crate::shadow::ShadowStats>,
 }
 
 /// Why a request failed, as a metric label (Triton's `reason`).
@@ -136,6 +138,7 @@ pub struct Metrics {
     compute_duration: Family<ModelLabels, Histogram, fn() -> Histogram>,
     batch_size: Family<ModelLabels, Histogram, fn() -> Histogram>,
     load_duration: Family<ModelLabels, Gauge<f64, AtomicU64>>,
+    pub(crate) shadow: crate::shadow::ShadowMetrics,
 }
 
 impl Default for Metrics {
@@ -158,6 +161,7 @@ impl Metrics {
             compute_duration: Family::new_with_constructor(latency_histogram),
             batch_size: Family::new_with_constructor(batch_histogram),
             load_duration: Family::default(),
+            shadow: crate::shadow::ShadowMetrics::register(&mut registry),
             registry: Registry::default(),
         };
         registry.register(
@@ -367,6 +371,7 @@ impl ModelStats {
                 compute_output: self.compute_output.get(),
             },
             batch_stats,
+            shadow: None,
         }
     }
 }

@@ -240,6 +240,8 @@ pub struct DecodedRequest {
     pub outputs: Vec<OutputRequest>,
     /// The request-level binary preference (`binary_data_output`).
     pub binary_by_default: bool,
+    /// The value of the model's traffic-split sticky header (see [`sticky_routing_key`]).
+    pub routing_key: Option<String>,
 }
 
 impl DecodedRequest {
@@ -254,8 +256,20 @@ impl DecodedRequest {
             inputs: Vec::new(),
             outputs: Vec::new(),
             binary_by_default,
+            routing_key: None,
         })
     }
+}
+
+/// The routing key of a request for `model`: the value of the header its traffic split is
+/// sticky by, looked up with `header` (HTTP headers or gRPC metadata by lowercase name).
+pub fn sticky_routing_key<'h>(
+    engine: &InferenceService,
+    model: &str,
+    header: impl Fn(&str) -> Option<&'h str>,
+) -> Option<String> {
+    let name = engine.sticky_header(model)?;
+    header(&name).map(str::to_string)
 }
 
 #[cfg(test)]

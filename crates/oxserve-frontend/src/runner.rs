@@ -61,6 +61,7 @@ pub async fn run(
         inputs,
         outputs: output_requests,
         binary_by_default,
+        routing_key,
     } = request;
     // A version label travels as a request parameter over every protocol.
     let target = target.with_label_parameter(engine, &mut parameters)?;
@@ -82,6 +83,7 @@ pub async fn run(
             parameters,
             inputs: tensors,
             outputs: requested,
+            routing_key,
         })
         .await?;
     // Fixed-size inputs in shared memory were views of the client's pages: if the client

@@ -253,6 +253,7 @@ pub fn validate_config(cfg: &pb::ModelConfig) -> Result<(), ConfigError> {
         )));
     }
     check_warmups(cfg).map_err(invalid)?;
+    check_traffic(cfg).map_err(invalid)?;
     for (label, version) in &cfg.version_labels {
         if !is_label_name(label) {
             return Err(invalid(format!(
@@ -266,6 +267,56 @@ pub fn validate_config(cfg: &pb::ModelConfig) -> Result<(), ConfigError> {
         }
     }
     Ok(())
+}
+
+/// A traffic split's or shadow's target: a version number or a label.
+fn is_version_or_label(key: &str) -> bool {
+    key.parse::<u64>().is_ok_and(|v| v > 0) || is_label_name(key)
+}
+
+/// `traffic_split` and `shadow` (our extensions): targets that can name a version, weights
+/// that add up to something, a share between 0 and 1.
+fn check_traffic(cfg: &pb::ModelConfig) -> Result<(), String> {
+    if let Some(split) = &cfg.traffic_split {
+        if split.weights.is_empty() || split.weights.values().all(|w| *w == 0) {
+            return Err("traffic_split needs at least one version or label with a weight above 0".to_owned());
+        }
+        if let Some(key) = split.weights.keys().find(|k| !is_version_or_label(k)) {
+            return Err(format!(
+                "traffic_split: '{key}' is neither a version number nor a label name"
+            ));
+        }
+        if split.weights.values().map(|w| u64::from(*w)).sum::<u64>() > u64::from(u32::MAX) {
+            return Err("traffic_split: the weights add up to more than 4294967295".to_owned());
+        }
+        if !split.sticky_header.is_empty() && http_header_name(&split.sticky_header).is_none() {
+            return Err(format!(
+                "traffic_split: sticky_header '{}' is not a valid header name",
+                split.sticky_header
+            ));
+        }
+    }
+    if let Some(shadow) = &cfg.shadow {
+        if !is_version_or_label(&shadow.version) {
+            return Err(format!(
+                "shadow: version '{}' is neither a version number nor a label name",
+                shadow.version
+            ));
+        }
+        if !(0.0..=1.0).contains(&shadow.share) {
+            return Err(format!("shadow: share {} must be between 0 and 1", shadow.share));
+        }
+    }
+    Ok(())
+}
+
+/// A header name as HTTP and gRPC metadata accept it (lowercase token characters).
+fn http_header_name(name: &str) -> Option<&str> {
+    let valid = !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'_' | b'.'));
+    valid.then_some(name)
 }
 
 /// A version label usable in a URL path segment and a header.

@@ -149,10 +149,12 @@ mod tests {
             ("optimization", 12),
             ("model_warmup", 16),
             ("version_labels", 1000),
+            ("traffic_split", 1001),
+            ("shadow", 1002),
         ] {
             assert!(numbers.contains(&(name.to_owned(), number)), "{name} = {number}");
         }
-        assert_eq!(numbers.len(), 14, "no fields beyond the agreed subset");
+        assert_eq!(numbers.len(), 16, "no fields beyond the agreed subset");
         let warmup = descriptor_pool()
             .get_message_by_name("inference.ModelWarmup")
             .unwrap();

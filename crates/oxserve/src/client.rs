@@ -285,6 +285,7 @@ fn request_from_file(model: &str, version: Option<u64>, body: &Bytes) -> anyhow:
         parameters: decoded.parameters,
         inputs,
         outputs: Vec::new(),
+        routing_key: None,
     })
 }
 

@@ -22,6 +22,7 @@ fn decode(req: ModelInferRequest) -> Result<InferRequest> {
     let decoded = infer_request_from_wire(target, req, &DecodeLimits::default())?;
     let (inputs, _) = resolve_inputs(&SharedMemoryRegistry::new(), decoded.inputs)?;
     Ok(InferRequest {
+        routing_key: decoded.routing_key,
         model_name: decoded.target.name().to_string(),
         model_version: decoded.target.version(),
         id: decoded.id,
@@ -776,6 +777,7 @@ fn dur(count: u64, ns: u64) -> oxserve_engine::StatDuration {
 #[test]
 fn model_statistics_to_wire_keeps_every_figure() {
     let stats = oxserve_engine::ModelStatistics {
+        shadow: None,
         name: "add_sub".into(),
         version: "3".into(),
         last_inference: 1_700_000_000_123,

@@ -163,16 +163,21 @@ impl GrpcInferenceService for GrpcFrontend {
         &self,
         request: Request<ModelInferRequest>,
     ) -> Result<Response<ModelInferResponse>, Status> {
+        let routing_key =
+            oxserve_frontend::sticky_routing_key(&self.engine, &request.get_ref().model_name, |name| {
+                request.metadata().get(name).and_then(|v| v.to_str().ok())
+            });
         let request = request.into_inner();
         // The model first: an unknown one costs no tensor decoding.
         let target = ModelTarget::resolve_str(&self.engine, &request.model_name, &request.model_version)
             .map_err(status)?;
         let limits = self.decode;
-        let decoded = decode_off_worker(decode_work_bytes(&request), move || {
+        let mut decoded = decode_off_worker(decode_work_bytes(&request), move || {
             infer_request_from_wire(target, request, &limits)
         })
         .await
         .map_err(status)?;
+        decoded.routing_key = routing_key;
         let response = run(&self.engine, &self.shm, decoded).await.map_err(status)?;
         Ok(Response::new(infer_response_to_wire(response)))
     }

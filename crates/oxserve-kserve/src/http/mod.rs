@@ -8,6 +8,7 @@ mod json_data;
 mod labels;
 mod shm;
 mod stats;
+mod traffic;
 
 use std::sync::Arc;
 
@@ -93,6 +94,8 @@ pub fn router(engine: InferenceService, options: HttpOptions, shm: Arc<SharedMem
         .route("/v2/models/{model}/labels/{label}/infer", post(labels::infer))
         .route("/v2/repository/models/{model}/labels/{label}", post(labels::set))
         .route("/v2/repository/models/{model}/rollback", post(labels::rollback))
+        .route("/v2/models/{model}/traffic", get(traffic::get))
+        .route("/v2/repository/models/{model}/traffic", post(traffic::set))
         .route("/v2/models/{model}/infer", post(infer))
         .route("/v2/models/{model}/versions/{version}/infer", post(infer_version))
         .route("/v2/repository/index", post(repository_index))
@@ -329,6 +332,10 @@ pub(super) async fn run_infer(
             .await?
         }
     };
+    let mut request = request;
+    request.routing_key = oxserve_frontend::sticky_routing_key(&s.engine, &model, |name| {
+        headers.get(name).and_then(|v| v.to_str().ok())
+    });
     let response = oxserve_frontend::run(&s.engine, &s.shm, request).await?;
     let encoded = infer::encode_response(&response)?;
     Ok(match encoded.header_len {

@@ -16,12 +16,12 @@ use serde::Serialize;
 
 use super::{ApiResult, AppState, json_response, parse_version};
 
-#[derive(Debug, Serialize, PartialEq, Eq)]
+#[derive(Debug, Serialize, PartialEq)]
 pub(crate) struct StatsResponseJson {
     model_stats: Vec<ModelStatJson>,
 }
 
-#[derive(Debug, Serialize, PartialEq, Eq)]
+#[derive(Debug, Serialize, PartialEq)]
 struct ModelStatJson {
     name: String,
     version: String,
@@ -34,6 +34,41 @@ struct ModelStatJson {
     batch_stats: Vec<BatchStatJson>,
     /// Load-time memory estimate; not measured, always empty.
     memory_usage: Vec<()>,
+    /// oxserve's extension: when this version is a shadow candidate, how its answers compared
+    /// with the primary's (absent otherwise).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    shadow: Option<ShadowJson>,
+}
+
+#[derive(Debug, Serialize, PartialEq, Clone)]
+struct ShadowJson {
+    primary_version: String,
+    compared: u64,
+    failed: u64,
+    /// Over every compared request (JSON has no infinity: a shape or type mismatch shows as
+    /// null).
+    max_abs_diff: Option<f64>,
+    max_rel_diff: Option<f64>,
+    classified: u64,
+    agreed: u64,
+    /// Mean candidate latency, nanoseconds.
+    mean_latency_ns: u64,
+}
+
+impl From<oxserve_engine::ShadowStats> for ShadowJson {
+    fn from(s: oxserve_engine::ShadowStats) -> Self {
+        let finite = |x: f64| x.is_finite().then_some(x);
+        ShadowJson {
+            primary_version: s.primary_version.to_string(),
+            compared: s.compared,
+            failed: s.failed,
+            max_abs_diff: finite(s.max_abs_diff),
+            max_rel_diff: finite(s.max_rel_diff),
+            classified: s.classified,
+            agreed: s.agreed,
+            mean_latency_ns: s.latency_ns.checked_div(s.compared).unwrap_or(0),
+        }
+    }
 }
 
 #[derive(Debug, Serialize, PartialEq, Eq, Clone, Copy)]
@@ -106,6 +141,7 @@ impl From<ModelStatistics> for ModelStatJson {
             response_stats: BTreeMap::new(),
             batch_stats: m.batch_stats.into_iter().map(BatchStatJson::from).collect(),
             memory_usage: Vec::new(),
+            shadow: m.shadow.map(ShadowJson::from),
         }
     }
 }
@@ -166,6 +202,7 @@ mod tests {
                 compute_infer: d(3, 2_000),
                 compute_output: d(3, 40),
             },
+            shadow: None,
             batch_stats: vec![
                 BatchStat {
                     batch_size: 1,
