@@ -5,18 +5,21 @@
 # lean/stock so that drift on a shared machine falls on both. Figures per point: achieved
 # req/s and the client's own CPU per request (client_cpu_us).
 #
-# Usage: bench/clients.sh [duration_secs] [rounds] [concurrency]
+# Usage: [OXSERVE_BIN=release binary] bench/clients.sh [duration_secs] [rounds] [concurrency]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 duration="${1:-5}"
 rounds="${2:-3}"
 concurrency="${3:-16}"
 target_dir="${CARGO_TARGET_DIR:-$PWD/target}"
-cargo build --release --locked -p oxserve >&2
-bin="$target_dir/release/oxserve"
+bin="${OXSERVE_BIN:-}"
+if [ -z "$bin" ]; then
+    cargo build --release --locked -p oxserve >&2
+    bin="$target_dir/release/oxserve"
+fi
 
 log="$(mktemp)"
-"$bin" serve --model-repository examples/models --http-port 0 --grpc-port 0 --log-format text >"$log.out" 2>"$log" &
+"$bin" serve --model-repository examples/models --http-port 0 --grpc-port 0 --metrics-port 0 --log-format text >"$log.out" 2>"$log" &
 pid=$!
 trap 'kill -TERM $pid 2>/dev/null; wait $pid 2>/dev/null; rm -f "$log" "$log.out"' EXIT
 for _ in $(seq 1 200); do

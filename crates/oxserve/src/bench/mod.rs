@@ -18,7 +18,6 @@
 mod cpu;
 mod grpc;
 mod headers;
-mod http1;
 mod load;
 mod options;
 mod record;

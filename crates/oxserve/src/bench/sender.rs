@@ -10,7 +10,6 @@ use oxserve_kserve::grpc::pb;
 
 use super::grpc::GrpcConns;
 use super::headers::http_client;
-use super::http1::HttpPool;
 use super::options::{BenchArgs, BenchProtocol, ClientKind};
 use super::shm::BenchRegions;
 use super::stock::{StockGrpc, StockHttp};
@@ -55,20 +54,14 @@ impl Sender {
     }
 }
 
-/// The HTTP/1.1 client `--client` chose (built once per run, so the variants' size
-/// difference does not matter).
-#[allow(clippy::large_enum_variant)]
-pub(super) enum HttpClient {
-    Lean(HttpPool),
-    Stock(StockHttp),
-}
+/// The HTTP/1.1 client: hyper-util's pooled `Client`. (A hand-written HTTP/1.1 pool measured
+/// no less client CPU per request than it, BENCHMARKS.md "The load generator's clients", so it
+/// gave way.)
+pub(super) struct HttpClient(StockHttp);
 
 impl HttpClient {
-    fn new(kind: ClientKind, base_url: &str, path: &str) -> anyhow::Result<Self> {
-        Ok(match kind {
-            ClientKind::Lean => HttpClient::Lean(HttpPool::new(base_url, path)?),
-            ClientKind::Stock => HttpClient::Stock(StockHttp::new(base_url, path)?),
-        })
+    fn new(base_url: &str, path: &str) -> anyhow::Result<Self> {
+        Ok(HttpClient(StockHttp::new(base_url, path)?))
     }
 
     async fn post(
@@ -77,10 +70,7 @@ impl HttpClient {
         content_type: &HeaderValue,
         header_len: Option<&HeaderValue>,
     ) -> Result<(), String> {
-        match self {
-            HttpClient::Lean(pool) => pool.post(body, content_type, header_len).await,
-            HttpClient::Stock(client) => client.post(body, content_type, header_len).await,
-        }
+        self.0.post(body, content_type, header_len).await
     }
 }
 
@@ -140,7 +130,7 @@ pub(super) async fn sender_for(
     if let Some(shm) = shm {
         return Ok(match protocol {
             BenchProtocol::HttpJson | BenchProtocol::HttpBinary => Sender::Http {
-                pool: HttpClient::new(args.client, http_url, &format!("/v2/models/{}/infer", args.model))?,
+                pool: HttpClient::new(http_url, &format!("/v2/models/{}/infer", args.model))?,
                 body: shm.regions.http_body(&shm.request)?,
                 content_type: HeaderValue::from_static("application/json"),
                 header_len: None,
@@ -159,7 +149,7 @@ pub(super) async fn sender_for(
             let binary = protocol == BenchProtocol::HttpBinary;
             let (body, header_len) = http_body(&random_request(&meta, None, args.batch), binary)?;
             Sender::Http {
-                pool: HttpClient::new(args.client, http_url, &format!("/v2/models/{}/infer", args.model))?,
+                pool: HttpClient::new(http_url, &format!("/v2/models/{}/infer", args.model))?,
                 body,
                 content_type: HeaderValue::from_static(if binary {
                     "application/octet-stream"
