@@ -8,7 +8,10 @@ in explicit model control mode:
             ~68 MiB) is loaded and unloaded over and over, against p99 with nothing loading,
             measured in alternating windows;
   memory    the server's RSS after N load/unload cycles of the fidelity corpus's CNN against
-            after the first (run scripts/make_corpus.py first).
+            after the first (run scripts/make_corpus.py first);
+  traffic   add_sub (versions 1 and 2) through `oxserve bench` (HTTP JSON, concurrency 16) with
+            no split, a 50/50 split, and the split plus 10 % shadow traffic, set through the
+            run-time traffic API in alternating rounds: the client's req/s.
 
     .venv/bin/python bench/lifecycle.py OXSERVE_BIN [--reloads 50] [--cycles 200] [--windows 3]
 """
@@ -198,6 +201,38 @@ def memory(binary: str, cycles: int, engine: str) -> None:
               f"{(after[cycles] / after[1] - 1) * 100:+.1f} %")
 
 
+def traffic(binary: str, rounds: int, seconds: float) -> None:
+    import requests
+    with tempfile.TemporaryDirectory() as tmp:
+        repo = Path(tmp)
+        model = repo / "add_sub"
+        shutil.copytree(ROOT / "examples/models/add_sub", model)
+        shutil.copytree(model / "1", model / "2")
+        config = model / "config.pbtxt"
+        config.write_text(config.read_text() + "version_policy: { all: {} }\n")
+        proc, http, grpc = start(binary, repo, ["add_sub"])
+        url = f"http://{http}/v2/repository/models/add_sub/traffic"
+        settings = {
+            "none": {"traffic_split": None, "shadow": None},
+            "split 50/50": {"traffic_split": {"weights": {"1": 1, "2": 1}}, "shadow": None},
+            "split + 10% shadow": {"traffic_split": {"weights": {"1": 1}}, "shadow": {"version": "2", "share": 0.1}},
+        }
+        results: dict[str, list[float]] = {k: [] for k in settings}
+        for _ in range(rounds):
+            for name, body in settings.items():
+                assert requests.post(url, json=body, timeout=30).status_code == 200
+                out = subprocess.run([binary, "bench", "--model", "add_sub", "--http-url", f"http://{http}",
+                                      "--protocol", "http-json", "--concurrency", "16", "--duration", str(seconds),
+                                      "--warmup", "1", "--json"], capture_output=True, text=True, check=True)
+                results[name].append(json.loads(out.stdout.splitlines()[0])["throughput_rps"])
+        proc.terminate()
+        proc.wait()
+        base = float(np.median(results["none"]))
+        for name, points in results.items():
+            rps = float(np.median(points))
+            print(f"traffic: {name:20} median {rps:8.0f} req/s ({rps / base:.3f}x); rounds {[round(r) for r in points]}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("binary")
@@ -205,7 +240,8 @@ def main() -> None:
     parser.add_argument("--cycles", type=int, default=200)
     parser.add_argument("--windows", type=int, default=3)
     parser.add_argument("--window-secs", type=float, default=3.0)
-    parser.add_argument("--only", choices=["reloads", "latency", "memory"])
+    parser.add_argument("--only", choices=["reloads", "latency", "memory", "traffic"])
+    parser.add_argument("--rounds", type=int, default=4, help="traffic: alternating rounds")
     parser.add_argument("--engine", default="onnxruntime", help="the CNN's backend (memory)")
     args = parser.parse_args()
     print(f"# {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}, {args.binary}")
@@ -215,6 +251,8 @@ def main() -> None:
         latency(args.binary, args.windows, args.window_secs)
     if args.only in (None, "memory"):
         memory(args.binary, args.cycles, args.engine)
+    if args.only in (None, "traffic"):
+        traffic(args.binary, args.rounds, args.window_secs)
 
 
 if __name__ == "__main__":

@@ -802,3 +802,42 @@ def test_tritonserver_exits_on_a_broken_model_unless_told_not_to(tmp_path):
             h.close()
     finally:
         server.stop_and_check()
+
+
+# ---------------------------------------------------------------------------------------
+# 8. readiness while a version loads in the background
+# ---------------------------------------------------------------------------------------
+
+SLOW_WARMUP = """model_warmup [ { name: "slow" batch_size: 1
+  inputs { key: "INPUT0" value: { data_type: TYPE_FP32 dims: [ 4 ] zero_data: true } } } ]
+"""
+
+
+@pytest.mark.parametrize("ready_while_loading", [False, True])
+def test_readiness_while_a_version_loads(tmp_path, ready_while_loading):
+    """slow_delay's warmup runs one 300 ms execution per load: while version 2 loads it is
+    LOADING; a strict server is unready then (Triton's behaviour), one started with
+    --ready-while-loading stays ready; the model itself stays ready throughout (version 1)."""
+    repo = make_repo(tmp_path, "slow_delay", source=SCHEDULING)
+    model = repo / "slow_delay"
+    config = model / "config.pbtxt"
+    config.write_text(config.read_text() + "version_policy: { all: {} }\n" + SLOW_WARMUP)
+    args = explicit("slow_delay") + ["--ready-while-loading", str(ready_while_loading).lower()]
+    with serving("ready-while-loading", [repo], args) as server:
+        h = http_client(server)
+        try:
+            shutil.copytree(model / "1", model / "2")
+            loader = threading.Thread(target=lambda: h.load_model("slow_delay"))
+            loader.start()
+            wait_for(server, "version 2 LOADING",
+                     lambda: model_index(server, "slow_delay").get("2", {}).get("state") == "LOADING")
+            ready = requests.get(server.http_url + "/v2/health/ready", timeout=10).status_code
+            model_ready = requests.get(server.http_url + "/v2/models/slow_delay/versions/1/ready",
+                                       timeout=10).status_code
+            loader.join(timeout=30)
+            assert model_ready == 200
+            assert ready == (200 if ready_while_loading else 503)
+            assert model_index(server, "slow_delay")["2"]["state"] == "READY"
+            assert requests.get(server.http_url + "/v2/health/ready", timeout=10).status_code == 200
+        finally:
+            h.close()

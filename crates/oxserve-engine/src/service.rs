@@ -53,6 +53,9 @@ struct Inner {
     stopping: AtomicBool,
     /// Ready only when every model is ready (Triton's `--strict-readiness`, default true).
     strict_readiness: bool,
+    /// Versions loading in the background (load requests, poll reloads) do not make the
+    /// server unready (`--ready-while-loading`); per-model readiness stays exact.
+    ready_while_loading: AtomicBool,
 }
 
 #[derive(Clone)]
@@ -68,6 +71,7 @@ impl InferenceService {
                 loaded: AtomicBool::new(false),
                 stopping: AtomicBool::new(false),
                 strict_readiness,
+                ready_while_loading: AtomicBool::new(false),
             }),
         }
     }
@@ -91,6 +95,11 @@ impl InferenceService {
         true
     }
 
+    /// See `--ready-while-loading` (docs/model-repository.md, "Readiness").
+    pub fn set_ready_while_loading(&self, on: bool) {
+        self.inner.ready_while_loading.store(on, Ordering::Release);
+    }
+
     pub fn is_ready(&self) -> bool {
         if !self.inner.loaded.load(Ordering::Acquire) || self.inner.stopping.load(Ordering::Acquire) {
             return false;
@@ -101,6 +110,7 @@ impl InferenceService {
         let table = self.inner.manager.snapshot();
         // Models and versions taken out on purpose do not make the server unready, nor does a
         // reload that failed while the versions loaded before keep serving.
+        let loading_ok = self.inner.ready_while_loading.load(Ordering::Acquire);
         table.models.values().filter(|m| !m.unloaded).all(|m| {
             m.error.is_none()
                 && m.versions.values().all(|v| {
@@ -111,6 +121,7 @@ impl InferenceService {
                         )
                         || (m.reload_error.is_some()
                             && matches!(v, crate::manager::VersionState::Unavailable(_)))
+                        || (loading_ok && matches!(v, crate::manager::VersionState::Loading))
                 })
         })
     }

@@ -154,6 +154,10 @@ struct ServeArgs {
     /// Explicit mode: a model to load at start-up (repeatable; `*` loads every model).
     #[arg(long = "load-model", value_name = "NAME")]
     load_model: Vec<String>,
+    /// Keep reporting ready while versions load in the background (load requests, poll
+    /// reloads), so Kubernetes does not restart a pod that still serves (default: false).
+    #[arg(long, value_name = "BOOL")]
+    ready_while_loading: Option<bool>,
     /// Exit at start-up when any model fails to load (default: false; true when invoked as
     /// `tritonserver`, as in Triton).
     #[arg(long, value_name = "BOOL")]
@@ -400,6 +404,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         settings.models.load = args.load_model;
     }
     settings.models.exit_on_error = args.exit_on_error.unwrap_or(settings.models.exit_on_error);
+    settings.models.ready_while_loading = args
+        .ready_while_loading
+        .unwrap_or(settings.models.ready_while_loading);
     if let Some(library) = args.onnxruntime_library {
         settings.backends.onnxruntime_library = Some(library);
     }
@@ -477,6 +484,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         },
     );
     let engine = InferenceService::new(manager, settings.models.strict_readiness);
+    engine.set_ready_while_loading(settings.models.ready_while_loading);
     let poll_interval = std::time::Duration::from_secs(settings.models.poll_secs.max(1));
     let exit_on_error = settings.models.exit_on_error;
 

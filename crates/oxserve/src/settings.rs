@@ -76,6 +76,9 @@ pub struct ModelSettings {
     pub poll_secs: u64,
     /// Explicit mode: the models loaded at start-up (`*`: all).
     pub load: Vec<String>,
+    /// Versions loading in the background keep the server ready (per-model readiness stays
+    /// exact); default off: as Triton, a loading version makes a strict server unready.
+    pub ready_while_loading: bool,
     /// Exit at start-up when a model fails to load (Triton's `--exit-on-error`); default off:
     /// the failure is reported in the index and the other models serve.
     pub exit_on_error: bool,
@@ -256,6 +259,7 @@ impl Default for ModelSettings {
             poll_secs: 15,
             load: Vec::new(),
             exit_on_error: false,
+            ready_while_loading: false,
         }
     }
 }
