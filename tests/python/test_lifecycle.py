@@ -841,3 +841,42 @@ def test_readiness_while_a_version_loads(tmp_path, ready_while_loading):
             assert requests.get(server.http_url + "/v2/health/ready", timeout=10).status_code == 200
         finally:
             h.close()
+
+
+# ---------------------------------------------------------------------------------------
+# 9. a change of instance count only is applied in place
+# ---------------------------------------------------------------------------------------
+
+def test_an_instance_count_change_is_applied_in_place(tmp_path):
+    """Only the instance count differs: new instances start over the model already in
+    memory (the log says so) and the version's statistics carry on; any other change loads
+    the model again (its statistics start over)."""
+    repo = make_repo(tmp_path, "add_sub")
+    config = repo / "add_sub" / "config.pbtxt"
+    original = config.read_text()
+    config.write_text(original + "instance_group [ { count: 1 kind: KIND_CPU } ]\n")
+    with serving("rescale", [repo], explicit("add_sub")) as server:
+        h = http_client(server)
+        try:
+            for i in range(3):
+                infer_add_sub(h, httpclient, *add_sub_data(i))
+            assert version_inference_count(server, "add_sub", "1") == 3
+            config.write_text(original + "instance_group [ { count: 3 kind: KIND_CPU } ]\n")
+            with Traffic(server) as traffic:
+                h.load_model("add_sub")
+                time.sleep(0.3)
+            traffic.check()
+            log = server.stderr_path.read_text(errors="replace")
+            assert "instance count changed: applied in place" in log, log[-2000:]
+            cfg = h.get_model_config("add_sub")
+            assert [g["count"] for g in cfg["instance_group"]] == [3], cfg
+            # The statistics carried on: the 3 requests above plus the traffic's.
+            assert version_inference_count(server, "add_sub", "1") >= 3 + sum(traffic.ok.values())
+            # Another change (max_batch_size) is a real reload: fresh statistics.
+            config.write_text(original.replace("max_batch_size: 8", "max_batch_size: 4")
+                              + "instance_group [ { count: 3 kind: KIND_CPU } ]\n")
+            h.load_model("add_sub")
+            assert version_inference_count(server, "add_sub", "1") == 0
+            infer_add_sub(h, httpclient, *add_sub_data(9))
+        finally:
+            h.close()

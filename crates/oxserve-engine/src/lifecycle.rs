@@ -97,13 +97,41 @@ pub(crate) fn fingerprint_dir(path: &Path) -> u64 {
     hasher.finish()
 }
 
-/// What one version is loaded from: the model's effective configuration and the version
-/// directory's files. Equal keys: the version need not be loaded again.
-pub(crate) fn version_key(config_json: &str, model_dir: &Path, version: u64) -> u64 {
-    let mut hasher = DefaultHasher::new();
-    config_json.hash(&mut hasher);
-    fingerprint_dir(&model_dir.join(version.to_string())).hash(&mut hasher);
-    hasher.finish()
+/// What a version is loaded from, for deciding what a reload must redo.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct VersionKeys {
+    /// The configuration and the version directory's files: equal, nothing to redo.
+    pub load: u64,
+    /// The version directory's files alone.
+    pub files: u64,
+    /// The configuration with every instance group's count set to 0: equal (and the files
+    /// too), only the instance counts changed.
+    pub shape: u64,
+}
+
+impl VersionKeys {
+    pub(crate) fn of(
+        config: &oxserve_repository::pb::ModelConfig,
+        config_json: &str,
+        model_dir: &Path,
+        version: u64,
+    ) -> VersionKeys {
+        let files = fingerprint_dir(&model_dir.join(version.to_string()));
+        let mut load = DefaultHasher::new();
+        config_json.hash(&mut load);
+        files.hash(&mut load);
+        let mut counts_free = config.clone();
+        for group in &mut counts_free.instance_group {
+            group.count = 0;
+        }
+        let mut shape = DefaultHasher::new();
+        oxserve_repository::config_to_json(&counts_free).hash(&mut shape);
+        VersionKeys {
+            load: load.finish(),
+            files,
+            shape: shape.finish(),
+        }
+    }
 }
 
 /// Files a load request carries (`file:<version>/<name>` parameters): written under a
@@ -803,11 +831,26 @@ mod tests {
         assert_ne!(second, fingerprint_dir(dir.path()));
         std::fs::create_dir(dir.path().join("2")).unwrap();
         let with_two = fingerprint_dir(dir.path());
-        assert_ne!(version_key("{}", dir.path(), 1), version_key("{}", dir.path(), 2));
-        assert_ne!(
-            version_key("{}", dir.path(), 1),
-            version_key("{\"a\":1}", dir.path(), 1)
-        );
+        let config = oxserve_repository::pb::ModelConfig {
+            instance_group: vec![oxserve_repository::pb::ModelInstanceGroup {
+                count: 1,
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let key = |c: &oxserve_repository::pb::ModelConfig, v| {
+            VersionKeys::of(c, &oxserve_repository::config_to_json(c), dir.path(), v)
+        };
+        let one = key(&config, 1);
+        assert_ne!(one.load, key(&config, 2).load);
+        let mut two_instances = config.clone();
+        two_instances.instance_group[0].count = 2;
+        let rescaled = key(&two_instances, 1);
+        assert_ne!(one.load, rescaled.load);
+        assert_eq!((one.files, one.shape), (rescaled.files, rescaled.shape));
+        let mut other = config.clone();
+        other.max_batch_size = 4;
+        assert_ne!(one.shape, key(&other, 1).shape);
         assert_eq!(with_two, fingerprint_dir(dir.path()));
     }
 }

@@ -387,19 +387,24 @@ impl ModelManager {
             ..Built::default()
         };
         for version in selected {
-            let version_key = crate::lifecycle::version_key(&config_key, &dir.path, version);
-            if let Some(served) = current
+            let keys = crate::lifecycle::VersionKeys::of(&config, &config_key, &dir.path, version);
+            let serving = current
                 .and_then(|r| r.versions.get(&version))
-                .and_then(VersionState::serving)
-                .filter(|s| s.load_key == version_key)
-            {
+                .and_then(VersionState::serving);
+            if let Some(served) = serving.filter(|s| s.keys.load == keys.load) {
                 built.versions.insert(version, Ok(Arc::clone(served)));
                 continue;
+            }
+            // Only the instance counts changed: new instances over the model already in
+            // memory, nothing read or loaded again (the old instances drain and stop).
+            let rescale = serving.filter(|s| s.keys.files == keys.files && s.keys.shape == keys.shape);
+            if rescale.is_some() {
+                tracing::info!(model = %dir.name, version, "instance count changed: applied in place, the model is not loaded again");
             }
             // An engine that panics while reading or loading the model (or creating an
             // instance) fails this version only.
             let loaded = catch_unwind(AssertUnwindSafe(|| {
-                self.load_version(dir, version, &config, &selection, version_key)
+                self.load_version(dir, version, &config, &selection, keys, rescale.map(|s| &**s))
             }))
             .unwrap_or_else(|payload| {
                 Err(format!(
@@ -485,7 +490,8 @@ impl ModelManager {
         version: u64,
         base: &ModelConfig,
         selection: &Selection,
-        load_key: u64,
+        keys: crate::lifecycle::VersionKeys,
+        rescale: Option<&ServedVersion>,
     ) -> Result<ServedVersion, String> {
         let backend = selection.backend.as_ref();
         let model_path = repo::model_file_path(&dir.path, version, base);
@@ -564,9 +570,15 @@ impl ModelManager {
             format!("{}-v{version}", dir.name),
         )?;
         let started = std::time::Instant::now();
-        let loaded = backend.load(&spec).map_err(|e| e.to_string())?;
-        let stats = Arc::new(ModelStats::new(&dir.name, version, Arc::clone(&self.metrics)));
-        let scheduler = Scheduler::start(Arc::from(loaded), scheduling, Arc::clone(&stats) as _)
+        // A rescale keeps the engine's model and the version's statistics.
+        let (model, stats): (Arc<dyn oxserve_backend::LoadedModel>, _) = match rescale {
+            Some(old) => (Arc::clone(&old.model), Arc::clone(&old.stats)),
+            None => (
+                Arc::from(backend.load(&spec).map_err(|e| e.to_string())?),
+                Arc::new(ModelStats::new(&dir.name, version, Arc::clone(&self.metrics))),
+            ),
+        };
+        let scheduler = Scheduler::start(Arc::clone(&model), scheduling, Arc::clone(&stats) as _)
             .map_err(|e| e.to_string())?;
         self.metrics.record_load(&dir.name, version, started.elapsed());
         let metadata = metadata(&dir.name, version, &config, &io);
@@ -588,7 +600,8 @@ impl ModelManager {
         let served = ServedVersion {
             model_name: dir.name.clone(),
             version,
-            load_key,
+            keys,
+            model,
             config: Arc::new(config),
             io,
             metadata,

@@ -46,9 +46,11 @@ impl ModelIo {
 pub(crate) struct ServedVersion {
     pub model_name: String,
     pub version: u64,
-    /// What it was loaded from (configuration and version files): a reload with the same key
-    /// keeps this version serving instead of loading it again.
-    pub load_key: u64,
+    /// What it was loaded from: a reload with the same keys keeps this version serving; one
+    /// that differs only in instance counts reuses `model`.
+    pub keys: crate::lifecycle::VersionKeys,
+    /// The engine's loaded model, shared by this version's instances.
+    pub model: Arc<dyn oxserve_backend::LoadedModel>,
     pub config: Arc<ModelConfig>,
     pub io: ModelIo,
     pub metadata: ModelMetadata,
