@@ -154,20 +154,17 @@ impl Tensor {
         }
     }
 
-    /// Tensor contents from Triton's binary form: raw bytes for fixed-size types, the
-    /// length-prefixed elements for BYTES.
-    pub fn data_from_wire(name: &str, datatype: DataType, raw: Bytes) -> Result<TensorData> {
-        match datatype.size() {
-            Some(_) => Ok(TensorData::Raw(raw)),
-            None => Ok(TensorData::Strings(Self::strings_from_wire(name, &raw)?)),
-        }
-    }
-
-    /// Decodes Triton's length-prefixed binary BYTES form into elements.
-    pub fn strings_from_wire(name: &str, raw: &Bytes) -> Result<Vec<Bytes>> {
-        let mut items = Vec::new();
+    /// Decodes Triton's length-prefixed binary BYTES form into elements, at most `at_most` of
+    /// them (an input's shape bounds what a body may make the server hold).
+    pub fn strings_from_wire(name: &str, raw: &Bytes, at_most: usize) -> Result<Vec<Bytes>> {
+        let mut items = Vec::with_capacity(at_most.min(raw.len() / 4));
         let mut pos = 0usize;
         while pos < raw.len() {
+            if items.len() == at_most {
+                return Err(Error::invalid(format!(
+                    "input '{name}' has more BYTES elements than its shape holds ({at_most})"
+                )));
+            }
             let Some(prefix) = raw.get(pos..pos + 4) else {
                 return Err(Error::invalid(format!(
                     "input '{name}': BYTES element at offset {pos} has a truncated length prefix"
@@ -239,12 +236,15 @@ mod tests {
         ];
         let t = Tensor::new("s", DataType::Bytes, vec![3], TensorData::Strings(items.clone()));
         let wire = t.to_wire_bytes();
-        assert_eq!(Tensor::strings_from_wire("s", &wire).ok(), Some(items));
+        assert_eq!(
+            Tensor::strings_from_wire("s", &wire, usize::MAX).ok(),
+            Some(items)
+        );
         // Length prefix claims more than remains.
         let bad = Bytes::from_static(&[10, 0, 0, 0, b'a']);
-        assert!(Tensor::strings_from_wire("s", &bad).is_err());
+        assert!(Tensor::strings_from_wire("s", &bad, usize::MAX).is_err());
         // Truncated prefix.
         let bad = Bytes::from_static(&[1, 0]);
-        assert!(Tensor::strings_from_wire("s", &bad).is_err());
+        assert!(Tensor::strings_from_wire("s", &bad, usize::MAX).is_err());
     }
 }

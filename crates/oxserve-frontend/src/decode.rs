@@ -2,7 +2,7 @@
 //! elements, the length-prefixed BYTES split, and moving large decodes off the async workers.
 
 use bytes::Bytes;
-use oxserve_core::{DataType, Error, Result, TensorData};
+use oxserve_core::{DataType, Error, Result, Tensor, TensorData};
 
 /// Default for [`DecodeLimits::max_bytes_elements`]: 1,048,576 BYTES elements per request.
 ///
@@ -86,34 +86,9 @@ pub fn data_from_wire(name: &str, datatype: DataType, elements: usize, raw: Byte
     if datatype.size().is_some() {
         return Ok(TensorData::Raw(raw));
     }
-    let mut items = Vec::with_capacity(elements.min(raw.len() / 4));
-    let mut pos = 0usize;
-    while pos < raw.len() {
-        if items.len() == elements {
-            return Err(Error::invalid(format!(
-                "input '{name}' has more BYTES elements than its shape holds ({elements})"
-            )));
-        }
-        let Some(prefix) = raw.get(pos..pos + 4) else {
-            return Err(Error::invalid(format!(
-                "input '{name}': BYTES element at offset {pos} has a truncated length prefix"
-            )));
-        };
-        let len = u32::from_le_bytes([prefix[0], prefix[1], prefix[2], prefix[3]]) as usize;
-        let start = pos + 4;
-        let end = start
-            .checked_add(len)
-            .filter(|&e| e <= raw.len())
-            .ok_or_else(|| {
-                Error::invalid(format!(
-                    "input '{name}': BYTES element at offset {pos} claims {len} bytes but only {} remain",
-                    raw.len() - start
-                ))
-            })?;
-        items.push(raw.slice(start..end));
-        pos = end;
-    }
-    Ok(TensorData::Strings(items))
+    Ok(TensorData::Strings(Tensor::strings_from_wire(
+        name, &raw, elements,
+    )?))
 }
 
 /// Runs `decode` here when `work_bytes` is small, else on tokio's blocking pool (see

@@ -291,7 +291,7 @@ fn values(datatype: &str, raw: &Bytes) -> Result<Value> {
             .chunks_exact(4)
             .map(|c| json!(f32::from_le_bytes([c[0], c[1], c[2], c[3]])))
             .collect(),
-        "BYTES" => oxserve_core::Tensor::strings_from_wire("o", raw)?
+        "BYTES" => oxserve_core::Tensor::strings_from_wire("o", raw, usize::MAX)?
             .iter()
             .map(|s| json!(String::from_utf8_lossy(s)))
             .collect(),

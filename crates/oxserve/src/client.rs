@@ -244,7 +244,7 @@ fn grpc_response(r: pb::ModelInferResponse) -> anyhow::Result<InferResponse> {
         let datatype = DataType::from_wire_name(&o.datatype)
             .with_context(|| format!("unknown datatype {}", o.datatype))?;
         let data = if datatype == DataType::Bytes {
-            TensorData::Strings(Tensor::strings_from_wire(&o.name, &raw)?)
+            TensorData::Strings(Tensor::strings_from_wire(&o.name, &raw, usize::MAX)?)
         } else {
             TensorData::Raw(raw)
         };
