@@ -10,7 +10,9 @@ in explicit model control mode:
   memory    the server's RSS after N load/unload cycles of the fidelity corpus's CNN against
             after the first (run scripts/make_corpus.py first);
   traffic   add_sub (versions 1 and 2) through `oxserve bench` (HTTP JSON, concurrency 16) with
-            no split, a 50/50 split, and the split plus 10 % shadow traffic, set through the
+            no split, a split with one target (the routing alone), a 50/50 split (two versions
+            share the load: smaller batches each), and the one-target split plus 10 % shadow
+            traffic, set through the
             run-time traffic API in alternating rounds: the client's req/s.
 
     .venv/bin/python bench/lifecycle.py OXSERVE_BIN [--reloads 50] [--cycles 200] [--windows 3]
@@ -214,6 +216,7 @@ def traffic(binary: str, rounds: int, seconds: float) -> None:
         url = f"http://{http}/v2/repository/models/add_sub/traffic"
         settings = {
             "none": {"traffic_split": None, "shadow": None},
+            "split, one target": {"traffic_split": {"weights": {"1": 1}}, "shadow": None},
             "split 50/50": {"traffic_split": {"weights": {"1": 1, "2": 1}}, "shadow": None},
             "split + 10% shadow": {"traffic_split": {"weights": {"1": 1}}, "shadow": {"version": "2", "share": 0.1}},
         }
