@@ -312,6 +312,16 @@ pub fn model_statistics_to_wire(stats: ModelStatistics) -> WireModelStatistics {
         batch_stats: stats.batch_stats.into_iter().map(batch_stat_to_wire).collect(),
         memory_usage: Vec::new(),
         response_stats: Default::default(),
+        shadow: stats.shadow.map(|s| super::pb::ShadowStatistics {
+            primary_version: s.primary_version.to_string(),
+            compared: s.compared,
+            failed: s.failed,
+            max_abs_diff: s.max_abs_diff,
+            max_rel_diff: s.max_rel_diff,
+            classified: s.classified,
+            agreed: s.agreed,
+            mean_latency_ns: s.latency_ns.checked_div(s.compared).unwrap_or(0),
+        }),
     }
 }
 

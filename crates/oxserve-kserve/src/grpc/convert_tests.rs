@@ -828,6 +828,32 @@ fn model_statistics_to_wire_keeps_every_figure() {
         .collect();
     assert_eq!(batches, vec![(1, Some((3, 200))), (4, Some((1, 100)))]);
     assert!(wire.memory_usage.is_empty() && wire.response_stats.is_empty());
+    assert!(wire.shadow.is_none());
+}
+
+#[test]
+fn shadow_statistics_reach_the_wire() {
+    let stats = oxserve_engine::ModelStatistics {
+        shadow: Some(oxserve_engine::ShadowStats {
+            primary_version: 1,
+            compared: 4,
+            failed: 1,
+            max_abs_diff: 6.0,
+            max_rel_diff: 2.0,
+            classified: 2,
+            agreed: 1,
+            latency_ns: 4_000,
+        }),
+        ..Default::default()
+    };
+    let shadow = model_statistics_to_wire(stats).shadow.unwrap();
+    assert_eq!(shadow.primary_version, "1");
+    assert_eq!(
+        (shadow.compared, shadow.failed, shadow.classified, shadow.agreed),
+        (4, 1, 2, 1)
+    );
+    assert_eq!((shadow.max_abs_diff, shadow.max_rel_diff), (6.0, 2.0));
+    assert_eq!(shadow.mean_latency_ns, 1_000);
 }
 
 #[test]
