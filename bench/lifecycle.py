@@ -13,7 +13,8 @@ in explicit model control mode:
             no split, a split with one target (the routing alone), a 50/50 split (two versions
             share the load: smaller batches each), and the one-target split plus 10 % shadow
             traffic, set through the
-            run-time traffic API in alternating rounds: the client's req/s.
+            run-time traffic API in alternating rounds: the client's req/s and the server's CPU
+            per client request (/proc; mirrored requests are counted as cost, not as requests).
 
     .venv/bin/python bench/lifecycle.py OXSERVE_BIN [--reloads 50] [--cycles 200] [--windows 3]
 """
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -220,20 +222,41 @@ def traffic(binary: str, rounds: int, seconds: float) -> None:
             "split 50/50": {"traffic_split": {"weights": {"1": 1, "2": 1}}, "shadow": None},
             "split + 10% shadow": {"traffic_split": {"weights": {"1": 1}}, "shadow": {"version": "2", "share": 0.1}},
         }
-        results: dict[str, list[float]] = {k: [] for k in settings}
+        def counts() -> tuple[int, int]:
+            """(successes over both versions, mirrored requests the candidate ran)."""
+            stats = requests.get(f"http://{http}/v2/models/add_sub/stats", timeout=30).json()["model_stats"]
+            successes = sum(int(m["inference_stats"]["success"]["count"]) for m in stats)
+            mirrored = sum(int((m.get("shadow") or {}).get("compared", 0)) + int((m.get("shadow") or {}).get("failed", 0))
+                           for m in stats)
+            return successes, mirrored
+
+        def cpu() -> float:
+            fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+        results: dict[str, list[tuple[float, float]]] = {k: [] for k in settings}
         for _ in range(rounds):
             for name, body in settings.items():
                 assert requests.post(url, json=body, timeout=30).status_code == 200
+                time.sleep(0.2)  # let the previous window's shadow requests finish
+                (s0, m0), c0 = counts(), cpu()
                 out = subprocess.run([binary, "bench", "--model", "add_sub", "--http-url", f"http://{http}",
                                       "--protocol", "http-json", "--concurrency", "16", "--duration", str(seconds),
                                       "--warmup", "1", "--json"], capture_output=True, text=True, check=True)
-                results[name].append(json.loads(out.stdout.splitlines()[0])["throughput_rps"])
+                time.sleep(0.2)
+                (s1, m1), c1 = counts(), cpu()
+                client_requests = (s1 - s0) - (m1 - m0)
+                results[name].append((json.loads(out.stdout.splitlines()[0])["throughput_rps"],
+                                      (c1 - c0) * 1e6 / max(client_requests, 1)))
         proc.terminate()
         proc.wait()
-        base = float(np.median(results["none"]))
+        base_rps = float(np.median([r for r, _ in results["none"]]))
+        base_cpu = float(np.median([c for _, c in results["none"]]))
         for name, points in results.items():
-            rps = float(np.median(points))
-            print(f"traffic: {name:20} median {rps:8.0f} req/s ({rps / base:.3f}x); rounds {[round(r) for r in points]}")
+            rps = float(np.median([r for r, _ in points]))
+            us = float(np.median([c for _, c in points]))
+            print(f"traffic: {name:20} median {rps:8.0f} req/s ({rps / base_rps:.3f}x), server CPU "
+                  f"{us:5.1f} us per client request ({us / base_cpu:.3f}x); rounds {[round(r) for r, _ in points]}")
 
 
 def main() -> None:
