@@ -261,7 +261,10 @@ def test_parallel_clients_get_exactly_their_own_outputs(sched_server, worker):
 # (b) queue full
 # ---------------------------------------------------------------------------------------
 
-CONCURRENT = 8  # one runs, two wait (max_queue_size 2), the rest must be refused
+# One runs, two wait (max_queue_size 2), the rest must be refused. At least the two that fit
+# the queue succeed; a third does only when the instance has already taken the first request
+# off the queue when the others arrive, which a loaded machine does not guarantee.
+CONCURRENT = 8
 
 
 def test_queue_full_http_429_with_retry_after(sched_server):
@@ -270,7 +273,7 @@ def test_queue_full_http_429_with_retry_after(sched_server):
     results = together([lambda x=x: post_slow(sched_server, "slow_queue", x) for x in xs])
     ok = [(r, x) for (r, _), x in zip(results, xs) if r.status_code == 200]
     refused = [r for r, _ in results if r.status_code != 200]
-    assert len(ok) >= 3, [r.status_code for r, _ in results]
+    assert len(ok) >= 2, [r.status_code for r, _ in results]
     assert refused, "no request was refused with a full queue"
     for r in refused:
         assert r.status_code == 429, (r.status_code, r.text)
@@ -288,7 +291,7 @@ def test_queue_full_grpc_resource_exhausted(sched_server):
     results = together([lambda x=x: grpc_slow(sched_server, "slow_queue", x) for x in xs])
     ok = [(o, x) for (o, _), x in zip(results, xs) if not isinstance(o, Exception)]
     refused = [o for o, _ in results if isinstance(o, Exception)]
-    assert len(ok) >= 3 and refused, [str(o)[:80] for o, _ in results]
+    assert len(ok) >= 2 and refused, [str(o)[:80] for o, _ in results]
     for o in refused:
         assert grpc_code(o) == str(grpc.StatusCode.RESOURCE_EXHAUSTED), o
     for o, x in ok:

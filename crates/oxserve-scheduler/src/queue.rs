@@ -139,13 +139,7 @@ impl<T> BatchQueue<T> {
             return Decision::Run(self.take(1));
         }
         let oldest = seed.enqueued;
-        let largest_preferred = batching
-            .preferred_batch_sizes
-            .iter()
-            .copied()
-            .filter(|&p| p <= max_batch_size)
-            .max();
-        let full = rows == max_batch_size || blocked || largest_preferred == Some(rows);
+        let full = dispatch_now(rows, max_batch_size, blocked, &batching.preferred_batch_sizes);
         let waited_enough = batching.max_queue_delay.is_zero() || now >= oldest + batching.max_queue_delay;
         if !full && !waited_enough {
             let mut until = oldest + batching.max_queue_delay;
@@ -223,6 +217,22 @@ pub(crate) fn deadline(
     timeout.map(|t| now + t)
 }
 
+/// Triton's dynamic batcher: the pending `rows` go at once when they reach `max_batch_size`,
+/// when the next request cannot join them (`blocked`), when they make a preferred batch size,
+/// or when waiting cannot make a larger preferred size (they already exceed every preferred
+/// size that fits the model); otherwise the batcher may wait up to the queue delay for more.
+/// Without preferred sizes, waiting aims at `max_batch_size`.
+fn dispatch_now(rows: usize, max_batch_size: usize, blocked: bool, preferred: &[usize]) -> bool {
+    if rows >= max_batch_size || blocked {
+        return true;
+    }
+    let usable = || preferred.iter().copied().filter(|&p| p <= max_batch_size);
+    if usable().next().is_none() {
+        return false;
+    }
+    usable().any(|p| p == rows) || usable().all(|p| p < rows)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -298,6 +308,41 @@ mod tests {
         assert_eq!(ids(q.next(t, 8, Some(&b))), vec![0, 1, 2, 3]);
         assert_eq!(ids(q.next(t, 8, Some(&b))), vec![4, 5]);
         assert_eq!(ids(q.next(t, 8, Some(&b))), vec![6]);
+    }
+
+    #[test]
+    fn a_preferred_size_goes_at_once_however_long_the_delay() {
+        // Triton: preferred [2, 6], a 10 s queue delay; a lone 2-row request is a preferred
+        // size and a lone 7-row one can reach no larger preferred size: both go at once.
+        let t = Instant::now();
+        let b = batching(10_000_000, &[2, 6]);
+        let mut q = BatchQueue::new(1);
+        q.push(entry(0, 2, 0, 0, t));
+        assert_eq!(ids(q.next(t, 8, Some(&b))), vec![0]);
+        q.push(entry(1, 7, 0, 0, t));
+        assert_eq!(ids(q.next(t, 8, Some(&b))), vec![1]);
+        // 3 rows can still become 6 by waiting: wait (at most the delay).
+        q.push(entry(2, 3, 0, 0, t));
+        assert!(matches!(q.next(t, 8, Some(&b)), Decision::WaitUntil(_)));
+        // 3 more rows make 6, a preferred size: at once.
+        q.push(entry(3, 3, 0, 0, t));
+        assert_eq!(ids(q.next(t, 8, Some(&b))), vec![2, 3]);
+    }
+
+    #[test]
+    fn dispatch_rule_matches_tritons() {
+        // (rows, max, blocked, preferred) -> at once?
+        assert!(dispatch_now(4, 4, false, &[]));
+        assert!(!dispatch_now(3, 4, false, &[]));
+        assert!(dispatch_now(1, 4, true, &[]));
+        assert!(dispatch_now(2, 8, false, &[2, 6]));
+        assert!(!dispatch_now(3, 8, false, &[2, 6]));
+        assert!(dispatch_now(6, 8, false, &[2, 6]));
+        assert!(dispatch_now(7, 8, false, &[2, 6]));
+        // A preferred size above max_batch_size does not count.
+        assert!(dispatch_now(3, 4, false, &[2, 16]));
+        assert!(!dispatch_now(1, 4, false, &[2, 16]));
+        assert!(!dispatch_now(1, 4, false, &[16]));
     }
 
     #[test]
@@ -387,6 +432,49 @@ mod tests {
     }
 
     proptest! {
+        /// Triton's dispatch rule, over any compatible requests with a long queue delay: the
+        /// batcher waits exactly when more rows could still make a preferred size (or, without
+        /// preferred sizes, fill the batch) and nothing stops them from joining; when it runs at
+        /// once, it sends the largest preferred size the requests make exactly, else all.
+        #[test]
+        fn dispatch_follows_tritons_rule(rows in proptest::collection::vec(1usize..5, 1..6), max_batch in 1usize..10,
+                                         preferred in proptest::collection::vec(1usize..10, 0..4)) {
+            let t = Instant::now();
+            let b = batching(10_000_000, &preferred);
+            let mut q: BatchQueue<usize> = BatchQueue::new(1);
+            for (i, r) in rows.iter().enumerate() {
+                q.push(entry(i, *r, 0, 0, t));
+            }
+            // What the batcher can gather: requests in order while they fit.
+            let mut pending = 0;
+            let mut counts = Vec::new();
+            for r in &rows {
+                if pending + r > max_batch { break; }
+                pending += r;
+                counts.push(pending);
+            }
+            let blocked = counts.len() < rows.len();
+            let usable: Vec<usize> = preferred.iter().copied().filter(|&p| p <= max_batch).collect();
+            let can_grow = if usable.is_empty() {
+                pending < max_batch
+            } else {
+                !usable.contains(&pending) && usable.iter().any(|&p| p > pending)
+            };
+            match q.next(t, max_batch, Some(&b)) {
+                Decision::WaitUntil(_) => prop_assert!(pending > 0 && can_grow && !blocked && pending < max_batch),
+                Decision::Run(batch) => {
+                    prop_assert!(pending == 0 || !can_grow || blocked || pending >= max_batch,
+                                 "ran {} rows that could still grow to a preferred size", pending);
+                    let sent: usize = batch.iter().map(|e| e.rows).sum();
+                    let expected = usable.iter().copied().filter(|p| counts.contains(p)).max();
+                    if pending > 0 {
+                        prop_assert_eq!(sent, expected.unwrap_or(pending));
+                    }
+                }
+                Decision::Idle => prop_assert!(false, "idle with requests waiting"),
+            }
+        }
+
         /// Whatever arrives, the batcher answers every request exactly once, never exceeds the
         /// batch limit, never mixes shapes, never runs an expired or abandoned request, serves
         /// higher priorities first and keeps FIFO order within a level.
