@@ -171,7 +171,7 @@ def latency(binary: str, windows: int, seconds: float) -> None:
               f"{np.percentile(busy, 50):.0f} us")
 
 
-def memory(binary: str, cycles: int, engine: str) -> None:
+def memory(binary: str, cycles: int, engine: str, infers: int) -> None:
     cnn = ROOT / "tests/fixtures/corpus/onnxruntime/cnn"
     if not cnn.is_dir():
         raise SystemExit(f"{cnn} is missing: run .venv/bin/python scripts/make_corpus.py first")
@@ -192,17 +192,20 @@ def memory(binary: str, cycles: int, engine: str) -> None:
             shape = [1 if d == -1 else d for d in inp["shape"]]
             x = httpclient.InferInput(inp["name"], shape, inp["datatype"])
             x.set_data_from_numpy(np.zeros(shape, dtype=np.float32))
-            admin.infer("cnn", [x])
+            for _ in range(infers):
+                admin.infer("cnn", [x])
             admin.unload_model("cnn")
             while admin.get_model_repository_index()[0].get("state") != "UNAVAILABLE":
                 time.sleep(0.005)
-            if i in (1, 10, cycles):
+            if i in (1, 10, 20, 50) or i % 100 == 0 or i == cycles:
                 after[i] = rss_kib(proc.pid)
         proc.terminate()
         proc.wait()
-        print(f"memory ({engine}): RSS after load/unload/infer cycle 1 {after[1] / 1024:.1f} MiB, after 10 "
-              f"{after[10] / 1024:.1f} MiB, after {cycles} {after[cycles] / 1024:.1f} MiB: "
-              f"{(after[cycles] / after[1] - 1) * 100:+.1f} %")
+        series = ", ".join(f"{i}: {kib / 1024:.1f}" for i, kib in sorted(after.items()))
+        warm = after[min(20, cycles)]
+        print(f"memory ({engine}, {infers} inference(s) per cycle): RSS in MiB after cycle {series}; "
+              f"last vs first {(after[cycles] / after[1] - 1) * 100:+.1f} %, "
+              f"last vs cycle {min(20, cycles)} {(after[cycles] / warm - 1) * 100:+.1f} %")
 
 
 def traffic(binary: str, rounds: int, seconds: float) -> None:
@@ -269,6 +272,7 @@ def main() -> None:
     parser.add_argument("--only", choices=["reloads", "latency", "memory", "traffic"])
     parser.add_argument("--rounds", type=int, default=4, help="traffic: alternating rounds")
     parser.add_argument("--engine", default="onnxruntime", help="the CNN's backend (memory)")
+    parser.add_argument("--infers", type=int, default=1, help="memory: inferences per cycle")
     args = parser.parse_args()
     print(f"# {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}, {args.binary}")
     if args.only in (None, "reloads"):
@@ -276,7 +280,7 @@ def main() -> None:
     if args.only in (None, "latency"):
         latency(args.binary, args.windows, args.window_secs)
     if args.only in (None, "memory"):
-        memory(args.binary, args.cycles, args.engine)
+        memory(args.binary, args.cycles, args.engine, args.infers)
     if args.only in (None, "traffic"):
         traffic(args.binary, args.rounds, args.window_secs)
 
