@@ -111,6 +111,19 @@ def test_the_version_label_parameter_over_http_and_grpc(labelled):
         h.infer("add_sub", tc_inputs(httpclient), parameters={"version_label": "gone"})
 
 
+def test_the_grpc_version_field_takes_a_label(labelled):
+    """KServe gRPC has only a version field: a label there reaches the labelled version;
+    anything else non-numeric is still Triton's malformed-version error."""
+    g = grpcclient.InferenceServerClient(labelled.grpc_host)
+    assert g.is_model_ready("add_sub", "stable")
+    assert g.get_model_metadata("add_sub", "canary").versions == ["2"]
+    assert g.get_model_config("add_sub", "stable") is not None
+    result = g.infer("add_sub", tc_inputs(grpcclient), model_version="stable")
+    assert result.get_response().model_version == "1"
+    with pytest.raises(InferenceServerException, match="version should be an integral value"):
+        g.get_model_metadata("add_sub", "nope")
+
+
 def test_set_and_roll_back_a_label(labelled):
     url = labelled.http_url + "/v2/repository/models/add_sub"
     r = requests.post(url + "/labels/stable", json={"version": 3}, timeout=30)

@@ -25,6 +25,6 @@ pub use decode::{
 pub use request::{
     BINARY_DATA, BINARY_DATA_OUTPUT, CLASSIFICATION, DecodedInput, DecodedRequest, InputData, ModelTarget,
     OutputRequest, VERSION_LABEL, input_elements, parse_classification, parse_datatype, parse_version,
-    shm_and_data_error, sticky_routing_key, take_bool,
+    shm_and_data_error, sticky_routing_key, take_bool, version_or_label,
 };
 pub use runner::{PlacedOutput, Placement, RunResponse, resolve_inputs, run};

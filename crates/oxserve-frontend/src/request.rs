@@ -74,9 +74,9 @@ impl ModelTarget {
     }
 
     /// [`ModelTarget::resolve`] with the version as the protocols carry it (see
-    /// [`parse_version`]).
+    /// [`version_or_label`]).
     pub fn resolve_str(engine: &InferenceService, name: &str, version: &str) -> Result<ModelTarget> {
-        Self::resolve(engine, name, parse_version(version)?)
+        Self::resolve(engine, name, version_or_label(engine, name, version)?)
     }
 
     pub fn name(&self) -> &str {
@@ -91,6 +91,16 @@ impl ModelTarget {
 
 /// The request parameter that names a version label instead of a version.
 pub const VERSION_LABEL: &str = "version_label";
+
+/// A protocol's version field, which may also name one of the model's version labels (so
+/// every protocol with a version field reaches labels): empty = the server picks; a number;
+/// else the label's version; else Triton's error for a malformed version.
+pub fn version_or_label(engine: &InferenceService, name: &str, version: &str) -> Result<Option<u64>> {
+    match parse_version(version) {
+        Ok(v) => Ok(v),
+        Err(e) => engine.label_version(name, version).map(Some).map_err(|_| e),
+    }
+}
 
 /// Parses a model version as every protocol carries it: empty means "let the server pick"
 /// (the latest ready version); anything else must be a non-negative integer. Triton's message.

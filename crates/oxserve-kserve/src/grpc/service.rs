@@ -131,7 +131,8 @@ impl GrpcInferenceService for GrpcFrontend {
         request: Request<ModelReadyRequest>,
     ) -> Result<Response<ModelReadyResponse>, Status> {
         let request = request.into_inner();
-        let version = parse_version(&request.version).map_err(status)?;
+        let version = oxserve_frontend::version_or_label(&self.engine, &request.name, &request.version)
+            .map_err(status)?;
         Ok(Response::new(ModelReadyResponse {
             ready: self.engine.model_ready(&request.name, version),
         }))
@@ -151,7 +152,8 @@ impl GrpcInferenceService for GrpcFrontend {
         request: Request<ModelMetadataRequest>,
     ) -> Result<Response<ModelMetadataResponse>, Status> {
         let request = request.into_inner();
-        let version = parse_version(&request.version).map_err(status)?;
+        let version = oxserve_frontend::version_or_label(&self.engine, &request.name, &request.version)
+            .map_err(status)?;
         let metadata = self
             .engine
             .model_metadata(&request.name, version)
@@ -187,7 +189,8 @@ impl GrpcInferenceService for GrpcFrontend {
         request: Request<ModelConfigRequest>,
     ) -> Result<Response<ModelConfigResponse>, Status> {
         let request = request.into_inner();
-        let version = parse_version(&request.version).map_err(status)?;
+        let version = oxserve_frontend::version_or_label(&self.engine, &request.name, &request.version)
+            .map_err(status)?;
         let config = self.engine.model_config(&request.name, version).map_err(status)?;
         Ok(Response::new(ModelConfigResponse {
             config: Some((*config).clone()),
@@ -202,7 +205,8 @@ impl GrpcInferenceService for GrpcFrontend {
         request: Request<ModelStatisticsRequest>,
     ) -> Result<Response<ModelStatisticsResponse>, Status> {
         let request = request.into_inner();
-        let version = parse_version(&request.version).map_err(status)?;
+        let version = oxserve_frontend::version_or_label(&self.engine, &request.name, &request.version)
+            .map_err(status)?;
         // As in Triton, a version without a model name is ignored: all models are listed.
         let (name, version) = if request.name.is_empty() {
             (None, None)
