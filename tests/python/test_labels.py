@@ -146,6 +146,8 @@ def test_set_and_roll_back_a_label(labelled):
 
 def test_roll_back_the_default_version_with_the_cli(labelled):
     run = [oxserve_bin(), "rollback", "add_sub", "--url", labelled.http_url]
+    if labelled.api_key:  # the suite under OXSERVE_TEST_API_KEY=1: the CLI sends the key too
+        run += ["--header", f"authorization: Bearer {labelled.api_key}"]
     out = subprocess.run(run, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert "the default version now points at version 2" in out.stdout, out.stdout
