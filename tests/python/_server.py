@@ -14,11 +14,13 @@ to a file whose tail is shown on any failure.
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import queue
 import shutil
 import signal
+import ssl
 import subprocess
 import tempfile
 import threading
@@ -118,6 +120,15 @@ class ServerProcess:
         """Base URL for `requests`, e.g. http://127.0.0.1:PORT (https:// with --tls-cert)"""
         scheme = "https" if "--tls-cert" in self.tls_args else "http"
         return f"{scheme}://{self.http_addr}"
+
+    def http_connection(self, timeout: float) -> http.client.HTTPConnection:
+        """A raw HTTP/1.1 connection to the HTTP listener: over TLS, trusting the session's CA
+        (REQUESTS_CA_BUNDLE, set by conftest.py under OXSERVE_TEST_TLS=1), when it serves TLS."""
+        host, port = self.http_addr.rsplit(":", 1)
+        if self.http_url.startswith("https://"):
+            context = ssl.create_default_context(cafile=os.environ.get("REQUESTS_CA_BUNDLE"))
+            return http.client.HTTPSConnection(host, int(port), timeout=timeout, context=context)
+        return http.client.HTTPConnection(host, int(port), timeout=timeout)
 
     @property
     def http_host(self) -> str:

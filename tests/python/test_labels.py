@@ -145,6 +145,8 @@ def test_set_and_roll_back_a_label(labelled):
 
 
 def test_roll_back_the_default_version_with_the_cli(labelled):
+    if labelled.http_url.startswith("https://"):
+        pytest.skip("oxserve rollback speaks plain HTTP (the suite runs over TLS here)")
     run = [oxserve_bin(), "rollback", "add_sub", "--url", labelled.http_url]
     if labelled.api_key:  # the suite under OXSERVE_TEST_API_KEY=1: the CLI sends the key too
         run += ["--header", f"authorization: Bearer {labelled.api_key}"]

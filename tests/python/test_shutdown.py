@@ -11,7 +11,6 @@ clean refusal (503 / UNAVAILABLE / connection refused), never a wrong answer or 
 
 from __future__ import annotations
 
-import http.client
 import json
 import threading
 import time
@@ -111,14 +110,13 @@ def _shutdown_observed(srv: ServerProcess) -> bool:
 
 def test_sigterm_completes_in_flight_requests_and_exits_zero():
     srv = ServerProcess("shutdown", ["examples/models"]).start()
-    host, port = srv.http_addr.rsplit(":", 1)
     conns = []
     loads = []
     try:
         # 1. Requests caught mid-body.
         for i in range(N_PARTIAL):
             body, x0, x1 = _body(i)
-            conn = http.client.HTTPConnection(host, int(port), timeout=30)
+            conn = srv.http_connection(30)
             conn.putrequest("POST", "/v2/models/add_sub/infer")
             conn.putheader("Content-Type", "application/json")
             conn.putheader("Content-Length", str(len(body)))
