@@ -39,49 +39,20 @@ impl TrafficSplit {
     }
 }
 
-/// A split's or shadow's target: a version number or a label.
-fn is_target(key: &str) -> bool {
-    key.parse::<u64>().is_ok_and(|v| v > 0) || oxserve_repository::is_label_name(key)
-}
-
 impl TrafficSplit {
     /// The rules config.pbtxt's `traffic_split` follows, for a split set at run time.
     pub fn check(&self) -> Result<(), String> {
-        if self.weights.iter().all(|(_, w)| *w == 0) {
-            return Err("a traffic split needs at least one version or label with a weight above 0".into());
-        }
-        if let Some((key, _)) = self.weights.iter().find(|(k, _)| !is_target(k)) {
-            return Err(format!(
-                "traffic split: '{key}' is neither a version number nor a label name"
-            ));
-        }
-        if let Some(h) = &self.sticky_header
-            && (h.is_empty()
-                || !h
-                    .bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-'))
-        {
-            return Err(format!(
-                "traffic split: sticky_header '{h}' must be a lowercase header name"
-            ));
-        }
-        Ok(())
+        oxserve_repository::check_traffic_split(
+            self.weights.iter().map(|(k, w)| (k.as_str(), *w)),
+            self.sticky_header.as_deref().unwrap_or(""),
+        )
     }
 }
 
 impl ShadowTraffic {
     /// The rules config.pbtxt's `shadow` follows, for a shadow set at run time.
     pub fn check(&self) -> Result<(), String> {
-        if !is_target(&self.target) {
-            return Err(format!(
-                "shadow: '{}' is neither a version number nor a label name",
-                self.target
-            ));
-        }
-        if !(0.0..=1.0).contains(&self.share) {
-            return Err(format!("shadow: share {} must be between 0 and 1", self.share));
-        }
-        Ok(())
+        oxserve_repository::check_shadow(&self.target, self.share)
     }
 
     pub(crate) fn from_config(shadow: &pb::ModelShadow) -> Option<ShadowTraffic> {

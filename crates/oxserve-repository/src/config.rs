@@ -278,45 +278,61 @@ fn is_version_or_label(key: &str) -> bool {
 /// that add up to something, a share between 0 and 1.
 fn check_traffic(cfg: &pb::ModelConfig) -> Result<(), String> {
     if let Some(split) = &cfg.traffic_split {
-        if split.weights.is_empty() || split.weights.values().all(|w| *w == 0) {
-            return Err("traffic_split needs at least one version or label with a weight above 0".to_owned());
-        }
-        if let Some(key) = split.weights.keys().find(|k| !is_version_or_label(k)) {
-            return Err(format!(
-                "traffic_split: '{key}' is neither a version number nor a label name"
-            ));
-        }
-        if split.weights.values().map(|w| u64::from(*w)).sum::<u64>() > u64::from(u32::MAX) {
-            return Err("traffic_split: the weights add up to more than 4294967295".to_owned());
-        }
-        if !split.sticky_header.is_empty() && http_header_name(&split.sticky_header).is_none() {
-            return Err(format!(
-                "traffic_split: sticky_header '{}' is not a valid header name",
-                split.sticky_header
-            ));
-        }
+        check_traffic_split(
+            split.weights.iter().map(|(k, w)| (k.as_str(), *w)),
+            &split.sticky_header,
+        )?;
     }
     if let Some(shadow) = &cfg.shadow {
-        if !is_version_or_label(&shadow.version) {
-            return Err(format!(
-                "shadow: version '{}' is neither a version number nor a label name",
-                shadow.version
-            ));
-        }
-        if !(0.0..=1.0).contains(&shadow.share) {
-            return Err(format!("shadow: share {} must be between 0 and 1", shadow.share));
-        }
+        check_shadow(&shadow.version, shadow.share)?;
     }
     Ok(())
 }
 
-/// A header name as HTTP and gRPC metadata accept it (lowercase token characters).
-fn http_header_name(name: &str) -> Option<&str> {
-    let valid = !name.is_empty()
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'_' | b'.'));
-    valid.then_some(name)
+/// The rules of a traffic split, in config.pbtxt or set at run time: targets that can name a
+/// version, weights that add up to something (and fit a u32), a lowercase header name
+/// (`""`: not sticky).
+pub fn check_traffic_split<'a>(
+    weights: impl Iterator<Item = (&'a str, u32)>,
+    sticky_header: &str,
+) -> Result<(), String> {
+    let mut total = 0u64;
+    for (target, weight) in weights {
+        if !is_version_or_label(target) {
+            return Err(format!(
+                "traffic_split: '{target}' is neither a version number nor a label name"
+            ));
+        }
+        total += u64::from(weight);
+    }
+    if total == 0 {
+        return Err("traffic_split needs at least one version or label with a weight above 0".to_owned());
+    }
+    if total > u64::from(u32::MAX) {
+        return Err("traffic_split: the weights add up to more than 4294967295".to_owned());
+    }
+    let header_ok = sticky_header
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'_' | b'.'));
+    if !header_ok {
+        return Err(format!(
+            "traffic_split: sticky_header '{sticky_header}' must be a lowercase header name"
+        ));
+    }
+    Ok(())
+}
+
+/// The rules of a shadow, in config.pbtxt or set at run time.
+pub fn check_shadow(version: &str, share: f64) -> Result<(), String> {
+    if !is_version_or_label(version) {
+        return Err(format!(
+            "shadow: version '{version}' is neither a version number nor a label name"
+        ));
+    }
+    if !(0.0..=1.0).contains(&share) {
+        return Err(format!("shadow: share {share} must be between 0 and 1"));
+    }
+    Ok(())
 }
 
 /// A version label usable in a URL path segment and a header.

@@ -12,8 +12,8 @@ mod layout;
 mod pbtxt;
 
 pub use config::{
-    config_from_json, config_to_json, config_to_json_value, data_type_of, data_type_to_config, is_label_name,
-    parse_config_text, validate_config,
+    check_shadow, check_traffic_split, config_from_json, config_to_json, config_to_json_value, data_type_of,
+    data_type_to_config, is_label_name, parse_config_text, validate_config,
 };
 pub use error::{ConfigError, RepositoryError};
 pub use layout::{

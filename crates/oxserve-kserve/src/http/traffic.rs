@@ -73,7 +73,10 @@ pub(super) async fn set(
     let split = request.traffic_split.map(|split| {
         split.map(|s| TrafficSplit {
             weights: s.weights.into_iter().collect(),
-            sticky_header: s.sticky_header.map(|h| h.to_ascii_lowercase()),
+            sticky_header: s
+                .sticky_header
+                .filter(|h| !h.is_empty())
+                .map(|h| h.to_ascii_lowercase()),
         })
     });
     let shadow = request.shadow.map(|shadow| {
