@@ -148,10 +148,47 @@ pub trait Backend: Send + Sync {
     }
 }
 
+/// A named entry point of a model besides its default one: a SavedModel signature. The
+/// default entry point is the one [`Backend::inspect`] describes and
+/// [`LoadedModel::new_instance`] runs.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EntryPoint {
+    /// The signature key (`serving_default`, `classify`, ...).
+    pub name: String,
+    /// What kind of computation it is (TensorFlow's `tensorflow/serving/predict`, `.../classify`,
+    /// `.../regress`).
+    pub method_name: String,
+    /// Inputs and outputs by key, sorted by key, with full shapes (`-1` = variable); the order
+    /// in which [`LoadedModel::new_entry_instance`] instances take their inputs.
+    pub inputs: Vec<TensorMeta>,
+    pub outputs: Vec<TensorMeta>,
+    /// The engine's own tensor names (`serving_default_x:0`), in the order of `inputs` /
+    /// `outputs`, for metadata.
+    pub input_tensor_names: Vec<String>,
+    pub output_tensor_names: Vec<String>,
+    /// Whether this is the default entry point (its inputs and outputs are the model's).
+    pub is_default: bool,
+}
+
 pub trait LoadedModel: Send + Sync {
     /// Creates the `index`-th instance. Called once per configured instance, on the thread
     /// that will own it.
     fn new_instance(&self, index: usize) -> Result<Box<dyn ModelInstance>, BackendError>;
+
+    /// Every entry point of the model, the default one included, when the engine has more
+    /// than one per model (SavedModel signatures); empty otherwise.
+    fn entry_points(&self) -> Vec<EntryPoint> {
+        Vec::new()
+    }
+
+    /// Creates an instance that runs the named non-default entry point, taking its inputs in
+    /// the order [`LoadedModel::entry_points`] lists them.
+    fn new_entry_instance(&self, entry: &str, _index: usize) -> Result<Box<dyn ModelInstance>, BackendError> {
+        Err(BackendError::new(
+            BackendErrorKind::Unsupported,
+            format!("the model has no entry point '{entry}'"),
+        ))
+    }
 }
 
 pub trait ModelInstance: Send {

@@ -9,6 +9,6 @@ mod tensor;
 
 pub use dtype::DataType;
 pub use error::{Error, ErrorKind, Result};
-pub use metadata::{ModelMetadata, TensorMeta};
+pub use metadata::{ModelMetadata, SignatureMetadata, SignatureTensor, TensorMeta};
 pub use request::{InferRequest, InferResponse, ParamValue, Parameters, RequestedOutput};
 pub use tensor::{Tensor, TensorData, check_bools, element_count};

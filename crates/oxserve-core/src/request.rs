@@ -62,6 +62,8 @@ pub struct InferRequest {
     /// The value of the model's sticky header, when its traffic split has one: requests with
     /// the same value go to the same version.
     pub routing_key: Option<String>,
+    /// The model's entry point to run (a SavedModel signature); `None` = the default one.
+    pub signature: Option<String>,
 }
 
 #[derive(Debug, Clone)]

@@ -4,6 +4,7 @@
 
 mod autocomplete;
 mod classification;
+mod entries;
 mod lifecycle;
 mod manager;
 mod model;

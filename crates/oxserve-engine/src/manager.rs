@@ -91,6 +91,7 @@ struct Selection {
 
 const ONNXRUNTIME: &str = "onnxruntime";
 const TRACT: &str = "tract";
+const TENSORFLOW: &str = "tensorflow";
 
 /// The model configuration parameter that says why the model runs on its engine.
 pub const BACKEND_REASON_PARAMETER: &str = "oxserve_backend_reason";
@@ -345,22 +346,29 @@ impl ModelManager {
     ) -> crate::lifecycle::Built {
         use crate::lifecycle::Built;
         let started = Instant::now();
-        let config = match config {
+        let mut config = match config {
             Some(cfg) => cfg,
             None => match repo::read_model_config(dir) {
                 Ok(cfg) => cfg,
                 Err(e) => return Built::failed(e.to_string()),
             },
         };
+        let available = match repo::list_versions(&dir.path) {
+            Ok(v) => v,
+            Err(e) => return Built::failed(e.to_string()),
+        };
+        // A configuration that names no framework: the files say (a SavedModel, else ONNX).
+        if config.platform.is_empty()
+            && config.backend.is_empty()
+            && let Some(platform) = repo::detect_platform(&dir.path, &available)
+        {
+            config.platform = platform.to_string();
+        }
         let selection = match self.select_backend(&config) {
             Ok(s) => s,
             Err(reason) => return Built::failed(reason),
         };
         let backend = &selection.backend;
-        let available = match repo::list_versions(&dir.path) {
-            Ok(v) => v,
-            Err(e) => return Built::failed(e.to_string()),
-        };
         let selected = repo::select_versions(config.version_policy.as_ref(), &available);
         if selected.is_empty() {
             return Built::failed(format!(
@@ -450,6 +458,10 @@ impl ModelManager {
                 ONNXRUNTIME,
                 "config.pbtxt sets Triton's platform \"onnxruntime_onnx\"".to_string(),
             )),
+            ("tensorflow_savedmodel", "") => Some((
+                TENSORFLOW,
+                "the model is a TensorFlow SavedModel (platform \"tensorflow_savedmodel\")".to_string(),
+            )),
             ("", "") => None,
             (platform, "") => return Err(format!("platform '{platform}' is not supported by this server")),
             (_, name) => Some((name, format!("config.pbtxt sets backend \"{name}\""))),
@@ -513,7 +525,11 @@ impl ModelManager {
             ));
         }
         if config.platform.is_empty() {
-            config.platform = "onnxruntime_onnx".into();
+            config.platform = if backend.name() == TENSORFLOW {
+                "tensorflow_savedmodel".into()
+            } else {
+                "onnxruntime_onnx".into()
+            };
         }
         config.backend = backend.name().into();
         repo::validate_config(&config).map_err(|e| e.to_string())?;
@@ -580,8 +596,34 @@ impl ModelManager {
         };
         let scheduler = Scheduler::start(Arc::clone(&model), scheduling, Arc::clone(&stats) as _)
             .map_err(|e| e.to_string())?;
+        let entry_points = model.entry_points();
+        let mut entries = BTreeMap::new();
+        for entry in entry_points.iter().filter(|e| !e.is_default) {
+            let entry_io = crate::entries::entry_io(entry, io.max_batch_size);
+            let scheduling = scheduler_config(
+                &crate::entries::entry_config(&config, &entry_io),
+                spec.instance_count,
+                self.options.queue_capacity,
+                format!("{}-v{version}-{}", dir.name, entry.name),
+            )?;
+            let entry_model = crate::entries::EntryModel::shared(Arc::clone(&model), &entry.name);
+            let scheduler = Scheduler::start(entry_model, scheduling, Arc::clone(&stats) as _)
+                .map_err(|e| format!("signature '{}': {e}", entry.name))?;
+            entries.insert(
+                entry.name.clone(),
+                crate::model::EntryView {
+                    io: entry_io,
+                    scheduler,
+                },
+            );
+        }
         self.metrics.record_load(&dir.name, version, started.elapsed());
-        let metadata = metadata(&dir.name, version, &config, &io);
+        let mut metadata = metadata(&dir.name, version, &config, &io);
+        metadata.signatures = entry_points
+            .iter()
+            .map(crate::entries::signature_metadata)
+            .collect();
+        let default_entry = entry_points.iter().find(|e| e.is_default).map(|e| e.name.clone());
         // The model configuration endpoint shows the engine (`backend`) and why it was chosen.
         config.parameters.insert(
             BACKEND_REASON_PARAMETER.to_string(),
@@ -608,6 +650,8 @@ impl ModelManager {
             scheduler,
             stats,
             shadow: Default::default(),
+            default_entry,
+            entries,
         };
         // Ready only once its warmup has run (a failed warmup is a failed load).
         crate::warmup::run(&served, &dir.path)?;
@@ -810,6 +854,7 @@ fn metadata(name: &str, version: u64, cfg: &ModelConfig, io: &ModelIo) -> ModelM
                 shape: client_shape(&o.dims),
             })
             .collect(),
+        signatures: Vec::new(),
     }
 }
 

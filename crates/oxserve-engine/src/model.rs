@@ -1,8 +1,9 @@
 //! A model version that is ready to serve, and the client-facing view of its inputs and outputs.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use oxserve_core::{DataType, ModelMetadata};
+use oxserve_core::{DataType, Error, ModelMetadata};
 use oxserve_repository::pb::ModelConfig;
 use oxserve_scheduler::Scheduler;
 
@@ -58,4 +59,44 @@ pub(crate) struct ServedVersion {
     pub stats: Arc<ModelStats>,
     /// What mirrored requests found when this version was a shadow candidate.
     pub shadow: crate::shadow::ShadowRecord,
+    /// The name of the default entry point when the model has several (a SavedModel's
+    /// default signature); `io` and `scheduler` above are its.
+    pub default_entry: Option<String>,
+    /// The other entry points, by name.
+    pub entries: BTreeMap<String, EntryView>,
+}
+
+/// A non-default entry point of a version (a SavedModel signature): its tensors and its own
+/// scheduler over the version's engine model (the instances share the loaded model).
+pub(crate) struct EntryView {
+    pub io: ModelIo,
+    pub scheduler: Scheduler,
+}
+
+/// The signature name TF Serving's clients send for a model's default entry point.
+pub const DEFAULT_SIGNATURE: &str = "serving_default";
+
+impl ServedVersion {
+    /// The tensors and scheduler of the entry point a request names (`None`: the default).
+    /// Any model answers to `serving_default` for its default entry point, so TF Serving's
+    /// clients can call models that have no signatures of their own (ONNX).
+    pub fn entry(&self, name: Option<&str>) -> Result<(&ModelIo, &Scheduler), Error> {
+        let Some(name) = name else {
+            return Ok((&self.io, &self.scheduler));
+        };
+        let is_default = match &self.default_entry {
+            Some(default) => default == name,
+            None => name == DEFAULT_SIGNATURE,
+        };
+        if is_default {
+            return Ok((&self.io, &self.scheduler));
+        }
+        match self.entries.get(name) {
+            Some(view) => Ok((&view.io, &view.scheduler)),
+            None => Err(Error::invalid(format!(
+                "Serving signature name: \"{}\" not found in signature def",
+                oxserve_backend::support::truncate(name, 100)
+            ))),
+        }
+    }
 }

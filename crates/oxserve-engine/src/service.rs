@@ -417,7 +417,8 @@ async fn run(
 ) -> std::result::Result<InferResponse, (Error, FailureReason)> {
     let other = |e: Error| (e, FailureReason::Other);
     let (priority, timeout) = schedule_parameters(&request.parameters).map_err(other)?;
-    let prepared = prepare(&served.io, &served.model_name, request.inputs, request.outputs).map_err(other)?;
+    let (io, scheduler) = served.entry(request.signature.as_deref()).map_err(other)?;
+    let prepared = prepare(io, &served.model_name, request.inputs, request.outputs).map_err(other)?;
     let rows = prepared.rows;
     let job = Job {
         inputs: prepared.batch.inputs,
@@ -425,12 +426,8 @@ async fn run(
         priority,
         timeout,
     };
-    let completed = served
-        .scheduler
-        .submit(job)
-        .await
-        .map_err(|e| exec_error(served, e))?;
-    let outputs = finish(&served.io, &prepared.outputs, completed.outputs).map_err(other)?;
+    let completed = scheduler.submit(job).await.map_err(|e| exec_error(served, e))?;
+    let outputs = finish(io, &prepared.outputs, completed.outputs).map_err(other)?;
     served
         .stats
         .record_success(rows, received.elapsed(), &completed.timing);

@@ -252,13 +252,30 @@ pub struct DecodedRequest {
     pub binary_by_default: bool,
     /// The value of the model's traffic-split sticky header (see [`sticky_routing_key`]).
     pub routing_key: Option<String>,
+    /// The model's entry point (a SavedModel signature): TF Serving's `signature_name`, or
+    /// the `signature_name` request parameter of any protocol; `None`: the default one.
+    pub signature: Option<String>,
 }
+
+/// The request parameter that picks a model's signature over protocols without a field for
+/// it (KServe v2), as TF Serving's `signature_name`.
+pub const SIGNATURE_NAME: &str = "signature_name";
 
 impl DecodedRequest {
     /// A request for `target` with no inputs or outputs yet. `parameters` are the request's
     /// parameters as sent; the front-end's own are taken out here.
     pub fn new(target: ModelTarget, id: Option<String>, mut parameters: Parameters) -> Result<Self> {
         let binary_by_default = take_bool(&mut parameters, BINARY_DATA_OUTPUT)?.unwrap_or(false);
+        let signature = match parameters.remove(SIGNATURE_NAME) {
+            None => None,
+            Some(ParamValue::String(name)) if name.is_empty() => None,
+            Some(ParamValue::String(name)) => Some(name),
+            Some(_) => {
+                return Err(Error::invalid(format!(
+                    "parameter '{SIGNATURE_NAME}' must be a string"
+                )));
+            }
+        };
         Ok(DecodedRequest {
             target,
             id,
@@ -267,6 +284,7 @@ impl DecodedRequest {
             outputs: Vec::new(),
             binary_by_default,
             routing_key: None,
+            signature,
         })
     }
 }

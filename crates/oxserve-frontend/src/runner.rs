@@ -62,6 +62,7 @@ pub async fn run(
         outputs: output_requests,
         binary_by_default,
         routing_key,
+        signature,
     } = request;
     // A version label travels as a request parameter over every protocol.
     let target = target.with_label_parameter(engine, &mut parameters)?;
@@ -84,6 +85,7 @@ pub async fn run(
             inputs: tensors,
             outputs: requested,
             routing_key,
+            signature,
         })
         .await?;
     // Fixed-size inputs in shared memory were views of the client's pages: if the client

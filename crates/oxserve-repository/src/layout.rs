@@ -117,20 +117,40 @@ pub fn select_versions(policy: Option<&pb::ModelVersionPolicy>, available: &[u64
 }
 
 /// The model file of one version: `default_model_filename` if set, else the framework's
-/// conventional name (`model.onnx` for ONNX and when nothing says otherwise).
+/// conventional name (`model.onnx` for ONNX and when nothing says otherwise). A SavedModel may
+/// also be the version directory itself (TensorFlow Serving's layout:
+/// `<model>/<version>/saved_model.pb`), when there is no `model.savedmodel` in it.
 pub fn model_file_path(model_dir: &Path, version: u64, cfg: &pb::ModelConfig) -> PathBuf {
-    let file = if cfg.default_model_filename.is_empty() {
-        default_file_name(&cfg.platform, &cfg.backend)
-    } else {
-        cfg.default_model_filename.as_str()
-    };
-    model_dir.join(version.to_string()).join(file)
+    let version_dir = model_dir.join(version.to_string());
+    if cfg.default_model_filename.is_empty() {
+        let file = default_file_name(&cfg.platform, &cfg.backend);
+        if file == SAVEDMODEL_DIR && !version_dir.join(file).exists() && is_savedmodel(&version_dir) {
+            return version_dir;
+        }
+        return version_dir.join(file);
+    }
+    version_dir.join(&cfg.default_model_filename)
+}
+
+/// Triton's name for a SavedModel inside a version directory.
+const SAVEDMODEL_DIR: &str = "model.savedmodel";
+
+fn is_savedmodel(dir: &Path) -> bool {
+    dir.join("saved_model.pb").is_file() || dir.join("saved_model.pbtxt").is_file()
+}
+
+/// The platform of a model directory whose configuration names none, from its newest
+/// version's files: `tensorflow_savedmodel` for a SavedModel (Triton's `model.savedmodel`
+/// or TF Serving's bare version directory), else `None` (ONNX, the default).
+pub fn detect_platform(model_dir: &Path, versions: &[u64]) -> Option<&'static str> {
+    let newest = model_dir.join(versions.iter().max()?.to_string());
+    (newest.join(SAVEDMODEL_DIR).is_dir() || is_savedmodel(&newest)).then_some("tensorflow_savedmodel")
 }
 
 /// Triton's default model file names by platform / backend.
 fn default_file_name(platform: &str, backend: &str) -> &'static str {
     match (platform, backend) {
-        ("tensorflow_savedmodel", _) | ("", "tensorflow") => "model.savedmodel",
+        ("tensorflow_savedmodel", _) | ("", "tensorflow") => SAVEDMODEL_DIR,
         ("tensorflow_graphdef", _) => "model.graphdef",
         ("pytorch_libtorch", _) | ("", "pytorch") => "model.pt",
         ("tensorrt_plan", _) | ("", "tensorrt") => "model.plan",
@@ -164,6 +184,31 @@ mod tests {
         pb::ModelVersionPolicy {
             policy_choice: Some(choice),
         }
+    }
+
+    #[test]
+    fn savedmodels_in_triton_and_tf_serving_layouts() {
+        let root = tempfile::tempdir().unwrap();
+        let model = root.path().join("m");
+        mkdirs(&model, &["1/model.savedmodel", "2", "3/variables"]);
+        fs::write(model.join("1/model.savedmodel/saved_model.pb"), b"").unwrap();
+        fs::write(model.join("3/saved_model.pb"), b"").unwrap();
+        let cfg = pb::ModelConfig {
+            platform: "tensorflow_savedmodel".into(),
+            ..Default::default()
+        };
+        assert_eq!(model_file_path(&model, 1, &cfg), model.join("1/model.savedmodel"));
+        assert_eq!(model_file_path(&model, 3, &cfg), model.join("3"));
+        // Neither: Triton's name, so the error names what is missing.
+        assert_eq!(model_file_path(&model, 2, &cfg), model.join("2/model.savedmodel"));
+        assert_eq!(detect_platform(&model, &[1, 3]), Some("tensorflow_savedmodel"));
+        assert_eq!(
+            detect_platform(&model, &[1, 2]),
+            None,
+            "the newest version decides"
+        );
+        assert_eq!(detect_platform(&model, &[1]), Some("tensorflow_savedmodel"));
+        assert_eq!(detect_platform(&model, &[]), None);
     }
 
     #[test]

@@ -17,8 +17,8 @@ pub use config::{
 };
 pub use error::{ConfigError, RepositoryError};
 pub use layout::{
-    ModelDir, check_repository, list_models, list_versions, model_file_path, read_labels, read_model_config,
-    select_versions,
+    ModelDir, check_repository, detect_platform, list_models, list_versions, model_file_path, read_labels,
+    read_model_config, select_versions,
 };
 
 /// Prost types generated from `proto/inference/model_config.proto` (package `inference`).

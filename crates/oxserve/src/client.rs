@@ -105,6 +105,7 @@ pub async fn http_metadata(
             .into_iter()
             .map(|t| tensor_meta(t.name, &t.datatype, t.shape))
             .collect::<Result<_, _>>()?,
+        signatures: Vec::new(),
     })
 }
 
@@ -131,6 +132,7 @@ pub async fn grpc_metadata(
         platform: m.platform,
         inputs: convert(m.inputs)?,
         outputs: convert(m.outputs)?,
+        signatures: Vec::new(),
     })
 }
 
@@ -286,6 +288,7 @@ fn request_from_file(model: &str, version: Option<u64>, body: &Bytes) -> anyhow:
         inputs,
         outputs: Vec::new(),
         routing_key: None,
+        signature: decoded.signature,
     })
 }
 

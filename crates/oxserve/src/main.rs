@@ -34,7 +34,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Serve the models of one or more repositories over KServe v2 HTTP and gRPC.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Load a repository and print what would serve, with the reason for each failure.
     Models(ModelsArgs),
     /// Send one inference request to a running server and print the result.
@@ -175,6 +175,10 @@ struct ServeArgs {
     /// `onnxruntime` package of the project's .venv (see docs/backends.md).
     #[arg(long, value_name = "PATH")]
     onnxruntime_library: Option<PathBuf>,
+    /// TensorFlow's C API library (libtensorflow_cc.so.2, or its directory). Default:
+    /// OXSERVE__BACKENDS__TENSORFLOW_LIBRARY, else where scripts/setup-tensorflow.sh puts it.
+    #[arg(long, value_name = "PATH")]
+    tensorflow_library: Option<PathBuf>,
     /// API key file (TOML `[[keys]]` with name, token or token_sha256, scopes); with keys,
     /// every endpoint but health needs `Authorization: Bearer <token>` (docs/security.md).
     #[arg(long, value_name = "FILE")]
@@ -245,6 +249,9 @@ struct ModelsArgs {
     /// The ONNX Runtime shared library, as for `serve`.
     #[arg(long, value_name = "PATH")]
     onnxruntime_library: Option<PathBuf>,
+    /// TensorFlow's C API library, as for `serve`.
+    #[arg(long, value_name = "PATH")]
+    tensorflow_library: Option<PathBuf>,
 }
 
 /// Invoked under this name (a link or copy of the binary), oxserve takes Triton's command
@@ -293,7 +300,7 @@ fn main() -> std::process::ExitCode {
         Cli::parse()
     };
     let result = match cli.command {
-        Command::Serve(args) => serve(args),
+        Command::Serve(args) => serve(*args),
         Command::Models(args) => models(args),
         Command::Infer(args) => runtime().and_then(|rt| rt.block_on(client::run(args))),
         Command::Bench(args) => runtime().and_then(|rt| rt.block_on(bench::run(args))),
@@ -343,24 +350,37 @@ fn disable_onnxruntime_telemetry() {
         // other thread exist, so nothing reads or writes the environment concurrently.
         unsafe { std::env::set_var("ORT_DISABLE_TELEMETRY", "1") };
     }
+    // TensorFlow logs every kernel registration and oneDNN notice at INFO to stderr; keep
+    // its warnings and errors (an operator can still set the variable).
+    if std::env::var_os("TF_CPP_MIN_LOG_LEVEL").is_none() {
+        // SAFETY: as above, before any other thread exists.
+        unsafe { std::env::set_var("TF_CPP_MIN_LOG_LEVEL", "1") };
+    }
 }
 
 /// The engines compiled into this binary, with the ONNX Runtime library from
 /// `ORT_DYLIB_PATH` or auto-detection.
 fn backends() -> Vec<Arc<dyn Backend>> {
-    backends_with(None)
+    backends_with(&settings::BackendSettings::default())
 }
 
-/// The engines compiled into this binary. ONNX Runtime is always registered; whether its
-/// library loads is decided when the first model needs it (`onnxruntime_library` first, then
-/// `ORT_DYLIB_PATH`, then auto-detection).
-fn backends_with(onnxruntime_library: Option<PathBuf>) -> Vec<Arc<dyn Backend>> {
+/// The engines compiled into this binary. ONNX Runtime and TensorFlow are always registered;
+/// whether their libraries load is decided when the first model needs them (the configured
+/// path first, then the environment, then auto-detection).
+fn backends_with(settings: &settings::BackendSettings) -> Vec<Arc<dyn Backend>> {
     #[allow(unused_mut)]
     let mut backends: Vec<Arc<dyn Backend>> = vec![
         Arc::new(oxserve_tract::TractBackend::new()),
         Arc::new(oxserve_onnxruntime::OrtBackend::new(
             oxserve_onnxruntime::OrtOptions {
-                library: onnxruntime_library,
+                library: settings.onnxruntime_library.clone(),
+            },
+        )),
+        Arc::new(oxserve_tensorflow::TfBackend::new(
+            oxserve_tensorflow::TfOptions {
+                library: settings.tensorflow_library.clone(),
+                intra_op_threads: settings.tensorflow_intra_op_parallelism,
+                inter_op_threads: settings.tensorflow_inter_op_parallelism,
             },
         )),
     ];
@@ -409,6 +429,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .unwrap_or(settings.models.ready_while_loading);
     if let Some(library) = args.onnxruntime_library {
         settings.backends.onnxruntime_library = Some(library);
+    }
+    if let Some(library) = args.tensorflow_library {
+        settings.backends.tensorflow_library = Some(library);
     }
     if let Some(f) = args.log_format {
         settings.log.format = f;
@@ -475,7 +498,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         anyhow::bail!("--load-model needs --model-control-mode=explicit (as in Triton)");
     }
     let manager = ModelManager::new(
-        backends_with(settings.backends.onnxruntime_library.clone()),
+        backends_with(&settings.backends),
         ManagerOptions {
             repositories: settings.models.repositories.clone(),
             queue_capacity: settings.models.queue_capacity,
@@ -572,7 +595,11 @@ fn models(args: ModelsArgs) -> anyhow::Result<()> {
         oxserve_repository::check_repository(root).map_err(|e| anyhow::anyhow!("{e}"))?;
     }
     let manager = ModelManager::new(
-        backends_with(args.onnxruntime_library),
+        backends_with(&settings::BackendSettings {
+            onnxruntime_library: args.onnxruntime_library,
+            tensorflow_library: args.tensorflow_library,
+            ..Default::default()
+        }),
         ManagerOptions {
             repositories: args.repositories,
             ..ManagerOptions::default()

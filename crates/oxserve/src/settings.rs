@@ -91,6 +91,12 @@ pub struct BackendSettings {
     /// The ONNX Runtime shared library (`libonnxruntime.so`); unset: `ORT_DYLIB_PATH`, else
     /// auto-detected in the project's `.venv`.
     pub onnxruntime_library: Option<PathBuf>,
+    /// TensorFlow's C API library (`libtensorflow_cc.so.2` or its directory); unset:
+    /// `OXSERVE__BACKENDS__TENSORFLOW_LIBRARY`, else where scripts/setup-tensorflow.sh puts it.
+    pub tensorflow_library: Option<PathBuf>,
+    /// Default TensorFlow intra-op / inter-op thread counts (0: one per core).
+    pub tensorflow_intra_op_parallelism: i32,
+    pub tensorflow_inter_op_parallelism: i32,
 }
 
 /// TLS for the HTTP and gRPC listeners (docs/security.md). Unset: both are plain.

@@ -23,6 +23,7 @@ fn decode(req: ModelInferRequest) -> Result<InferRequest> {
     let (inputs, _) = resolve_inputs(&SharedMemoryRegistry::new(), decoded.inputs)?;
     Ok(InferRequest {
         routing_key: decoded.routing_key,
+        signature: decoded.signature,
         model_name: decoded.target.name().to_string(),
         model_version: decoded.target.version(),
         id: decoded.id,
@@ -664,6 +665,7 @@ fn metadata_conversions() {
         name: "m".into(),
         versions: vec!["1".into(), "2".into()],
         platform: "onnxruntime_onnx".into(),
+        signatures: Vec::new(),
         inputs: vec![TensorMeta {
             name: "x".into(),
             datatype: DataType::F16,

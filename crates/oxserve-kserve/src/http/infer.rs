@@ -519,6 +519,7 @@ mod tests {
             name: "m".into(),
             versions: vec![],
             platform: String::new(),
+            signatures: Vec::new(),
             inputs: vec![TensorMeta {
                 name: "X".into(),
                 datatype: DataType::F32,
