@@ -11,6 +11,11 @@ target_dir="${CARGO_TARGET_DIR:-$PWD/target}"
 echo "== python environment"
 scripts/setup-python.sh
 
+# TensorFlow's C API (for the TensorFlow engine) and Python TensorFlow with the TF Serving
+# stubs (fixtures, reference outputs, client tests), cached outside the clone.
+echo "== tensorflow"
+scripts/setup-tensorflow.sh
+
 echo "== cargo fmt"
 cargo fmt --all -- --check
 
@@ -33,6 +38,12 @@ cargo nextest run --workspace --locked --no-fail-fast "${features[@]}"
 # committed: the 224x224 CNN's inputs are large. Regenerated only when the script changes.
 echo "== fidelity corpus"
 .venv/bin/python scripts/make_corpus.py --if-needed
+
+# SavedModel fixtures made by Python TensorFlow, cached by the script's content hash.
+echo "== tensorflow fixtures"
+tf_cache="${OXSERVE_CACHE:-$HOME/.cache/oxserve}"
+OXSERVE_TF_MODELS="$("$tf_cache/venv-tf/bin/python" scripts/make_tf_models.py --if-needed | tail -n1)"
+export OXSERVE_TF_MODELS
 
 echo "== client conformance (pytest)"
 OXSERVE_BIN="$target_dir/debug/oxserve" .venv/bin/python -m pytest tests/python -q

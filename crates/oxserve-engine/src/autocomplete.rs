@@ -16,6 +16,11 @@ use oxserve_repository::{data_type_of, data_type_to_config};
 /// Triton's `default-max-batch-size` for models whose configuration leaves batching unsaid.
 pub(crate) const DEFAULT_MAX_BATCH_SIZE: i32 = 4;
 
+/// The model parameter that, set to `"false"`, keeps a model whose configuration leaves
+/// batching unsaid unbatched (`max_batch_size: 0`: requests of any batch size go to the
+/// model as they are, as TF Serving runs them) instead of Triton's default batching.
+pub const AUTO_BATCHING_PARAMETER: &str = "oxserve_auto_batching";
+
 fn has_batch_dim(t: &TensorMeta) -> bool {
     t.shape.first() == Some(&-1)
 }
@@ -32,7 +37,12 @@ fn client_dims(t: &TensorMeta, batched: bool) -> Vec<i64> {
 /// Fills what the configuration leaves out from the model's own signature.
 pub(crate) fn complete(cfg: &mut ModelConfig, sig: &ModelSignature) -> Result<(), String> {
     let batchable = sig.inputs.iter().chain(&sig.outputs).all(has_batch_dim);
-    if cfg.input.is_empty() && cfg.output.is_empty() && cfg.max_batch_size == 0 && batchable {
+    let auto_batching = cfg
+        .parameters
+        .get(AUTO_BATCHING_PARAMETER)
+        .is_none_or(|p| p.string_value != "false");
+    if cfg.input.is_empty() && cfg.output.is_empty() && cfg.max_batch_size == 0 && batchable && auto_batching
+    {
         cfg.max_batch_size = DEFAULT_MAX_BATCH_SIZE;
     }
     let batched = cfg.max_batch_size > 0;

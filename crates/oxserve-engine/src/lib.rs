@@ -16,9 +16,11 @@ mod traffic;
 mod validate;
 mod warmup;
 
+pub use autocomplete::AUTO_BATCHING_PARAMETER;
 pub use lifecycle::{LoadOverride, OverrideFile};
 pub use manager::{
-    BACKEND_REASON_PARAMETER, ControlMode, ManagerOptions, ModelManager, PLACEMENT_REASON_PARAMETER,
+    BACKEND_REASON_PARAMETER, ControlMode, ListedModel, ManagerOptions, ModelManager,
+    PLACEMENT_REASON_PARAMETER,
 };
 pub use service::{IndexEntry, InferenceService, ServerMetadata};
 pub use shadow::ShadowStats;

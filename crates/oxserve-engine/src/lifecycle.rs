@@ -480,6 +480,43 @@ impl ModelManager {
         }
     }
 
+    /// Replaces the listed models (TF Serving's model config reload): new and changed models
+    /// load (the versions that did not change keep serving), models no longer listed are
+    /// unloaded once their requests finish. Err: why some model failed to load (the others
+    /// are applied regardless).
+    pub fn set_model_list(&self, models: Vec<crate::manager::ListedModel>) -> Result<()> {
+        let mut state = self.lifecycle.lock();
+        let new: BTreeMap<String, crate::manager::ListedModel> =
+            models.into_iter().map(|m| (m.name.clone(), m)).collect();
+        let old = std::mem::replace(&mut *self.listed.write(), new.clone());
+        let mut failures = Vec::new();
+        for (name, model) in &new {
+            if old.get(name) == Some(model) && self.snapshot().models.contains_key(name) {
+                continue;
+            }
+            let dir = ModelDir {
+                name: name.clone(),
+                path: model.path.clone(),
+            };
+            let fingerprint = fingerprint_dir(&dir.path);
+            state.applied.insert(name.clone(), fingerprint);
+            state.seen.insert(name.clone(), Some(fingerprint));
+            if let Err(reason) = self.load_dir_inner(&dir, None, None) {
+                failures.push(format!("'{name}': {reason}"));
+            }
+        }
+        for name in old.keys().filter(|n| !new.contains_key(*n)) {
+            state.applied.remove(name);
+            state.seen.remove(name);
+            self.unload_now(name);
+        }
+        if failures.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::invalid(format!("failed to load {}", failures.join("; "))))
+        }
+    }
+
     /// Records the start-up load's fingerprints, so polling starts from what was loaded.
     pub(crate) fn remember_applied(&self, name: &str, fingerprint: u64) {
         let mut state = self.lifecycle.lock();

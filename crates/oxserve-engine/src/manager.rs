@@ -31,6 +31,19 @@ pub struct ManagerOptions {
     pub control_mode: ControlMode,
     /// `--load-model`: the models loaded at start-up in explicit mode (`*`: all of them).
     pub startup_models: Vec<String>,
+    /// Models defined by a list instead of repository directories (TF Serving's
+    /// `--model_name`/`--model_base_path` and `--model_config_file`): each directory holds
+    /// the version directories, and its configuration comes from the list, not config.pbtxt.
+    pub listed_models: Vec<ListedModel>,
+}
+
+/// A model defined by the server's own configuration: where its versions are and how to
+/// serve them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ListedModel {
+    pub name: String,
+    pub path: PathBuf,
+    pub config: ModelConfig,
 }
 
 impl Default for ManagerOptions {
@@ -40,6 +53,7 @@ impl Default for ManagerOptions {
             queue_capacity: 1024,
             control_mode: ControlMode::None,
             startup_models: Vec::new(),
+            listed_models: Vec::new(),
         }
     }
 }
@@ -215,6 +229,9 @@ pub struct ModelManager {
     /// During the start-up load, changes collect here and are published together at the end,
     /// so the first table clients see has every start-up model in its final state.
     pub(crate) staging: parking_lot::Mutex<Option<ModelTable>>,
+    /// The models of [`ManagerOptions::listed_models`], as last replaced by
+    /// [`ModelManager::set_model_list`].
+    pub(crate) listed: parking_lot::RwLock<BTreeMap<String, ListedModel>>,
 }
 
 impl ModelManager {
@@ -224,10 +241,17 @@ impl ModelManager {
             retiring: crate::lifecycle::Retirement::start(Arc::clone(&table)),
             table,
             backends,
-            options,
             metrics: Arc::new(Metrics::new()),
             lifecycle: parking_lot::Mutex::new(Default::default()),
             staging: parking_lot::Mutex::new(None),
+            listed: parking_lot::RwLock::new(
+                options
+                    .listed_models
+                    .iter()
+                    .map(|m| (m.name.clone(), m.clone()))
+                    .collect(),
+            ),
+            options,
         }
     }
 
@@ -304,6 +328,25 @@ impl ModelManager {
                 dirs.insert(dir.name.clone(), dir);
             }
         }
+        for listed in self.listed.read().values() {
+            if dirs.contains_key(&listed.name) {
+                duplicates.push((
+                    listed.name.clone(),
+                    format!(
+                        "model '{}' is both in a model repository and in the model list",
+                        listed.name
+                    ),
+                ));
+                continue;
+            }
+            dirs.insert(
+                listed.name.clone(),
+                ModelDir {
+                    name: listed.name.clone(),
+                    path: listed.path.clone(),
+                },
+            );
+        }
         for (name, _) in &duplicates {
             dirs.remove(name);
         }
@@ -346,7 +389,8 @@ impl ModelManager {
     ) -> crate::lifecycle::Built {
         use crate::lifecycle::Built;
         let started = Instant::now();
-        let mut config = match config {
+        let listed = self.listed.read().get(&dir.name).map(|m| m.config.clone());
+        let mut config = match config.or(listed) {
             Some(cfg) => cfg,
             None => match repo::read_model_config(dir) {
                 Ok(cfg) => cfg,

@@ -236,6 +236,15 @@ impl InferenceService {
             .map_err(|e| Error::internal(format!("the model unload task failed: {e}")))?
     }
 
+    /// Replaces the models defined by the server's model list (TF Serving's config reload) on
+    /// a blocking thread; answers when the new list serves, or with why some model does not.
+    pub async fn set_model_list(&self, models: Vec<crate::ListedModel>) -> Result<()> {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || this.inner.manager.set_model_list(models))
+            .await
+            .map_err(|e| Error::internal(format!("the model list task failed: {e}")))?
+    }
+
     /// In poll mode, scans the repositories every `interval` on its own thread and applies
     /// what changed (see [`ModelManager::poll_repositories`]) until shutdown begins.
     pub fn start_polling(&self, interval: Duration) {

@@ -262,10 +262,12 @@ impl Wire for GrpcWire {
         let (parts, mut body) = request.into_parts();
         let first = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await;
         let compression = parts.headers.get("grpc-encoding").map(HeaderValue::as_bytes);
+        // TF Serving's messages name the model inside a `ModelSpec` (field 1).
+        let nested = parts.uri.path().starts_with("/tensorflow.serving.");
         let model = match &first {
             Some(Ok(frame)) => frame
                 .data_ref()
-                .and_then(|data| model_in_grpc_message(data, compression))
+                .and_then(|data| model_in_grpc_message(data, compression, nested))
                 .map_or(ModelRef::InBody, ModelRef::Named),
             _ => ModelRef::InBody,
         };
@@ -313,7 +315,7 @@ const MODEL_PEEK_BYTES: u64 = 4096;
 /// Field 1 (`name` / `model_name`, a string) of the KServe request messages, from the start of
 /// the first length-prefixed gRPC message; `None` when it is not within what was received or
 /// not valid UTF-8.
-fn model_in_grpc_message(data: &Bytes, compression: Option<&[u8]>) -> Option<String> {
+fn model_in_grpc_message(data: &Bytes, compression: Option<&[u8]>, nested: bool) -> Option<String> {
     let (&flag, rest) = data.split_first()?;
     let message = rest.get(4..)?;
     let plain;
@@ -329,7 +331,9 @@ fn model_in_grpc_message(data: &Bytes, compression: Option<&[u8]>) -> Option<Str
         }
         _ => return None,
     };
-    protobuf_string_field_1(message)
+    let field = protobuf_field_1(message)?;
+    let name = if nested { protobuf_field_1(field)? } else { field };
+    String::from_utf8(name.to_vec()).ok()
 }
 
 fn read_prefix(decoder: impl Read) -> Option<Vec<u8>> {
@@ -339,8 +343,8 @@ fn read_prefix(decoder: impl Read) -> Option<Vec<u8>> {
     (!out.is_empty()).then_some(out)
 }
 
-/// Walks top-level protobuf fields until field 1 of wire type 2.
-fn protobuf_string_field_1(mut buf: &[u8]) -> Option<String> {
+/// Walks top-level protobuf fields until field 1 of wire type 2, and returns its bytes.
+fn protobuf_field_1(mut buf: &[u8]) -> Option<&[u8]> {
     fn varint(buf: &mut &[u8]) -> Option<u64> {
         let mut value = 0u64;
         for shift in (0..64).step_by(7) {
@@ -366,7 +370,7 @@ fn protobuf_string_field_1(mut buf: &[u8]) -> Option<String> {
                 let len = usize::try_from(varint(&mut buf)?).ok()?;
                 let value = buf.get(..len)?;
                 if field == 1 {
-                    return String::from_utf8(value.to_vec()).ok();
+                    return Some(value);
                 }
                 buf = &buf[len..];
             }
@@ -489,14 +493,14 @@ mod tests {
         // ModelInferRequest { model_name: "add_sub", model_version: "1", id: "x" }
         let msg = b"\x0a\x07add_sub\x12\x011\x1a\x01x";
         assert_eq!(
-            model_in_grpc_message(&grpc_frame(msg, false), None).as_deref(),
+            model_in_grpc_message(&grpc_frame(msg, false), None, false).as_deref(),
             Some("add_sub")
         );
         // Field order is free in protobuf: found after other fields of every wire type.
         let reordered =
             b"\x12\x011\x18\x96\x01\x21\x01\x02\x03\x04\x05\x06\x07\x08\x2d\x01\x02\x03\x04\x0a\x03abc";
         assert_eq!(
-            model_in_grpc_message(&grpc_frame(reordered, false), None).as_deref(),
+            model_in_grpc_message(&grpc_frame(reordered, false), None, false).as_deref(),
             Some("abc")
         );
         // gzip-compressed messages.
@@ -504,28 +508,37 @@ mod tests {
         std::io::Write::write_all(&mut gz, msg).expect("compress");
         let gz = gz.finish().expect("compress");
         assert_eq!(
-            model_in_grpc_message(&grpc_frame(&gz, true), Some(b"gzip")).as_deref(),
+            model_in_grpc_message(&grpc_frame(&gz, true), Some(b"gzip"), false).as_deref(),
             Some("add_sub")
         );
         // Not readable: truncated, unknown compression, not UTF-8, garbage.
-        assert_eq!(model_in_grpc_message(&grpc_frame(&msg[..5], false), None), None);
         assert_eq!(
-            model_in_grpc_message(&grpc_frame(&gz, true), Some(b"snappy")),
+            model_in_grpc_message(&grpc_frame(&msg[..5], false), None, false),
             None
         );
         assert_eq!(
-            model_in_grpc_message(&grpc_frame(b"\x0a\x02\xff\xfe", false), None),
+            model_in_grpc_message(&grpc_frame(&gz, true), Some(b"snappy"), false),
             None
         );
         assert_eq!(
-            model_in_grpc_message(&Bytes::from_static(b"\x00\x00"), None),
+            model_in_grpc_message(&grpc_frame(b"\x0a\x02\xff\xfe", false), None, false),
             None
         );
         assert_eq!(
-            model_in_grpc_message(&grpc_frame(b"\x0f\xff\xff", false), None),
+            model_in_grpc_message(&Bytes::from_static(b"\x00\x00"), None, false),
             None
         );
-        assert_eq!(model_in_grpc_message(&grpc_frame(b"", false), None), None);
+        assert_eq!(
+            model_in_grpc_message(&grpc_frame(b"\x0f\xff\xff", false), None, false),
+            None
+        );
+        assert_eq!(model_in_grpc_message(&grpc_frame(b"", false), None, false), None);
+        // TF Serving: PredictRequest { model_spec: ModelSpec { name: "mlp" } }.
+        let spec = b"\x0a\x05\x0a\x03mlp\x1a\x00";
+        assert_eq!(
+            model_in_grpc_message(&grpc_frame(spec, false), None, true).as_deref(),
+            Some("mlp")
+        );
     }
 
     fn access(keys: &str, health_requires_key: bool) -> Arc<Access> {

@@ -17,7 +17,7 @@ pub use inflight::{
     GRPC_WEIGHT, InflightBudget, InflightLayer, JSON_WEIGHT, MAX_DEFAULT_BUDGET, MIN_DEFAULT_BUDGET,
     default_budget_bytes,
 };
-pub use metrics::{OPENMETRICS_CONTENT_TYPE, metrics_router, metrics_router_with};
+pub use metrics::{MetricsSource, OPENMETRICS_CONTENT_TYPE, metrics_router, metrics_router_with};
 pub use process::{ProcessStats, process_registry};
 pub use rate_limit::{MAX_TRACKED_CLIENTS, RateLimitRule, RateLimits};
 pub use request_id::REQUEST_ID;
@@ -68,6 +68,11 @@ pub struct ServerOptions {
     pub access: std::sync::Arc<AccessPolicy>,
     /// The in-flight byte budget (`--max-inflight-bytes`); `None`: [`default_budget_bytes`].
     pub max_inflight_bytes: Option<usize>,
+    /// Also answer Prometheus scrapes at this path of the HTTP listener (TF Serving's
+    /// `--monitoring_config_file` `prometheus_config { enable: true path: ... }`).
+    pub http_metrics_path: Option<String>,
+    /// TF Serving's gRPC services (served on the gRPC listener beside KServe's).
+    pub tfserving_grpc: oxserve_tfserving::grpc::GrpcOptions,
 }
 
 /// Bound sockets, so the caller can report the real ports (port 0 picks a free one) before
@@ -172,7 +177,19 @@ pub async fn serve(
     let budget = InflightBudget::new(options.max_inflight_bytes.unwrap_or_else(default_budget_bytes));
     tracing::info!(bytes = budget.limit(), "in-flight request byte budget");
     budget.register_metrics(&mut server_metrics);
-    let app = router(engine.clone(), options.http.clone(), shm.clone())
+    let metrics_source = MetricsSource::new(engine.metrics(), server_metrics);
+    // Every HTTP protocol on one listener: KServe v2 (`/v2`) and TF Serving's REST API (`/v1`).
+    let mut app =
+        router(engine.clone(), options.http.clone(), shm.clone()).merge(oxserve_tfserving::rest::router(
+            engine.clone(),
+            oxserve_tfserving::rest::RestOptions {
+                max_body_bytes: options.http.max_body_bytes,
+            },
+        ));
+    if let Some(path) = &options.http_metrics_path {
+        app = app.merge(metrics_source.router(path));
+    }
+    let app = app
         .layer(budget.http_layer(options.http.max_body_bytes))
         .layer(GuardLayer::new(access.clone(), HttpWire))
         .layer(request_id::request_id_layers());
@@ -203,6 +220,13 @@ pub async fn serve(
         }
     };
 
+    let (prediction_service, model_service) = oxserve_tfserving::grpc::services(
+        engine.clone(),
+        oxserve_tfserving::grpc::GrpcOptions {
+            max_message_bytes: options.grpc.max_message_bytes,
+            ..options.tfserving_grpc.clone()
+        },
+    );
     let grpc_router = tonic::transport::Server::builder()
         .layer(request_id::request_id_layers())
         .layer(tower::util::MapResponseLayer::new(
@@ -211,7 +235,9 @@ pub async fn serve(
         .layer(GuardLayer::new(access.clone(), GrpcWire))
         .layer(budget.grpc_layer(options.grpc.max_message_bytes))
         .add_service(health_service)
-        .add_service(grpc_service_with_options(engine.clone(), options.grpc, shm));
+        .add_service(grpc_service_with_options(engine.clone(), options.grpc, shm))
+        .add_service(prediction_service)
+        .add_service(model_service);
     let grpc: ServerFuture<tonic::transport::Error> = match listeners.grpc_tls.clone() {
         Some(tls) => Box::pin(grpc_router.serve_with_incoming_shutdown(
             tls::grpc_incoming(TlsListener::new(listeners.grpc, tls)),
@@ -235,7 +261,14 @@ pub async fn serve(
     ));
 
     let metrics = listeners.metrics.map(|listener| {
-        let router = metrics_router_with(engine.metrics(), server_metrics)
+        let router = metrics_source
+            .router("/metrics")
+            .fallback(|| async {
+                (
+                    axum::http::StatusCode::NOT_FOUND,
+                    "not found: metrics are at /metrics\n",
+                )
+            })
             .layer(GuardLayer::new(access.clone(), HttpWire));
         axum::serve(
             listener,
@@ -303,7 +336,12 @@ async fn report_health(
     reporter: tonic_health::server::HealthReporter,
     mut stop: watch::Receiver<bool>,
 ) {
-    const SERVICES: [&str; 2] = ["", "inference.GRPCInferenceService"];
+    const SERVICES: [&str; 4] = [
+        "",
+        "inference.GRPCInferenceService",
+        "tensorflow.serving.PredictionService",
+        "tensorflow.serving.ModelService",
+    ];
     let mut last: Option<bool> = None;
     loop {
         let ready = engine.is_ready() && !*stop.borrow();

@@ -35,15 +35,31 @@ pub fn metrics_router(engine: Arc<Metrics>) -> Router {
 
 /// [`metrics_router`] that also exposes the families of `server`.
 pub fn metrics_router_with(engine: Arc<Metrics>, server: Registry) -> Router {
-    let state = Arc::new(MetricsState {
-        engine,
-        process: process_registry(),
-        server,
-    });
-    Router::new()
-        .route("/metrics", get(scrape))
+    MetricsSource::new(engine, server)
+        .router("/metrics")
         .fallback(|| async { (StatusCode::NOT_FOUND, "not found: metrics are at /metrics\n") })
-        .with_state(state)
+}
+
+/// The metrics of the engine, the process and the server, for routers at any path (the
+/// metrics port's `/metrics`, TF Serving's `--monitoring_config_file` path on its REST port).
+#[derive(Clone)]
+pub struct MetricsSource(Arc<MetricsState>);
+
+impl MetricsSource {
+    pub fn new(engine: Arc<Metrics>, server: Registry) -> Self {
+        MetricsSource(Arc::new(MetricsState {
+            engine,
+            process: process_registry(),
+            server,
+        }))
+    }
+
+    /// `GET path` answers the scrape.
+    pub fn router(&self, path: &str) -> Router {
+        Router::new()
+            .route(path, get(scrape))
+            .with_state(Arc::clone(&self.0))
+    }
 }
 
 fn wants_openmetrics(headers: &HeaderMap) -> bool {

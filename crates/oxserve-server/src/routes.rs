@@ -116,6 +116,9 @@ impl Route {
 
 /// The gRPC service of KServe v2 / Triton.
 const KSERVE_GRPC: &str = "inference.GRPCInferenceService";
+/// TF Serving's gRPC services.
+const TFS_PREDICTION: &str = "tensorflow.serving.PredictionService";
+const TFS_MODEL: &str = "tensorflow.serving.ModelService";
 /// The standard gRPC health service.
 const GRPC_HEALTH: &str = "grpc.health.v1.Health";
 
@@ -163,6 +166,18 @@ fn classify_http(segments: &[&str]) -> Route {
         ["v2", "models", model, "labels", _, "infer"] => Route::for_model(Infer, model),
         ["v2", "repository", ..] => Route::new(Repository),
         ["v2", "systemsharedmemory" | "cudasharedmemory", ..] => Route::new(SharedMemory),
+        // TF Serving's REST API: `M[/versions/V|/labels/L]:predict` (also classify and
+        // regress) runs the model; without a verb it is status or metadata.
+        ["v1", "models", first, rest @ ..] => {
+            let model = first.split(':').next().unwrap_or(first);
+            let last = rest.last().unwrap_or(first);
+            if last.contains(':') {
+                Route::for_model(Infer, model)
+            } else {
+                Route::for_model(Metadata, model)
+            }
+        }
+        ["v1", "models"] => Route::new(Metadata),
         _ => Route::UNKNOWN,
     }
 }
@@ -192,6 +207,9 @@ fn classify_grpc(service: &str, method: &str) -> Route {
         (KSERVE_GRPC, m) if m.starts_with("SystemSharedMemory") || m.starts_with("CudaSharedMemory") => {
             Route::new(SharedMemory)
         }
+        (TFS_PREDICTION, "Predict" | "Classify" | "Regress" | "MultiInference") => Route::in_body(Infer),
+        (TFS_PREDICTION, "GetModelMetadata") | (TFS_MODEL, "GetModelStatus") => Route::in_body(Metadata),
+        (TFS_MODEL, "HandleReloadConfigRequest") => Route::new(Repository),
         _ => Route::UNKNOWN,
     }
 }
@@ -291,6 +309,29 @@ mod tests {
             ),
             ("/grpc.health.v1.Health/Check", Some(Health)),
             ("/grpc.health.v1.Health/Watch", Some(Health)),
+            // TF Serving's REST API and gRPC services.
+            ("/v1/models/m:predict", Some(Infer)),
+            ("/v1/models/m/versions/2:classify", Some(Infer)),
+            ("/v1/models/m/labels/stable:regress", Some(Infer)),
+            ("/v1/models/m", Some(Metadata)),
+            ("/v1/models/m/versions/2", Some(Metadata)),
+            ("/v1/models/m/labels/stable/metadata", Some(Metadata)),
+            ("/tensorflow.serving.PredictionService/Predict", Some(Infer)),
+            ("/tensorflow.serving.PredictionService/Classify", Some(Infer)),
+            ("/tensorflow.serving.PredictionService/Regress", Some(Infer)),
+            (
+                "/tensorflow.serving.PredictionService/MultiInference",
+                Some(Infer),
+            ),
+            (
+                "/tensorflow.serving.PredictionService/GetModelMetadata",
+                Some(Metadata),
+            ),
+            ("/tensorflow.serving.ModelService/GetModelStatus", Some(Metadata)),
+            (
+                "/tensorflow.serving.ModelService/HandleReloadConfigRequest",
+                Some(Repository),
+            ),
             // Unknown endpoints: no group (a key of any scope), never a lesser one.
             ("/", None),
             ("", None),
@@ -312,6 +353,14 @@ mod tests {
     fn the_model_comes_from_the_path_or_the_body() {
         assert_eq!(
             classify("/v2/models/resnet/versions/2/infer").model,
+            ModelRef::Named("resnet".into())
+        );
+        assert_eq!(
+            classify("/v1/models/resnet:predict").model,
+            ModelRef::Named("resnet".into())
+        );
+        assert_eq!(
+            classify("/v1/models/resnet/labels/canary:predict").model,
             ModelRef::Named("resnet".into())
         );
         assert_eq!(

@@ -26,6 +26,11 @@ impl<'a> Status<'a> {
 
     /// Ok when the last call succeeded, else TensorFlow's message.
     pub(crate) fn check(&self) -> Result<(), String> {
+        self.check_code().map_err(|(_, message)| message)
+    }
+
+    /// Ok when the last call succeeded, else TensorFlow's error code (`TF_Code`) and message.
+    pub(crate) fn check_code(&self) -> Result<(), (i32, String)> {
         // SAFETY: `raw` is a live status owned by self.
         let code = unsafe { (self.api.TF_GetCode)(self.raw) };
         if code == 0 {
@@ -36,7 +41,7 @@ impl<'a> Status<'a> {
         let message = unsafe { CStr::from_ptr((self.api.TF_Message)(self.raw)) }
             .to_string_lossy()
             .into_owned();
-        Err(message)
+        Err((code, message))
     }
 }
 
@@ -210,7 +215,7 @@ impl Session {
         &self,
         feeds: &[(Endpoint, &OwnedTensor)],
         fetches: &[Endpoint],
-    ) -> Result<Vec<OwnedTensor>, String> {
+    ) -> Result<Vec<OwnedTensor>, (i32, String)> {
         let inputs: Vec<TF_Output> = feeds.iter().map(|(e, _)| e.0).collect();
         let values: Vec<*mut TF_Tensor> = feeds.iter().map(|(_, t)| t.raw).collect();
         let outputs: Vec<TF_Output> = fetches.iter().map(|e| e.0).collect();
@@ -246,10 +251,10 @@ impl Session {
                 })
             })
             .collect();
-        status.check()?;
+        status.check_code()?;
         owned
             .into_iter()
-            .map(|t| t.ok_or_else(|| "TensorFlow returned no tensor for an output".to_string()))
+            .map(|t| t.ok_or_else(|| (13, "TensorFlow returned no tensor for an output".to_string())))
             .collect()
     }
 }

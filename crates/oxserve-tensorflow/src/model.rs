@@ -201,7 +201,7 @@ impl ModelInstance for TfInstance {
         let results = self
             .session
             .run(&feed_refs, &endpoints)
-            .map_err(|e| run_error(&e))?;
+            .map_err(|(code, message)| run_error(code, &message))?;
         // Outputs are read before the inputs are freed: an output may share an input's buffer.
         let outputs = fetches
             .iter()
@@ -213,14 +213,18 @@ impl ModelInstance for TfInstance {
     }
 }
 
-/// TensorFlow's run errors: bad values (INVALID_ARGUMENT) are the client's; the first line
-/// says what, the rest is graph context.
-fn run_error(message: &str) -> BackendError {
+/// TensorFlow's run errors: bad values (INVALID_ARGUMENT, OUT_OF_RANGE) are the client's;
+/// anything else (a variable that was never restored, a kernel failure) is the model's. The
+/// first line says what, the rest is graph context.
+fn run_error(code: i32, message: &str) -> BackendError {
+    const INVALID_ARGUMENT: i32 = 3;
+    const OUT_OF_RANGE: i32 = 11;
     let first = message.lines().next().unwrap_or(message);
-    invalid_input(format!(
-        "TensorFlow: {}",
-        oxserve_backend::support::truncate(first, 400)
-    ))
+    let text = format!("TensorFlow: {}", oxserve_backend::support::truncate(first, 400));
+    match code {
+        INVALID_ARGUMENT | OUT_OF_RANGE => invalid_input(text),
+        _ => internal(text),
+    }
 }
 
 fn to_tensorflow(api: &Arc<Api>, binding: &Binding, tensor: &Tensor) -> Result<OwnedTensor, BackendError> {

@@ -442,10 +442,30 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .health_requires_key
         .unwrap_or(settings.auth.health_requires_key);
     init_logging(&settings.log.format, &settings.log.level)?;
-    let access = access_policy(&settings)?;
     if settings.models.repositories.is_empty() {
         anyhow::bail!("no model repository given (use --model-repository DIR)");
     }
+    run_server(settings, ServeExtras::default())
+}
+
+/// What a server runs besides its settings: TF Serving's model list and monitoring path.
+#[derive(Default)]
+struct ServeExtras {
+    /// Models defined by a list rather than repository directories.
+    listed_models: Vec<oxserve_engine::ListedModel>,
+    /// Prometheus scrapes on the HTTP listener at this path.
+    http_metrics_path: Option<String>,
+    /// Re-reads the model list every interval and applies it when it changed.
+    model_list_poll: Option<(std::time::Duration, ModelListSource)>,
+    /// How TF Serving's config reload serves the models it lists.
+    tfserving_grpc: oxserve_tfserving::grpc::GrpcOptions,
+}
+
+type ModelListSource = Box<dyn Fn() -> anyhow::Result<Vec<oxserve_engine::ListedModel>> + Send + Sync>;
+
+/// Runs the server until shutdown: listeners, models (repositories and listed), polling.
+fn run_server(settings: Settings, extras: ServeExtras) -> anyhow::Result<()> {
+    let access = access_policy(&settings)?;
     // As Triton: a repository that cannot be read stops the start, rather than a server that
     // reports ready with no models.
     for root in &settings.models.repositories {
@@ -488,6 +508,8 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             .filter(|interval| !interval.is_zero()),
         access: Arc::new(access),
         max_inflight_bytes: settings.server.max_inflight_bytes,
+        http_metrics_path: extras.http_metrics_path,
+        tfserving_grpc: extras.tfserving_grpc,
     };
     let control_mode: oxserve_engine::ControlMode = settings
         .models
@@ -504,6 +526,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             queue_capacity: settings.models.queue_capacity,
             control_mode,
             startup_models: settings.models.load.clone(),
+            listed_models: extras.listed_models,
         },
     );
     let engine = InferenceService::new(manager, settings.models.strict_readiness);
@@ -541,6 +564,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 return;
             }
             loader.start_polling(poll_interval);
+            if let Some((interval, source)) = extras.model_list_poll {
+                poll_model_list(loader, interval, source).await;
+            }
         });
         // With --exit-on-error, a model that fails to load at start-up stops the server.
         let stop = async move {
@@ -558,6 +584,34 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }
         Ok(())
     })
+}
+
+/// Re-reads the model list every `interval` and applies it when it changed (TF Serving's
+/// `--model_config_file_poll_wait_seconds`). A list that cannot be read is logged and skipped;
+/// the models keep serving.
+async fn poll_model_list(engine: InferenceService, interval: std::time::Duration, source: ModelListSource) {
+    let source = Arc::new(source);
+    let mut last = None;
+    loop {
+        tokio::time::sleep(interval).await;
+        let read = Arc::clone(&source);
+        let list = match tokio::task::spawn_blocking(move || read()).await {
+            Ok(Ok(list)) => list,
+            Ok(Err(e)) => {
+                tracing::error!(error = %format!("{e:#}"), "cannot read the model config file; keeping the models as they are");
+                continue;
+            }
+            Err(_) => return,
+        };
+        if last.as_ref() == Some(&list) {
+            continue;
+        }
+        last = Some(list.clone());
+        match engine.set_model_list(list).await {
+            Ok(()) => tracing::info!("model config file changed: applied"),
+            Err(e) => tracing::error!(error = %e, "model config file changed: some models failed to load"),
+        }
+    }
 }
 
 /// API keys from the key file and `OXSERVE_API_KEY` (one token with every scope), and the

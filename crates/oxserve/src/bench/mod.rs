@@ -220,6 +220,8 @@ mod tests {
             tls_reload_interval: None,
             access: Default::default(),
             max_inflight_bytes: None,
+            http_metrics_path: None,
+            tfserving_grpc: Default::default(),
         };
         let engine = InferenceService::new(
             ModelManager::new(

@@ -1,0 +1,187 @@
+//! TF Serving's REST API: `POST /v1/models/M[/versions/V|/labels/L]:predict|classify|regress`,
+//! `GET /v1/models/M[/versions/V|/labels/L]` (status) and `.../metadata`. As TF Serving's
+//! handler, paths are matched case-insensitively and every failure is `{ "error": "..." }`.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use oxserve_core::{Error, Result};
+use oxserve_engine::InferenceService;
+use oxserve_shm::SharedMemoryRegistry;
+use serde_json::Value;
+
+use crate::error::RestError;
+use crate::json;
+use crate::spec::{self, ModelRef, VersionChoice};
+
+#[derive(Debug, Clone)]
+pub struct RestOptions {
+    /// The largest request body read (after decompression).
+    pub max_body_bytes: usize,
+}
+
+impl Default for RestOptions {
+    fn default() -> Self {
+        RestOptions {
+            max_body_bytes: 64 << 20,
+        }
+    }
+}
+
+#[derive(Clone)]
+struct RestState {
+    engine: InferenceService,
+    /// TF Serving has no shared memory: requests carry their tensors.
+    shm: Arc<SharedMemoryRegistry>,
+    options: RestOptions,
+}
+
+/// The `/v1/...` routes.
+pub fn router(engine: InferenceService, options: RestOptions) -> Router {
+    let state = RestState {
+        engine,
+        shm: Arc::new(SharedMemoryRegistry::disabled()),
+        options,
+    };
+    Router::new()
+        .route("/v1/models", get(missing_model).post(missing_model))
+        .route("/v1/models/", get(missing_model).post(missing_model))
+        .route("/v1/models/{*rest}", get(get_model).post(post_model))
+        .with_state(state)
+}
+
+async fn missing_model() -> RestError {
+    RestError(Error::invalid("Missing model name in request."))
+}
+
+fn malformed(method: &str, rest: &str) -> Error {
+    Error::invalid(format!("Malformed request: {method} /v1/models/{rest}"))
+}
+
+/// `M`, `M/versions/V` or `M/labels/L`.
+fn model_ref(path: &str, method: &str, rest: &str) -> Result<ModelRef> {
+    let segments: Vec<&str> = path.split('/').collect();
+    let version = match segments.as_slice() {
+        [_] => VersionChoice::Latest,
+        [_, kind, v] if kind.eq_ignore_ascii_case("versions") => VersionChoice::Specific(
+            v.parse()
+                .map_err(|_| Error::invalid(format!("Failed to convert version: {v} to numeric.")))?,
+        ),
+        [_, kind, l] if kind.eq_ignore_ascii_case("labels") && !l.is_empty() => {
+            VersionChoice::Label((*l).to_string())
+        }
+        _ => return Err(malformed(method, rest)),
+    };
+    let name = segments[0];
+    if name.is_empty() || name.contains(':') {
+        return Err(malformed(method, rest));
+    }
+    Ok(ModelRef {
+        name: name.to_string(),
+        version,
+    })
+}
+
+fn json_response(body: String) -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], body).into_response()
+}
+
+async fn get_model(
+    State(s): State<RestState>,
+    Path(rest): Path<String>,
+) -> std::result::Result<Response, RestError> {
+    let (path, metadata) = match rest.strip_suffix("/metadata") {
+        Some(p) => (p, true),
+        None => (rest.as_str(), false),
+    };
+    let model = model_ref(path, "GET", &rest)?;
+    if metadata {
+        let target = model.resolve(&s.engine)?;
+        let md = s.engine.model_metadata(target.name(), target.version())?;
+        let version = match target.version() {
+            Some(v) => v,
+            None => md
+                .versions
+                .iter()
+                .filter_map(|v| v.parse().ok())
+                .max()
+                .unwrap_or(0),
+        };
+        let body = crate::describe::metadata_json(&model.name, version, &spec::signatures(&md));
+        return Ok(json_response(
+            serde_json::to_string_pretty(&body).unwrap_or_default(),
+        ));
+    }
+    let statuses = crate::describe::model_status(&s.engine, &model.name, &model.version)?;
+    let body = crate::describe::status_json(&statuses);
+    Ok(json_response(
+        serde_json::to_string_pretty(&body).unwrap_or_default(),
+    ))
+}
+
+async fn post_model(
+    State(s): State<RestState>,
+    Path(rest): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> std::result::Result<Response, RestError> {
+    let Some((path, verb)) = rest.rsplit_once(':') else {
+        return Err(malformed("POST", &rest).into());
+    };
+    let verb = verb.to_ascii_lowercase();
+    if !["predict", "classify", "regress"].contains(&verb.as_str()) {
+        return Err(malformed("POST", &rest).into());
+    }
+    let model = model_ref(path, "POST", &rest)?;
+    // The model is looked up before the body is read: an unknown one costs nothing more.
+    let target = model.resolve(&s.engine)?;
+    let body = oxserve_kserve::http::read_body(&headers, body, s.options.max_body_bytes).await?;
+    let metadata = s.engine.model_metadata(target.name(), target.version())?;
+    let parsed = oxserve_frontend::decode_off_worker(body.len(), move || json::parse_body(&body)).await?;
+    let sig = spec::signature(&metadata, &json::signature_name(&parsed)?)?;
+    let out = match verb.as_str() {
+        "predict" => {
+            let (format, inputs) = {
+                let sig = sig.clone();
+                let work = parsed.len();
+                oxserve_frontend::decode_off_worker(work, move || json::predict_inputs(&parsed, &sig)).await?
+            };
+            let predicted =
+                crate::run::predict(&s.engine, &s.shm, target, &metadata.inputs, &sig, inputs, &[]).await?;
+            let mut outputs = predicted.outputs;
+            outputs.sort_by(|a, b| a.name.cmp(&b.name));
+            let large = outputs.iter().map(|t| t.wire_len()).sum::<usize>();
+            oxserve_frontend::decode_off_worker(large, move || json::predict_response(format, &outputs))
+                .await?
+        }
+        "classify" => {
+            let examples = crate::examples::serialized_from_json(&parsed)?;
+            let (_, results) =
+                crate::run::classify(&s.engine, &s.shm, target, &metadata.inputs, &sig, examples).await?;
+            let results: Vec<Value> = results
+                .into_iter()
+                .map(|classes| {
+                    Value::Array(
+                        classes
+                            .into_iter()
+                            .map(|(label, score)| serde_json::json!([String::from_utf8_lossy(&label), score]))
+                            .collect(),
+                    )
+                })
+                .collect();
+            serde_json::json!({ "results": results }).to_string()
+        }
+        _ => {
+            let examples = crate::examples::serialized_from_json(&parsed)?;
+            let (_, values) =
+                crate::run::regress(&s.engine, &s.shm, target, &metadata.inputs, &sig, examples).await?;
+            serde_json::json!({ "results": values }).to_string()
+        }
+    };
+    Ok(json_response(out))
+}
