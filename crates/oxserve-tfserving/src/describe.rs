@@ -116,6 +116,9 @@ pub fn model_status(
             }
         })
         .collect();
+    // Newest first, as TF Serving lists them.
+    let mut statuses = statuses;
+    statuses.sort_by(|a, b| b.version.cmp(&a.version));
     if statuses.is_empty()
         && let Some(v) = wanted
     {

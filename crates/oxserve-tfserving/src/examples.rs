@@ -22,7 +22,27 @@ fn feature_of(name: &str, value: &Value) -> Result<Feature> {
             "feature '{name}': values must be numbers or strings, all of one kind"
         ))
     };
-    let kind = if items.iter().all(|v| v.is_string() || v.is_object()) {
+    // NaN and Infinity (bare in the request) are float values, not strings.
+    let float_literal = |v: &Value| crate::json::float_literal(v);
+    let kind = if !items.is_empty() && items.iter().all(|v| v.is_number() || float_literal(v).is_some()) {
+        if items.iter().all(|v| v.is_i64() || v.is_u64()) {
+            let values = items
+                .iter()
+                .map(|v| {
+                    v.as_i64()
+                        .ok_or_else(|| Error::invalid(format!("feature '{name}': {v} is out of int64 range")))
+                })
+                .collect::<Result<_>>()?;
+            feature::Kind::Int64List(Int64List { value: values })
+        } else {
+            feature::Kind::FloatList(FloatList {
+                value: items
+                    .iter()
+                    .map(|v| float_literal(v).or_else(|| v.as_f64()).unwrap_or(0.0) as f32)
+                    .collect(),
+            })
+        }
+    } else if items.iter().all(|v| v.is_string() || v.is_object()) {
         let mut values = Vec::with_capacity(items.len());
         for v in &items {
             values.push(match v {
@@ -37,19 +57,6 @@ fn feature_of(name: &str, value: &Value) -> Result<Feature> {
             });
         }
         feature::Kind::BytesList(BytesList { value: values })
-    } else if items.iter().all(|v| v.is_i64() || v.is_u64()) {
-        let values = items
-            .iter()
-            .map(|v| {
-                v.as_i64()
-                    .ok_or_else(|| Error::invalid(format!("feature '{name}': {v} is out of int64 range")))
-            })
-            .collect::<Result<_>>()?;
-        feature::Kind::Int64List(Int64List { value: values })
-    } else if items.iter().all(|v| v.is_number()) {
-        feature::Kind::FloatList(FloatList {
-            value: items.iter().map(|v| v.as_f64().unwrap_or(0.0) as f32).collect(),
-        })
     } else {
         return Err(bad());
     };

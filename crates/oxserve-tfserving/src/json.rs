@@ -560,13 +560,26 @@ fn write_nested(out: &mut String, t: &Tensor, shape: &[i64], next: &mut usize, e
     }
 }
 
-fn write_float(out: &mut String, v: f64, shortest: impl std::fmt::Display) {
+/// A float as TF Serving writes it: always with a decimal point or an exponent (so a list
+/// never mixes integers and decimals), shortest round-trip digits, bare NaN and Infinity.
+pub fn write_float(out: &mut String, v: f64, shortest: impl std::fmt::Debug) {
     if v.is_nan() {
         out.push_str("NaN");
     } else if v.is_infinite() {
         out.push_str(if v > 0.0 { "Infinity" } else { "-Infinity" });
     } else {
-        let _ = write!(out, "{shortest}");
+        // Rust's Debug form is the shortest round-trip text with a `.0` or an exponent.
+        let _ = write!(out, "{shortest:?}");
+    }
+}
+
+/// The number a JSON value stands for when it is one of TF Serving's bare float literals.
+pub fn float_literal(v: &Value) -> Option<f64> {
+    match v {
+        Value::String(s) if s == NAN => Some(f64::NAN),
+        Value::String(s) if s == INF => Some(f64::INFINITY),
+        Value::String(s) if s == NEG_INF => Some(f64::NEG_INFINITY),
+        _ => None,
     }
 }
 
@@ -760,7 +773,7 @@ mod tests {
         let row = predict_response(Format::Row, std::slice::from_ref(&y)).unwrap();
         assert_eq!(
             row,
-            "{\n    \"predictions\": [[1.5, NaN], [3, Infinity]\n    ]\n}"
+            "{\n    \"predictions\": [[1.5, NaN], [3.0, Infinity]\n    ]\n}"
         );
         let both = predict_response(Format::Row, &[y.clone(), s.clone()]).unwrap();
         assert!(
@@ -768,7 +781,7 @@ mod tests {
             "{both}"
         );
         let col = predict_response(Format::Columnar, &[y, s]).unwrap();
-        assert!(col.contains(r#""outputs": {"y": [[1.5, NaN], [3, Infinity]],"s_bytes": [{"b64": "YQ=="}, {"b64": "Yg=="}]}"#), "{col}");
+        assert!(col.contains(r#""outputs": {"y": [[1.5, NaN], [3.0, Infinity]],"s_bytes": [{"b64": "YQ=="}, {"b64": "Yg=="}]}"#), "{col}");
         let scalar = Tensor::new(
             "z",
             DataType::I32,
@@ -781,5 +794,15 @@ mod tests {
                 .unwrap()
                 .contains("\"outputs\": 7")
         );
+    }
+
+    #[test]
+    fn floats_are_written_as_tf_serving_writes_them() {
+        let mut text = String::new();
+        for v in [6.0f32, 1e38, 0.1, -2.5e-8] {
+            write_float(&mut text, f64::from(v), v);
+            text.push(' ');
+        }
+        assert_eq!(text, "6.0 1e38 0.1 -2.5e-8 ");
     }
 }

@@ -163,24 +163,37 @@ async fn post_model(
             let examples = crate::examples::serialized_from_json(&parsed)?;
             let (_, results) =
                 crate::run::classify(&s.engine, &s.shm, target, &metadata.inputs, &sig, examples).await?;
-            let results: Vec<Value> = results
-                .into_iter()
-                .map(|classes| {
-                    Value::Array(
-                        classes
-                            .into_iter()
-                            .map(|(label, score)| serde_json::json!([String::from_utf8_lossy(&label), score]))
-                            .collect(),
-                    )
-                })
-                .collect();
-            serde_json::json!({ "results": results }).to_string()
+            let mut out = String::from("{\n    \"results\": [");
+            for (i, classes) in results.iter().enumerate() {
+                out.push_str(if i == 0 { "[" } else { ", [" });
+                for (j, (label, score)) in classes.iter().enumerate() {
+                    if j > 0 {
+                        out.push_str(", ");
+                    }
+                    out.push('[');
+                    out.push_str(&Value::String(String::from_utf8_lossy(label).into_owned()).to_string());
+                    out.push_str(", ");
+                    json::write_float(&mut out, f64::from(*score), *score);
+                    out.push(']');
+                }
+                out.push(']');
+            }
+            out.push_str("]\n}");
+            out
         }
         _ => {
             let examples = crate::examples::serialized_from_json(&parsed)?;
             let (_, values) =
                 crate::run::regress(&s.engine, &s.shm, target, &metadata.inputs, &sig, examples).await?;
-            serde_json::json!({ "results": values }).to_string()
+            let mut out = String::from("{\n    \"results\": [");
+            for (i, v) in values.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(", ");
+                }
+                json::write_float(&mut out, f64::from(*v), *v);
+            }
+            out.push_str("]\n}");
+            out
         }
     };
     Ok(json_response(out))

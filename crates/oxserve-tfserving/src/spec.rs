@@ -49,9 +49,8 @@ impl ModelRef {
                 ModelTarget::resolve(engine, &self.name, Some(*v)).map_err(not_found)
             }
             VersionChoice::Label(label) => {
-                // An unknown model is "not found"; a known model without the label is the
-                // client's mistake, as in TF Serving.
-                engine.check_model_ready(&self.name, None).map_err(not_found)?;
+                // As TF Serving, the label is looked up first: an unknown label (of any model,
+                // known or not) is the client's mistake.
                 let version = engine
                     .label_version(&self.name, label)
                     .map_err(|_| Error::invalid(format!("Unrecognized servable version label: {label}")))?;

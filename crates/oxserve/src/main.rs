@@ -4,6 +4,7 @@
 mod bench;
 mod client;
 mod settings;
+mod tfserving_cli;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -294,6 +295,10 @@ fn tritonserver_cli() -> Cli {
 
 fn main() -> std::process::ExitCode {
     disable_onnxruntime_telemetry();
+    if invoked_as(tfserving_cli::TENSORFLOW_MODEL_SERVER) {
+        let args = tfserving_cli::parse();
+        return exit_code(tfserving_cli::run(args));
+    }
     let cli = if invoked_as(TRITONSERVER) {
         tritonserver_cli()
     } else {
@@ -306,6 +311,10 @@ fn main() -> std::process::ExitCode {
         Command::Bench(args) => runtime().and_then(|rt| rt.block_on(bench::run(args))),
         Command::Rollback(args) => runtime().and_then(|rt| rt.block_on(rollback(args))),
     };
+    exit_code(result)
+}
+
+fn exit_code(result: anyhow::Result<()>) -> std::process::ExitCode {
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
@@ -316,7 +325,16 @@ fn main() -> std::process::ExitCode {
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
+    runtime_with(None)
+}
+
+/// The async runtime with `workers` worker threads (default: one per core).
+fn runtime_with(workers: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = workers.filter(|n| *n > 0) {
+        builder.worker_threads(n);
+    }
+    builder
         .enable_all()
         .build()
         .context("cannot start the async runtime")
@@ -534,7 +552,7 @@ fn run_server(settings: Settings, extras: ServeExtras) -> anyhow::Result<()> {
     let poll_interval = std::time::Duration::from_secs(settings.models.poll_secs.max(1));
     let exit_on_error = settings.models.exit_on_error;
 
-    runtime()?.block_on(async move {
+    runtime_with(settings.server.worker_threads)?.block_on(async move {
         let listeners = Listeners::bind(&options).await?;
         let (http, grpc) = (listeners.http_addr()?, listeners.grpc_addr()?);
         let metrics = listeners.metrics_addr()?;

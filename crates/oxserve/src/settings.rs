@@ -60,6 +60,8 @@ pub struct ServerSettings {
     pub max_bytes_elements: usize,
     /// Seconds shutdown waits for in-flight work before exiting anyway.
     pub exit_timeout_secs: u64,
+    /// Threads of the async runtime that serves HTTP and gRPC (unset: one per core).
+    pub worker_threads: Option<usize>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -251,6 +253,7 @@ impl Default for ServerSettings {
             max_inflight_bytes: None,
             max_bytes_elements: oxserve_frontend::DEFAULT_MAX_BYTES_ELEMENTS,
             exit_timeout_secs: 30,
+            worker_threads: None,
         }
     }
 }
