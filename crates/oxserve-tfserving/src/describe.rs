@@ -118,7 +118,7 @@ pub fn model_status(
         .collect();
     // Newest first, as TF Serving lists them.
     let mut statuses = statuses;
-    statuses.sort_by(|a, b| b.version.cmp(&a.version));
+    statuses.sort_by_key(|s| std::cmp::Reverse(s.version));
     if statuses.is_empty()
         && let Some(v) = wanted
     {
