@@ -47,3 +47,6 @@ export OXSERVE_TF_MODELS
 
 echo "== client conformance (pytest)"
 OXSERVE_BIN="$target_dir/debug/oxserve" .venv/bin/python -m pytest tests/python -q
+# TF Serving's gRPC API with the real client (tensorflow-serving-api and Python TensorFlow): run
+# under the TensorFlow venv, since TensorFlow's protobuf conflicts with tritonclient's.
+OXSERVE_BIN="$target_dir/debug/oxserve" "$tf_cache/venv-tf/bin/python" -m pytest tests/python_tf -q

@@ -20,7 +20,7 @@ pub use autocomplete::AUTO_BATCHING_PARAMETER;
 pub use lifecycle::{LoadOverride, OverrideFile};
 pub use manager::{
     BACKEND_REASON_PARAMETER, ControlMode, ListedModel, ManagerOptions, ModelManager,
-    PLACEMENT_REASON_PARAMETER,
+    PLACEMENT_REASON_PARAMETER, UNLOADED_REASON,
 };
 pub use service::{IndexEntry, InferenceService, ServerMetadata};
 pub use shadow::ShadowStats;

@@ -107,6 +107,10 @@ const ONNXRUNTIME: &str = "onnxruntime";
 const TRACT: &str = "tract";
 const TENSORFLOW: &str = "tensorflow";
 
+/// The reason a version that was unloaded on purpose (replaced, removed, unloaded) gives in
+/// the index: not a failure.
+pub const UNLOADED_REASON: &str = "unloaded";
+
 /// The model configuration parameter that says why the model runs on its engine.
 pub const BACKEND_REASON_PARAMETER: &str = "oxserve_backend_reason";
 
@@ -142,7 +146,7 @@ impl VersionState {
             VersionState::Ready(served) => served.scheduler.failure(),
             VersionState::Loading => Some("loading"),
             VersionState::Unloading => Some("unloading"),
-            VersionState::Unloaded => Some("unloaded"),
+            VersionState::Unloaded => Some(UNLOADED_REASON),
             VersionState::Unavailable(reason) => Some(reason),
         }
     }
@@ -410,7 +414,18 @@ impl ModelManager {
         }
         let selection = match self.select_backend(&config) {
             Ok(s) => s,
-            Err(reason) => return Built::failed(reason),
+            // The versions that would have loaded fail with the reason (TF Serving reports
+            // them so), or the model does when there are none.
+            Err(reason) => {
+                let selected = repo::select_versions(config.version_policy.as_ref(), &available);
+                if selected.is_empty() {
+                    return Built::failed(reason);
+                }
+                return Built {
+                    versions: selected.into_iter().map(|v| (v, Err(reason.clone()))).collect(),
+                    ..Built::default()
+                };
+            }
         };
         let backend = &selection.backend;
         let selected = repo::select_versions(config.version_policy.as_ref(), &available);

@@ -104,6 +104,8 @@ pub fn model_status(
                 "READY" => (State::Available, true),
                 "LOADING" => (State::Loading, true),
                 "UNLOADING" => (State::Unloading, true),
+                // Unloaded on purpose (replaced or removed): ended, not failed.
+                _ if e.reason == oxserve_engine::UNLOADED_REASON => (State::End, true),
                 _ => (State::End, false),
             };
             ModelVersionStatus {

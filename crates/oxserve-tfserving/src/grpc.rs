@@ -73,7 +73,8 @@ pub fn services(
             .accept_compressed(tonic::codec::CompressionEncoding::Deflate),
         ModelServiceServer::new(s)
             .max_decoding_message_size(max)
-            .accept_compressed(tonic::codec::CompressionEncoding::Gzip),
+            .accept_compressed(tonic::codec::CompressionEncoding::Gzip)
+            .accept_compressed(tonic::codec::CompressionEncoding::Deflate),
     )
 }
 
@@ -82,14 +83,20 @@ fn model_ref(spec: Option<&pb::ModelSpec>) -> Result<(ModelRef, String)> {
         return Err(Error::invalid("Missing ModelSpec"));
     };
     if spec.name.is_empty() {
-        return Err(Error::invalid("Missing model name in ModelSpec"));
+        return Err(Error::invalid("ModelSpec has no name specified."));
     }
     let version = match &spec.version_choice {
         None => VersionChoice::Latest,
-        Some(pb::model_spec::VersionChoice::Version(v)) => VersionChoice::Specific(
-            u64::try_from(*v).map_err(|_| Error::invalid(format!("invalid model version {v}")))?,
-        ),
-        Some(pb::model_spec::VersionChoice::VersionLabel(l)) if l.is_empty() => VersionChoice::Latest,
+        // Any number is a version to look for; a negative one is never found.
+        Some(pb::model_spec::VersionChoice::Version(v)) => match u64::try_from(*v) {
+            Ok(v) => VersionChoice::Specific(v),
+            Err(_) => {
+                return Err(Error::not_found(format!(
+                    "Servable not found for request: Specific({}, {v})",
+                    spec.name
+                )));
+            }
+        },
         Some(pb::model_spec::VersionChoice::VersionLabel(l)) => VersionChoice::Label(l.clone()),
     };
     Ok((
@@ -113,7 +120,7 @@ fn answered_spec(name: &str, version: u64, signature: &str) -> pb::ModelSpec {
 fn examples_of(input: Option<pb::Input>) -> Result<Vec<Bytes>> {
     let kind = input
         .and_then(|i| i.kind)
-        .ok_or_else(|| Error::invalid("Input is empty"))?;
+        .ok_or_else(|| Error::invalid("Input is empty."))?;
     let examples = match kind {
         pb::input::Kind::ExampleList(list) => list
             .examples
@@ -240,8 +247,15 @@ impl Services {
                     "ModelSpec version_choice must be the same for all tasks of a MultiInferenceRequest.",
                 ));
             }
-            if !signatures.insert(spec.signature_name.clone()) {
-                return Err(Error::invalid("Duplicate evaluation of signature"));
+            let signature = if spec.signature_name.is_empty() {
+                spec::DEFAULT_SIGNATURE.to_string()
+            } else {
+                spec.signature_name.clone()
+            };
+            if !signatures.insert(signature.clone()) {
+                return Err(Error::invalid(format!(
+                    "Duplicate evaluation of signature: {signature}"
+                )));
             }
         }
         let mut results = Vec::with_capacity(request.tasks.len());
@@ -266,7 +280,7 @@ impl Services {
                     }
                 }
                 other => {
-                    return Err(Error::invalid(format!(
+                    return Err(Error::unsupported(format!(
                         "Unsupported signature method_name: {other}"
                     )));
                 }
@@ -382,18 +396,23 @@ impl ModelService for Services {
         request: Request<pb::ReloadConfigRequest>,
     ) -> std::result::Result<Response<pb::ReloadConfigResponse>, Status> {
         let config = request.into_inner().config.unwrap_or_default();
+        if !matches!(
+            config.config,
+            Some(pb::model_server_config::Config::ModelConfigList(_))
+        ) {
+            return Err(grpc_status(&Error::invalid(
+                "ServerModelConfig type not supported by HandleReloadConfigRequest. Only ModelConfigList is currently supported",
+            )));
+        }
         let list = crate::config::model_list(&config, &self.options.defaults, &self.options.base_dir)
             .map_err(|e| grpc_status(&Error::invalid(e)))?;
-        let status = match self.engine.set_model_list(list).await {
-            Ok(()) => pb::StatusProto::default(),
-            Err(e) => pb::StatusProto {
-                error_code: 3,
-                error_message: e.message().to_string(),
-            },
-        };
-        Ok(Response::new(pb::ReloadConfigResponse {
-            status: Some(status),
-            metric: Vec::new(),
-        }))
+        // As TF Serving: models that did not become available fail the call.
+        match self.engine.set_model_list(list).await {
+            Ok(()) => Ok(Response::new(pb::ReloadConfigResponse {
+                status: Some(pb::StatusProto::default()),
+                metric: Vec::new(),
+            })),
+            Err(e) => Err(tonic::Status::unknown(e.message().to_string())),
+        }
     }
 }

@@ -443,27 +443,34 @@ mod bytemuck_lite {
     le!(u8, i8, u16, i16, u32, i32, u64, i64, f32, f64);
 }
 
+/// A columnar body: `{"<key>": tensor}` for one tensor, `{"<key>": {name: tensor, ...}}` for
+/// several (TF Serving's `outputs` answer, and the `inputs` of a columnar request).
+pub fn columnar(key: &str, tensors: &[Tensor]) -> Result<String> {
+    let mut out = String::with_capacity(256);
+    out.push_str("{\n    ");
+    write_key(&mut out, key);
+    if let [one] = tensors {
+        write_tensor(&mut out, one)?;
+    } else {
+        out.push('{');
+        for (i, t) in tensors.iter().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            write_key(&mut out, &t.name);
+            write_tensor(&mut out, t)?;
+        }
+        out.push('}');
+    }
+    out.push_str("\n}");
+    Ok(out)
+}
+
 /// The response body of a predict, in the request's format.
 pub fn predict_response(format: Format, outputs: &[Tensor]) -> Result<String> {
     let mut out = String::with_capacity(256);
     match format {
-        Format::Columnar => {
-            out.push_str("{\n    \"outputs\": ");
-            if let [one] = outputs {
-                write_tensor(&mut out, one)?;
-            } else {
-                out.push('{');
-                for (i, t) in outputs.iter().enumerate() {
-                    if i > 0 {
-                        out.push(',');
-                    }
-                    write_key(&mut out, &t.name);
-                    write_tensor(&mut out, t)?;
-                }
-                out.push('}');
-            }
-            out.push_str("\n}");
-        }
+        Format::Columnar => return columnar("outputs", outputs),
         Format::Row => {
             let batch = batch_size(outputs)?;
             out.push_str("{\n    \"predictions\": [");

@@ -36,8 +36,10 @@ impl ModelRef {
 
     /// The version this request runs on, checked ready.
     pub fn resolve(&self, engine: &InferenceService) -> Result<ModelTarget> {
+        // As TF Serving: a servable that is not available — unknown, still loading, failed,
+        // unloaded — is not found.
         let not_found = |e: Error| {
-            if e.kind() == ErrorKind::NotFound {
+            if matches!(e.kind(), ErrorKind::NotFound | ErrorKind::Unavailable) {
                 Error::not_found(format!("Servable not found for request: {}", self.describe()))
             } else {
                 e

@@ -12,6 +12,10 @@ pub enum BenchProtocol {
     HttpBinary,
     Grpc,
     InProcess,
+    /// TF Serving's REST API (`/v1/models/M:predict`, columnar JSON) on the HTTP URL.
+    TfsRest,
+    /// TF Serving's gRPC PredictionService/Predict on the gRPC URL.
+    TfsGrpc,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]

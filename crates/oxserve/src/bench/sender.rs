@@ -14,6 +14,8 @@ use super::options::{BenchArgs, BenchProtocol, ClientKind};
 use super::shm::BenchRegions;
 use super::stock::{StockGrpc, StockHttp};
 use crate::client::{grpc_metadata, grpc_request, http_body, http_metadata, random_request};
+use oxserve_tfserving::pb::tensorflow::serving::PredictRequest;
+use oxserve_tfserving::pb::tensorflow::serving::prediction_service_client::PredictionServiceClient;
 
 /// One way of sending the request, shared by every worker. Built once per run, so the
 /// variants' size difference does not matter.
@@ -27,6 +29,11 @@ pub(super) enum Sender {
         header_len: Option<HeaderValue>,
     },
     Grpc(GrpcClient),
+    /// TF Serving's Predict over tonic's generated client, one channel per slot group.
+    TfsGrpc {
+        clients: Vec<PredictionServiceClient<tonic::transport::Channel>>,
+        request: PredictRequest,
+    },
     InProcess {
         engine: InferenceService,
         request: InferRequest,
@@ -45,6 +52,14 @@ impl Sender {
                 header_len,
             } => pool.post(body, content_type, header_len.as_ref()).await,
             Sender::Grpc(conns) => conns.call(slot).await,
+            Sender::TfsGrpc { clients, request } => {
+                let mut client = clients[slot % clients.len()].clone();
+                client
+                    .predict(request.clone())
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| format!("{}: {}", e.code(), e.message()))
+            }
             Sender::InProcess { engine, request } => engine
                 .infer(request.clone())
                 .await
@@ -139,7 +154,9 @@ pub(super) async fn sender_for(
                 let request = shm.regions.grpc_request(grpc_request(&shm.request));
                 Sender::Grpc(GrpcClient::new(args.client, &args.grpc_url, &request, grpc_channels).await?)
             }
-            BenchProtocol::InProcess => bail!("--shared-memory does not apply to in-process"),
+            BenchProtocol::InProcess | BenchProtocol::TfsRest | BenchProtocol::TfsGrpc => {
+                bail!("--shared-memory applies to the KServe protocols only")
+            }
         });
     }
     Ok(match protocol {
@@ -170,6 +187,46 @@ pub(super) async fn sender_for(
             };
             let request = grpc_request(&random_request(&meta, None, args.batch));
             Sender::Grpc(GrpcClient::new(args.client, &args.grpc_url, &request, grpc_channels).await?)
+        }
+        BenchProtocol::TfsRest => {
+            let meta = http_metadata(&http_client().build()?, http_url, &args.model, None).await?;
+            let request = random_request(&meta, None, args.batch);
+            let body = oxserve_tfserving::json::columnar("inputs", &request.inputs)?;
+            Sender::Http {
+                pool: HttpClient::new(http_url, &format!("/v1/models/{}:predict", args.model))?,
+                body: Bytes::from(body),
+                content_type: HeaderValue::from_static("application/json"),
+                header_len: None,
+            }
+        }
+        BenchProtocol::TfsGrpc => {
+            let meta = http_metadata(&http_client().build()?, http_url, &args.model, None).await?;
+            let request = random_request(&meta, None, args.batch);
+            let predict = PredictRequest {
+                model_spec: Some(oxserve_tfserving::pb::tensorflow::serving::ModelSpec {
+                    name: args.model.clone(),
+                    ..Default::default()
+                }),
+                inputs: request
+                    .inputs
+                    .into_iter()
+                    .map(|t| (t.name.clone(), oxserve_tfserving::tensor_proto::from_tensor(t)))
+                    .collect(),
+                ..Default::default()
+            };
+            let mut clients = Vec::new();
+            for _ in 0..grpc_channels.max(1) {
+                let channel = tonic::transport::Endpoint::from_shared(args.grpc_url.clone())?
+                    .tcp_nodelay(true)
+                    .connect()
+                    .await
+                    .with_context(|| format!("cannot connect to {}", args.grpc_url))?;
+                clients.push(PredictionServiceClient::new(channel).max_decoding_message_size(usize::MAX));
+            }
+            Sender::TfsGrpc {
+                clients,
+                request: predict,
+            }
         }
         BenchProtocol::InProcess => {
             let engine = engine.context("in-process needs --model-repository")?.clone();
