@@ -37,6 +37,8 @@ TF_PYTHON = CACHE / "venv-tf/bin/python"
 BATCHED_CONFIG = """max_batch_size: 32
 dynamic_batching { max_queue_delay_microseconds: 500 }
 instance_group [{ count: 2 kind: KIND_CPU }]
+parameters { key: "intra_op_parallelism_threads" value: { string_value: "1" } }
+parameters { key: "inter_op_parallelism_threads" value: { string_value: "1" } }
 """
 
 
@@ -108,13 +110,15 @@ def throughput(binary: str, models: list[str], duration: float) -> None:
             # In process first, with no server running beside it.
             point = bench(binary, ["--model-repository", str(repo), "--model", model, "--protocol", "in-process",
                                    "--concurrency", "8", "--duration", str(duration), "--warmup", "1"])
-            rows.append((model, "in process (C API, oxserve engine)", point["throughput_rps"], point["p99_us"], None))
+            # In process, the load generator's CPU is the engine's: the CPU a request costs.
+            rows.append((model, "in process (C API, oxserve engine)", point["throughput_rps"], point["p99_us"],
+                         point.get("client_cpu_us"), None))
             py = subprocess.run([str(TF_PYTHON), str(ROOT / "bench/tf_python.py"), str(fixtures() / model / "1"),
                                  "--threads", "8", "--duration", str(duration)],
                                 capture_output=True, text=True, check=True,
                                 env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
             result = json.loads(py.stdout.strip().splitlines()[-1])
-            rows.append((model, "in process (Python TensorFlow)", result["rps"], result["p99_us"], None))
+            rows.append((model, "in process (Python TensorFlow)", result["rps"], result["p99_us"], None, None))
             proc, http, grpc, _ = start(binary, repo)
             try:
                 for protocol in ("tfs-grpc", "tfs-rest", "grpc", "http-binary"):
@@ -126,20 +130,20 @@ def throughput(binary: str, models: list[str], duration: float) -> None:
                     spent = cpu_secs(proc.pid) - before
                     total = point["throughput_rps"] * (duration + 1)
                     rows.append((model, protocol, point["throughput_rps"], point["p99_us"],
-                                 spent / total * 1e6 if total else None))
+                                 spent / total * 1e6 if total else None, point.get("client_cpu_us")))
             finally:
                 proc.terminate()
                 proc.wait(timeout=30)
     finally:
         shutil.rmtree(repo, ignore_errors=True)
-    print("| model | path | req/s | vs in-process C API | p99 µs | server CPU µs/request |")
-    print("|---|---|---:|---:|---:|---:|")
+    print("| model | path | req/s | vs in-process C API | p99 µs | server (engine) CPU µs/request | load generator CPU µs/request |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    text = lambda v: f"{v:.0f}" if v is not None else "–"
     for model in models:
         base = next(r[2] for r in rows if r[0] == model and r[1].startswith("in process (C API"))
-        for m, path, rps, p99, cpu in rows:
+        for m, path, rps, p99, cpu, client in rows:
             if m == model:
-                cpu_text = f"{cpu:.0f}" if cpu is not None else "–"
-                print(f"| {m} | {path} | {rps:,.0f} | {rps / base:.2f} | {p99:,} | {cpu_text} |")
+                print(f"| {m} | {path} | {rps:,.0f} | {rps / base:.2f} | {p99:,} | {text(cpu)} | {text(client)} |")
 
 
 def startup(binary: str, runs: int = 3) -> None:

@@ -30,7 +30,7 @@ const INF: &str = "\u{0}Infinity";
 const NEG_INF: &str = "\u{0}-Infinity";
 
 /// Rewrites TF Serving's non-standard float literals into marker strings.
-fn quote_float_literals(text: &str) -> std::borrow::Cow<'_, str> {
+pub(crate) fn quote_float_literals(text: &str) -> std::borrow::Cow<'_, str> {
     if !text.contains("NaN") && !text.contains("Infinity") {
         return std::borrow::Cow::Borrowed(text);
     }
@@ -104,26 +104,7 @@ fn is_b64(v: &Value) -> bool {
     matches!(v, Value::Object(m) if m.len() == 1 && m.contains_key("b64"))
 }
 
-fn is_named(v: &Value) -> bool {
-    v.is_object() && !is_b64(v)
-}
-
-/// The tensors of a predict body, named by signature key, and its format.
-pub fn predict_inputs(
-    body: &serde_json::Map<String, Value>,
-    sig: &Signature,
-) -> Result<(Format, Vec<Tensor>)> {
-    match (body.get("instances"), body.get("inputs")) {
-        (Some(_), Some(_)) => Err(Error::invalid(
-            "Not formatted correctly expecting only one of 'inputs' or 'instances' keys exists",
-        )),
-        (None, None) => Err(Error::invalid("Missing 'inputs' or 'instances' key")),
-        (Some(instances), None) => Ok((Format::Row, row_inputs(instances, sig)?)),
-        (None, Some(inputs)) => Ok((Format::Columnar, columnar_inputs(inputs, sig)?)),
-    }
-}
-
-fn input_spec<'a>(sig: &'a Signature, key: &str) -> Result<&'a SigTensor> {
+pub(crate) fn input_spec<'a>(sig: &'a Signature, key: &str) -> Result<&'a SigTensor> {
     sig.inputs.iter().find(|t| t.key == key).ok_or_else(|| {
         let keys: Vec<&str> = sig.inputs.iter().map(|t| t.key.as_str()).collect();
         Error::invalid(format!(
@@ -134,7 +115,7 @@ fn input_spec<'a>(sig: &'a Signature, key: &str) -> Result<&'a SigTensor> {
     })
 }
 
-fn only_input(sig: &Signature) -> Result<&SigTensor> {
+pub(crate) fn only_input(sig: &Signature) -> Result<&SigTensor> {
     match sig.inputs.as_slice() {
         [one] => Ok(one),
         _ => Err(Error::invalid(format!(
@@ -144,136 +125,7 @@ fn only_input(sig: &Signature) -> Result<&SigTensor> {
     }
 }
 
-fn row_inputs(instances: &Value, sig: &Signature) -> Result<Vec<Tensor>> {
-    let Value::Array(rows) = instances else {
-        return Err(Error::invalid("Expecting 'instances' to be an list/array"));
-    };
-    if rows.is_empty() {
-        return Err(Error::invalid("Empty 'instances' list"));
-    }
-    if is_named(&rows[0]) {
-        // Each instance names every input; the batch of each input is its rows stacked.
-        let Value::Object(first) = &rows[0] else {
-            return Err(not_an_object());
-        };
-        let mut tensors = Vec::with_capacity(first.len());
-        for key in first.keys() {
-            let spec = input_spec(sig, key)?;
-            let mut column = Vec::with_capacity(rows.len());
-            for (i, row) in rows.iter().enumerate() {
-                let Value::Object(named) = row else {
-                    return Err(Error::invalid(format!(
-                        "Expecting object but got list at item {i} of input list"
-                    )));
-                };
-                if named.len() != first.len() {
-                    return Err(Error::invalid(format!(
-                        "Expecting {} named inputs but got {} at item {i} of input list",
-                        first.len(),
-                        named.len()
-                    )));
-                }
-                let value = named.get(key).ok_or_else(|| {
-                    Error::invalid(format!("Missing named input: {key} at item {i} of input list"))
-                })?;
-                column.push(value);
-            }
-            tensors.push(stack(spec, &column)?);
-        }
-        Ok(tensors)
-    } else {
-        let spec = only_input(sig)?;
-        let column: Vec<&Value> = rows.iter().collect();
-        if let Some(i) = column.iter().position(|v| is_named(v)) {
-            return Err(Error::invalid(format!(
-                "Expecting value/list but got object at item {i} of input list"
-            )));
-        }
-        Ok(vec![stack(spec, &column)?])
-    }
-}
-
-fn not_an_object() -> Error {
-    Error::internal("named inputs are not an object")
-}
-
-fn columnar_inputs(inputs: &Value, sig: &Signature) -> Result<Vec<Tensor>> {
-    if is_named(inputs) {
-        let Value::Object(named) = inputs else {
-            return Err(not_an_object());
-        };
-        named
-            .iter()
-            .map(|(key, value)| tensor_from_value(input_spec(sig, key)?, value))
-            .collect()
-    } else {
-        Ok(vec![tensor_from_value(only_input(sig)?, inputs)?])
-    }
-}
-
-/// Rows stacked into one tensor: every row must have the same shape.
-fn stack(spec: &SigTensor, rows: &[&Value]) -> Result<Tensor> {
-    let row_shape = shape_of(rows[0], &spec.key)?;
-    let mut leaves = Vec::new();
-    for (i, row) in rows.iter().enumerate() {
-        let shape = shape_of(row, &spec.key)?;
-        if shape != row_shape {
-            return Err(Error::invalid(format!(
-                "Expecting tensor size: {} but got: {} at item {i} of input list for input '{}' (ragged instances)",
-                count(&row_shape),
-                count(&shape),
-                spec.key
-            )));
-        }
-        flatten(row, &mut leaves);
-    }
-    let shape: Vec<i64> = std::iter::once(rows.len() as i64).chain(row_shape).collect();
-    typed(spec, shape, &leaves)
-}
-
-fn count(shape: &[i64]) -> i64 {
-    shape.iter().product()
-}
-
-fn tensor_from_value(spec: &SigTensor, value: &Value) -> Result<Tensor> {
-    let shape = shape_of(value, &spec.key)?;
-    let mut leaves = Vec::new();
-    flatten(value, &mut leaves);
-    typed(spec, shape, &leaves)
-}
-
-/// The shape of a nested list; lists at one level must all have the same shape.
-fn shape_of(value: &Value, key: &str) -> Result<Vec<i64>> {
-    match value {
-        Value::Array(items) => {
-            let Some(first) = items.first() else {
-                return Ok(vec![0]);
-            };
-            let inner = shape_of(first, key)?;
-            for item in &items[1..] {
-                if shape_of(item, key)? != inner {
-                    return Err(Error::invalid(format!(
-                        "Failed to process input '{key}': the nested lists are ragged (not all the same length)"
-                    )));
-                }
-            }
-            Ok(std::iter::once(items.len() as i64).chain(inner).collect())
-        }
-        Value::Object(_) if !is_b64(value) => Err(Error::invalid(format!(
-            "Failed to process input '{key}': unexpected object (only {{\"b64\": ...}} objects are values)"
-        ))),
-        _ => Ok(Vec::new()),
-    }
-}
-
-fn flatten<'a>(value: &'a Value, out: &mut Vec<&'a Value>) {
-    match value {
-        Value::Array(items) => items.iter().for_each(|i| flatten(i, out)),
-        leaf => out.push(leaf),
-    }
-}
-
-fn type_error(spec: &SigTensor, v: &Value) -> Error {
+pub(crate) fn type_error(spec: &SigTensor, v: &Value) -> Error {
     let shown = crate::spec::truncate(&v.to_string());
     Error::invalid(format!(
         "JSON Value: {shown} Type: {} is not of expected type: {}",
@@ -282,7 +134,7 @@ fn type_error(spec: &SigTensor, v: &Value) -> Error {
     ))
 }
 
-fn json_type(v: &Value) -> &'static str {
+pub(crate) fn json_type(v: &Value) -> &'static str {
     match v {
         Value::Null => "Null",
         Value::Bool(_) => "Bool",
@@ -294,7 +146,6 @@ fn json_type(v: &Value) -> &'static str {
     }
 }
 
-/// TensorFlow's short type names, as its messages use them.
 pub fn tf_type_name(dt: DataType) -> &'static str {
     match dt {
         DataType::Bool => "bool",
@@ -314,7 +165,7 @@ pub fn tf_type_name(dt: DataType) -> &'static str {
     }
 }
 
-fn float_of(spec: &SigTensor, v: &Value) -> Result<f64> {
+pub(crate) fn float_of(spec: &SigTensor, v: &Value) -> Result<f64> {
     match v {
         Value::Number(n) => n.as_f64().ok_or_else(|| type_error(spec, v)),
         Value::String(s) if s == NAN => Ok(f64::NAN),
@@ -324,20 +175,7 @@ fn float_of(spec: &SigTensor, v: &Value) -> Result<f64> {
     }
 }
 
-fn int_of<T: TryFrom<i64> + TryFrom<u64>>(spec: &SigTensor, v: &Value) -> Result<T> {
-    let Value::Number(n) = v else {
-        return Err(type_error(spec, v));
-    };
-    if let Some(i) = n.as_i64() {
-        return T::try_from(i).map_err(|_| type_error(spec, v));
-    }
-    if let Some(u) = n.as_u64() {
-        return T::try_from(u).map_err(|_| type_error(spec, v));
-    }
-    Err(type_error(spec, v))
-}
-
-fn bytes_of(spec: &SigTensor, v: &Value) -> Result<Bytes> {
+pub(crate) fn bytes_of(spec: &SigTensor, v: &Value) -> Result<Bytes> {
     match v {
         Value::String(s) if [NAN, INF, NEG_INF].contains(&s.as_str()) => Err(type_error(spec, v)),
         Value::String(s) => Ok(Bytes::copy_from_slice(s.as_bytes())),
@@ -350,97 +188,6 @@ fn bytes_of(spec: &SigTensor, v: &Value) -> Result<Bytes> {
         },
         _ => Err(type_error(spec, v)),
     }
-}
-
-/// Leaves typed as the signature's tensor.
-fn typed(spec: &SigTensor, shape: Vec<i64>, leaves: &[&Value]) -> Result<Tensor> {
-    fn raw<T: bytemuck_lite::Le>(values: Vec<T>) -> TensorData {
-        let mut out = Vec::with_capacity(values.len() * T::SIZE);
-        for v in values {
-            v.put(&mut out);
-        }
-        TensorData::Raw(Bytes::from(out))
-    }
-    let data = match spec.datatype {
-        DataType::F32 => raw(leaves
-            .iter()
-            .map(|v| float_of(spec, v).map(|f| f as f32))
-            .collect::<Result<Vec<_>>>()?),
-        DataType::F64 => raw(leaves
-            .iter()
-            .map(|v| float_of(spec, v))
-            .collect::<Result<Vec<_>>>()?),
-        DataType::F16 => raw(leaves
-            .iter()
-            .map(|v| float_of(spec, v).map(|f| f16::from_f64(f).to_bits()))
-            .collect::<Result<Vec<u16>>>()?),
-        DataType::BF16 => raw(leaves
-            .iter()
-            .map(|v| float_of(spec, v).map(|f| bf16::from_f64(f).to_bits()))
-            .collect::<Result<Vec<u16>>>()?),
-        DataType::I8 => raw(leaves
-            .iter()
-            .map(|v| int_of::<i8>(spec, v))
-            .collect::<Result<Vec<_>>>()?),
-        DataType::I16 => raw(leaves
-            .iter()
-            .map(|v| int_of::<i16>(spec, v))
-            .collect::<Result<Vec<_>>>()?),
-        DataType::I32 => raw(leaves
-            .iter()
-            .map(|v| int_of::<i32>(spec, v))
-            .collect::<Result<Vec<_>>>()?),
-        DataType::I64 => raw(leaves
-            .iter()
-            .map(|v| int_of::<i64>(spec, v))
-            .collect::<Result<Vec<_>>>()?),
-        DataType::U8 => raw(leaves
-            .iter()
-            .map(|v| int_of::<u8>(spec, v))
-            .collect::<Result<Vec<_>>>()?),
-        DataType::U16 => raw(leaves
-            .iter()
-            .map(|v| int_of::<u16>(spec, v))
-            .collect::<Result<Vec<_>>>()?),
-        DataType::U32 => raw(leaves
-            .iter()
-            .map(|v| int_of::<u32>(spec, v))
-            .collect::<Result<Vec<_>>>()?),
-        DataType::U64 => raw(leaves
-            .iter()
-            .map(|v| int_of::<u64>(spec, v))
-            .collect::<Result<Vec<_>>>()?),
-        DataType::Bool => raw(leaves
-            .iter()
-            .map(|v| match v {
-                Value::Bool(b) => Ok(u8::from(*b)),
-                _ => Err(type_error(spec, v)),
-            })
-            .collect::<Result<Vec<u8>>>()?),
-        DataType::Bytes => {
-            TensorData::Strings(leaves.iter().map(|v| bytes_of(spec, v)).collect::<Result<_>>()?)
-        }
-    };
-    Ok(Tensor::new(spec.key.clone(), spec.datatype, shape, data))
-}
-
-/// Little-endian element writers for [`typed`].
-mod bytemuck_lite {
-    pub trait Le: Copy {
-        const SIZE: usize;
-        fn put(self, out: &mut Vec<u8>);
-    }
-    macro_rules! le {
-        ($($t:ty),*) => {$(
-            impl Le for $t {
-                const SIZE: usize = std::mem::size_of::<$t>();
-                fn put(self, out: &mut Vec<u8>) {
-                    out.extend_from_slice(&self.to_le_bytes());
-                }
-            }
-        )*};
-    }
-    le!(u8, i8, u16, i16, u32, i32, u64, i64, f32, f64);
 }
 
 /// A columnar body: `{"<key>": tensor}` for one tensor, `{"<key>": {name: tensor, ...}}` for
@@ -681,6 +428,10 @@ mod tests {
         }
     }
 
+    fn decode(body: &[u8], s: &Signature) -> Result<(Format, Vec<Tensor>)> {
+        crate::json_tensor::predict_request(body, |_| Ok(s.clone())).map(|(_, f, t)| (f, t))
+    }
+
     fn f32s(t: &Tensor) -> Vec<f32> {
         t.raw()
             .unwrap()
@@ -692,19 +443,16 @@ mod tests {
     #[test]
     fn row_and_columnar_requests() {
         let s = sig(&[("x", DataType::F32)]);
-        let body = parse_body(br#"{"instances": [[1, 2], [3.5, NaN]]}"#).unwrap();
-        let (format, inputs) = predict_inputs(&body, &s).unwrap();
+        let (format, inputs) = decode(br#"{"instances": [[1, 2], [3.5, NaN]]}"#, &s).unwrap();
         assert_eq!(format, Format::Row);
         assert_eq!(inputs[0].shape, [2, 2]);
         let v = f32s(&inputs[0]);
         assert_eq!(&v[..3], &[1.0, 2.0, 3.5]);
         assert!(v[3].is_nan());
-        let body = parse_body(br#"{"inputs": {"x": [[1, 2]]}}"#).unwrap();
-        let (format, inputs) = predict_inputs(&body, &s).unwrap();
+        let (format, inputs) = decode(br#"{"inputs": {"x": [[1, 2]]}}"#, &s).unwrap();
         assert_eq!(format, Format::Columnar);
         assert_eq!(inputs[0].shape, [1, 2]);
-        let body = parse_body(br#"{"inputs": -Infinity}"#).unwrap();
-        let (_, inputs) = predict_inputs(&body, &s).unwrap();
+        let (_, inputs) = decode(br#"{"inputs": -Infinity}"#, &s).unwrap();
         assert!(inputs[0].shape.is_empty());
         assert_eq!(f32s(&inputs[0]), [f32::NEG_INFINITY]);
     }
@@ -712,18 +460,18 @@ mod tests {
     #[test]
     fn named_instances_and_strings() {
         let s = sig(&[("a", DataType::I64), ("t", DataType::Bytes)]);
-        let body =
-            parse_body(br#"{"instances": [{"a": [1, 2], "t": "x"}, {"a": [3, 4], "t": {"b64": "/w=="}}]}"#)
-                .unwrap();
-        let (_, inputs) = predict_inputs(&body, &s).unwrap();
+        let (_, inputs) = decode(
+            br#"{"instances": [{"a": [1, 2], "t": "x"}, {"a": [3, 4], "t": {"b64": "/w=="}}]}"#,
+            &s,
+        )
+        .unwrap();
         let t = inputs.iter().find(|t| t.name == "t").unwrap();
         assert_eq!(
             t.data,
             TensorData::Strings(vec![Bytes::from_static(b"x"), Bytes::from_static(&[0xff])])
         );
         // A string containing NaN stays a string.
-        let body = parse_body(br#"{"instances": [{"a": [1, 2], "t": "NaN and Infinity"}]}"#).unwrap();
-        let (_, inputs) = predict_inputs(&body, &s).unwrap();
+        let (_, inputs) = decode(br#"{"instances": [{"a": [1, 2], "t": "NaN and Infinity"}]}"#, &s).unwrap();
         let t = inputs.iter().find(|t| t.name == "t").unwrap();
         assert_eq!(
             t.data,
@@ -734,11 +482,7 @@ mod tests {
     #[test]
     fn bad_requests_are_clear() {
         let s = sig(&[("x", DataType::F32)]);
-        let err = |body: &[u8]| {
-            predict_inputs(&parse_body(body).unwrap(), &s)
-                .unwrap_err()
-                .to_string()
-        };
+        let err = |body: &[u8]| decode(body, &s).unwrap_err().to_string();
         assert!(err(br#"{"instances": [[1, 2], [3]]}"#).contains("Expecting tensor size"));
         assert!(err(br#"{"instances": [1], "inputs": [1]}"#).contains("only one of"));
         assert!(err(br#"{"instances": []}"#).contains("Empty"));
@@ -747,12 +491,12 @@ mod tests {
         assert!(err(br#"{"inputs": [[1, 2], [3]]}"#).contains("ragged"));
         assert!(err(br#"{}"#).contains("Missing 'inputs' or 'instances'"));
         let i = sig(&[("i", DataType::I32)]);
-        let e = predict_inputs(&parse_body(br#"{"inputs": [1.5]}"#).unwrap(), &i).unwrap_err();
+        let e = decode(br#"{"inputs": [1.5]}"#, &i).unwrap_err();
         assert!(e.to_string().contains("int32"), "{e}");
-        let e = predict_inputs(&parse_body(br#"{"inputs": [3000000000]}"#).unwrap(), &i).unwrap_err();
+        let e = decode(br#"{"inputs": [3000000000]}"#, &i).unwrap_err();
         assert!(e.to_string().contains("int32"), "{e}");
         let b = sig(&[("b", DataType::Bytes)]);
-        let e = predict_inputs(&parse_body(br#"{"inputs": [{"b64": "!!"}]}"#).unwrap(), &b).unwrap_err();
+        let e = decode(br#"{"inputs": [{"b64": "!!"}]}"#, &b).unwrap_err();
         assert!(e.to_string().contains("base64"), "{e}");
         assert!(parse_body(b"[1]").is_err());
         assert!(parse_body(b"{").is_err());

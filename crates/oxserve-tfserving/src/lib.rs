@@ -24,6 +24,7 @@ pub mod error;
 pub mod examples;
 pub mod grpc;
 pub mod json;
+pub mod json_tensor;
 pub mod rest;
 pub mod run;
 pub mod spec;

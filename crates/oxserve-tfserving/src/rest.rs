@@ -142,23 +142,28 @@ async fn post_model(
     let target = model.resolve(&s.engine)?;
     let body = oxserve_kserve::http::read_body(&headers, body, s.options.max_body_bytes).await?;
     let metadata = s.engine.model_metadata(target.name(), target.version())?;
+    if verb == "predict" {
+        // One pass over the body, off the async workers when it is large.
+        let (sig, format, inputs) = {
+            let metadata = metadata.clone();
+            oxserve_frontend::decode_off_worker(body.len(), move || {
+                crate::json_tensor::predict_request(&body, |name| spec::signature(&metadata, name))
+            })
+            .await?
+        };
+        let predicted =
+            crate::run::predict(&s.engine, &s.shm, target, &metadata.inputs, &sig, inputs, &[]).await?;
+        let mut outputs = predicted.outputs;
+        outputs.sort_by(|a, b| a.name.cmp(&b.name));
+        let large = outputs.iter().map(|t| t.wire_len()).sum::<usize>();
+        let out =
+            oxserve_frontend::decode_off_worker(large, move || json::predict_response(format, &outputs))
+                .await?;
+        return Ok(json_response(out));
+    }
     let parsed = oxserve_frontend::decode_off_worker(body.len(), move || json::parse_body(&body)).await?;
     let sig = spec::signature(&metadata, &json::signature_name(&parsed)?)?;
     let out = match verb.as_str() {
-        "predict" => {
-            let (format, inputs) = {
-                let sig = sig.clone();
-                let work = parsed.len();
-                oxserve_frontend::decode_off_worker(work, move || json::predict_inputs(&parsed, &sig)).await?
-            };
-            let predicted =
-                crate::run::predict(&s.engine, &s.shm, target, &metadata.inputs, &sig, inputs, &[]).await?;
-            let mut outputs = predicted.outputs;
-            outputs.sort_by(|a, b| a.name.cmp(&b.name));
-            let large = outputs.iter().map(|t| t.wire_len()).sum::<usize>();
-            oxserve_frontend::decode_off_worker(large, move || json::predict_response(format, &outputs))
-                .await?
-        }
         "classify" => {
             let examples = crate::examples::serialized_from_json(&parsed)?;
             let (_, results) =
