@@ -37,12 +37,19 @@ TF_PYTHON = CACHE / "venv-tf/bin/python"
 BATCHED_CONFIG = """max_batch_size: 32
 dynamic_batching { max_queue_delay_microseconds: 500 }
 instance_group [{ count: 2 kind: KIND_CPU }]
-parameters { key: "intra_op_parallelism_threads" value: { string_value: "1" } }
-parameters { key: "inter_op_parallelism_threads" value: { string_value: "1" } }
 """
 
 
-def fixtures() -> Path:
+BENCH_MODELS = ("mlp_large", "cnn_large")
+
+
+def fixtures(model: str = "") -> Path:
+    """Where a model's SavedModel versions are: bench/make_tf_bench_models.py's models, or the
+    test fixtures (scripts/make_tf_models.py)."""
+    if model in BENCH_MODELS:
+        out = subprocess.run([str(TF_PYTHON), str(ROOT / "bench/make_tf_bench_models.py")],
+                             capture_output=True, text=True, check=True)
+        return Path(out.stdout.strip().splitlines()[-1])
     if os.environ.get("OXSERVE_TF_MODELS"):
         return Path(os.environ["OXSERVE_TF_MODELS"])
     out = subprocess.run([str(TF_PYTHON), str(ROOT / "scripts/make_tf_models.py"), "--if-needed"],
@@ -52,10 +59,9 @@ def fixtures() -> Path:
 
 def repository(models: list[str], config: str | None, onnx: bool = False) -> Path:
     repo = Path(tempfile.mkdtemp(prefix="oxserve-tf-bench-"))
-    src = fixtures()
     for m in models:
         (repo / m).mkdir()
-        os.symlink(src / m / "1", repo / m / "1")
+        os.symlink(fixtures(m) / m / "1", repo / m / "1")
         if config is not None:
             (repo / m / "config.pbtxt").write_text(config)
     if onnx:
@@ -113,7 +119,7 @@ def throughput(binary: str, models: list[str], duration: float) -> None:
             # In process, the load generator's CPU is the engine's: the CPU a request costs.
             rows.append((model, "in process (C API, oxserve engine)", point["throughput_rps"], point["p99_us"],
                          point.get("client_cpu_us"), None))
-            py = subprocess.run([str(TF_PYTHON), str(ROOT / "bench/tf_python.py"), str(fixtures() / model / "1"),
+            py = subprocess.run([str(TF_PYTHON), str(ROOT / "bench/tf_python.py"), str(fixtures(model) / model / "1"),
                                  "--threads", "8", "--duration", str(duration)],
                                 capture_output=True, text=True, check=True,
                                 env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
@@ -159,7 +165,7 @@ def startup(binary: str, runs: int = 3) -> None:
             proc.wait(timeout=30)
         py = []
         for _ in range(runs):
-            out = subprocess.run([str(TF_PYTHON), str(ROOT / "bench/tf_python.py"), str(fixtures() / "mlp/1"),
+            out = subprocess.run([str(TF_PYTHON), str(ROOT / "bench/tf_python.py"), str(fixtures("mlp") / "mlp/1"),
                                   "--load-only"], capture_output=True, text=True, check=True,
                                  env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
             py.append(json.loads(out.stdout.strip().splitlines()[-1]))
@@ -206,7 +212,7 @@ def main() -> None:
     parser.add_argument("binary")
     parser.add_argument("--only", choices=["throughput", "startup", "memory"])
     parser.add_argument("--duration", type=float, default=4.0)
-    parser.add_argument("--models", default="mlp,cnn")
+    parser.add_argument("--models", default="mlp,cnn,mlp_large,cnn_large")
     args = parser.parse_args()
     models = args.models.split(",")
     if args.only in (None, "throughput"):
@@ -214,7 +220,7 @@ def main() -> None:
     if args.only in (None, "startup"):
         startup(args.binary)
     if args.only in (None, "memory"):
-        memory(args.binary, models)
+        memory(args.binary, [m for m in models if m not in BENCH_MODELS] or models)
 
 
 if __name__ == "__main__":
