@@ -16,13 +16,20 @@ scripts/setup-python.sh
 echo "== tensorflow"
 scripts/setup-tensorflow.sh
 
+# libtorch for the TorchScript engine (cargo feature oxserve/torch) and Python torch for its
+# fixtures, cached outside the clone.
+echo "== pytorch"
+scripts/setup-torch.sh
+export LIBTORCH="${OXSERVE_CACHE:-$HOME/.cache/oxserve}/torch/2.13.0/libtorch"
+
 echo "== cargo fmt"
 cargo fmt --all -- --check
 
 # The binary the Python tests start carries the `testkit` test backend (slow and failing
-# models for tests/python/test_scheduler.py); the Rust tests are built with the same features
-# so nothing compiles twice. Clippy checks both the production and the test-backend builds.
-features=(--features oxserve/testkit)
+# models for tests/python/test_scheduler.py) and the TorchScript engine (`torch`, which needs
+# the libtorch above); the Rust tests are built with the same features so nothing compiles
+# twice. Clippy checks both the default build (no libtorch needed) and this one.
+features=(--features oxserve/testkit,oxserve/torch)
 
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
@@ -44,6 +51,8 @@ echo "== tensorflow fixtures"
 tf_cache="${OXSERVE_CACHE:-$HOME/.cache/oxserve}"
 OXSERVE_TF_MODELS="$("$tf_cache/venv-tf/bin/python" scripts/make_tf_models.py --if-needed | tail -n1)"
 export OXSERVE_TF_MODELS
+torch_models="$("$tf_cache/venv-torch/bin/python" scripts/make_torch_models.py --if-needed | tail -n1)"
+export OXSERVE_TORCH_MODELS="$torch_models"
 
 echo "== client conformance (pytest)"
 OXSERVE_BIN="$target_dir/debug/oxserve" .venv/bin/python -m pytest tests/python -q

@@ -174,13 +174,13 @@ def _index(server) -> list[dict]:
 
 
 def _wait_loaded(server, names: list[str], timeout: float = 60.0) -> None:
-    """Waits until every named model is listed and none of its entries is still LOADING (the
-    server listens before its models have loaded)."""
+    """Waits until every named model is READY or UNAVAILABLE (the server listens before its
+    models have loaded, and lists them with no state until their load starts)."""
     deadline = time.monotonic() + timeout
     while True:
         entries = _index(server)
-        listed = {e["name"] for e in entries}
-        if set(names) <= listed and not any(e["state"] in ("LOADING", "UNLOADING") for e in entries):
+        settled = {e["name"] for e in entries if e["state"] in ("READY", "UNAVAILABLE")}
+        if set(names) <= settled and not any(e["state"] in ("LOADING", "UNLOADING") for e in entries):
             return
         if time.monotonic() > deadline:
             server.fail(f"models {names} not all loaded within {timeout:.0f} s: {entries}")

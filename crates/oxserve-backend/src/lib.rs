@@ -135,6 +135,13 @@ pub trait Backend: Send + Sync {
         Ok(String::new())
     }
 
+    /// Whether [`Backend::inspect`] describes the model's inputs and outputs. When it does
+    /// not (TorchScript files do not declare them), the configuration must list them and is
+    /// taken as it is.
+    fn declares_signature(&self) -> bool {
+        true
+    }
+
     /// Whether instances may be placed on GPUs (`LoadSpec::devices`).
     fn supports_gpu(&self) -> bool {
         false

@@ -106,6 +106,7 @@ struct Selection {
 const ONNXRUNTIME: &str = "onnxruntime";
 const TRACT: &str = "tract";
 const TENSORFLOW: &str = "tensorflow";
+const PYTORCH: &str = "pytorch";
 
 /// The reason a version that was unloaded on purpose (replaced, removed, unloaded) gives in
 /// the index: not a failure.
@@ -517,6 +518,10 @@ impl ModelManager {
                 ONNXRUNTIME,
                 "config.pbtxt sets Triton's platform \"onnxruntime_onnx\"".to_string(),
             )),
+            ("pytorch_libtorch", "") => Some((
+                PYTORCH,
+                "config.pbtxt sets Triton's platform \"pytorch_libtorch\"".to_string(),
+            )),
             ("tensorflow_savedmodel", "") => Some((
                 TENSORFLOW,
                 "the model is a TensorFlow SavedModel (platform \"tensorflow_savedmodel\")".to_string(),
@@ -526,9 +531,12 @@ impl ModelManager {
             (_, name) => Some((name, format!("config.pbtxt sets backend \"{name}\""))),
         };
         if let Some((name, why)) = named {
-            let backend = self
-                .backend_named(name)
-                .ok_or_else(|| format!("backend '{name}' is not available in this server"))?;
+            let backend = self.backend_named(name).ok_or_else(|| match name {
+                PYTORCH => "backend 'pytorch' is not available in this server: it was built without the \
+                                PyTorch engine (cargo feature `torch`, docs/backends.md)"
+                    .to_string(),
+                _ => format!("backend '{name}' is not available in this server"),
+            })?;
             return match backend.availability() {
                 Ok(_) => Ok(Selection { backend, reason: why }),
                 Err(e) => Err(format!("{why}, but the {name} engine is not available: {e}")),
@@ -568,7 +576,15 @@ impl ModelManager {
         let model_path = repo::model_file_path(&dir.path, version, base);
         let signature = backend.inspect(&model_path).map_err(|e| e.to_string())?;
         let mut config = base.clone();
-        autocomplete::complete(&mut config, &signature)?;
+        let declared = backend.declares_signature();
+        if declared {
+            autocomplete::complete(&mut config, &signature)?;
+        } else if config.input.is_empty() || config.output.is_empty() {
+            return Err(format!(
+                "config.pbtxt must list the model's inputs and outputs: a {} model file does not declare them",
+                backend.name()
+            ));
+        }
         autocomplete::fill_defaults(&mut config);
         let placement = place_auto_groups(&mut config, backend)?;
         for reason in &placement {
@@ -584,15 +600,17 @@ impl ModelManager {
             ));
         }
         if config.platform.is_empty() {
-            config.platform = if backend.name() == TENSORFLOW {
-                "tensorflow_savedmodel".into()
-            } else {
-                "onnxruntime_onnx".into()
+            config.platform = match backend.name() {
+                TENSORFLOW => "tensorflow_savedmodel".into(),
+                PYTORCH => "pytorch_libtorch".into(),
+                _ => "onnxruntime_onnx".into(),
             };
         }
         config.backend = backend.name().into();
         repo::validate_config(&config).map_err(|e| e.to_string())?;
-        autocomplete::check(&config, &signature)?;
+        if declared {
+            autocomplete::check(&config, &signature)?;
+        }
         let io = model_io(&config, &dir.path)?;
         let batched = config.max_batch_size > 0;
         let devices = instance_devices(&config);
@@ -1100,7 +1118,9 @@ mod selection_tests {
         let err = select(&available, "", "tensorflow").unwrap_err();
         assert!(err.contains("backend 'tensorflow' is not available"), "{err}");
         let err = select(&available, "pytorch_libtorch", "").unwrap_err();
-        assert!(err.contains("platform 'pytorch_libtorch'"), "{err}");
+        assert!(err.contains("built without the PyTorch engine"), "{err}");
+        let err = select(&available, "tensorrt_plan", "").unwrap_err();
+        assert!(err.contains("platform 'tensorrt_plan'"), "{err}");
     }
 
     /// An engine that can place instances on GPUs, with or without its GPU runtime.

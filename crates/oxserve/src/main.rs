@@ -402,6 +402,9 @@ fn backends_with(settings: &settings::BackendSettings) -> Vec<Arc<dyn Backend>> 
             },
         )),
     ];
+    // TorchScript on libtorch; only in `--features torch` builds (they need libtorch).
+    #[cfg(feature = "torch")]
+    backends.push(Arc::new(oxserve_torch::TorchBackend::new()));
     // Test models (slow, failing) for the end-to-end tests; only in `--features testkit` builds.
     #[cfg(feature = "testkit")]
     backends.push(Arc::new(oxserve_backend::testkit::TestkitBackend::new()));
