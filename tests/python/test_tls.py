@@ -417,3 +417,18 @@ def test_unusable_tls_files_stop_start_up(pki, tmp_path, case):
     assert proc.returncode != 0
     assert expected in proc.stderr, proc.stderr
     assert proc.stdout == "", "no listening line for a server that cannot serve"
+
+
+def test_a_large_request_for_an_unknown_model_gets_its_answer_over_tls(tls_server, pki):
+    """The server answers an unknown model before reading the body; it must still read what
+    the client sends, or a client that is still writing sees the TLS connection close under
+    it (an SSL EOF) instead of the 'unknown model' answer."""
+    client = http_client(tls_server, pki)
+    big = np.zeros((1, 1_000_000), dtype=np.float32)  # 4 MB of binary tensor data
+    for _ in range(20):
+        inp = httpclient.InferInput("INPUT0", list(big.shape), "FP32")
+        inp.set_data_from_numpy(big, binary_data=True)
+        with pytest.raises(InferenceServerException) as err:
+            client.infer("no_such_model", [inp])
+        assert "unknown model" in str(err.value), err.value
+    infer_add_sub_http(client)

@@ -137,9 +137,16 @@ async fn post_model(
     if !["predict", "classify", "regress"].contains(&verb.as_str()) {
         return Err(malformed("POST", &rest).into());
     }
-    let model = model_ref(path, "POST", &rest)?;
-    // The model is looked up before the body is read: an unknown one costs nothing more.
-    let target = model.resolve(&s.engine)?;
+    // The model is looked up before the body is read: an unknown one costs no decoding (what
+    // the client still sends is read and dropped, so it sees the answer).
+    let looked_up = model_ref(path, "POST", &rest).and_then(|model| Ok((model.resolve(&s.engine)?, model)));
+    let (target, _model) = match looked_up {
+        Ok(found) => found,
+        Err(e) => {
+            oxserve_kserve::http::drain_body(&headers, body, s.options.max_body_bytes).await;
+            return Err(e.into());
+        }
+    };
     let body = oxserve_kserve::http::read_body(&headers, body, s.options.max_body_bytes).await?;
     let metadata = s.engine.model_metadata(target.name(), target.version())?;
     if verb == "predict" {

@@ -341,11 +341,17 @@ mod tests {
     fn outputs_come_from_tuples_lists_dicts_or_the_one_tensor() {
         let a = tch::Tensor::from_slice(&[1f32, 2.]);
         let b = tch::Tensor::from_slice(&[3i64]);
-        let tuple = IValue::Tuple(vec![IValue::Tensor(a.shallow_clone()), IValue::Tensor(b.shallow_clone())]);
+        let tuple = IValue::Tuple(vec![
+            IValue::Tensor(a.shallow_clone()),
+            IValue::Tensor(b.shallow_clone()),
+        ]);
         let picked = select(&tuple, &OutputSource::Index(1), false).unwrap();
         assert_eq!(picked.kind(), Kind::Int64);
         assert!(select(&tuple, &OutputSource::Index(2), false).is_none());
-        let dict = IValue::GenericDict(vec![(IValue::String("probs".into()), IValue::Tensor(a.shallow_clone()))]);
+        let dict = IValue::GenericDict(vec![(
+            IValue::String("probs".into()),
+            IValue::Tensor(a.shallow_clone()),
+        )]);
         assert!(select(&dict, &OutputSource::Key("probs".into()), false).is_some());
         assert!(select(&dict, &OutputSource::Key("other".into()), false).is_none());
         let single = IValue::Tensor(a.shallow_clone());
@@ -358,7 +364,10 @@ mod tests {
         };
         let out = from_torch(&meta, &a).unwrap();
         assert_eq!(out.shape, [2]);
-        assert_eq!(out.raw().unwrap().as_ref(), [1f32.to_le_bytes(), 2f32.to_le_bytes()].concat());
+        assert_eq!(
+            out.raw().unwrap().as_ref(),
+            [1f32.to_le_bytes(), 2f32.to_le_bytes()].concat()
+        );
         let wrong = TensorMeta {
             datatype: DataType::I64,
             ..meta

@@ -76,6 +76,26 @@ fn read_error(e: &(dyn std::error::Error + 'static), limit: usize) -> Error {
     Error::invalid(format!("cannot read request body: {e}"))
 }
 
+/// Reads and drops what the client still sends of a request that is answered without its
+/// body (an unknown model): a client that is still writing when the connection closes under
+/// it (over TLS in particular) sees a broken connection instead of the answer. At most
+/// `limit` bytes are read (a larger declared body is not waited for: the answer goes at once
+/// and the connection closes); each frame is dropped as it arrives.
+pub async fn drain_body(headers: &HeaderMap, body: Body, limit: usize) {
+    let declared = headers
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > limit as u64) {
+        return;
+    }
+    let mut body = Limited::new(body, limit);
+    while let Some(frame) = body.frame().await {
+        if frame.is_err() {
+            return;
+        }
+    }
+}
+
 /// Reads the whole body, refusing more than `limit` bytes before or after decompression.
 pub async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes> {
     let declared = headers

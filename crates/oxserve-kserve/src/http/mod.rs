@@ -25,7 +25,7 @@ use oxserve_frontend::{DecodeLimits, ModelTarget, decode_off_worker};
 use oxserve_shm::SharedMemoryRegistry;
 use serde::{Deserialize, Serialize};
 
-pub use body::{BodyCharge, read_body, with_body_charge};
+pub use body::{BodyCharge, drain_body, read_body, with_body_charge};
 pub use error::{ApiError, http_status};
 pub use infer::{EncodedResponse, decode_raw_request, decode_request, encode_response};
 pub use json_data::JsonData;
@@ -316,8 +316,15 @@ pub(super) async fn run_infer(
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<Response> {
-    let header_len = header_length(&headers)?;
-    let target = ModelTarget::resolve(&s.engine, &model, version)?;
+    let checked =
+        header_length(&headers).and_then(|len| Ok((len, ModelTarget::resolve(&s.engine, &model, version)?)));
+    let (header_len, target) = match checked {
+        Ok(ok) => ok,
+        Err(e) => {
+            body::drain_body(&headers, body, s.options.max_body_bytes).await;
+            return Err(e);
+        }
+    };
     let body = body::read_body(&headers, body, s.options.max_body_bytes).await?;
     let request = match header_len {
         Some(0) => {
