@@ -20,6 +20,8 @@ pub enum ErrorKind {
     Unsupported,
     /// The request body is larger than the configured limit.
     PayloadTooLarge,
+    /// The request conflicts with what exists (a model version registered twice).
+    Conflict,
     /// A bug or an engine failure; details are logged, not sent.
     Internal,
 }
@@ -36,6 +38,7 @@ impl ErrorKind {
             ErrorKind::PermissionDenied => "permission_denied",
             ErrorKind::Unsupported => "unsupported",
             ErrorKind::PayloadTooLarge => "payload_too_large",
+            ErrorKind::Conflict => "conflict",
             ErrorKind::Internal => "internal",
         }
     }

@@ -185,6 +185,21 @@ impl ApiKeys {
         })
     }
 
+    /// Adds one key with the given scopes from a token the server made itself (TorchServe's
+    /// `key_file.json`).
+    pub fn add_scoped_token(&mut self, name: &str, token: &str, scopes: &[Scope]) -> Result<(), String> {
+        check_token(token)?;
+        let mut set = Scopes::default();
+        for scope in scopes {
+            set.insert(*scope);
+        }
+        self.add(ApiKey {
+            name: name.into(),
+            digest: Sha256::digest(token.as_bytes()).into(),
+            scopes: set,
+        })
+    }
+
     fn add(&mut self, key: ApiKey) -> Result<(), String> {
         if self.keys.iter().any(|k| k.name == key.name) {
             return Err(format!("two keys are named '{}'", key.name));

@@ -73,6 +73,19 @@ pub struct ServerOptions {
     pub http_metrics_path: Option<String>,
     /// TF Serving's gRPC services (served on the gRPC listener beside KServe's).
     pub tfserving_grpc: oxserve_tfserving::grpc::GrpcOptions,
+    /// More routes on the HTTP listener (TorchServe's inference API).
+    pub extra_http_routes: Option<axum::Router>,
+    /// More HTTP listeners, each with its own routes (TorchServe's management API), behind
+    /// the same access checks and in-flight budget as the HTTP listener.
+    pub extra_listeners: Vec<ExtraListener>,
+}
+
+/// An HTTP listener of its own (plain HTTP).
+#[derive(Debug, Clone)]
+pub struct ExtraListener {
+    pub name: &'static str,
+    pub port: u16,
+    pub routes: axum::Router,
 }
 
 /// Bound sockets, so the caller can report the real ports (port 0 picks a free one) before
@@ -81,6 +94,7 @@ pub struct Listeners {
     http: TcpListener,
     grpc: TcpListener,
     metrics: Option<TcpListener>,
+    extra: Vec<TcpListener>,
     http_tls: Option<Arc<ReloadableTls>>,
     grpc_tls: Option<Arc<ReloadableTls>>,
 }
@@ -110,13 +124,32 @@ impl Listeners {
                     .with_context(|| format!("cannot listen for metrics on {}:{port}", options.host))?,
             ),
         };
+        let mut extra = Vec::with_capacity(options.extra_listeners.len());
+        for listener in &options.extra_listeners {
+            extra.push(
+                TcpListener::bind((options.host.as_str(), listener.port))
+                    .await
+                    .with_context(|| {
+                        format!(
+                            "cannot listen for {} on {}:{}",
+                            listener.name, options.host, listener.port
+                        )
+                    })?,
+            );
+        }
         Ok(Listeners {
             http,
             grpc,
             metrics,
+            extra,
             http_tls,
             grpc_tls,
         })
+    }
+
+    /// The extra listeners' addresses, in the order of `ServerOptions::extra_listeners`.
+    pub fn extra_addrs(&self) -> std::io::Result<Vec<SocketAddr>> {
+        self.extra.iter().map(TcpListener::local_addr).collect()
     }
 
     pub fn http_addr(&self) -> std::io::Result<SocketAddr> {
@@ -189,6 +222,31 @@ pub async fn serve(
     if let Some(path) = &options.http_metrics_path {
         app = app.merge(metrics_source.router(path));
     }
+    if let Some(routes) = &options.extra_http_routes {
+        app = app.merge(routes.clone());
+    }
+    // The extra listeners, behind the same checks as the HTTP listener.
+    let extra_servers: Vec<_> = options
+        .extra_listeners
+        .iter()
+        .zip(listeners.extra)
+        .map(|(listener, tcp)| {
+            let routes = listener
+                .routes
+                .clone()
+                .layer(budget.http_layer(options.http.max_body_bytes))
+                .layer(GuardLayer::new(access.clone(), HttpWire))
+                .layer(request_id::request_id_layers())
+                .into_make_service_with_connect_info::<SocketAddr>();
+            let name = listener.name;
+            let serve = axum::serve(tcp, routes).with_graceful_shutdown(stopped(stop_rx.clone()));
+            tokio::spawn(async move {
+                if let Err(e) = serve.await {
+                    tracing::error!(listener = name, error = %e, "listener failed");
+                }
+            })
+        })
+        .collect();
     let app = app
         .layer(budget.http_layer(options.http.max_body_bytes))
         .layer(GuardLayer::new(access.clone(), HttpWire))
@@ -302,6 +360,13 @@ pub async fn serve(
     let deadline = async move {
         stopped(stop_rx).await;
         tokio::time::sleep(grace).await;
+    };
+    let servers = async {
+        let results = servers.await;
+        for task in extra_servers {
+            let _ = task.await;
+        }
+        results
     };
     tokio::select! {
         (http_result, grpc_result, metrics_result) = servers => {

@@ -178,6 +178,10 @@ fn classify_http(segments: &[&str]) -> Route {
             }
         }
         ["v1", "models"] => Route::new(Metadata),
+        // TorchServe's inference API (the management API's `/models...` is administration).
+        ["ping"] => Route::new(Health),
+        ["predictions", model] | ["predictions", model, _] => Route::for_model(Infer, model),
+        ["models", ..] => Route::new(Repository),
         _ => Route::UNKNOWN,
     }
 }

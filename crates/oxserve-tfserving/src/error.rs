@@ -18,6 +18,7 @@ pub fn http_status(kind: ErrorKind) -> StatusCode {
         ErrorKind::Unsupported => StatusCode::NOT_IMPLEMENTED,
         // TF Serving has no such status of its own; the HTTP one says it best.
         ErrorKind::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+        ErrorKind::Conflict => StatusCode::CONFLICT,
         ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }
@@ -28,6 +29,7 @@ pub fn grpc_status(e: &Error) -> tonic::Status {
         ErrorKind::NotFound => tonic::Code::NotFound,
         ErrorKind::Unavailable => tonic::Code::Unavailable,
         ErrorKind::Overloaded | ErrorKind::PayloadTooLarge => tonic::Code::ResourceExhausted,
+        ErrorKind::Conflict => tonic::Code::AlreadyExists,
         ErrorKind::DeadlineExceeded => tonic::Code::DeadlineExceeded,
         ErrorKind::Unauthenticated => tonic::Code::Unauthenticated,
         ErrorKind::PermissionDenied => tonic::Code::PermissionDenied,

@@ -5,6 +5,7 @@ mod bench;
 mod client;
 mod settings;
 mod tfserving_cli;
+mod torchserve_cli;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -299,6 +300,10 @@ fn main() -> std::process::ExitCode {
         let args = tfserving_cli::parse();
         return exit_code(tfserving_cli::run(args));
     }
+    if invoked_as(torchserve_cli::TORCHSERVE) {
+        let args = torchserve_cli::parse();
+        return exit_code(torchserve_cli::run(args));
+    }
     let cli = if invoked_as(TRITONSERVER) {
         tritonserver_cli()
     } else {
@@ -480,13 +485,62 @@ struct ServeExtras {
     model_list_poll: Option<(std::time::Duration, ModelListSource)>,
     /// How TF Serving's config reload serves the models it lists.
     tfserving_grpc: oxserve_tfserving::grpc::GrpcOptions,
+    /// TorchServe's APIs (inference routes on the HTTP listener, management on its own).
+    torchserve: Option<TorchServeSetup>,
+}
+
+/// TorchServe's part of a server (`torchserve` mode).
+struct TorchServeSetup {
+    model_store: Option<PathBuf>,
+    management_port: u16,
+    /// Archives registered at start-up: (name, archive in the model store).
+    startup: Vec<(Option<String>, String)>,
+    /// Workers of each start-up model (`default_workers_per_model`).
+    workers: u32,
+    model_api: bool,
+    /// TorchServe's token authorization, when on.
+    keys: Option<TorchServeKeys>,
+}
+
+/// The tokens of TorchServe's `key_file.json`.
+struct TorchServeKeys {
+    inference: String,
+    management: String,
+    api: String,
 }
 
 type ModelListSource = Box<dyn Fn() -> anyhow::Result<Vec<oxserve_engine::ListedModel>> + Send + Sync>;
 
 /// Runs the server until shutdown: listeners, models (repositories and listed), polling.
 fn run_server(settings: Settings, extras: ServeExtras) -> anyhow::Result<()> {
-    let access = access_policy(&settings)?;
+    let mut access = access_policy(&settings)?;
+    if let Some(keys) = extras.torchserve.as_ref().and_then(|t| t.keys.as_ref()) {
+        use oxserve_server::Scope;
+        let add = |access: &mut oxserve_server::AccessPolicy, name: &str, token: &str, scopes: &[Scope]| {
+            access
+                .keys
+                .add_scoped_token(name, token, scopes)
+                .map_err(|e| anyhow::anyhow!("TorchServe key '{name}': {e}"))
+        };
+        add(
+            &mut access,
+            "torchserve-inference",
+            &keys.inference,
+            &[Scope::Infer, Scope::Metadata, Scope::Health],
+        )?;
+        add(
+            &mut access,
+            "torchserve-management",
+            &keys.management,
+            &[
+                Scope::Repository,
+                Scope::Metadata,
+                Scope::Health,
+                Scope::Statistics,
+            ],
+        )?;
+        add(&mut access, "torchserve-api", &keys.api, &Scope::ALL)?;
+    }
     // As Triton: a repository that cannot be read stops the start, rather than a server that
     // reports ready with no models.
     for root in &settings.models.repositories {
@@ -531,6 +585,8 @@ fn run_server(settings: Settings, extras: ServeExtras) -> anyhow::Result<()> {
         max_inflight_bytes: settings.server.max_inflight_bytes,
         http_metrics_path: extras.http_metrics_path,
         tfserving_grpc: extras.tfserving_grpc,
+        extra_http_routes: None,
+        extra_listeners: Vec::new(),
     };
     let control_mode: oxserve_engine::ControlMode = settings
         .models
@@ -552,6 +608,25 @@ fn run_server(settings: Settings, extras: ServeExtras) -> anyhow::Result<()> {
     );
     let engine = InferenceService::new(manager, settings.models.strict_readiness);
     engine.set_ready_while_loading(settings.models.ready_while_loading);
+    let mut options = options;
+    let torchserve = match extras.torchserve {
+        None => None,
+        Some(setup) => {
+            let ts = oxserve_torchserve::TorchServe::new(
+                engine.clone(),
+                setup.model_store.clone(),
+                setup.model_api,
+            )?;
+            let max = settings.server.max_input_size;
+            options.extra_http_routes = Some(oxserve_torchserve::inference_router(ts.clone(), max));
+            options.extra_listeners.push(oxserve_server::ExtraListener {
+                name: "management",
+                port: setup.management_port,
+                routes: oxserve_torchserve::management_router(ts.clone(), max),
+            });
+            Some((ts, setup.startup, setup.workers))
+        }
+    };
     let poll_interval = std::time::Duration::from_secs(settings.models.poll_secs.max(1));
     let exit_on_error = settings.models.exit_on_error;
 
@@ -564,6 +639,9 @@ fn run_server(settings: Settings, extras: ServeExtras) -> anyhow::Result<()> {
             serde_json::json!({"event": "listening", "http": http.to_string(), "grpc": grpc.to_string()});
         if let Some(metrics) = metrics {
             line["metrics"] = serde_json::Value::String(metrics.to_string());
+        }
+        for (listener, addr) in options.extra_listeners.iter().zip(listeners.extra_addrs()?) {
+            line[listener.name] = serde_json::Value::String(addr.to_string());
         }
         println!("{line}");
         let metrics_text = metrics.map_or_else(|| "off".to_string(), |m| m.to_string());
@@ -585,6 +663,20 @@ fn run_server(settings: Settings, extras: ServeExtras) -> anyhow::Result<()> {
                 return;
             }
             loader.start_polling(poll_interval);
+            if let Some((ts, startup, workers)) = torchserve {
+                for (name, url) in startup {
+                    let registration = oxserve_torchserve::Registration {
+                        url: url.clone(),
+                        model_name: name,
+                        initial_workers: workers.max(1),
+                        loaded_at_startup: true,
+                        ..Default::default()
+                    };
+                    if let Err(e) = ts.register(registration).await {
+                        tracing::error!(archive = %url, error = %e, "cannot load a start-up model");
+                    }
+                }
+            }
             if let Some((interval, source)) = extras.model_list_poll {
                 poll_model_list(loader, interval, source).await;
             }

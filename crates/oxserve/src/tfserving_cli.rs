@@ -237,6 +237,7 @@ pub fn run(args: TfServingArgs) -> anyhow::Result<()> {
                 base_dir: cwd,
                 ..Default::default()
             },
+            torchserve: None,
         },
     )
 }

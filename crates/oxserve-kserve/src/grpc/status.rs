@@ -19,6 +19,7 @@ pub fn code_for(kind: ErrorKind) -> Code {
         ErrorKind::Unsupported => Code::Unimplemented,
         // gRPC's own code for a message over the size limit.
         ErrorKind::PayloadTooLarge => Code::ResourceExhausted,
+        ErrorKind::Conflict => Code::AlreadyExists,
         ErrorKind::Internal => Code::Internal,
     }
 }

@@ -17,6 +17,7 @@ pub fn http_status(kind: ErrorKind) -> StatusCode {
         ErrorKind::PermissionDenied => StatusCode::FORBIDDEN,
         ErrorKind::Unsupported => StatusCode::NOT_IMPLEMENTED,
         ErrorKind::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+        ErrorKind::Conflict => StatusCode::CONFLICT,
         ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }

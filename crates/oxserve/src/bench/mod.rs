@@ -222,6 +222,8 @@ mod tests {
             max_inflight_bytes: None,
             http_metrics_path: None,
             tfserving_grpc: Default::default(),
+            extra_http_routes: None,
+            extra_listeners: Vec::new(),
         };
         let engine = InferenceService::new(
             ModelManager::new(

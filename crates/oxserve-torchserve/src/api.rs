@@ -1,0 +1,385 @@
+//! TorchServe's inference API (`/ping`, `/predictions/{model}[/{version}]`) and management API
+//! (`/models...`), with TorchServe's error body `{"code", "type", "message"}`.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, put};
+use bytes::Bytes;
+use oxserve_core::{Error, ErrorKind};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::registry::{Registration, TorchServe};
+
+/// An error in TorchServe's shape.
+#[derive(Debug)]
+pub struct TsError(pub Error);
+
+impl From<Error> for TsError {
+    fn from(e: Error) -> Self {
+        TsError(e)
+    }
+}
+
+/// The one mapping from oxserve's error kinds to TorchServe's statuses and exception names.
+pub fn status_and_type(kind: ErrorKind) -> (StatusCode, &'static str) {
+    match kind {
+        ErrorKind::InvalidArgument => (StatusCode::BAD_REQUEST, "BadRequestException"),
+        ErrorKind::NotFound => (StatusCode::NOT_FOUND, "ModelNotFoundException"),
+        ErrorKind::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailableException"),
+        ErrorKind::Overloaded => (StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailableException"),
+        ErrorKind::DeadlineExceeded => (StatusCode::REQUEST_TIMEOUT, "RequestTimeoutException"),
+        ErrorKind::Unauthenticated => (StatusCode::UNAUTHORIZED, "InvalidKeyException"),
+        ErrorKind::PermissionDenied => (StatusCode::FORBIDDEN, "InvalidKeyException"),
+        ErrorKind::Unsupported => (StatusCode::METHOD_NOT_ALLOWED, "MethodNotAllowedException"),
+        ErrorKind::PayloadTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "RequestEntityTooLargeException"),
+        ErrorKind::Conflict => (StatusCode::CONFLICT, "ConflictStatusException"),
+        ErrorKind::Internal => (StatusCode::INTERNAL_SERVER_ERROR, "InternalServerException"),
+    }
+}
+
+impl IntoResponse for TsError {
+    fn into_response(self) -> Response {
+        let (status, kind) = status_and_type(self.0.kind());
+        // A version that is missing is TorchServe's own exception.
+        let kind = if self.0.message().starts_with("Model version:") {
+            "ModelVersionNotFoundException"
+        } else {
+            kind
+        };
+        let body = json!({"code": status.as_u16(), "type": kind, "message": self.0.message()});
+        json_response(status, &body)
+    }
+}
+
+fn json_response(status: StatusCode, body: &Value) -> Response {
+    let text = serde_json::to_string_pretty(body).unwrap_or_default();
+    (status, [(header::CONTENT_TYPE, "application/json")], text).into_response()
+}
+
+type ApiResult = std::result::Result<Response, TsError>;
+
+/// The inference API's routes (TorchServe's `inference_address`).
+pub fn inference_router(ts: Arc<TorchServe>, max_body_bytes: usize) -> Router {
+    Router::new()
+        .route("/ping", get(ping))
+        .route(
+            "/predictions/{model}",
+            axum::routing::post(predict_default).put(predict_default),
+        )
+        .route(
+            "/predictions/{model}/{version}",
+            axum::routing::post(predict_version).put(predict_version),
+        )
+        .with_state(Ctx { ts, max_body_bytes })
+}
+
+/// The management API's routes (TorchServe's `management_address`).
+pub fn management_router(ts: Arc<TorchServe>, max_body_bytes: usize) -> Router {
+    Router::new()
+        .route("/models", get(list).post(register))
+        .route(
+            "/models/{model}",
+            get(describe_all).put(scale_all).delete(unregister_default),
+        )
+        .route(
+            "/models/{model}/{version}",
+            get(describe_one).put(scale_one).delete(unregister_one),
+        )
+        .route("/models/{model}/{version}/set-default", put(set_default))
+        .with_state(Ctx { ts, max_body_bytes })
+}
+
+#[derive(Clone)]
+struct Ctx {
+    ts: Arc<TorchServe>,
+    max_body_bytes: usize,
+}
+
+impl Ctx {
+    /// Registering and unregistering through the API is off unless enabled (TorchServe ≥ 0.11's
+    /// `enable_model_api`).
+    fn check_model_api(&self) -> std::result::Result<(), TsError> {
+        if self.ts.model_api_enabled() {
+            Ok(())
+        } else {
+            Err(TsError(Error::new(
+                ErrorKind::Unsupported,
+                "Model API disabled: set enable_model_api=true in config.properties (or --enable-model-api) to register and unregister models",
+            )))
+        }
+    }
+}
+
+async fn ping(State(ctx): State<Ctx>) -> Response {
+    let healthy = ctx.ts.engine.is_live();
+    let status = if healthy {
+        StatusCode::OK
+    } else {
+        StatusCode::INTERNAL_SERVER_ERROR
+    };
+    json_response(
+        status,
+        &json!({"status": if healthy { "Healthy" } else { "Unhealthy" }}),
+    )
+}
+
+async fn predict_default(
+    State(ctx): State<Ctx>,
+    Path(model): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult {
+    predict(ctx, model, None, headers, body).await
+}
+
+async fn predict_version(
+    State(ctx): State<Ctx>,
+    Path((model, version)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult {
+    predict(ctx, model, Some(version), headers, body).await
+}
+
+async fn predict(
+    ctx: Ctx,
+    model: String,
+    version: Option<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult {
+    if let Err(e) = ctx.ts.version(&model, version.as_deref()) {
+        oxserve_kserve::http::drain_body(&headers, body, ctx.max_body_bytes).await;
+        return Err(e.into());
+    }
+    let raw = oxserve_kserve::http::read_body(&headers, body, ctx.max_body_bytes).await?;
+    let data = request_data(&headers, raw).await?;
+    let answer = ctx.ts.predict(&model, version.as_deref(), data).await?;
+    Ok(([(header::CONTENT_TYPE, "application/json")], answer).into_response())
+}
+
+/// The request's data: the raw body, or for multipart forms the field TorchServe's handlers
+/// read (`data`, else `body`, else the first part).
+async fn request_data(headers: &HeaderMap, body: Bytes) -> std::result::Result<Bytes, TsError> {
+    let Some(boundary) = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|ct| multer::parse_boundary(ct).ok())
+    else {
+        return Ok(body);
+    };
+    let parts = crate::multipart::parts(&boundary, body).await?;
+    let pick = |name: &str| parts.iter().find(|(n, _)| n == name).map(|(_, d)| d.clone());
+    pick("data")
+        .or_else(|| pick("body"))
+        .or_else(|| parts.first().map(|(_, d)| d.clone()))
+        .ok_or_else(|| TsError(Error::invalid("the multipart body has no parts")))
+}
+
+#[derive(Debug, Deserialize)]
+struct ListQuery {
+    limit: Option<String>,
+    next_page_token: Option<String>,
+}
+
+async fn list(State(ctx): State<Ctx>, Query(q): Query<ListQuery>) -> ApiResult {
+    let limit: usize = match q.limit.as_deref() {
+        None => 100,
+        Some(l) => l
+            .parse::<usize>()
+            .ok()
+            .filter(|n| *n > 0)
+            .ok_or_else(|| TsError(Error::invalid(format!("Invalid limit: {l}"))))?
+            .min(1000),
+    };
+    let start: usize = match q.next_page_token.as_deref() {
+        None => 0,
+        Some(t) => t
+            .parse()
+            .map_err(|_| TsError(Error::invalid(format!("Invalid next_page_token: {t}"))))?,
+    };
+    let models = ctx.ts.models();
+    let all: Vec<(String, String)> = models
+        .iter()
+        .map(|(name, m)| {
+            let url = m
+                .versions
+                .get(&m.default)
+                .map(|v| v.url.clone())
+                .unwrap_or_default();
+            (name.clone(), url)
+        })
+        .collect();
+    let page: Vec<Value> = all
+        .iter()
+        .skip(start)
+        .take(limit)
+        .map(|(name, url)| json!({"modelName": name, "modelUrl": url}))
+        .collect();
+    let mut body = json!({"models": page});
+    if start + limit < all.len() {
+        body["nextPageToken"] = Value::String((start + limit).to_string());
+    }
+    Ok(json_response(StatusCode::OK, &body))
+}
+
+#[derive(Debug, Deserialize, Default)]
+struct RegisterQuery {
+    url: Option<String>,
+    model_name: Option<String>,
+    initial_workers: Option<u32>,
+    batch_size: Option<u32>,
+    max_batch_delay: Option<u64>,
+    response_timeout: Option<u64>,
+    #[allow(dead_code)]
+    synchronous: Option<bool>,
+}
+
+async fn register(State(ctx): State<Ctx>, Query(q): Query<RegisterQuery>) -> ApiResult {
+    ctx.check_model_api()?;
+    let Some(url) = q.url.filter(|u| !u.is_empty()) else {
+        return Err(TsError(Error::invalid("Parameter url is required.")));
+    };
+    let workers = q.initial_workers.unwrap_or(0);
+    let (name, version) = ctx
+        .ts
+        .register(Registration {
+            url,
+            model_name: q.model_name,
+            initial_workers: workers,
+            batch_size: q.batch_size.unwrap_or(1),
+            max_batch_delay_ms: q.max_batch_delay.unwrap_or(100),
+            response_timeout_s: q.response_timeout.unwrap_or(120),
+            loaded_at_startup: false,
+        })
+        .await?;
+    let status = if workers > 0 {
+        format!("Model \"{name}\" Version: {version} registered with {workers} initial workers")
+    } else {
+        format!(
+            "Model \"{name}\" Version: {version} registered with 0 initial workers. Use scale workers API to add workers for the model."
+        )
+    };
+    Ok(json_response(StatusCode::OK, &json!({"status": status})))
+}
+
+async fn describe_all(State(ctx): State<Ctx>, Path(model): Path<String>) -> ApiResult {
+    describe(&ctx, &model, None)
+}
+
+async fn describe_one(State(ctx): State<Ctx>, Path((model, version)): Path<(String, String)>) -> ApiResult {
+    describe(&ctx, &model, Some(&version))
+}
+
+fn describe(ctx: &Ctx, model: &str, version: Option<&str>) -> ApiResult {
+    let models = ctx.ts.models();
+    let entry = models
+        .get(model)
+        .ok_or_else(|| TsError(crate::registry::model_not_found(model)))?;
+    let versions: Vec<&crate::registry::VersionEntry> = match version {
+        None | Some("all") => entry.versions.values().collect(),
+        Some(v) => vec![
+            entry
+                .versions
+                .get(v)
+                .ok_or_else(|| TsError(crate::registry::version_not_found(model, v)))?,
+        ],
+    };
+    let pid = std::process::id();
+    let described: Vec<Value> = versions
+        .iter()
+        .map(|v| {
+            let workers: Vec<Value> = (0..v.min_workers)
+                .map(|i| {
+                    json!({
+                        "id": (9000 + i).to_string(),
+                        "startTime": v.started,
+                        "status": "READY",
+                        "memoryUsage": 0,
+                        "pid": pid,
+                        "gpu": false,
+                        "gpuUsage": "N/A"
+                    })
+                })
+                .collect();
+            json!({
+                "modelName": model,
+                "modelVersion": v.version,
+                "modelUrl": v.url,
+                "runtime": "python",
+                "minWorkers": v.min_workers,
+                "maxWorkers": v.max_workers,
+                "batchSize": v.batch_size,
+                "maxBatchDelay": v.max_batch_delay_ms,
+                "loadedAtStartup": v.loaded_at_startup,
+                "workers": workers
+            })
+        })
+        .collect();
+    Ok(json_response(StatusCode::OK, &Value::Array(described)))
+}
+
+#[derive(Debug, Deserialize, Default)]
+struct ScaleQuery {
+    min_worker: Option<u32>,
+    max_worker: Option<u32>,
+    #[allow(dead_code)]
+    synchronous: Option<bool>,
+}
+
+async fn scale_all(
+    State(ctx): State<Ctx>,
+    Path(model): Path<String>,
+    Query(q): Query<ScaleQuery>,
+) -> ApiResult {
+    scale(&ctx, &model, None, q).await
+}
+
+async fn scale_one(
+    State(ctx): State<Ctx>,
+    Path((model, version)): Path<(String, String)>,
+    Query(q): Query<ScaleQuery>,
+) -> ApiResult {
+    scale(&ctx, &model, Some(&version), q).await
+}
+
+async fn scale(ctx: &Ctx, model: &str, version: Option<&str>, q: ScaleQuery) -> ApiResult {
+    let min = q.min_worker.unwrap_or(1);
+    let max = q.max_worker.unwrap_or(min).max(min);
+    ctx.ts.scale(model, version, min, max).await?;
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({"status": format!("Workers scaled to {min} for model: {model}")}),
+    ))
+}
+
+async fn unregister_default(State(ctx): State<Ctx>, Path(model): Path<String>) -> ApiResult {
+    unregister(&ctx, &model, None).await
+}
+
+async fn unregister_one(State(ctx): State<Ctx>, Path((model, version)): Path<(String, String)>) -> ApiResult {
+    unregister(&ctx, &model, Some(&version)).await
+}
+
+async fn unregister(ctx: &Ctx, model: &str, version: Option<&str>) -> ApiResult {
+    ctx.check_model_api()?;
+    ctx.ts.unregister(model, version).await?;
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({"status": format!("Model \"{model}\" unregistered")}),
+    ))
+}
+
+async fn set_default(State(ctx): State<Ctx>, Path((model, version)): Path<(String, String)>) -> ApiResult {
+    ctx.ts.set_default(&model, &version)?;
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({"status": format!("Default version successfully updated for model \"{model}\" to \"{version}\"")}),
+    ))
+}

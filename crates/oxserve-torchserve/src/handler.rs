@@ -1,0 +1,223 @@
+//! TorchServe's default handlers, natively: what turns a request body into the model's input
+//! tensor and the model's output into the response. Only `image_classifier` for now (the
+//! others, and custom Python handlers, answer with a clear error at registration).
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::path::Path;
+
+use bytes::Bytes;
+use oxserve_core::{DataType, Error, Result, Tensor, TensorData};
+
+/// ImageNet's normalisation, as torchvision's `Normalize` in TorchServe's `VisionHandler`.
+const MEAN: [f32; 3] = [0.485, 0.456, 0.406];
+const STD: [f32; 3] = [0.229, 0.224, 0.225];
+const RESIZE: u32 = 256;
+const CROP: u32 = 224;
+const TOP_K: usize = 5;
+
+/// A handler of an archive, by its manifest's `handler` field.
+#[derive(Debug, Clone)]
+pub enum Handler {
+    /// `image_classifier`: decode (JPEG/PNG), resize the short side to 256, centre-crop 224,
+    /// scale to [0, 1] and normalise, CHW float32; answer the top 5 classes with softmax
+    /// probabilities, named by `index_to_name.json` when the archive has one.
+    ImageClassifier { labels: Option<HashMap<usize, String>> },
+}
+
+impl Handler {
+    /// The handler an archive names; `Err` for handlers oxserve does not run (yet).
+    pub fn from_manifest(name: &str, archive_dir: &Path) -> Result<Handler> {
+        match name {
+            "image_classifier" => Ok(Handler::ImageClassifier {
+                labels: read_labels(&archive_dir.join("index_to_name.json"))?,
+            }),
+            other => Err(Error::unsupported(format!(
+                "handler '{other}' is not supported yet: oxserve runs TorchServe's image_classifier handler natively"
+            ))),
+        }
+    }
+
+    /// The model's input for one request.
+    pub fn input_shape(&self) -> Vec<i64> {
+        match self {
+            Handler::ImageClassifier { .. } => vec![3, i64::from(CROP), i64::from(CROP)],
+        }
+    }
+
+    /// Turns one request's body into the model's input (one row, without the batch dim).
+    pub fn preprocess(&self, body: &[u8]) -> Result<Tensor> {
+        match self {
+            Handler::ImageClassifier { .. } => image_tensor(body),
+        }
+    }
+
+    /// The response body for one row of the model's output (`[classes]` scores).
+    pub fn postprocess(&self, output: &Tensor) -> Result<String> {
+        match self {
+            Handler::ImageClassifier { labels } => top_k(output, labels.as_ref()),
+        }
+    }
+}
+
+/// `index_to_name.json`: `{"0": ["n01440764", "tench"], ...}` or `{"0": "tench", ...}`.
+fn read_labels(path: &Path) -> Result<Option<HashMap<usize, String>>> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Ok(None);
+    };
+    let raw: HashMap<String, serde_json::Value> = serde_json::from_str(&text)
+        .map_err(|e| Error::invalid(format!("index_to_name.json is not a JSON object: {e}")))?;
+    let mut labels = HashMap::with_capacity(raw.len());
+    for (key, value) in raw {
+        let index: usize = key
+            .parse()
+            .map_err(|_| Error::invalid(format!("index_to_name.json: key '{key}' is not a class index")))?;
+        // TorchServe's map_class_to_label: the second element of a list, else the value.
+        let label = match &value {
+            serde_json::Value::Array(items) => items.get(1).or(items.first()).cloned().unwrap_or_default(),
+            other => other.clone(),
+        };
+        let label = match label {
+            serde_json::Value::String(s) => s,
+            other => other.to_string(),
+        };
+        labels.insert(index, label);
+    }
+    Ok(Some(labels))
+}
+
+fn image_tensor(body: &[u8]) -> Result<Tensor> {
+    let image = image::load_from_memory(body)
+        .map_err(|e| Error::invalid(format!("cannot decode the image: {e}")))?
+        .to_rgb8();
+    let (w, h) = image.dimensions();
+    if w == 0 || h == 0 {
+        return Err(Error::invalid("the image is empty"));
+    }
+    // torchvision's Resize(256): the short side to 256, the long one in proportion (floored).
+    let (nw, nh) = if w <= h {
+        (RESIZE, ((u64::from(RESIZE) * u64::from(h)) / u64::from(w)) as u32)
+    } else {
+        (((u64::from(RESIZE) * u64::from(w)) / u64::from(h)) as u32, RESIZE)
+    };
+    let resized = image::imageops::resize(&image, nw, nh, image::imageops::FilterType::Triangle);
+    // CenterCrop(224): offsets rounded as torchvision rounds them.
+    let top = ((f64::from(nh) - f64::from(CROP)) / 2.0).round().max(0.0) as u32;
+    let left = ((f64::from(nw) - f64::from(CROP)) / 2.0).round().max(0.0) as u32;
+    let plane = (CROP * CROP) as usize;
+    let mut chw = vec![0f32; 3 * plane];
+    for y in 0..CROP.min(nh) {
+        for x in 0..CROP.min(nw) {
+            let pixel = resized.get_pixel(left + x, top + y);
+            for c in 0..3 {
+                let v = f32::from(pixel[c]) / 255.0;
+                chw[c * plane + (y * CROP + x) as usize] = (v - MEAN[c]) / STD[c];
+            }
+        }
+    }
+    let mut raw = Vec::with_capacity(chw.len() * 4);
+    for v in chw {
+        raw.extend_from_slice(&v.to_le_bytes());
+    }
+    Ok(Tensor::new(
+        "INPUT__0",
+        DataType::F32,
+        vec![3, i64::from(CROP), i64::from(CROP)],
+        TensorData::Raw(Bytes::from(raw)),
+    ))
+}
+
+/// Softmax over one row of scores, the top 5, as TorchServe's JSON (most probable first).
+fn top_k(output: &Tensor, labels: Option<&HashMap<usize, String>>) -> Result<String> {
+    let raw = output
+        .raw()
+        .filter(|_| output.datatype == DataType::F32)
+        .ok_or_else(|| Error::internal("the classifier's output is not FP32 scores"))?;
+    let scores: Vec<f32> = raw
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    if scores.is_empty() {
+        return Err(Error::internal("the classifier returned no scores"));
+    }
+    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let exps: Vec<f64> = scores.iter().map(|&s| f64::from(s - max).exp()).collect();
+    let sum: f64 = exps.iter().sum();
+    let mut ranked: Vec<(usize, f64)> = exps.iter().map(|e| e / sum).enumerate().collect();
+    ranked.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    ranked.truncate(TOP_K);
+    let mut out = String::from("{\n");
+    for (i, (class, prob)) in ranked.iter().enumerate() {
+        let label = labels
+            .and_then(|l| l.get(class).cloned())
+            .unwrap_or_else(|| class.to_string());
+        let _ = writeln!(
+            out,
+            "  {}: {}{}",
+            serde_json::Value::String(label),
+            f64::from(*prob as f32),
+            if i + 1 < ranked.len() { "," } else { "" }
+        );
+    }
+    out.push('}');
+    Ok(out)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn images_become_normalised_chw_crops() {
+        let mut png = Vec::new();
+        let img = image::RgbImage::from_fn(300, 200, |x, _| image::Rgb([(x % 256) as u8, 128, 255]));
+        image::DynamicImage::ImageRgb8(img)
+            .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+            .unwrap();
+        let t = image_tensor(&png).unwrap();
+        assert_eq!(t.shape, [3, 224, 224]);
+        let v: Vec<f32> = t
+            .raw()
+            .unwrap()
+            .chunks(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        // Blue is 255 everywhere: (1 - 0.406) / 0.225.
+        assert!((v[2 * 224 * 224] - (1.0 - 0.406) / 0.225).abs() < 1e-5);
+        assert!(
+            image_tensor(b"not an image")
+                .unwrap_err()
+                .to_string()
+                .contains("cannot decode")
+        );
+    }
+
+    #[test]
+    fn top_5_with_labels_most_probable_first() {
+        let scores: Vec<u8> = [0f32, 1., 2., 3., 4., 5.]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        let t = Tensor::new(
+            "OUTPUT__0",
+            DataType::F32,
+            vec![6],
+            TensorData::Raw(Bytes::from(scores)),
+        );
+        let labels: HashMap<usize, String> = [(5, "five".to_string()), (4, "four".to_string())].into();
+        let body = top_k(&t, Some(&labels)).unwrap();
+        let parsed: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(parsed.as_object().unwrap().len(), 5);
+        assert!(body.find("five").unwrap() < body.find("four").unwrap());
+        assert!(body.contains("\"3\""));
+        assert!(!body.contains("\"0\""));
+        let total: f64 = parsed
+            .as_object()
+            .unwrap()
+            .values()
+            .map(|v| v.as_f64().unwrap())
+            .sum();
+        assert!(total < 1.0 && total > 0.9);
+    }
+}

@@ -1,0 +1,419 @@
+//! The models registered through TorchServe's management API (or at start-up): each archive is
+//! unpacked into the server's private work directory and served by the engine as a listed
+//! model (one engine version per archive version), with the handler in front of it.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use oxserve_core::{DataType, Error, Parameters, Result, Tensor, TensorData};
+use oxserve_engine::{InferenceService, ListedModel};
+use oxserve_frontend::{DecodedInput, DecodedRequest, ModelTarget, OutputRequest};
+use oxserve_repository::pb as triton;
+use oxserve_shm::SharedMemoryRegistry;
+use parking_lot::Mutex;
+
+use crate::handler::Handler;
+use crate::mar::{self, ArchiveLimits};
+
+/// How a model is registered (TorchServe's register parameters).
+#[derive(Debug, Clone)]
+pub struct Registration {
+    /// The archive: a file name in the model store.
+    pub url: String,
+    pub model_name: Option<String>,
+    pub initial_workers: u32,
+    pub batch_size: u32,
+    pub max_batch_delay_ms: u64,
+    pub response_timeout_s: u64,
+    pub loaded_at_startup: bool,
+}
+
+impl Default for Registration {
+    fn default() -> Self {
+        Registration {
+            url: String::new(),
+            model_name: None,
+            initial_workers: 0,
+            batch_size: 1,
+            max_batch_delay_ms: 100,
+            response_timeout_s: 120,
+            loaded_at_startup: false,
+        }
+    }
+}
+
+/// One registered version of a model.
+#[derive(Debug, Clone)]
+pub struct VersionEntry {
+    pub version: String,
+    pub engine_version: u64,
+    pub url: String,
+    pub handler: Handler,
+    pub batch_size: u32,
+    pub max_batch_delay_ms: u64,
+    pub response_timeout_s: u64,
+    pub min_workers: u32,
+    pub max_workers: u32,
+    pub loaded_at_startup: bool,
+    /// When its workers last started (TorchServe's worker `startTime`).
+    pub started: String,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct ModelEntry {
+    pub versions: BTreeMap<String, VersionEntry>,
+    pub default: String,
+}
+
+/// TorchServe's state: the model store, the work directory and the registered models.
+pub struct TorchServe {
+    pub(crate) engine: InferenceService,
+    pub(crate) shm: Arc<SharedMemoryRegistry>,
+    model_store: Option<PathBuf>,
+    work: tempfile::TempDir,
+    limits: ArchiveLimits,
+    models: Mutex<BTreeMap<String, ModelEntry>>,
+    /// Registrations and model list changes go one at a time.
+    changes: tokio::sync::Mutex<()>,
+    next_archive: std::sync::atomic::AtomicU64,
+    model_api: bool,
+}
+
+impl TorchServe {
+    /// `model_api`: whether models may be registered and unregistered through the API.
+    pub fn new(engine: InferenceService, model_store: Option<PathBuf>, model_api: bool) -> Result<Arc<Self>> {
+        let work = tempfile::Builder::new()
+            .prefix("oxserve-torchserve-")
+            .tempdir()
+            .map_err(|e| Error::internal(format!("cannot create the work directory: {e}")))?;
+        Ok(Arc::new(TorchServe {
+            engine,
+            shm: Arc::new(SharedMemoryRegistry::disabled()),
+            model_store,
+            work,
+            limits: ArchiveLimits::default(),
+            models: Mutex::new(BTreeMap::new()),
+            changes: tokio::sync::Mutex::new(()),
+            next_archive: std::sync::atomic::AtomicU64::new(1),
+            model_api,
+        }))
+    }
+
+    pub fn model_api_enabled(&self) -> bool {
+        self.model_api
+    }
+
+    pub fn models(&self) -> BTreeMap<String, ModelEntry> {
+        self.models.lock().clone()
+    }
+
+    /// The archive a URL names: a plain file name in the model store.
+    fn archive_path(&self, url: &str) -> Result<PathBuf> {
+        let Some(store) = &self.model_store else {
+            return Err(Error::invalid("no model store is configured (--model-store)"));
+        };
+        if url.starts_with("http://") || url.starts_with("https://") {
+            return Err(Error::invalid(format!(
+                "Invalid model url: {url}: registering from a URL is not allowed; put the archive in the model store"
+            )));
+        }
+        let name = Path::new(url);
+        if name.components().count() != 1
+            || !matches!(name.components().next(), Some(std::path::Component::Normal(_)))
+        {
+            return Err(Error::invalid(format!(
+                "Invalid model url: {url}: not a file name in the model store"
+            )));
+        }
+        let path = store.join(name);
+        if !path.is_file() {
+            return Err(Error::not_found(format!("Model not found in model store: {url}")));
+        }
+        Ok(path)
+    }
+
+    /// Registers an archive; with workers, answers once it serves.
+    pub async fn register(&self, registration: Registration) -> Result<(String, String)> {
+        let _serial = self.changes.lock().await;
+        let path = self.archive_path(&registration.url)?;
+        let n = self
+            .next_archive
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let into = self.work.path().join("archives").join(n.to_string());
+        let limits = self.limits;
+        let archive = tokio::task::spawn_blocking(move || mar::unpack(&path, &into, limits))
+            .await
+            .map_err(|e| Error::internal(format!("unpacking failed: {e}")))??;
+        let name = registration
+            .model_name
+            .clone()
+            .filter(|n| !n.is_empty())
+            .unwrap_or_else(|| archive.manifest.model.model_name.clone());
+        if !oxserve_repository::is_label_name(&name) {
+            return Err(Error::invalid(format!("invalid model name '{name}'")));
+        }
+        let version = if archive.manifest.model.model_version.is_empty() {
+            "1.0".to_string()
+        } else {
+            archive.manifest.model.model_version.clone()
+        };
+        let handler = Handler::from_manifest(&archive.manifest.model.handler, &archive.dir)?;
+        let serialized = archive.serialized_file()?;
+        let engine_version = {
+            let models = self.models.lock();
+            let entry = models.get(&name);
+            if entry.is_some_and(|e| e.versions.contains_key(&version)) {
+                return Err(Error::new(
+                    oxserve_core::ErrorKind::Conflict,
+                    format!("Model version {version} is already registered for model {name}"),
+                ));
+            }
+            entry
+                .and_then(|e| e.versions.values().map(|v| v.engine_version).max())
+                .unwrap_or(0)
+                + 1
+        };
+        // The engine's view: <work>/models/<name>/<engine version>/model.pt.
+        let version_dir = self
+            .work
+            .path()
+            .join("models")
+            .join(&name)
+            .join(engine_version.to_string());
+        std::fs::create_dir_all(&version_dir).map_err(|e| Error::internal(e.to_string()))?;
+        std::fs::hard_link(&serialized, version_dir.join("model.pt"))
+            .or_else(|_| std::fs::copy(&serialized, version_dir.join("model.pt")).map(|_| ()))
+            .map_err(|e| Error::internal(format!("cannot place the model file: {e}")))?;
+        let workers = registration.initial_workers;
+        let entry = VersionEntry {
+            version: version.clone(),
+            engine_version,
+            url: registration.url.clone(),
+            handler,
+            batch_size: registration.batch_size.max(1),
+            max_batch_delay_ms: registration.max_batch_delay_ms,
+            response_timeout_s: registration.response_timeout_s,
+            min_workers: workers,
+            max_workers: workers,
+            loaded_at_startup: registration.loaded_at_startup,
+            started: now(),
+        };
+        {
+            let mut models = self.models.lock();
+            let model = models.entry(name.clone()).or_default();
+            if model.default.is_empty() {
+                model.default = version.clone();
+            }
+            model.versions.insert(version.clone(), entry);
+        }
+        if let Err(e) = self.apply().await {
+            // A version that cannot serve is not registered.
+            self.forget(&name, &version);
+            let _ = self.apply().await;
+            return Err(e);
+        }
+        Ok((name, version))
+    }
+
+    fn forget(&self, name: &str, version: &str) {
+        let mut models = self.models.lock();
+        if let Some(model) = models.get_mut(name) {
+            model.versions.remove(version);
+            if model.versions.is_empty() {
+                models.remove(name);
+            } else if model.default == version {
+                model.default = model.versions.keys().next().cloned().unwrap_or_default();
+            }
+        }
+    }
+
+    /// Scales a model's workers (every version of it: one instance group per model).
+    pub async fn scale(&self, name: &str, version: Option<&str>, min: u32, max: u32) -> Result<()> {
+        let _serial = self.changes.lock().await;
+        {
+            let mut models = self.models.lock();
+            let model = models.get_mut(name).ok_or_else(|| model_not_found(name))?;
+            let versions: Vec<String> = match version {
+                Some(v) if !model.versions.contains_key(v) => return Err(version_not_found(name, v)),
+                Some(v) => vec![v.to_string()],
+                None => model.versions.keys().cloned().collect(),
+            };
+            for v in versions {
+                if let Some(entry) = model.versions.get_mut(&v) {
+                    entry.min_workers = min;
+                    entry.max_workers = max.max(min);
+                    entry.started = now();
+                }
+            }
+        }
+        self.apply().await
+    }
+
+    pub async fn unregister(&self, name: &str, version: Option<&str>) -> Result<String> {
+        let _serial = self.changes.lock().await;
+        let removed = {
+            let mut models = self.models.lock();
+            let model = models.get_mut(name).ok_or_else(|| model_not_found(name))?;
+            let version = version.map_or_else(|| model.default.clone(), str::to_string);
+            if !model.versions.contains_key(&version) {
+                return Err(version_not_found(name, &version));
+            }
+            if model.versions.len() > 1 && model.default == version {
+                return Err(Error::invalid(format!(
+                    "Cannot remove default version {version} for model {name}"
+                )));
+            }
+            model.versions.remove(&version);
+            if model.versions.is_empty() {
+                models.remove(name);
+            }
+            version
+        };
+        self.apply().await?;
+        Ok(removed)
+    }
+
+    pub fn set_default(&self, name: &str, version: &str) -> Result<()> {
+        let mut models = self.models.lock();
+        let model = models.get_mut(name).ok_or_else(|| model_not_found(name))?;
+        if !model.versions.contains_key(version) {
+            return Err(version_not_found(name, version));
+        }
+        model.default = version.to_string();
+        Ok(())
+    }
+
+    /// Gives the engine the registered versions that have workers.
+    async fn apply(&self) -> Result<()> {
+        let list = {
+            let models = self.models.lock();
+            models
+                .iter()
+                .filter_map(|(name, model)| self.listed(name, model))
+                .collect::<Vec<_>>()
+        };
+        self.engine.set_model_list(list).await
+    }
+
+    fn listed(&self, name: &str, model: &ModelEntry) -> Option<ListedModel> {
+        let serving: Vec<&VersionEntry> = model.versions.values().filter(|v| v.min_workers > 0).collect();
+        let first = serving.first()?;
+        let workers = serving.iter().map(|v| v.min_workers).max().unwrap_or(1);
+        let batch = first.batch_size.max(1);
+        let shape = first.handler.input_shape();
+        let mut config = triton::ModelConfig {
+            name: name.to_string(),
+            platform: "pytorch_libtorch".into(),
+            max_batch_size: i32::try_from(batch).unwrap_or(i32::MAX),
+            input: vec![triton::ModelInput {
+                name: "INPUT__0".into(),
+                data_type: triton::DataType::TypeFp32 as i32,
+                dims: shape,
+                ..Default::default()
+            }],
+            output: vec![triton::ModelOutput {
+                name: "OUTPUT__0".into(),
+                data_type: triton::DataType::TypeFp32 as i32,
+                dims: vec![-1],
+                ..Default::default()
+            }],
+            instance_group: vec![triton::ModelInstanceGroup {
+                count: i32::try_from(workers).unwrap_or(1),
+                kind: triton::model_instance_group::Kind::Cpu as i32,
+                ..Default::default()
+            }],
+            version_policy: Some(triton::ModelVersionPolicy {
+                policy_choice: Some(triton::model_version_policy::PolicyChoice::Specific(
+                    triton::model_version_policy::Specific {
+                        versions: serving.iter().map(|v| v.engine_version as i64).collect(),
+                    },
+                )),
+            }),
+            ..Default::default()
+        };
+        if batch > 1 {
+            config.scheduling_choice = Some(triton::model_config::SchedulingChoice::DynamicBatching(
+                triton::ModelDynamicBatching {
+                    max_queue_delay_microseconds: first.max_batch_delay_ms.saturating_mul(1000),
+                    ..Default::default()
+                },
+            ));
+        }
+        Some(ListedModel {
+            name: name.to_string(),
+            path: self.work.path().join("models").join(name),
+            config,
+        })
+    }
+
+    /// The version a prediction addresses (the default without one).
+    pub fn version(&self, name: &str, version: Option<&str>) -> Result<VersionEntry> {
+        let models = self.models.lock();
+        let model = models.get(name).ok_or_else(|| model_not_found(name))?;
+        let version = version.unwrap_or(&model.default);
+        model
+            .versions
+            .get(version)
+            .cloned()
+            .ok_or_else(|| version_not_found(name, version))
+    }
+
+    /// Runs one prediction: the handler's input, the engine, the handler's answer.
+    pub async fn predict(&self, name: &str, version: Option<&str>, body: bytes::Bytes) -> Result<String> {
+        let entry = self.version(name, version)?;
+        if entry.min_workers == 0 {
+            return Err(Error::unavailable(format!(
+                "Model \"{name}\" has no worker to serve inference request. Please use scale workers API to add workers."
+            )));
+        }
+        let handler = entry.handler.clone();
+        let input =
+            oxserve_frontend::decode_off_worker(usize::MAX, move || handler.preprocess(&body)).await?;
+        let target = ModelTarget::resolve(&self.engine, name, Some(entry.engine_version))?;
+        let mut request = DecodedRequest::new(target, None, Parameters::new())?;
+        let mut shape = vec![1];
+        shape.extend_from_slice(&input.shape);
+        request.inputs = vec![DecodedInput::body(input.name, input.datatype, shape, input.data)];
+        request.outputs = vec![OutputRequest::named("OUTPUT__0")];
+        let response = oxserve_frontend::run(&self.engine, &self.shm, request).await?;
+        let output = response
+            .outputs
+            .into_iter()
+            .next()
+            .map(|o| o.tensor)
+            .ok_or_else(|| Error::internal("the model returned no output"))?;
+        let row = first_row(output)?;
+        entry.handler.postprocess(&row)
+    }
+}
+
+/// The first row of a batched output.
+fn first_row(t: Tensor) -> Result<Tensor> {
+    let shape = t.shape[1..].to_vec();
+    let per_row = oxserve_core::element_count(&shape)?;
+    let size = t.datatype.size().unwrap_or(1);
+    let raw = t
+        .raw()
+        .ok_or_else(|| Error::internal("the model's output holds strings"))?
+        .slice(0..(per_row * size).min(t.raw().map_or(0, |r| r.len())));
+    Ok(Tensor::new(t.name, DataType::F32, shape, TensorData::Raw(raw)))
+}
+
+pub(crate) fn model_not_found(name: &str) -> Error {
+    Error::not_found(format!("Model not found: {name}"))
+}
+
+pub(crate) fn version_not_found(name: &str, version: &str) -> Error {
+    Error::not_found(format!(
+        "Model version: {version} does not exist for model: {name}"
+    ))
+}
+
+fn now() -> String {
+    let secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    format!("{secs}")
+}
