@@ -47,7 +47,7 @@ impl IntoResponse for TsError {
     fn into_response(self) -> Response {
         let (status, kind) = status_and_type(self.0.kind());
         // A version that is missing is TorchServe's own exception.
-        let kind = if self.0.message().starts_with("Model version:") {
+        let kind = if self.0.message().starts_with("Model version") && kind == "ModelNotFoundException" {
             "ModelVersionNotFoundException"
         } else {
             kind
@@ -92,6 +92,7 @@ pub fn management_router(ts: Arc<TorchServe>, max_body_bytes: usize) -> Router {
             get(describe_one).put(scale_one).delete(unregister_one),
         )
         .route("/models/{model}/{version}/set-default", put(set_default))
+        .fallback(not_found)
         .with_state(Ctx { ts, max_body_bytes })
 }
 
@@ -114,6 +115,14 @@ impl Ctx {
             )))
         }
     }
+}
+
+async fn not_found() -> Response {
+    json_response(
+        StatusCode::NOT_FOUND,
+        &json!({"code": 404, "type": "ResourceNotFoundException",
+                "message": "Requested resource is not found, please refer to API document."}),
+    )
 }
 
 async fn ping(State(ctx): State<Ctx>) -> Response {
@@ -189,21 +198,19 @@ struct ListQuery {
 }
 
 async fn list(State(ctx): State<Ctx>, Query(q): Query<ListQuery>) -> ApiResult {
-    let limit: usize = match q.limit.as_deref() {
-        None => 100,
-        Some(l) => l
-            .parse::<usize>()
-            .ok()
-            .filter(|n| *n > 0)
-            .ok_or_else(|| TsError(Error::invalid(format!("Invalid limit: {l}"))))?
-            .min(1000),
-    };
-    let start: usize = match q.next_page_token.as_deref() {
-        None => 0,
-        Some(t) => t
-            .parse()
-            .map_err(|_| TsError(Error::invalid(format!("Invalid next_page_token: {t}"))))?,
-    };
+    // As TorchServe: a limit or token that is not a number is ignored.
+    let limit: usize = q
+        .limit
+        .as_deref()
+        .and_then(|l| l.parse::<usize>().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or(100)
+        .min(1000);
+    let start: usize = q
+        .next_page_token
+        .as_deref()
+        .and_then(|t| t.parse().ok())
+        .unwrap_or(0);
     let models = ctx.ts.models();
     let all: Vec<(String, String)> = models
         .iter()
@@ -317,8 +324,24 @@ fn describe(ctx: &Ctx, model: &str, version: Option<&str>) -> ApiResult {
                 "maxWorkers": v.max_workers,
                 "batchSize": v.batch_size,
                 "maxBatchDelay": v.max_batch_delay_ms,
+                "responseTimeout": v.response_timeout_s,
+                "startupTimeout": 120,
+                "maxRetryTimeoutInSec": 300,
+                "clientTimeoutInMills": 0,
+                "parallelType": "",
+                "parallelLevel": 0,
+                "deviceType": "cpu",
+                "continuousBatching": false,
+                "useJobTicket": false,
+                "useVenv": false,
+                "stateful": false,
+                "sequenceMaxIdleMSec": 0,
+                "sequenceTimeoutMSec": 0,
+                "maxNumSequence": 0,
+                "maxSequenceJobQueueSize": 0,
                 "loadedAtStartup": v.loaded_at_startup,
-                "workers": workers
+                "workers": workers,
+                "jobQueueStatus": {"remainingCapacity": 100, "pendingRequests": 0}
             })
         })
         .collect();
@@ -377,7 +400,16 @@ async fn unregister(ctx: &Ctx, model: &str, version: Option<&str>) -> ApiResult 
 }
 
 async fn set_default(State(ctx): State<Ctx>, Path((model, version)): Path<(String, String)>) -> ApiResult {
-    ctx.ts.set_default(&model, &version)?;
+    ctx.ts.set_default(&model, &version).map_err(|e| {
+        // TorchServe's wording here has no colons.
+        if e.message().starts_with("Model version:") {
+            TsError(Error::not_found(format!(
+                "Model version {version} does not exist for model {model}"
+            )))
+        } else {
+            TsError(e)
+        }
+    })?;
     Ok(json_response(
         StatusCode::OK,
         &json!({"status": format!("Default version successfully updated for model \"{model}\" to \"{version}\"")}),

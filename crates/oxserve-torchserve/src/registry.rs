@@ -129,7 +129,7 @@ impl TorchServe {
         }
         let path = store.join(name);
         if !path.is_file() {
-            return Err(Error::not_found(format!("Model not found in model store: {url}")));
+            return Err(Error::not_found(format!("Model not found at: {url}")));
         }
         Ok(path)
     }

@@ -127,6 +127,7 @@ const HONOURED: &[&str] = &[
     "enable_model_api",
     "disable_token_authorization",
     "enable_metrics_api",
+    "grpc_inference_port",
 ];
 
 pub fn run(args: TorchServeArgs) -> anyhow::Result<()> {
@@ -188,7 +189,10 @@ pub fn run(args: TorchServeArgs) -> anyhow::Result<()> {
     let s = &mut settings.server;
     s.host = host;
     s.http_port = inference_port;
-    s.grpc_port = 7070;
+    s.grpc_port = match get("grpc_inference_port") {
+        Some(p) => p.parse().context("grpc_inference_port must be a port number")?,
+        None => 7070,
+    };
     s.metrics_port = metrics_port;
     s.allow_metrics = get("enable_metrics_api").is_none_or(|v| !v.eq_ignore_ascii_case("false"));
     if let Some(size) = get("max_request_size") {
