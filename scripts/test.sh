@@ -22,6 +22,11 @@ echo "== pytorch"
 scripts/setup-torch.sh
 export LIBTORCH="${OXSERVE_CACHE:-$HOME/.cache/oxserve}/torch/2.13.0/libtorch"
 
+# The real TorchServe 0.12 and torch-model-archiver (Java 17 for its frontend), to make the
+# .mar fixtures and record TorchServe's answers that the torchserve mode is compared with.
+echo "== torchserve"
+scripts/setup-torchserve.sh
+
 echo "== cargo fmt"
 cargo fmt --all -- --check
 
@@ -53,6 +58,11 @@ OXSERVE_TF_MODELS="$("$tf_cache/venv-tf/bin/python" scripts/make_tf_models.py --
 export OXSERVE_TF_MODELS
 torch_models="$("$tf_cache/venv-torch/bin/python" scripts/make_torch_models.py --if-needed | tail -n1)"
 export OXSERVE_TORCH_MODELS="$torch_models"
+# .mar archives made by torch-model-archiver and TorchServe's recorded answers
+# (tests/python/test_torchserve.py), cached by the script's content hash. Assigned before the
+# export so that a failing generator stops the script (set -e).
+torchserve_fixtures="$("$tf_cache/venv-torchserve/bin/python" scripts/make_torchserve_fixtures.py --if-needed | tail -n1)"
+export OXSERVE_TORCHSERVE_FIXTURES="$torchserve_fixtures"
 
 echo "== client conformance (pytest)"
 OXSERVE_BIN="$target_dir/debug/oxserve" .venv/bin/python -m pytest tests/python -q

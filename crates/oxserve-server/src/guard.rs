@@ -37,6 +37,8 @@ pub struct AccessPolicy {
     pub keys: ApiKeys,
     /// Whether health endpoints (probes) need a key too once keys are configured.
     pub health_requires_key: bool,
+    /// Whether the metrics endpoint is open without a key (TorchServe's metrics API is).
+    pub metrics_open: bool,
     pub rate_limits: RateLimits,
 }
 
@@ -155,7 +157,8 @@ impl Access {
         if keys.is_empty() {
             return Ok(None);
         }
-        let open = route.scope == Some(Scope::Health) && !self.policy.health_requires_key;
+        let open = (route.scope == Some(Scope::Health) && !self.policy.health_requires_key)
+            || (route.scope == Some(Scope::Metrics) && self.policy.metrics_open);
         match keys.authorize(headers, route.scope) {
             Ok(key) => Ok(Some(key.name.clone())),
             // A probe without a key is fine; a wrong key on an open endpoint is still wrong.
@@ -203,7 +206,8 @@ pub trait Wire: Clone + Send + Sync + 'static {
     type ReqBody: Send + 'static;
     type ResBody: Send + 'static;
 
-    fn refuse(&self, refusal: &Refusal) -> Response<Self::ResBody>;
+    /// The answer to a refused request for `path`.
+    fn refuse(&self, refusal: &Refusal, path: &str) -> Response<Self::ResBody>;
 
     /// For a route whose model is in the body: the model, and the request to pass on.
     fn model_in_body(
@@ -222,10 +226,21 @@ impl Wire for HttpWire {
     type ReqBody = axum::body::Body;
     type ResBody = axum::body::Body;
 
-    fn refuse(&self, refusal: &Refusal) -> Response<axum::body::Body> {
-        let body = serde_json::json!({ "error": refusal.message() }).to_string();
+    fn refuse(&self, refusal: &Refusal, path: &str) -> Response<axum::body::Body> {
+        let status = oxserve_kserve::http::http_status(refusal.kind());
+        // TorchServe's endpoints answer in TorchServe's error shape, the others in KServe's.
+        let body = if is_torchserve_path(path) {
+            let kind = match refusal {
+                Refusal::Auth(_) => "InvalidKeyException",
+                Refusal::RateLimited(_) => "ServiceUnavailableException",
+            };
+            serde_json::json!({"code": status.as_u16(), "type": kind, "message": refusal.message()})
+        } else {
+            serde_json::json!({ "error": refusal.message() })
+        }
+        .to_string();
         let mut response = Response::new(axum::body::Body::from(body));
-        *response.status_mut() = oxserve_kserve::http::http_status(refusal.kind());
+        *response.status_mut() = status;
         let headers = response.headers_mut();
         headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
         if let Some(challenge) = refusal.www_authenticate() {
@@ -246,7 +261,7 @@ impl Wire for GrpcWire {
     type ReqBody = tonic::body::Body;
     type ResBody = tonic::body::Body;
 
-    fn refuse(&self, refusal: &Refusal) -> Response<tonic::body::Body> {
+    fn refuse(&self, refusal: &Refusal, _path: &str) -> Response<tonic::body::Body> {
         let code = oxserve_kserve::grpc::status::code_for(refusal.kind());
         let mut response = tonic::Status::new(code, refusal.message()).into_http::<tonic::body::Body>();
         if let Some(retry) = refusal.retry_after() {
@@ -380,6 +395,11 @@ fn protobuf_field_1(mut buf: &[u8]) -> Option<&[u8]> {
     None
 }
 
+/// TorchServe's inference and management endpoints.
+fn is_torchserve_path(path: &str) -> bool {
+    path == "/ping" || path.starts_with("/predictions/") || path == "/models" || path.starts_with("/models/")
+}
+
 /// The client's IP address from whichever connection info the listener recorded.
 fn client_ip(extensions: &http::Extensions) -> Option<IpAddr> {
     if let Some(ClientAddress(a)) = extensions.get::<ClientAddress>() {
@@ -449,14 +469,20 @@ where
         let mut route = classify(request.uri().path());
         let key = match self.access.authorize(&route, request.headers()) {
             Ok(key) => key,
-            Err(refusal) => return Box::pin(std::future::ready(Ok(self.wire.refuse(&refusal)))),
+            Err(refusal) => {
+                let answer = self.wire.refuse(&refusal, request.uri().path());
+                return Box::pin(std::future::ready(Ok(answer)));
+            }
         };
         let address = client_ip(request.extensions());
         let limits = self.access.rate_limits();
         if route.model != ModelRef::InBody || !limits.needs_model(route.scope) {
             return match self.access.limit(&route, key.as_ref(), address) {
                 Ok(()) => Box::pin(self.inner.call(request)),
-                Err(refusal) => Box::pin(std::future::ready(Ok(self.wire.refuse(&refusal)))),
+                Err(refusal) => {
+                    let answer = self.wire.refuse(&refusal, request.uri().path());
+                    Box::pin(std::future::ready(Ok(answer)))
+                }
             };
         }
         // The model is inside the message: read its first frame, then decide.
@@ -470,7 +496,8 @@ where
             route.model = model;
             match access.limit(&route, key.as_ref(), address) {
                 Ok(()) => inner.call(request).await,
-                Err(refusal) => Ok(wire.refuse(&refusal)),
+                // Only gRPC names the model in the body: no TorchServe path.
+                Err(refusal) => Ok(wire.refuse(&refusal, "")),
             }
         })
     }
@@ -548,6 +575,7 @@ mod tests {
             ApiKeys::parse(keys, "keys.toml").expect("valid keys")
         };
         let policy = AccessPolicy {
+            metrics_open: false,
             keys,
             health_requires_key,
             rate_limits: RateLimits::default(),
@@ -620,14 +648,14 @@ mod tests {
             key: "reader".into(),
             scope: Scope::Repository,
         });
-        let r = HttpWire.refuse(&forbidden);
+        let r = HttpWire.refuse(&forbidden, "/v2/repository/index");
         assert_eq!(r.status(), StatusCode::FORBIDDEN);
         assert!(
             r.headers()[header::WWW_AUTHENTICATE]
                 .to_str()
                 .is_ok_and(|v| v.contains("insufficient_scope") && v.contains("repository"))
         );
-        let r = HttpWire.refuse(&Refusal::Auth(AuthError::Missing));
+        let r = HttpWire.refuse(&Refusal::Auth(AuthError::Missing), "/v2/models/m/infer");
         assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
         assert_eq!(r.headers()[header::WWW_AUTHENTICATE], "Bearer realm=\"oxserve\"");
         let limited = Refusal::RateLimited(Limited {
@@ -636,14 +664,19 @@ mod tests {
             by: crate::rate_limit::LimitedBy::Key,
             retry_after: std::time::Duration::from_millis(2500),
         });
-        let r = HttpWire.refuse(&limited);
+        let r = HttpWire.refuse(&limited, "/v2/models/m/infer");
         assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
         assert_eq!(r.headers()[header::RETRY_AFTER], "3");
-        let g = GrpcWire.refuse(&limited);
+        let g = GrpcWire.refuse(&limited, "");
         assert_eq!(g.headers()["grpc-status"], "8");
-        let g = GrpcWire.refuse(&Refusal::Auth(AuthError::Invalid));
+        let g = GrpcWire.refuse(&Refusal::Auth(AuthError::Invalid), "");
         assert_eq!(g.headers()["grpc-status"], "16");
-        let g = GrpcWire.refuse(&forbidden);
+        let g = GrpcWire.refuse(&forbidden, "");
         assert_eq!(g.headers()["grpc-status"], "7");
+        // TorchServe's endpoints answer in TorchServe's error shape.
+        let r = HttpWire.refuse(&Refusal::Auth(AuthError::Missing), "/predictions/m");
+        assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+        assert!(is_torchserve_path("/models/m/1.0") && is_torchserve_path("/ping"));
+        assert!(!is_torchserve_path("/v2/models/m") && !is_torchserve_path("/modelsx"));
     }
 }

@@ -75,6 +75,9 @@ pub struct ServerOptions {
     pub tfserving_grpc: oxserve_tfserving::grpc::GrpcOptions,
     /// More routes on the HTTP listener (TorchServe's inference API).
     pub extra_http_routes: Option<axum::Router>,
+    /// What the HTTP listener answers for paths no protocol knows (default: KServe's 404);
+    /// TorchServe mode answers in TorchServe's shape.
+    pub http_fallback: Option<axum::Router>,
     /// More HTTP listeners, each with its own routes (TorchServe's management API), behind
     /// the same access checks and in-flight budget as the HTTP listener.
     pub extra_listeners: Vec<ExtraListener>,
@@ -224,6 +227,9 @@ pub async fn serve(
     }
     if let Some(routes) = &options.extra_http_routes {
         app = app.merge(routes.clone());
+    }
+    if let Some(fallback) = &options.http_fallback {
+        app = app.fallback_service(fallback.clone());
     }
     // The extra listeners, behind the same checks as the HTTP listener.
     let extra_servers: Vec<_> = options

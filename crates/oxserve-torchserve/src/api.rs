@@ -117,6 +117,12 @@ impl Ctx {
     }
 }
 
+/// A router that answers every request with TorchServe's 404 (for the inference port's
+/// unknown paths).
+pub fn not_found_router() -> Router {
+    Router::new().fallback(not_found)
+}
+
 async fn not_found() -> Response {
     json_response(
         StatusCode::NOT_FOUND,
@@ -244,8 +250,15 @@ struct RegisterQuery {
     batch_size: Option<u32>,
     max_batch_delay: Option<u64>,
     response_timeout: Option<u64>,
-    #[allow(dead_code)]
     synchronous: Option<bool>,
+}
+
+/// TorchServe's answer to a worker change it does in the background (`synchronous=false`).
+fn processing() -> Response {
+    json_response(
+        StatusCode::ACCEPTED,
+        &json!({"status": "Processing worker updates..."}),
+    )
 }
 
 async fn register(State(ctx): State<Ctx>, Query(q): Query<RegisterQuery>) -> ApiResult {
@@ -254,18 +267,26 @@ async fn register(State(ctx): State<Ctx>, Query(q): Query<RegisterQuery>) -> Api
         return Err(TsError(Error::invalid("Parameter url is required.")));
     };
     let workers = q.initial_workers.unwrap_or(0);
-    let (name, version) = ctx
-        .ts
-        .register(Registration {
-            url,
-            model_name: q.model_name,
-            initial_workers: workers,
-            batch_size: q.batch_size.unwrap_or(1),
-            max_batch_delay_ms: q.max_batch_delay.unwrap_or(100),
-            response_timeout_s: q.response_timeout.unwrap_or(120),
-            loaded_at_startup: false,
-        })
-        .await?;
+    let registration = Registration {
+        url,
+        model_name: q.model_name,
+        initial_workers: workers,
+        batch_size: q.batch_size.unwrap_or(1),
+        max_batch_delay_ms: q.max_batch_delay.unwrap_or(100),
+        response_timeout_s: q.response_timeout.unwrap_or(120),
+        loaded_at_startup: false,
+    };
+    // Registration is synchronous unless asked otherwise, as in TorchServe.
+    if workers > 0 && q.synchronous == Some(false) {
+        let ts = ctx.ts.clone();
+        tokio::spawn(async move {
+            if let Err(e) = ts.register(registration).await {
+                tracing::error!(error = %e, "background registration failed");
+            }
+        });
+        return Ok(processing());
+    }
+    let (name, version) = ctx.ts.register(registration).await?;
     let status = if workers > 0 {
         format!("Model \"{name}\" Version: {version} registered with {workers} initial workers")
     } else {
@@ -352,7 +373,6 @@ fn describe(ctx: &Ctx, model: &str, version: Option<&str>) -> ApiResult {
 struct ScaleQuery {
     min_worker: Option<u32>,
     max_worker: Option<u32>,
-    #[allow(dead_code)]
     synchronous: Option<bool>,
 }
 
@@ -375,6 +395,18 @@ async fn scale_one(
 async fn scale(ctx: &Ctx, model: &str, version: Option<&str>, q: ScaleQuery) -> ApiResult {
     let min = q.min_worker.unwrap_or(1);
     let max = q.max_worker.unwrap_or(min).max(min);
+    // Scaling is asynchronous unless asked otherwise, as in TorchServe: the model and version
+    // are checked now, the workers change in the background.
+    if q.synchronous != Some(true) {
+        ctx.ts.version(model, version)?;
+        let (ts, model, version) = (ctx.ts.clone(), model.to_string(), version.map(str::to_string));
+        tokio::spawn(async move {
+            if let Err(e) = ts.scale(&model, version.as_deref(), min, max).await {
+                tracing::error!(model = %model, error = %e, "background scaling failed");
+            }
+        });
+        return Ok(processing());
+    }
     ctx.ts.scale(model, version, min, max).await?;
     Ok(json_response(
         StatusCode::OK,

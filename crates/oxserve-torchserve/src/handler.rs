@@ -32,7 +32,7 @@ impl Handler {
             "image_classifier" => Ok(Handler::ImageClassifier {
                 labels: read_labels(&archive_dir.join("index_to_name.json"))?,
             }),
-            other => Err(Error::unsupported(format!(
+            other => Err(Error::invalid(format!(
                 "handler '{other}' is not supported yet: oxserve runs TorchServe's image_classifier handler natively"
             ))),
         }

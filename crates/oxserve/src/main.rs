@@ -540,6 +540,8 @@ fn run_server(settings: Settings, extras: ServeExtras) -> anyhow::Result<()> {
             ],
         )?;
         add(&mut access, "torchserve-api", &keys.api, &Scope::ALL)?;
+        // TorchServe's metrics API needs no token.
+        access.metrics_open = true;
     }
     // As Triton: a repository that cannot be read stops the start, rather than a server that
     // reports ready with no models.
@@ -587,6 +589,7 @@ fn run_server(settings: Settings, extras: ServeExtras) -> anyhow::Result<()> {
         tfserving_grpc: extras.tfserving_grpc,
         extra_http_routes: None,
         extra_listeners: Vec::new(),
+        http_fallback: None,
     };
     let control_mode: oxserve_engine::ControlMode = settings
         .models
@@ -619,6 +622,7 @@ fn run_server(settings: Settings, extras: ServeExtras) -> anyhow::Result<()> {
             )?;
             let max = settings.server.max_input_size;
             options.extra_http_routes = Some(oxserve_torchserve::inference_router(ts.clone(), max));
+            options.http_fallback = Some(oxserve_torchserve::api::not_found_router());
             options.extra_listeners.push(oxserve_server::ExtraListener {
                 name: "management",
                 port: setup.management_port,
@@ -750,6 +754,7 @@ fn access_policy(settings: &Settings) -> anyhow::Result<oxserve_server::AccessPo
         ),
     }
     Ok(oxserve_server::AccessPolicy {
+        metrics_open: false,
         keys,
         health_requires_key: settings.auth.health_requires_key,
         rate_limits,

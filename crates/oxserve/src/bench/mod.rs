@@ -224,6 +224,7 @@ mod tests {
             tfserving_grpc: Default::default(),
             extra_http_routes: None,
             extra_listeners: Vec::new(),
+            http_fallback: None,
         };
         let engine = InferenceService::new(
             ModelManager::new(

@@ -1,0 +1,883 @@
+#!/usr/bin/env python3
+"""Build TorchServe .mar fixtures with the real torch-model-archiver 0.12.0 and record what a
+real TorchServe 0.12.0 answers to its documented curl workflow, for oxserve's TorchServe
+compatibility front end (inference :8080, management :8081, metrics :8082).
+
+    scripts/setup-torchserve.sh
+    ${OXSERVE_CACHE:-$HOME/.cache/oxserve}/venv-torchserve/bin/python \\
+        scripts/make_torchserve_fixtures.py [--out DIR] [--if-needed] [--no-server] [--no-token-probe]
+
+The default output directory is
+
+    ${OXSERVE_CACHE:-$HOME/.cache/oxserve}/torchserve-fixtures/<first 16 hex of sha256(this file)>
+
+printed as the last line on stdout (progress goes to stderr). With --if-needed nothing is done
+when `<out>/.complete` exists. The tree is built in a temporary sibling and renamed into place.
+Needs Java 17 (`java` on PATH or JAVA_HOME) for the server part; --no-server skips it (then
+there is no torchserve_reference.json). Takes about 40 s on 2 cores; only the CPU is used.
+
+Layout:
+
+    <out>/model-store/densenet_small.mar      handler image_classifier (TorchServe's default),
+        model.pt + index_to_name.json. model.pt = torch.jit.trace of a small CNN on
+        [N,3,224,224]: Conv(3->8,s2)-ReLU-Conv(8->16,s2)-ReLU-Conv(16->32,s2)-ReLU-
+        AdaptiveAvgPool(1)-Flatten-Linear(32->10), weights from torch.manual_seed(0) (last layer
+        scaled x8 so the softmax is not flat). index_to_name.json = the first 10 ImageNet
+        classes in TorchServe's format {"0": ["n01440764", "tench"], ...}.
+    <out>/model-store/linear_base.mar         model.pt = traced Linear(4->3) (seed 1) with a
+        tiny custom handler.py (a BaseHandler subclass) because TorchServe's BaseHandler cannot
+        take JSON: its preprocess is `torch.as_tensor(data)` on the list of request dicts
+        ([{"body": ...}]) and fails. handler.py accepts a JSON body that is a list (one row
+        [4] or rows [[4], ...]) or {"data": list}, and answers out.tolist().
+    <out>/model-store/linear_basehandler.mar  the same model.pt with `--handler base_handler`,
+        kept to record the failure above (an error fixture).
+    <out>/kitten.jpg                           a 320x240 JPEG (quality 90): colour gradient +
+        shapes, drawn with numpy/PIL (no real kitten).
+    <out>/handler.py                           the linear_base handler, as archived.
+    <out>/fixtures.json                        sha256 and size of each fixture, MANIFEST.json of
+        each .mar, and locally computed expected outputs (the image_classifier pipeline run in
+        this Python: Resize(256), CenterCrop(224), ToTensor, Normalize(ImageNet), softmax,
+        top 5 -> {label: prob}; and the Linear outputs).
+    <out>/torchserve_reference.json            the recorded exchanges (see below).
+
+Determinism: model.pt, handler.py, kitten.jpg, the .mar files and fixtures.json are byte for
+byte identical between runs (fixed seeds; pinned torch 2.13.0 and Pillow) from the same script
+at the same paths: model.pt's *.debug_pkl members hold source ranges with the absolute paths
+(and line numbers) of this script and of venv-torch's torch/nn/*.py, so another checkout path
+or OXSERVE_CACHE changes their bytes (and sha256), never the weights or the outputs. torch-model-archiver itself is not
+reproducible (MANIFEST.json "createdOn" = now; zip member times = copy time; os.walk order), so
+each .mar the real archiver wrote is then rewritten member for member, same bytes and
+compression: members sorted by name, times 1980-01-01 00:00:00, mode 0644, and "createdOn"
+replaced by "01/01/2024 00:00:00" (the archiver's format "%d/%m/%Y %H:%M:%S"; the manifest is
+re-serialised exactly as the archiver does, json.dumps(indent=2), keys in its order).
+torchserve_reference.json is NOT deterministic: it holds live server answers (worker pids,
+start times, memory, latencies) verbatim; only absolute paths of the scratch directory are
+replaced by "<work>".
+
+torchserve_reference.json, from three starts of TorchServe on 127.0.0.1:18080/18081/18082
+(config.properties: inference_address, management_address, metrics_address,
+enable_model_api=true; TMPDIR/TEMP and the working directory point into a scratch directory,
+so the pid file, key_file.json and logs/ stay out of the system temp dir and the clone):
+    {"versions": {...}, "config_properties": "...", "command": [...],
+     "startup": {"start_to_ready_s", "pings"}           (no model at start),
+     "register_densenet_small_s": float,
+     "rss": {"after_register_densenet_small" | "after_scale_densenet_small_to_2" | "all_models":
+             {"frontend_java_mb", "workers": [{"pid", "model", "rss_mb", "cmdline"}],
+              "total_mb"}},
+     "exchanges": [EXCHANGE, ...]                      the documented curl workflow: ping,
+         OPTIONS /, register (+ conflict, missing url, no url, async), list (+ limit /
+         next_page_token), describe (+ version, all, customized), scale (sync, async),
+         predictions (raw POST with/without content types, PUT like `curl -T`, multipart
+         `-F data=@kitten.jpg`, versioned, JSON for linear_base), prediction errors, metrics,
+         set-default, management errors, unregister,
+     "worker_errors_excerpt": [...]                    exception lines from logs/model_log.log,
+     "metrics_log_mode": {...}                         /metrics in the default metrics_mode=log,
+     "startup_with_model": {...}                       `--models densenet_small=densenet_small.mar`
+         with metrics_mode=prometheus: start_to_ping_s, start_to_first_prediction_s,
+         pings_while_loading, predictions_while_loading, rss_after_first_prediction,
+         metrics {families, sample_names, ts_families}, exchanges,
+     "token_auth_default": {...}                       without --disable-token-auth: key_file.json
+         shape (keys redacted to length + character classes), calls without/with tokens,
+     "script_s": float}
+    EXCHANGE = {"name", "method", "url" (":port/path?query"), "request": {"headers",
+                "body_kind", "body_len"}, "status", "reason", "headers" (all, lower-case
+                names), "body_json" + "body_raw" (the exact text: TorchServe pretty-prints with
+                2-space indents) | "body_text", "elapsed_ms"}; OPTIONS / and /api-description
+                keep only "body_summary" (top-level keys, info, paths and their methods).
+Volatile header values (date, x-request-id) are kept as "<volatile:...>" patterns.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve()
+CACHE = Path(os.environ.get("OXSERVE_CACHE", Path.home() / ".cache" / "oxserve"))
+BIN = Path(sys.executable).parent
+FIXED_CREATED_ON = "01/01/2024 00:00:00"
+INF, MGMT, METRICS = 18080, 18081, 18082
+
+LABELS = [
+    ("n01440764", "tench"),
+    ("n01443537", "goldfish"),
+    ("n01484850", "great_white_shark"),
+    ("n01491361", "tiger_shark"),
+    ("n01494475", "hammerhead"),
+    ("n01496331", "electric_ray"),
+    ("n01498041", "stingray"),
+    ("n01514668", "cock"),
+    ("n01514859", "hen"),
+    ("n01518878", "ostrich"),
+]
+
+LINEAR_HANDLER = '''\
+"""TorchServe handler for oxserve's linear_base fixture: JSON in, JSON out.
+
+TorchServe's BaseHandler.preprocess is torch.as_tensor(data) on the list of request dicts
+([{"body": ...}]), so it cannot take a JSON body by itself. Accepted bodies: a JSON list (one
+row [4] or rows [[4], ...]) or {"data": list}; parsed by the frontend already when the
+request's Content-Type is application/json, raw bytes otherwise. Answer: output.tolist().
+"""
+import json
+
+import torch
+from ts.torch_handler.base_handler import BaseHandler
+
+
+class LinearHandler(BaseHandler):
+    def preprocess(self, data):
+        rows = []
+        for request in data:
+            body = request.get("data")
+            if body is None:
+                body = request.get("body")
+            if isinstance(body, (bytes, bytearray)):
+                body = json.loads(body.decode("utf-8"))
+            if isinstance(body, dict):
+                body = body["data"]
+            rows.append(torch.as_tensor(body, dtype=torch.float32))
+        return rows
+
+    def inference(self, data, *args, **kwargs):
+        with torch.inference_mode():
+            return [self.model(x.to(self.device)) for x in data]
+
+    def postprocess(self, data):
+        return [y.tolist() for y in data]
+'''
+
+
+def log(*a):
+    print("make_torchserve_fixtures:", *a, file=sys.stderr, flush=True)
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    digest = hashlib.sha256(SCRIPT.read_bytes()).hexdigest()[:16]
+    p.add_argument("--out", type=Path, default=CACHE / "torchserve-fixtures" / digest)
+    p.add_argument("--if-needed", action="store_true", help="do nothing when <out>/.complete exists")
+    p.add_argument("--no-server", action="store_true", help="only build the fixtures")
+    p.add_argument("--no-token-probe", action="store_true",
+                   help="skip the second start that records the default token authorization")
+    return p.parse_args()
+
+
+# ---------------------------------------------------------------------------------------------
+# Fixtures
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def make_image(path: Path):
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    h, w = 240, 320
+    y, x = np.mgrid[0:h, 0:w].astype(np.float64)
+    r = 255 * x / (w - 1)
+    g = 255 * y / (h - 1)
+    b = 127.5 + 127.5 * np.sin(x / 23.0) * np.cos(y / 17.0)
+    img = Image.fromarray(np.stack([r, g, b], -1).round().clip(0, 255).astype(np.uint8), "RGB")
+    d = ImageDraw.Draw(img)
+    d.ellipse((40, 50, 150, 160), fill=(250, 240, 60), outline=(20, 20, 20), width=4)
+    d.rectangle((180, 30, 290, 120), fill=(30, 60, 200))
+    d.polygon([(200, 220), (260, 140), (310, 225)], fill=(200, 30, 40))
+    d.line((0, 230, 320, 180), fill=(255, 255, 255), width=6)
+    img.save(path, "JPEG", quality=90)
+
+
+def make_models(work: Path):
+    import torch
+
+    torch.set_num_threads(1)
+
+    class SmallCnn(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.features = torch.nn.Sequential(
+                torch.nn.Conv2d(3, 8, 3, stride=2, padding=1), torch.nn.ReLU(),
+                torch.nn.Conv2d(8, 16, 3, stride=2, padding=1), torch.nn.ReLU(),
+                torch.nn.Conv2d(16, 32, 3, stride=2, padding=1), torch.nn.ReLU(),
+                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+            self.classifier = torch.nn.Linear(32, 10)
+
+        def forward(self, x):
+            return self.classifier(self.features(x))
+
+    def trace(m, example):
+        try:
+            return torch.jit.trace(m, example, _store_inputs=False)
+        except TypeError:
+            return torch.jit.trace(m, example)
+
+    torch.manual_seed(0)
+    cnn = SmallCnn().eval()
+    with torch.no_grad():
+        cnn.classifier.weight.mul_(8.0)
+        cnn.classifier.bias.mul_(8.0)
+    d = work / "densenet_small"
+    d.mkdir()
+    with torch.no_grad():
+        trace(cnn, torch.zeros(1, 3, 224, 224)).save(str(d / "model.pt"))
+    (d / "index_to_name.json").write_text(
+        json.dumps({str(i): list(v) for i, v in enumerate(LABELS)}, indent=2) + "\n")
+
+    torch.manual_seed(1)
+    lin = torch.nn.Linear(4, 3).eval()
+    d = work / "linear_base"
+    d.mkdir()
+    with torch.no_grad():
+        trace(lin, torch.zeros(2, 4)).save(str(d / "model.pt"))
+    (d / "handler.py").write_text(LINEAR_HANDLER)
+
+
+def archive(work: Path, store: Path, name: str, src: str, handler: str, extra: list[str]):
+    cmd = [str(BIN / "torch-model-archiver"), "--model-name", name, "--version", "1.0",
+           "--serialized-file", "model.pt", "--handler", handler, "--export-path", str(store),
+           "--force"]
+    if extra:
+        cmd += ["--extra-files", ",".join(extra)]
+    log("$ torch-model-archiver", " ".join(cmd[1:]))
+    subprocess.run(cmd, cwd=work / src, check=True)
+    mar = store / f"{name}.mar"
+    normalize_mar(mar)
+    return mar, cmd
+
+
+def normalize_mar(mar: Path):
+    with zipfile.ZipFile(mar) as z:
+        members = [(i.filename, i.compress_type, z.read(i)) for i in z.infolist()]
+    tmp = mar.with_suffix(".tmp")
+    with zipfile.ZipFile(tmp, "w") as z:
+        for name, ctype, data in sorted(members):
+            if name == "MAR-INF/MANIFEST.json":
+                manifest = json.loads(data)
+                manifest["createdOn"] = FIXED_CREATED_ON
+                data = json.dumps(manifest, indent=2).encode()
+            info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+            info.compress_type = ctype
+            info.external_attr = 0o644 << 16
+            info.create_system = 3
+            z.writestr(info, data)
+    tmp.replace(mar)
+
+
+def expected_outputs(work: Path, out: Path):
+    import torch
+    import torch.nn.functional as F
+    from PIL import Image
+    from torchvision import transforms
+
+    tf = transforms.Compose([
+        transforms.Resize(256), transforms.CenterCrop(224), transforms.ToTensor(),
+        transforms.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])])
+    m = torch.jit.load(str(work / "densenet_small" / "model.pt"))
+    x = tf(Image.open(out / "kitten.jpg")).unsqueeze(0)
+    with torch.inference_mode():
+        logits = m(x)
+    probs, classes = torch.topk(F.softmax(logits, dim=1), 5, dim=1)
+    image = {LABELS[c][1]: p for c, p in zip(classes[0].tolist(), probs[0].tolist())}
+
+    lin = torch.jit.load(str(work / "linear_base" / "model.pt"))
+    rows = [[1.0, 2.0, 3.0, 4.0], [-1.0, 0.5, 0.0, 2.0]]
+    with torch.inference_mode():
+        linear = lin(torch.tensor(rows)).tolist()
+    return {
+        "densenet_small/kitten.jpg": {"logits": logits[0].tolist(), "top5": image},
+        "linear_base": {"input": rows, "output": linear},
+    }
+
+
+def build_fixtures(out: Path, work: Path):
+    store = out / "model-store"
+    store.mkdir(parents=True)
+    work.mkdir(parents=True)
+    make_models(work)
+    make_image(out / "kitten.jpg")
+    shutil.copy(work / "linear_base" / "handler.py", out / "handler.py")
+    cmds = {}
+    for name, src, handler, extra in [
+        ("densenet_small", "densenet_small", "image_classifier", ["index_to_name.json"]),
+        ("linear_base", "linear_base", "handler.py", []),
+        ("linear_basehandler", "linear_base", "base_handler", []),
+    ]:
+        _, cmd = archive(work, store, name, src, handler, extra)
+        cmds[name] = ["torch-model-archiver"] + cmd[1:cmd.index("--export-path")] + \
+            ["--export-path", "model-store"] + cmd[cmd.index("--export-path") + 2:]
+    files = {}
+    for p in sorted([out / "kitten.jpg", out / "handler.py", *store.glob("*.mar")]):
+        rel = str(p.relative_to(out))
+        files[rel] = {"sha256": sha256(p), "bytes": p.stat().st_size}
+        if p.suffix == ".mar":
+            with zipfile.ZipFile(p) as z:
+                files[rel]["members"] = {i.filename: i.file_size for i in z.infolist()}
+                files[rel]["manifest"] = json.loads(z.read("MAR-INF/MANIFEST.json"))
+                files[rel]["archiver_command"] = cmds[p.stem]
+    fixtures = {"files": files, "expected": expected_outputs(work, out),
+                "labels": {str(i): list(v) for i, v in enumerate(LABELS)}}
+    (out / "fixtures.json").write_text(json.dumps(fixtures, indent=2, sort_keys=True) + "\n")
+    return fixtures
+
+
+# ---------------------------------------------------------------------------------------------
+# The live TorchServe
+
+
+class Server:
+    def __init__(self, work: Path, store: Path, token_auth: bool, tag: str,
+                 extra_config: str = "", models: list[str] | None = None):
+        self.work = work
+        self.store = store
+        self.dir = work / tag
+        self.tmp = self.dir / "tmp"
+        self.tmp.mkdir(parents=True)
+        self.config = self.dir / "config.properties"
+        self.config.write_text(
+            f"inference_address=http://127.0.0.1:{INF}\n"
+            f"management_address=http://127.0.0.1:{MGMT}\n"
+            f"metrics_address=http://127.0.0.1:{METRICS}\n"
+            "enable_model_api=true\n" + extra_config)
+        self.env = dict(os.environ, TMPDIR=str(self.tmp), TEMP=str(self.tmp),
+                        LOG_LOCATION=str(self.dir / "logs"),
+                        METRICS_LOCATION=str(self.dir / "logs"),
+                        PATH=f"{BIN}:{os.environ.get('PATH', '')}", CUDA_VISIBLE_DEVICES="")
+        self.cmd = [str(BIN / "torchserve"), "--start", "--ncs", "--model-store", str(store),
+                    "--ts-config", str(self.config)]
+        if not token_auth:
+            self.cmd.append("--disable-token-auth")
+        if models:
+            self.cmd += ["--models", *models]
+        self.console = self.dir / "console.log"
+        self.java_pid = None
+        self.t0 = None
+
+    def start(self, requests) -> float:
+        for port in (INF, MGMT, METRICS):
+            try:
+                requests.get(f"http://127.0.0.1:{port}/", timeout=0.5)
+                raise SystemExit(f"port {port} is already in use: stop what listens there")
+            except requests.ConnectionError:
+                pass
+        self.t0 = t0 = time.monotonic()
+        with open(self.console, "ab") as console:  # the java frontend inherits it
+            subprocess.run(self.cmd, cwd=self.dir, env=self.env, check=True, stdout=console,
+                           stderr=subprocess.STDOUT)
+        self.java_pid = int((self.tmp / ".model_server.pid").read_text().strip())
+        self.pings = []  # distinct (status, body) /ping answers seen while waiting
+        while time.monotonic() - t0 < 90:
+            try:
+                r = requests.get(f"http://127.0.0.1:{INF}/ping", timeout=2)
+                seen = (r.status_code, r.text)
+                if not self.pings or self.pings[-1][1:] != seen:
+                    self.pings.append((round(time.monotonic() - t0, 2), *seen))
+                # The frontend binds inference, then management, then metrics: ready when all
+                # three accept connections.
+                if r.status_code < 500 and all(_listening(p) for p in (MGMT, METRICS)):
+                    return time.monotonic() - t0
+            except requests.ConnectionError:
+                pass
+            if not _alive(self.java_pid):
+                break
+            time.sleep(0.05)
+        self.dump_logs()
+        raise SystemExit("TorchServe did not become ready")
+
+    def stop(self):
+        if self.java_pid is None:
+            return
+        subprocess.run([str(BIN / "torchserve"), "--stop"], cwd=self.dir, env=self.env,
+                       stdout=sys.stderr, stderr=sys.stderr, timeout=60)
+        for _ in range(200):
+            if not _alive(self.java_pid):
+                break
+            time.sleep(0.1)
+        else:
+            log(f"java {self.java_pid} still alive after torchserve --stop: SIGKILL")
+            _kill_tree(self.java_pid)
+        self.java_pid = None
+
+    def dump_logs(self, lines=60):
+        for f in [self.console, *sorted((self.dir / "logs").glob("*.log"))]:
+            if not f.is_file():
+                continue
+            tail = f.read_text(errors="replace").splitlines()[-lines:]
+            log(f"--- {f.name} (last {len(tail)} lines)")
+            for line in tail:
+                print(line, file=sys.stderr)
+
+    def rss(self, requests, headers=None):
+        """RSS of the java frontend and of each Python worker (with the model it serves, from
+        the describe API)."""
+        import psutil
+
+        owner = {}
+        try:
+            base = f"http://127.0.0.1:{MGMT}/models"
+            for m in requests.get(base, headers=headers, timeout=10).json()["models"]:
+                for d in requests.get(f"{base}/{m['modelName']}/all", headers=headers,
+                                      timeout=10).json():
+                    for w in d.get("workers", []):
+                        owner[w.get("pid")] = f"{d['modelName']}/{d['modelVersion']}"
+        except Exception as e:  # noqa: BLE001 - best effort labels
+            log(f"rss: no model names ({e})")
+        java = psutil.Process(self.java_pid)
+        workers = []
+        for c in java.children(recursive=True):
+            try:
+                workers.append({"pid": c.pid, "model": owner.get(c.pid),
+                                "rss_mb": round(c.memory_info().rss / 2**20, 1),
+                                "cmdline": " ".join(_sanitize_cmd(c.cmdline()))})
+            except psutil.NoSuchProcess:
+                pass
+        jmb = round(java.memory_info().rss / 2**20, 1)
+        return {"frontend_java_mb": jmb, "workers": workers,
+                "total_mb": round(jmb + sum(w["rss_mb"] for w in workers), 1)}
+
+
+def _listening(port: int) -> bool:
+    import socket
+
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+def _sanitize_cmd(cmd):
+    return [Path(a).name if a.startswith("/") else a for a in cmd]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie child of ours counts as gone
+        import psutil
+
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except Exception:
+        return True
+
+
+def _kill_tree(pid: int):
+    import psutil
+
+    try:
+        p = psutil.Process(pid)
+        procs = p.children(recursive=True) + [p]
+    except psutil.NoSuchProcess:
+        return
+    for q in procs:
+        try:
+            q.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+
+
+class Recorder:
+    VOLATILE = {"date", "x-request-id"}
+
+    def __init__(self, requests, work: Path):
+        self.requests = requests
+        self.session = requests.Session()
+        self.work = str(work)
+        self.exchanges = []
+
+    def __call__(self, name, method, port, path, *, data=None, files=None, headers=None,
+                 json_body=None, record=True, timeout=120):
+        url = f"http://127.0.0.1:{port}{path}"
+        t0 = time.monotonic()
+        r = self.session.request(method, url, data=data, files=files, headers=headers,
+                                 json=json_body, timeout=timeout)
+        elapsed = (time.monotonic() - t0) * 1000
+        req_headers = {k: v for k, v in (r.request.headers or {}).items()
+                       if k.lower() in ("content-type", "authorization")}
+        if "authorization" in {k.lower() for k in req_headers}:
+            req_headers = {k: ("Bearer <token>" if k.lower() == "authorization" else v)
+                           for k, v in req_headers.items()}
+        body = r.request.body
+        if isinstance(body, str):
+            body = body.encode()
+        ex = {
+            "name": name,
+            "method": method,
+            "url": f":{port}{path}",
+            "request": {"headers": req_headers,
+                        "body_kind": ("json" if json_body is not None else "multipart" if files
+                                      else "bytes" if data is not None else "none"),
+                        "body_len": len(body or b"")},
+            "status": r.status_code,
+            "reason": r.reason,
+            "headers": {k.lower(): self._header(k.lower(), v) for k, v in r.headers.items()},
+            "elapsed_ms": round(elapsed, 1),
+        }
+        text = r.content.decode("utf-8", errors="replace").replace(self.work, "<work>")
+        try:
+            ex["body_json"] = json.loads(text)
+            ex["body_raw"] = text
+        except ValueError:
+            ex["body_text"] = text
+        if record:
+            self.exchanges.append(ex)
+        status = f"{r.status_code} {r.headers.get('content-type', '')}"
+        log(f"{name}: {method} :{port}{path} -> {status} ({elapsed:.0f} ms)")
+        return ex
+
+    @staticmethod
+    def _header(name, value):
+        if name == "date":
+            return "<volatile:http-date>"
+        if name == "x-request-id":
+            uuid = re.fullmatch(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}",
+                                value)
+            return "<volatile:uuid4>" if uuid else f"<volatile:{value}>"
+        return value
+
+
+def summarize_openapi(ex):
+    body = ex.pop("body_json", None)
+    ex.pop("body_raw", None)
+    if isinstance(body, dict):
+        ex["body_summary"] = {
+            "top_level_keys": list(body),
+            "openapi": body.get("openapi"),
+            "info": body.get("info"),
+            "paths": {p: sorted(v) for p, v in body.get("paths", {}).items()},
+        }
+    return ex
+
+
+def parse_metrics(text: str):
+    families, samples = {}, set()
+    for line in text.splitlines():
+        if line.startswith("# TYPE "):
+            _, _, name, kind = line.split(" ", 3)
+            families[name] = kind
+        elif line and not line.startswith("#"):
+            samples.add(re.split(r"[{ ]", line, 1)[0])
+    return families, sorted(samples)
+
+
+def run_workflow(out: Path, work: Path, args):
+    import requests
+
+    store = out / "model-store"
+    jpg = (out / "kitten.jpg").read_bytes()
+    ref = {"versions": versions(), "rss": {}}
+    srv = Server(work, store, token_auth=False, tag="ts")
+    ref["config_properties"] = srv.config.read_text()
+    ref["command"] = ["torchserve"] + [a if not a.startswith("/") else "<" + Path(a).name + ">"
+                                       for a in srv.cmd[1:]]
+    rec = Recorder(requests, work)
+    try:
+        ready = srv.start(requests)
+        ref["startup"] = {"start_to_ready_s": round(ready, 2), "pings": srv.pings,
+                          "note": "no model at startup: from running `torchserve --start` to "
+                                  "/ping answering and the management and metrics ports "
+                                  "accepting connections"}
+        log(f"TorchServe ready in {ready:.1f} s (java pid {srv.java_pid})")
+
+        rec("ping", "GET", INF, "/ping")
+        summarize_openapi(rec("api_description_get", "GET", INF, "/api-description"))
+        summarize_openapi(rec("api_description_inference", "OPTIONS", INF, "/"))
+        summarize_openapi(rec("api_description_management", "OPTIONS", MGMT, "/"))
+        rec("list_empty", "GET", MGMT, "/models")
+
+        # Register (the documented curl: POST /models?url=...&initial_workers=1&synchronous=true)
+        t0 = time.monotonic()
+        rec("register", "POST", MGMT, "/models?url=densenet_small.mar&initial_workers=1"
+            "&synchronous=true")
+        ref["register_densenet_small_s"] = round(time.monotonic() - t0, 2)
+        ref["rss"]["after_register_densenet_small"] = srv.rss(requests)
+        rec("register_again_conflict", "POST", MGMT, "/models?url=densenet_small.mar"
+            "&initial_workers=1&synchronous=true")
+        rec("register_missing_url", "POST", MGMT, "/models?url=missing.mar&initial_workers=1"
+            "&synchronous=true")
+        rec("register_no_url", "POST", MGMT, "/models")
+        rec("register_linear_base", "POST", MGMT, "/models?url=linear_base.mar"
+            "&initial_workers=1&synchronous=true")
+        rec("register_async_linear_basehandler", "POST", MGMT,
+            "/models?url=linear_basehandler.mar&initial_workers=1&synchronous=false")
+
+        # List with pagination
+        rec("list", "GET", MGMT, "/models")
+        rec("list_limit_1", "GET", MGMT, "/models?limit=1")
+        rec("list_limit_1_next_page_token_1", "GET", MGMT, "/models?limit=1&next_page_token=1")
+
+        # Describe
+        rec("describe", "GET", MGMT, "/models/densenet_small")
+        rec("describe_version", "GET", MGMT, "/models/densenet_small/1.0")
+        rec("describe_all", "GET", MGMT, "/models/densenet_small/all")
+        rec("describe_customized", "GET", MGMT, "/models/densenet_small?customized=true")
+        rec("describe_linear_base", "GET", MGMT, "/models/linear_base")
+
+        # Scale
+        rec("scale_sync_min_worker_2", "PUT", MGMT,
+            "/models/densenet_small?min_worker=2&synchronous=true")
+        ref["rss"]["after_scale_densenet_small_to_2"] = srv.rss(requests)
+        rec("describe_after_scale", "GET", MGMT, "/models/densenet_small")
+        rec("scale_async_min_worker_1", "PUT", MGMT, "/models/densenet_small?min_worker=1")
+
+        # Predictions
+        rec("predict_jpeg_raw_post", "POST", INF, "/predictions/densenet_small", data=jpg)
+        rec("predict_jpeg_raw_post_image_jpeg", "POST", INF, "/predictions/densenet_small",
+            data=jpg, headers={"Content-Type": "image/jpeg"})
+        rec("predict_jpeg_raw_post_octet_stream", "POST", INF, "/predictions/densenet_small",
+            data=jpg, headers={"Content-Type": "application/octet-stream"})
+        rec("predict_jpeg_put_like_curl_T", "PUT", INF, "/predictions/densenet_small", data=jpg)
+        rec("predict_jpeg_multipart_data", "POST", INF, "/predictions/densenet_small",
+            files={"data": ("kitten.jpg", jpg, "image/jpeg")})
+        rec("predict_jpeg_version", "POST", INF, "/predictions/densenet_small/1.0", data=jpg)
+        rec("predict_unknown_model", "POST", INF, "/predictions/nosuchmodel", data=jpg)
+        rec("predict_unknown_version", "POST", INF, "/predictions/densenet_small/9.9", data=jpg)
+        rec("predict_bad_image_bytes", "POST", INF, "/predictions/densenet_small",
+            data=b"this is not an image")
+        rec("predict_get_method", "GET", INF, "/predictions/densenet_small")
+        rows = [[1.0, 2.0, 3.0, 4.0], [-1.0, 0.5, 0.0, 2.0]]
+        rec("predict_linear_json", "POST", INF, "/predictions/linear_base", json_body=rows)
+        rec("predict_linear_json_no_content_type", "POST", INF, "/predictions/linear_base",
+            data=json.dumps(rows).encode())
+        rec("predict_linear_json_dict", "POST", INF, "/predictions/linear_base",
+            json_body={"data": rows[0]})
+        rec("predict_linear_bad_json", "POST", INF, "/predictions/linear_base",
+            data=b"[1, 2", headers={"Content-Type": "application/json"})
+        _wait_workers(rec, "linear_basehandler")
+        rec("predict_basehandler_json", "POST", INF, "/predictions/linear_basehandler",
+            json_body=rows)
+        ref["rss"]["all_models"] = srv.rss(requests)
+
+        # Misc inference-port paths
+        rec("inference_port_models_list", "GET", INF, "/models")
+        rec("unknown_path", "GET", INF, "/nosuchpath")
+        rec("ping_after", "GET", INF, "/ping")
+
+        # Metrics (default metrics_mode=log: see the "startup_with_model" run for prometheus)
+        m = rec("metrics_log_mode", "GET", METRICS, "/metrics")
+        ref["metrics_log_mode"] = {"families": parse_metrics(m.get("body_text") or "")[0],
+                                   "body_len": len(m.get("body_text") or "")}
+
+        # Default version, management errors, unregister
+        rec("set_default", "PUT", MGMT, "/models/densenet_small/1.0/set-default")
+        rec("set_default_unknown_version", "PUT", MGMT, "/models/densenet_small/9.9/set-default")
+        rec("describe_unknown_model", "GET", MGMT, "/models/nosuchmodel")
+        rec("describe_unknown_version", "GET", MGMT, "/models/densenet_small/9.9")
+        rec("scale_unknown_model", "PUT", MGMT, "/models/nosuchmodel?min_worker=1")
+        rec("list_bad_limit", "GET", MGMT, "/models?limit=abc")
+        rec("unregister_unknown_model", "DELETE", MGMT, "/models/nosuchmodel")
+        rec("unregister", "DELETE", MGMT, "/models/densenet_small/1.0")
+        rec("unregister_again", "DELETE", MGMT, "/models/densenet_small/1.0")
+        rec("predict_after_unregister", "POST", INF, "/predictions/densenet_small", data=jpg)
+        rec("unregister_linear_base", "DELETE", MGMT, "/models/linear_base")
+        rec("unregister_linear_basehandler", "DELETE", MGMT, "/models/linear_basehandler")
+        rec("list_after_unregister", "GET", MGMT, "/models")
+    except BaseException:
+        srv.dump_logs()
+        raise
+    finally:
+        srv.stop()
+    ref["exchanges"] = rec.exchanges
+    ref["worker_errors_excerpt"] = worker_errors(srv, work)
+    ref["startup_with_model"] = startup_with_model(work, store, jpg, requests)
+    if not args.no_token_probe:
+        ref["token_auth_default"] = token_probe(work, store, requests)
+    return ref
+
+
+def worker_errors(srv: Server, work: Path, limit=40):
+    """The exception lines the Python workers logged (why the 503s happened)."""
+    f = srv.dir / "logs" / "model_log.log"
+    if not f.is_file():
+        return []
+    lines = [re.sub(r"^\S+ \[\w+ ?\] ", "", line).replace(str(work), "<work>")
+             for line in f.read_text(errors="replace").splitlines()
+             if re.search(r"(Error|Exception)\b.*:|Traceback", line)]
+    return lines[:limit]
+
+
+def _wait_workers(rec, model, timeout=60):
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        ex = rec("wait", "GET", MGMT, f"/models/{model}", record=False)
+        body = ex.get("body_json")
+        if isinstance(body, list) and body and any(
+                w.get("status") == "READY" for w in body[0].get("workers", [])):
+            return
+        time.sleep(0.2)
+    log(f"{model}: no READY worker after {timeout} s")
+
+
+def token_probe(work: Path, store: Path, requests):
+    """A second start with TorchServe's defaults for token authorization (no
+    --disable-token-auth): record what calls without and with the keys answer."""
+    srv = Server(work, store, token_auth=True, tag="ts-token")
+    rec = Recorder(requests, work)
+    res = {"command": ["torchserve"] + [a if not a.startswith("/") else "<" + Path(a).name + ">"
+                                        for a in srv.cmd[1:]]}
+    try:
+        res["start_to_ready_s"] = round(srv.start(requests), 2)
+        key_files = sorted(p.name for p in srv.dir.glob("*.json"))
+        res["files_written_in_cwd"] = key_files
+        keys = {}
+        if (srv.dir / "key_file.json").is_file():
+            keys = json.loads((srv.dir / "key_file.json").read_text())
+            res["key_file_shape"] = {
+                k: ({f: (_pattern(x) if f == "key" else x) for f, x in v.items()}
+                    if isinstance(v, dict) else type(v).__name__)
+                for k, v in keys.items()}
+        rec("ping_no_token", "GET", INF, "/ping")
+        rec("list_no_token", "GET", MGMT, "/models")
+        rec("predict_no_token", "POST", INF, "/predictions/nosuchmodel", data=b"x")
+        mt = rec("metrics_no_token", "GET", METRICS, "/metrics")
+        mt["body_text"] = "\n".join((mt.get("body_text") or "").splitlines()[:5])
+        rec("list_wrong_token", "GET", MGMT, "/models",
+            headers={"Authorization": "Bearer wrong"})
+        mkey = keys.get("management", {}).get("key")
+        ikey = keys.get("inference", {}).get("key")
+        if mkey:
+            rec("list_management_token", "GET", MGMT, "/models",
+                headers={"Authorization": f"Bearer {mkey}"})
+        if ikey:
+            rec("list_inference_token_on_management", "GET", MGMT, "/models",
+                headers={"Authorization": f"Bearer {ikey}"})
+            rec("ping_inference_token", "GET", INF, "/ping",
+                headers={"Authorization": f"Bearer {ikey}"})
+            rec("predict_inference_token", "POST", INF, "/predictions/nosuchmodel", data=b"x",
+                headers={"Authorization": f"Bearer {ikey}"})
+    except BaseException:
+        srv.dump_logs()
+        raise
+    finally:
+        srv.stop()
+    res["exchanges"] = rec.exchanges
+    return res
+
+
+def _pattern(key: str) -> str:
+    """Describe a secret without keeping it: length and character classes."""
+    classes = [n for n, rx in (("a-z", "[a-z]"), ("A-Z", "[A-Z]"), ("0-9", "[0-9]"),
+                               ("_", "_"), ("-", "-")) if re.search(rx, key)]
+    other = sorted(set(re.sub(r"[A-Za-z0-9_-]", "", key)))
+    return f"<{len(key)} chars [{''.join(classes)}{''.join(other)}]>"
+
+
+def startup_with_model(work: Path, store: Path, jpg: bytes, requests):
+    """The documented `torchserve --start --ncs --model-store ... --models m.mar` start, with
+    metrics_mode=prometheus: start -> /ping answers -> first successful prediction, RSS, and the
+    Prometheus metric families after some traffic."""
+    srv = Server(work, store, token_auth=False, tag="ts-startup",
+                 extra_config="metrics_mode=prometheus\n",
+                 models=["densenet_small=densenet_small.mar"])
+    rec = Recorder(requests, work)
+    res = {"config_properties": srv.config.read_text(),
+           "command": ["torchserve"] + [a if not a.startswith("/") else "<" + Path(a).name + ">"
+                                        for a in srv.cmd[1:]]}
+    try:
+        res["start_to_ping_s"] = round(srv.start(requests), 2)
+        url = f"http://127.0.0.1:{INF}/predictions/densenet_small"
+        # distinct (status, body) of predictions and pings while the workers load
+        answers, pings = [], srv.pings
+        while time.monotonic() - srv.t0 < 90:
+            r = requests.post(url, data=jpg, timeout=30)
+            now = round(time.monotonic() - srv.t0, 2)
+            if not answers or answers[-1][1:] != (r.status_code, r.text):
+                answers.append((now, r.status_code, r.text))
+            if r.status_code == 200:
+                break
+            p = requests.get(f"http://127.0.0.1:{INF}/ping", timeout=10)
+            if pings[-1][1:] != (p.status_code, p.text):
+                pings.append((now, p.status_code, p.text))
+            time.sleep(0.1)
+        res["start_to_first_prediction_s"] = round(time.monotonic() - srv.t0, 2)
+        res["pings_while_loading"] = pings
+        res["predictions_while_loading"] = answers
+        res["rss_after_first_prediction"] = srv.rss(requests)
+        rec("describe_loaded_at_startup", "GET", MGMT, "/models/densenet_small")
+        for i in range(5):
+            rec("predict", "POST", INF, "/predictions/densenet_small", data=jpg, record=i == 0)
+        rec("predict_bad_image_bytes", "POST", INF, "/predictions/densenet_small",
+            data=b"this is not an image")
+        rec("predict_unknown_model", "POST", INF, "/predictions/nosuchmodel", data=jpg)
+        m = rec("metrics", "GET", METRICS, "/metrics")
+        text = m.pop("body_text", "") or ""
+        families, samples = parse_metrics(text)
+        m["body_text"] = text
+        res["metrics"] = {"families": families, "sample_names": samples,
+                          "ts_families": sorted(n for n in families if n.startswith("ts_"))}
+        mf = rec("metrics_name_filter", "GET", METRICS,
+                 "/metrics?name[]=ts_inference_requests_total")
+        mf["families"] = parse_metrics(mf.get("body_text") or "")[0]
+    except BaseException:
+        srv.dump_logs()
+        raise
+    finally:
+        srv.stop()
+    res["exchanges"] = rec.exchanges
+    return res
+
+
+def versions():
+    import importlib.metadata as md
+
+    v = {p: md.version(p) for p in ("torchserve", "torch-model-archiver", "torch", "torchvision",
+                                    "captum", "pillow")}
+    java = os.path.join(os.environ["JAVA_HOME"], "bin", "java") if os.environ.get("JAVA_HOME") \
+        else "java"
+    jv = subprocess.run([java, "-version"], capture_output=True, text=True)
+    v["java"] = (jv.stderr or jv.stdout).splitlines()[0] if jv.returncode == 0 else None
+    v["python"] = sys.version.split()[0]
+    return v
+
+
+def main():
+    args = parse_args()
+    out = args.out.resolve()
+    if args.if_needed and (out / ".complete").is_file():
+        print(out)
+        return
+    os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+    if not (BIN / "torch-model-archiver").exists():
+        raise SystemExit(f"no torch-model-archiver next to {sys.executable}: run this with "
+                         "$OXSERVE_CACHE/venv-torchserve/bin/python (scripts/setup-torchserve.sh)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    t_start = time.monotonic()
+    tmp_out = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
+    work = Path(tempfile.mkdtemp(prefix="oxserve-torchserve-"))
+    try:
+        log(f"building fixtures in {tmp_out}")
+        build_fixtures(tmp_out, work / "src")
+        if not args.no_server:
+            ref = run_workflow(tmp_out, work, args)
+            ref["script_s"] = round(time.monotonic() - t_start, 1)
+            (tmp_out / "torchserve_reference.json").write_text(
+                json.dumps(ref, indent=2) + "\n")
+        (tmp_out / ".complete").write_text("")
+        tmp_out.chmod(0o755)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp_out.rename(out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        if tmp_out.exists():
+            shutil.rmtree(tmp_out, ignore_errors=True)
+    log(f"done in {time.monotonic() - t_start:.1f} s")
+    print(out)
+
+
+if __name__ == "__main__":
+    main()
