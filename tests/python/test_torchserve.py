@@ -575,3 +575,25 @@ def test_kserve_and_metrics_on_torchserve_ports(ts_server):
     assert r.status_code == 200, r.text
     assert r.headers.get("content-type", "").startswith("text/plain"), r.headers
     assert "# TYPE " in r.text, r.text[:500]
+
+
+def test_torchserve_metric_families(ts_server):
+    """TorchServe's ts_* counters (its prometheus metrics mode) for the served model: they
+    count the predictions made, with TorchServe's names, labels and units."""
+    def count() -> float:
+        r = ts_server.request("GET", "metrics", "/metrics")
+        assert r.status_code == 200, r.text
+        for line in r.text.splitlines():
+            if line.startswith("ts_inference_requests_total{") and f'model_name="{MODEL}"' in line:
+                assert 'model_version="default"' in line and "hostname=" in line, line
+                return float(line.rsplit(" ", 1)[1])
+        raise AssertionError(f"no ts_inference_requests_total for {MODEL}: {r.text[-2000:]}")
+
+    before = count()
+    for _ in range(3):
+        r = ts_server.request("POST", "inference", f"/predictions/{MODEL}", data=JPG)
+        assert r.status_code == 200, r.text
+    assert count() == before + 3
+    text = ts_server.request("GET", "metrics", "/metrics").text
+    for family in ("ts_inference_latency_microseconds", "ts_queue_latency_microseconds"):
+        assert f"# TYPE {family} counter" in text, text[-2000:]

@@ -17,7 +17,9 @@ pub use inflight::{
     GRPC_WEIGHT, InflightBudget, InflightLayer, JSON_WEIGHT, MAX_DEFAULT_BUDGET, MIN_DEFAULT_BUDGET,
     default_budget_bytes,
 };
-pub use metrics::{MetricsSource, OPENMETRICS_CONTENT_TYPE, metrics_router, metrics_router_with};
+pub use metrics::{
+    ExtraMetrics, MetricsSource, OPENMETRICS_CONTENT_TYPE, metrics_router, metrics_router_with,
+};
 pub use process::{ProcessStats, process_registry};
 pub use rate_limit::{MAX_TRACKED_CLIENTS, RateLimitRule, RateLimits};
 pub use request_id::REQUEST_ID;
@@ -75,6 +77,8 @@ pub struct ServerOptions {
     pub tfserving_grpc: oxserve_tfserving::grpc::GrpcOptions,
     /// More routes on the HTTP listener (TorchServe's inference API).
     pub extra_http_routes: Option<axum::Router>,
+    /// More metric families rendered at each scrape (TorchServe's `ts_*`).
+    pub extra_metrics: Option<ExtraMetrics>,
     /// What the HTTP listener answers for paths no protocol knows (default: KServe's 404);
     /// TorchServe mode answers in TorchServe's shape.
     pub http_fallback: Option<axum::Router>,
@@ -213,7 +217,7 @@ pub async fn serve(
     let budget = InflightBudget::new(options.max_inflight_bytes.unwrap_or_else(default_budget_bytes));
     tracing::info!(bytes = budget.limit(), "in-flight request byte budget");
     budget.register_metrics(&mut server_metrics);
-    let metrics_source = MetricsSource::new(engine.metrics(), server_metrics);
+    let metrics_source = MetricsSource::new(engine.metrics(), server_metrics, options.extra_metrics.clone());
     // Every HTTP protocol on one listener: KServe v2 (`/v2`) and TF Serving's REST API (`/v1`).
     let mut app =
         router(engine.clone(), options.http.clone(), shm.clone()).merge(oxserve_tfserving::rest::router(

@@ -26,6 +26,18 @@ struct MetricsState {
     process: Registry,
     /// The server's own families (authentication, rate limits).
     server: Registry,
+    /// More Prometheus text, made at each scrape (TorchServe's `ts_*` families).
+    extra: Option<ExtraMetrics>,
+}
+
+/// Metric families a protocol renders itself at scrape time, in Prometheus' text format.
+#[derive(Clone)]
+pub struct ExtraMetrics(pub Arc<dyn Fn() -> String + Send + Sync>);
+
+impl std::fmt::Debug for ExtraMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ExtraMetrics")
+    }
 }
 
 /// `GET /metrics`; every other path is 404.
@@ -35,7 +47,7 @@ pub fn metrics_router(engine: Arc<Metrics>) -> Router {
 
 /// [`metrics_router`] that also exposes the families of `server`.
 pub fn metrics_router_with(engine: Arc<Metrics>, server: Registry) -> Router {
-    MetricsSource::new(engine, server)
+    MetricsSource::new(engine, server, None)
         .router("/metrics")
         .fallback(|| async { (StatusCode::NOT_FOUND, "not found: metrics are at /metrics\n") })
 }
@@ -46,11 +58,12 @@ pub fn metrics_router_with(engine: Arc<Metrics>, server: Registry) -> Router {
 pub struct MetricsSource(Arc<MetricsState>);
 
 impl MetricsSource {
-    pub fn new(engine: Arc<Metrics>, server: Registry) -> Self {
+    pub fn new(engine: Arc<Metrics>, server: Registry, extra: Option<ExtraMetrics>) -> Self {
         MetricsSource(Arc::new(MetricsState {
             engine,
             process: process_registry(),
             server,
+            extra,
         }))
     }
 
@@ -77,12 +90,18 @@ fn encode(state: &MetricsState, openmetrics: bool) -> Result<(String, &'static s
         text::encode_registry(&mut body, state.engine.registry())?;
         text::encode_registry(&mut body, &state.process)?;
         text::encode_registry(&mut body, &state.server)?;
+        if let Some(extra) = &state.extra {
+            body.push_str(&(extra.0)());
+        }
         text::encode_eof(&mut body)?;
         Ok((body, OPENMETRICS_CONTENT_TYPE))
     } else {
         prometheus_text::encode(&mut body, state.engine.registry())?;
         prometheus_text::encode(&mut body, &state.process)?;
         prometheus_text::encode(&mut body, &state.server)?;
+        if let Some(extra) = &state.extra {
+            body.push_str(&(extra.0)());
+        }
         Ok((body, prometheus_text::CONTENT_TYPE))
     }
 }
@@ -106,6 +125,9 @@ mod tests {
             engine: Arc::new(Metrics::new()),
             process: process_registry(),
             server: Registry::default(),
+            extra: Some(ExtraMetrics(Arc::new(|| {
+                "# TYPE ts_x counter\nts_x 1\n".to_string()
+            }))),
         }
     }
 
@@ -124,6 +146,7 @@ mod tests {
             assert!(body.contains("\nprocess_open_fds "), "{body}");
         }
         assert!(!body.contains("# EOF"));
+        assert!(body.ends_with("ts_x 1\n"), "extra families come last");
     }
 
     #[test]

@@ -433,6 +433,70 @@ fn now() -> String {
     )
 }
 
+/// One model's counters for TorchServe's `ts_*` families.
+struct ModelCounts {
+    name: String,
+    requests: f64,
+    latency_us: f64,
+    queue_us: f64,
+}
+
+impl TorchServe {
+    /// TorchServe's `ts_*` metric families for the registered models, from the engine's
+    /// statistics (cumulative since each version loaded): requests, their total latency and
+    /// their total time queued, in TorchServe's names, units and labels.
+    pub fn metrics_text(&self) -> String {
+        let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_default();
+        let names: Vec<String> = self.models.lock().keys().cloned().collect();
+        let mut rows = Vec::new();
+        for name in names {
+            let Ok(stats) = self.engine.model_statistics(Some(&name), None) else {
+                continue;
+            };
+            let (mut count, mut latency_ns, mut queue_ns) = (0u64, 0u64, 0u64);
+            for s in &stats {
+                let i = &s.inference_stats;
+                count += i.success.count + i.fail.count;
+                latency_ns += i.success.ns + i.fail.ns;
+                queue_ns += i.queue.ns;
+            }
+            rows.push(ModelCounts {
+                name,
+                requests: count as f64,
+                latency_us: latency_ns as f64 / 1000.0,
+                queue_us: queue_ns as f64 / 1000.0,
+            });
+        }
+        let label = |name: &str| {
+            format!(
+                "{{model_name={},model_version=\"default\",hostname={},}}",
+                serde_json::Value::String(name.to_string()),
+                serde_json::Value::String(hostname.clone())
+            )
+        };
+        let mut out = String::new();
+        type Family = (&'static str, &'static str, fn(&ModelCounts) -> f64);
+        let families: [Family; 3] = [
+            ("ts_inference_requests_total", "Count", |r| r.requests),
+            ("ts_inference_latency_microseconds", "Microseconds", |r| {
+                r.latency_us
+            }),
+            ("ts_queue_latency_microseconds", "Microseconds", |r| r.queue_us),
+        ];
+        for (family, unit, value) in families {
+            out.push_str(&format!(
+                "# HELP {family} Torchserve prometheus counter metric with unit: {unit}\n# TYPE {family} counter\n"
+            ));
+            for row in &rows {
+                out.push_str(&format!("{family}{} {:?}\n", label(&row.name), value(row)));
+            }
+        }
+        out
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

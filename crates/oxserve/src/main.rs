@@ -590,6 +590,7 @@ fn run_server(settings: Settings, extras: ServeExtras) -> anyhow::Result<()> {
         extra_http_routes: None,
         extra_listeners: Vec::new(),
         http_fallback: None,
+        extra_metrics: None,
     };
     let control_mode: oxserve_engine::ControlMode = settings
         .models
@@ -623,6 +624,10 @@ fn run_server(settings: Settings, extras: ServeExtras) -> anyhow::Result<()> {
             let max = settings.server.max_input_size;
             options.extra_http_routes = Some(oxserve_torchserve::inference_router(ts.clone(), max));
             options.http_fallback = Some(oxserve_torchserve::api::not_found_router());
+            let metrics_ts = ts.clone();
+            options.extra_metrics = Some(oxserve_server::ExtraMetrics(Arc::new(move || {
+                metrics_ts.metrics_text()
+            })));
             options.extra_listeners.push(oxserve_server::ExtraListener {
                 name: "management",
                 port: setup.management_port,

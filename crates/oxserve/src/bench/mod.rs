@@ -225,6 +225,7 @@ mod tests {
             extra_http_routes: None,
             extra_listeners: Vec::new(),
             http_fallback: None,
+            extra_metrics: None,
         };
         let engine = InferenceService::new(
             ModelManager::new(
