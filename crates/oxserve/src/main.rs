@@ -493,10 +493,8 @@ struct ServeExtras {
 struct TorchServeSetup {
     model_store: Option<PathBuf>,
     management_port: u16,
-    /// Archives registered at start-up: (name, archive in the model store).
-    startup: Vec<(Option<String>, String)>,
-    /// Workers of each start-up model (`default_workers_per_model`).
-    workers: u32,
+    /// Archives registered at start-up.
+    startup: Vec<oxserve_torchserve::Registration>,
     model_api: bool,
     /// TorchServe's token authorization, when on.
     keys: Option<TorchServeKeys>,
@@ -633,7 +631,7 @@ fn run_server(settings: Settings, extras: ServeExtras) -> anyhow::Result<()> {
                 port: setup.management_port,
                 routes: oxserve_torchserve::management_router(ts.clone(), max),
             });
-            Some((ts, setup.startup, setup.workers))
+            Some((ts, setup.startup))
         }
     };
     let poll_interval = std::time::Duration::from_secs(settings.models.poll_secs.max(1));
@@ -672,15 +670,9 @@ fn run_server(settings: Settings, extras: ServeExtras) -> anyhow::Result<()> {
                 return;
             }
             loader.start_polling(poll_interval);
-            if let Some((ts, startup, workers)) = torchserve {
-                for (name, url) in startup {
-                    let registration = oxserve_torchserve::Registration {
-                        url: url.clone(),
-                        model_name: name,
-                        initial_workers: workers.max(1),
-                        loaded_at_startup: true,
-                        ..Default::default()
-                    };
+            if let Some((ts, startup)) = torchserve {
+                for registration in startup {
+                    let url = registration.url.clone();
                     if let Err(e) = ts.register(registration).await {
                         tracing::error!(archive = %url, error = %e, "cannot load a start-up model");
                     }

@@ -82,20 +82,59 @@ fn pid_file() -> PathBuf {
     std::env::temp_dir().join(".model_server.pid")
 }
 
-/// TorchServe's config.properties: `key=value` lines, `#` comments.
+/// TorchServe's config.properties (Java properties): `key=value` lines, `#` comments, a
+/// trailing `\` continues a value on the next line (the `models` JSON is written so).
 fn read_properties(path: &Path) -> anyhow::Result<BTreeMap<String, String>> {
     let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    Ok(parse_properties(&text))
+}
+
+fn parse_properties(text: &str) -> BTreeMap<String, String> {
     let mut out = BTreeMap::new();
-    for line in text.lines() {
-        let line = line.trim();
-        if line.is_empty() || line.starts_with('#') || line.starts_with('!') {
+    let mut pending = String::new();
+    for raw in text.lines() {
+        let line = if pending.is_empty() {
+            raw.trim()
+        } else {
+            raw.trim_start()
+        };
+        if pending.is_empty() && (line.is_empty() || line.starts_with('#') || line.starts_with('!')) {
             continue;
         }
-        if let Some((key, value)) = line.split_once(['=', ':']) {
+        if let Some(continued) = line.strip_suffix('\\') {
+            pending.push_str(continued);
+            continue;
+        }
+        pending.push_str(line);
+        let whole = std::mem::take(&mut pending);
+        if let Some((key, value)) = whole.split_once(['=', ':']) {
             out.insert(key.trim().to_string(), value.trim().to_string());
         }
     }
-    Ok(out)
+    out
+}
+
+/// Per-model settings of config.properties' `models` JSON
+/// (`{"name": {"1.0": {"marName", "minWorkers", "maxWorkers", "batchSize", "maxBatchDelay",
+/// "responseTimeout", "defaultVersion"}}}`), applied to the start-up models of that name.
+fn model_settings(models: Option<&str>) -> anyhow::Result<BTreeMap<String, serde_json::Value>> {
+    let Some(text) = models else {
+        return Ok(BTreeMap::new());
+    };
+    let parsed: BTreeMap<String, BTreeMap<String, serde_json::Value>> =
+        serde_json::from_str(text).context("config.properties: 'models' is not valid JSON")?;
+    // One version's settings per model: the default version's, else the first.
+    Ok(parsed
+        .into_iter()
+        .filter_map(|(name, versions)| {
+            let chosen = versions
+                .values()
+                .find(|v| v.get("defaultVersion").and_then(serde_json::Value::as_bool) == Some(true))
+                .or_else(|| versions.values().next())
+                .cloned()?;
+            Some((name, chosen))
+        })
+        .collect())
 }
 
 /// `http://127.0.0.1:8080` → (host, port).
@@ -128,6 +167,7 @@ const HONOURED: &[&str] = &[
     "disable_token_authorization",
     "enable_metrics_api",
     "grpc_inference_port",
+    "models",
 ];
 
 pub fn run(args: TorchServeArgs) -> anyhow::Result<()> {
@@ -184,7 +224,27 @@ pub fn run(args: TorchServeArgs) -> anyhow::Result<()> {
             .filter(|s| !s.is_empty())
             .collect();
     }
-    let startup = startup_models(&models, model_store.as_deref())?;
+    let settings_by_model = model_settings(get("models"))?;
+    let startup = startup_models(&models, model_store.as_deref())?
+        .into_iter()
+        .map(|(name, url)| {
+            let number = |value: Option<&serde_json::Value>| value.and_then(serde_json::Value::as_u64);
+            let key = name
+                .clone()
+                .unwrap_or_else(|| url.trim_end_matches(".mar").to_string());
+            let own = settings_by_model.get(&key);
+            let field = |f: &str| number(own.and_then(|o| o.get(f)));
+            oxserve_torchserve::Registration {
+                url,
+                model_name: name,
+                initial_workers: field("minWorkers").map_or(workers, |n| n as u32).max(1),
+                batch_size: field("batchSize").map_or(1, |n| n as u32),
+                max_batch_delay_ms: field("maxBatchDelay").unwrap_or(100),
+                response_timeout_s: field("responseTimeout").unwrap_or(120),
+                loaded_at_startup: true,
+            }
+        })
+        .collect();
 
     let s = &mut settings.server;
     s.host = host;
@@ -218,7 +278,6 @@ pub fn run(args: TorchServeArgs) -> anyhow::Result<()> {
                 model_store,
                 management_port,
                 startup,
-                workers,
                 model_api: args.enable_model_api || truthy("enable_model_api"),
                 keys,
             }),
@@ -324,4 +383,25 @@ fn stop() -> anyhow::Result<()> {
         println!("TorchServe is not currently running.");
     }
     Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn properties_with_continued_models_json() {
+        let text = "# comment\ninference_address=http://0.0.0.0:8080\nmodels={\\\n  \"noop\": {\\\n    \"1.0\": {\"marName\": \"noop.mar\", \"minWorkers\": 3, \"batchSize\": 4, \"defaultVersion\": true}\\\n  }\\\n}\nload_models=all\n";
+        let props = parse_properties(text);
+        assert_eq!(props["inference_address"], "http://0.0.0.0:8080");
+        assert_eq!(props["load_models"], "all");
+        let models = model_settings(props.get("models").map(String::as_str)).unwrap();
+        assert_eq!(models["noop"]["minWorkers"], 3);
+        assert_eq!(
+            address("http://0.0.0.0:8080").unwrap(),
+            ("0.0.0.0".to_string(), 8080)
+        );
+        assert!(model_settings(Some("{not json")).is_err());
+    }
 }
