@@ -173,7 +173,9 @@ def main() -> None:
                     proc.wait(timeout=30)
                 except subprocess.TimeoutExpired:
                     proc.kill()
-                subprocess.run(["pkill", "-f", f"model-store {fx / 'model-store'}"], check=False)
+                # TorchServe's launcher leaves its JVM and workers behind: they all name the
+                # run's own temporary directory.
+                subprocess.run(["pkill", "-f", str(work)], check=False)
         finally:
             shutil.rmtree(work, ignore_errors=True)
     base = rows[0][1] or 1.0

@@ -597,3 +597,21 @@ def test_torchserve_metric_families(ts_server):
     text = ts_server.request("GET", "metrics", "/metrics").text
     for family in ("ts_inference_latency_microseconds", "ts_queue_latency_microseconds"):
         assert f"# TYPE {family} counter" in text, text[-2000:]
+
+
+@pytest.mark.parametrize("port_kind,name", [("inference", "api_description_inference"),
+                                            ("management", "api_description_management")])
+def test_api_descriptions_list_torchserves_endpoints(ts_server, port_kind, name):
+    """OPTIONS / and GET /api-description answer an OpenAPI document listing the endpoints
+    TorchServe's own lists (its /metrics entry aside: metrics are on the metrics port)."""
+    recorded = ts.exchange(name)["body_summary"]["paths"]
+    for method, path in (("OPTIONS", "/"), ("GET", "/api-description")):
+        r = ts_server.request(method, port_kind, path)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["openapi"] == "3.0.1" and {"info", "paths"} <= body.keys()
+        for endpoint, methods in recorded.items():
+            if endpoint == "/metrics":
+                continue
+            assert endpoint in body["paths"], (endpoint, sorted(body["paths"]))
+            assert set(methods) <= set(body["paths"][endpoint]), (endpoint, methods)

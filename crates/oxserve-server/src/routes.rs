@@ -180,6 +180,7 @@ fn classify_http(segments: &[&str]) -> Route {
         ["v1", "models"] => Route::new(Metadata),
         // TorchServe's inference API (the management API's `/models...` is administration).
         ["ping"] => Route::new(Health),
+        ["api-description"] | [""] => Route::new(Metadata),
         ["predictions", model] | ["predictions", model, _] => Route::for_model(Infer, model),
         ["models", ..] => Route::new(Repository),
         _ => Route::UNKNOWN,
@@ -337,7 +338,9 @@ mod tests {
                 Some(Repository),
             ),
             // Unknown endpoints: no group (a key of any scope), never a lesser one.
-            ("/", None),
+            // TorchServe's API description (OPTIONS /, GET /api-description).
+            ("/", Some(Metadata)),
+            ("/api-description", Some(Metadata)),
             ("", None),
             ("/v2/", None),
             ("/v2/health", None),

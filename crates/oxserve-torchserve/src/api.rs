@@ -67,6 +67,11 @@ type ApiResult = std::result::Result<Response, TsError>;
 /// The inference API's routes (TorchServe's `inference_address`).
 pub fn inference_router(ts: Arc<TorchServe>, max_body_bytes: usize) -> Router {
     Router::new()
+        .route(
+            "/",
+            axum::routing::options(describe_inference).fallback(not_found),
+        )
+        .route("/api-description", get(describe_inference))
         .route("/ping", get(ping))
         .route(
             "/predictions/{model}",
@@ -82,6 +87,11 @@ pub fn inference_router(ts: Arc<TorchServe>, max_body_bytes: usize) -> Router {
 /// The management API's routes (TorchServe's `management_address`).
 pub fn management_router(ts: Arc<TorchServe>, max_body_bytes: usize) -> Router {
     Router::new()
+        .route(
+            "/",
+            axum::routing::options(describe_management).fallback(not_found),
+        )
+        .route("/api-description", get(describe_management))
         .route("/models", get(list).post(register))
         .route(
             "/models/{model}",
@@ -115,6 +125,14 @@ impl Ctx {
             )))
         }
     }
+}
+
+async fn describe_inference() -> Response {
+    json_response(StatusCode::OK, &crate::openapi::inference())
+}
+
+async fn describe_management() -> Response {
+    json_response(StatusCode::OK, &crate::openapi::management())
 }
 
 /// A router that answers every request with TorchServe's 404 (for the inference port's

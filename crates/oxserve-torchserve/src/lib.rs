@@ -6,6 +6,7 @@ pub mod api;
 pub mod handler;
 pub mod mar;
 mod multipart;
+pub mod openapi;
 pub mod registry;
 
 pub use api::{inference_router, management_router};
