@@ -15,6 +15,9 @@ const STD: [f32; 3] = [0.229, 0.224, 0.225];
 const RESIZE: u32 = 256;
 const CROP: u32 = 224;
 const TOP_K: usize = 5;
+/// The largest image side decoded, and the most memory a decode may take.
+const MAX_SIDE: u32 = 8192;
+const MAX_DECODE_BYTES: u64 = 256 << 20;
 
 /// A handler of an archive, by its manifest's `handler` field.
 #[derive(Debug, Clone)]
@@ -87,7 +90,18 @@ fn read_labels(path: &Path) -> Result<Option<HashMap<usize, String>>> {
 }
 
 fn image_tensor(body: &[u8]) -> Result<Tensor> {
-    let image = image::load_from_memory(body)
+    // A small file can declare a huge image: dimensions and decoder memory are capped so a
+    // request cannot make the server allocate gigabytes.
+    let mut limits = image::Limits::default();
+    limits.max_image_width = Some(MAX_SIDE);
+    limits.max_image_height = Some(MAX_SIDE);
+    limits.max_alloc = Some(MAX_DECODE_BYTES);
+    let mut reader = image::ImageReader::new(std::io::Cursor::new(body))
+        .with_guessed_format()
+        .map_err(|e| Error::invalid(format!("cannot decode the image: {e}")))?;
+    reader.limits(limits);
+    let image = reader
+        .decode()
         .map_err(|e| Error::invalid(format!("cannot decode the image: {e}")))?
         .to_rgb8();
     let (w, h) = image.dimensions();
@@ -166,7 +180,25 @@ fn top_k(output: &Tensor, labels: Option<&HashMap<usize, String>>) -> Result<Str
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
+    use image::ImageEncoder;
+
     use super::*;
+
+    /// PNG's CRC-32 (for the chunk patched in the test).
+    fn crc32(data: &[u8]) -> u32 {
+        let mut crc = 0xffff_ffffu32;
+        for &b in data {
+            crc ^= u32::from(b);
+            for _ in 0..8 {
+                crc = if crc & 1 != 0 {
+                    (crc >> 1) ^ 0xedb8_8320
+                } else {
+                    crc >> 1
+                };
+            }
+        }
+        !crc
+    }
 
     #[test]
     fn images_become_normalised_chw_crops() {
