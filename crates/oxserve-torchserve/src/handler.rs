@@ -223,6 +223,21 @@ mod tests {
                 .to_string()
                 .contains("cannot decode")
         );
+        // A tiny PNG that declares a 100,000 × 100,000 image is refused, not allocated.
+        let mut header = Vec::new();
+        image::codecs::png::PngEncoder::new(&mut header)
+            .write_image(&[0u8; 3], 1, 1, image::ExtendedColorType::Rgb8)
+            .unwrap();
+        // Patch the IHDR width and height (bytes 16..24) and its CRC (bytes 29..33).
+        header[16..20].copy_from_slice(&100_000u32.to_be_bytes());
+        header[20..24].copy_from_slice(&100_000u32.to_be_bytes());
+        let crc = crc32(&header[12..29]);
+        header[29..33].copy_from_slice(&crc.to_be_bytes());
+        let err = image_tensor(&header).unwrap_err().to_string();
+        assert!(
+            err.contains("cannot decode") && err.to_lowercase().contains("limit"),
+            "{err}"
+        );
     }
 
     #[test]
