@@ -26,19 +26,17 @@ import base64
 import functools
 import json
 import os
-import subprocess
 from pathlib import Path
 
 import ml_dtypes
 import numpy as np
 import pytest
 
-from _server import ROOT
+import _fixtures
 
 MODELS_ENV = "OXSERVE_TF_MODELS"
 LIBRARY_FILE = "libtensorflow_cc.so.2"
 LIBRARY_ENV = "OXSERVE__BACKENDS__TENSORFLOW_LIBRARY"
-GENERATOR = ROOT / "scripts" / "make_tf_models.py"
 DEFAULT_SIGNATURE = "serving_default"
 
 # TensorFlow dtype -> (numpy dtype, KServe v2 datatype)
@@ -61,12 +59,11 @@ DTYPES: dict[str, tuple[object, str]] = {
 
 
 def cache_dir() -> Path:
-    """$OXSERVE_CACHE, else ~/.cache/oxserve (as scripts/setup-tensorflow.sh and the server)."""
-    return Path(os.environ.get("OXSERVE_CACHE") or Path.home() / ".cache" / "oxserve")
+    return _fixtures.cache_dir()
 
 
 def venv_python() -> Path:
-    return cache_dir() / "venv-tf" / "bin" / "python"
+    return _fixtures.venv_python("venv-tf")
 
 
 def tensorflow_library() -> Path | None:
@@ -98,27 +95,8 @@ def skip_reason() -> str:
 @functools.lru_cache(maxsize=None)
 def models_dir() -> Path:
     """The fixture directory (see the module docstring); fails the caller when it cannot be had."""
-    env = os.environ.get(MODELS_ENV)
-    if env:
-        path = Path(env).resolve()
-    else:
-        done = subprocess.run(
-            [str(venv_python()), str(GENERATOR), "--if-needed"],
-            cwd=ROOT, capture_output=True, text=True, timeout=1200,
-        )
-        lines = done.stdout.strip().splitlines()
-        if done.returncode != 0 or not lines:
-            pytest.fail(
-                f"scripts/make_tf_models.py failed (exit {done.returncode}):\n"
-                f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}",
-                pytrace=False,
-            )
-        path = Path(lines[-1]).resolve()
-    for name in ("references.json", "signatures.json"):
-        if not (path / name).is_file():
-            pytest.fail(f"{path} is not a scripts/make_tf_models.py directory (no {name})"
-                        + (f"; from ${MODELS_ENV}" if env else ""), pytrace=False)
-    return path
+    return _fixtures.generated(MODELS_ENV, "venv-tf", "scripts/make_tf_models.py",
+                               ["references.json", "signatures.json"], timeout=1200)
 
 
 @functools.lru_cache(maxsize=None)

@@ -26,16 +26,14 @@ from __future__ import annotations
 import functools
 import json
 import os
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from _server import ROOT
+import _fixtures
 
 MODELS_ENV = "OXSERVE_TORCH_MODELS"
-GENERATOR = ROOT / "scripts" / "make_torch_models.py"
 # What a server built without the `torch` feature says of a pytorch_libtorch model.
 NOT_BUILT_IN = "built without the PyTorch engine"
 
@@ -53,13 +51,8 @@ DTYPES: dict[str, object] = {
 }
 
 
-def cache_dir() -> Path:
-    """$OXSERVE_CACHE, else ~/.cache/oxserve (as scripts/setup-torch.sh)."""
-    return Path(os.environ.get("OXSERVE_CACHE") or Path.home() / ".cache" / "oxserve")
-
-
 def venv_python() -> Path:
-    return cache_dir() / "venv-torch" / "bin" / "python"
+    return _fixtures.venv_python("venv-torch")
 
 
 def skip_reason() -> str:
@@ -74,28 +67,8 @@ def skip_reason() -> str:
 @functools.lru_cache(maxsize=None)
 def models_dir() -> Path:
     """The fixture directory (see the module docstring); fails the caller when it cannot be had."""
-    env = os.environ.get(MODELS_ENV)
-    if env:
-        path = Path(env).resolve()
-    else:
-        done = subprocess.run(
-            [str(venv_python()), str(GENERATOR), "--if-needed"],
-            cwd=ROOT, capture_output=True, text=True, timeout=600,
-            env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
-        )
-        lines = done.stdout.strip().splitlines()
-        if done.returncode != 0 or not lines:
-            pytest.fail(
-                f"scripts/make_torch_models.py failed (exit {done.returncode}):\n"
-                f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}",
-                pytrace=False,
-            )
-        path = Path(lines[-1]).resolve()
-    for name in ("references.json", "repo"):
-        if not (path / name).exists():
-            pytest.fail(f"{path} is not a scripts/make_torch_models.py directory (no {name})"
-                        + (f"; from ${MODELS_ENV}" if env else ""), pytrace=False)
-    return path
+    return _fixtures.generated(MODELS_ENV, "venv-torch", "scripts/make_torch_models.py",
+                               ["references.json", "repo"], timeout=600)
 
 
 def repository() -> Path:

@@ -40,10 +40,10 @@ from pathlib import Path
 import pytest
 import requests
 
-from _server import ROOT, ServerProcess, oxserve_bin
+import _fixtures
+from _server import ServerProcess, oxserve_bin
 
 FIXTURES_ENV = "OXSERVE_TORCHSERVE_FIXTURES"
-GENERATOR = ROOT / "scripts" / "make_torchserve_fixtures.py"
 # What a server built without the `torch` feature says of a TorchScript model.
 NOT_BUILT_IN = "built without the PyTorch engine"
 LINK_NAME = "torchserve"
@@ -59,13 +59,8 @@ PROBABILITY_ATOL = 2e-3
 TIMEOUT_S = 60.0
 
 
-def cache_dir() -> Path:
-    """$OXSERVE_CACHE, else ~/.cache/oxserve (as scripts/setup-torchserve.sh)."""
-    return Path(os.environ.get("OXSERVE_CACHE") or Path.home() / ".cache" / "oxserve")
-
-
 def venv_python() -> Path:
-    return cache_dir() / "venv-torchserve" / "bin" / "python"
+    return _fixtures.venv_python("venv-torchserve")
 
 
 def skip_reason() -> str:
@@ -80,33 +75,13 @@ def skip_reason() -> str:
 @functools.lru_cache(maxsize=None)
 def fixtures_dir() -> Path:
     """The fixture directory (see the module docstring); fails the caller when it cannot be had."""
-    env = os.environ.get(FIXTURES_ENV)
-    if env:
-        path = Path(env).resolve()
-    else:
-        done = subprocess.run(
-            [str(venv_python()), str(GENERATOR), "--if-needed"],
-            cwd=ROOT, capture_output=True, text=True, timeout=900,
-            env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
-        )
-        lines = done.stdout.strip().splitlines()
-        if done.returncode != 0 or not lines:
-            pytest.fail(
-                f"scripts/make_torchserve_fixtures.py failed (exit {done.returncode}):\n"
-                f"{done.stdout[-3000:]}\n{done.stderr[-3000:]}",
-                pytrace=False,
-            )
-        path = Path(lines[-1]).resolve()
-    for name in ("model-store/densenet_small.mar", "model-store/linear_base.mar", "kitten.jpg",
-                 "fixtures.json", "torchserve_reference.json"):
-        if not (path / name).is_file():
-            hint = (" (torchserve_reference.json needs Java 17 when the generator runs: it "
-                    "was run with --no-server or without java)"
-                    if name == "torchserve_reference.json" else "")
-            pytest.fail(f"{path} is not a scripts/make_torchserve_fixtures.py directory (no "
-                        f"{name}){hint}" + (f"; from ${FIXTURES_ENV}" if env else ""),
-                        pytrace=False)
-    return path
+    java_hint = (" (torchserve_reference.json needs Java 17 when the generator runs: it was run "
+                 "with --no-server or without java)")
+    return _fixtures.generated(
+        FIXTURES_ENV, "venv-torchserve", "scripts/make_torchserve_fixtures.py",
+        ["model-store/densenet_small.mar", "model-store/linear_base.mar", "kitten.jpg",
+         "fixtures.json", "torchserve_reference.json"],
+        timeout=900, hints={"torchserve_reference.json": java_hint})
 
 
 def model_store() -> Path:

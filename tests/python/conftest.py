@@ -32,7 +32,7 @@ from urllib.parse import urlsplit
 import pytest
 
 # Plain asserts in the helper modules get pytest's detailed failure messages too.
-pytest.register_assert_rewrite("_models", "_server", "_corpus", "_tf", "_torch")
+pytest.register_assert_rewrite("_models", "_server", "_corpus", "_fixtures", "_tf", "_torch")
 
 from _server import LIMITED_MAX_INPUT_SIZE, ServerProcess  # noqa: E402
 from _tls import TlsFixture  # noqa: E402

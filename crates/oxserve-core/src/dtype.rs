@@ -90,6 +90,32 @@ impl DataType {
         ALL.into_iter().find(|d| d.config_name() == name)
     }
 
+    /// TensorFlow's code for the type (`tensorflow.DataType` in types.proto, the C API's
+    /// `TF_DataType`), for the TensorFlow engine and TF Serving's protocol alike.
+    pub const fn tensorflow_code(self) -> i32 {
+        match self {
+            DataType::F32 => 1,
+            DataType::F64 => 2,
+            DataType::I32 => 3,
+            DataType::U8 => 4,
+            DataType::I16 => 5,
+            DataType::I8 => 6,
+            DataType::Bytes => 7,
+            DataType::I64 => 9,
+            DataType::Bool => 10,
+            DataType::BF16 => 14,
+            DataType::U16 => 17,
+            DataType::F16 => 19,
+            DataType::U32 => 22,
+            DataType::U64 => 23,
+        }
+    }
+
+    /// The type of a TensorFlow `DataType` code, for the types oxserve has.
+    pub fn from_tensorflow_code(code: i32) -> Option<DataType> {
+        ALL.into_iter().find(|d| d.tensorflow_code() == code)
+    }
+
     /// Size of one element in bytes; `None` for variable-length BYTES.
     pub fn size(self) -> Option<usize> {
         Some(match self {
@@ -126,6 +152,11 @@ mod tests {
         assert_eq!(DataType::from_wire_name("fp32"), None);
         assert_eq!(DataType::from_config_name("TYPE_BYTES"), None);
         assert_eq!(DataType::from_config_name("TYPE_STRING"), Some(DataType::Bytes));
+        for d in DataType::ALL {
+            assert_eq!(DataType::from_tensorflow_code(d.tensorflow_code()), Some(d));
+        }
+        assert_eq!(DataType::from_tensorflow_code(19), Some(DataType::F16));
+        assert_eq!(DataType::from_tensorflow_code(8), None, "complex64 is not served");
     }
 
     #[test]

@@ -47,24 +47,6 @@ pub struct TF_TString {
     _raw: [u8; 24],
 }
 
-/// TF_DataType codes (tf_datatype.h), the same numbers as `tensorflow.DataType`.
-pub mod dtype {
-    pub const FLOAT: i32 = 1;
-    pub const DOUBLE: i32 = 2;
-    pub const INT32: i32 = 3;
-    pub const UINT8: i32 = 4;
-    pub const INT16: i32 = 5;
-    pub const INT8: i32 = 6;
-    pub const STRING: i32 = 7;
-    pub const INT64: i32 = 9;
-    pub const BOOL: i32 = 10;
-    pub const BFLOAT16: i32 = 14;
-    pub const UINT16: i32 = 17;
-    pub const HALF: i32 = 19;
-    pub const UINT32: i32 = 22;
-    pub const UINT64: i32 = 23;
-}
-
 macro_rules! api {
     ($($name:ident : fn($($arg:ty),*) $(-> $ret:ty)?;)*) => {
         /// The resolved C API. Holds the library open for as long as it lives; the engine keeps

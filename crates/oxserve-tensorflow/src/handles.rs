@@ -5,7 +5,10 @@ use std::ffi::{CStr, CString, c_int};
 use std::path::Path;
 use std::sync::Arc;
 
-use crate::api::{Api, TF_Buffer, TF_Graph, TF_Output, TF_Session, TF_Status, TF_TString, TF_Tensor, dtype};
+use crate::api::{Api, TF_Buffer, TF_Graph, TF_Output, TF_Session, TF_Status, TF_TString, TF_Tensor};
+
+/// DT_STRING's code.
+const STRING: i32 = oxserve_core::DataType::Bytes.tensorflow_code();
 
 /// A `TF_Status`; `check` turns a failed one into its message.
 pub(crate) struct Status<'a> {
@@ -330,7 +333,7 @@ impl OwnedTensor {
     /// A DT_STRING tensor holding copies of `items`.
     pub(crate) fn from_strings(api: &Arc<Api>, dims: &[i64], items: &[bytes::Bytes]) -> Result<Self, String> {
         let len = items.len() * std::mem::size_of::<TF_TString>();
-        let raw = Self::allocate(api, dtype::STRING, dims, len)?;
+        let raw = Self::allocate(api, STRING, dims, len)?;
         let mut tensor = OwnedTensor {
             api: Arc::clone(api),
             raw,
@@ -381,7 +384,7 @@ impl OwnedTensor {
 
     /// Copies of the elements of a DT_STRING tensor (`count` elements).
     pub(crate) fn strings(&self, count: usize) -> Result<Vec<bytes::Bytes>, String> {
-        if self.dtype() != dtype::STRING {
+        if self.dtype() != STRING {
             return Err("not a string tensor".into());
         }
         // SAFETY: (as in `bytes`) the buffer is live while self is.

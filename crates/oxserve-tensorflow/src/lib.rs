@@ -21,15 +21,12 @@ mod handles;
 pub mod library;
 mod model;
 pub mod savedmodel;
-mod types;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
 use oxserve_backend::support::{invalid_model, unsupported};
 use oxserve_backend::{Backend, BackendError, BackendErrorKind, LoadSpec, LoadedModel, ModelSignature};
-
-pub use crate::types::{data_type, tf_code};
 
 /// Engine settings from the server's configuration.
 #[derive(Debug, Clone, Default)]

@@ -8,12 +8,11 @@ use oxserve_backend::support::{
     invalid_model,
 };
 use oxserve_backend::{BackendError, Batch, EntryPoint, LoadSpec, LoadedModel, ModelInstance};
-use oxserve_core::{DataType, Tensor, TensorData, TensorMeta, element_count};
+use oxserve_core::{DataType, Tensor, TensorData, TensorMeta, check_bools, element_count};
 
 use crate::api::Api;
 use crate::handles::{Endpoint, OwnedTensor, Session, TensorBytes};
 use crate::savedmodel::{self, Signature};
-use crate::types::{data_type, tf_code};
 
 /// Session settings that are not part of the model.
 #[derive(Debug, Clone, Default)]
@@ -233,16 +232,11 @@ fn to_tensorflow(api: &Arc<Api>, binding: &Binding, tensor: &Tensor) -> Result<O
             OwnedTensor::from_strings(api, &tensor.shape, items).map_err(internal)
         }
         (TensorData::Raw(raw), dt) if dt != DataType::Bytes => {
-            let owned = OwnedTensor::from_bytes(api, tf_code(dt), &tensor.shape, raw).map_err(internal)?;
+            let owned =
+                OwnedTensor::from_bytes(api, dt.tensorflow_code(), &tensor.shape, raw).map_err(internal)?;
             // Checked on our copy, which no client can change any more.
-            if dt == DataType::Bool
-                && let Some(pos) = owned.bytes().iter().position(|&b| b > 1)
-            {
-                return Err(invalid_input(format!(
-                    "input '{}': BOOL element {pos} is {}, not 0 or 1",
-                    binding.name,
-                    owned.bytes()[pos]
-                )));
+            if dt == DataType::Bool {
+                check_bools(&binding.name, owned.bytes()).map_err(|e| invalid_input(e.message()))?;
             }
             Ok(owned)
         }
@@ -255,7 +249,7 @@ fn to_tensorflow(api: &Arc<Api>, binding: &Binding, tensor: &Tensor) -> Result<O
 
 fn from_tensorflow(binding: &Binding, result: OwnedTensor) -> Result<Tensor, BackendError> {
     let name = binding.name.as_str();
-    let datatype = data_type(result.dtype()).ok_or_else(|| {
+    let datatype = DataType::from_tensorflow_code(result.dtype()).ok_or_else(|| {
         internal(format!(
             "output '{name}' has TensorFlow type {} which is not served",
             result.dtype()

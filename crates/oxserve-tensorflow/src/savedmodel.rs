@@ -6,9 +6,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use oxserve_backend::EntryPoint;
-use oxserve_core::TensorMeta;
-
-use crate::types::data_type;
+use oxserve_core::{DataType, TensorMeta};
 
 #[derive(Clone, PartialEq, prost::Message)]
 pub(crate) struct SavedModel {
@@ -139,7 +137,7 @@ fn signature(name: &str, def: &SignatureDef) -> Result<Signature, String> {
                 if info.name.is_empty() {
                     return Err(format!("'{key}' is a sparse or composite tensor"));
                 }
-                let datatype = data_type(info.dtype).ok_or_else(|| {
+                let datatype = DataType::from_tensorflow_code(info.dtype).ok_or_else(|| {
                     format!("'{key}' has TensorFlow type {} which is not served", info.dtype)
                 })?;
                 let shape = match &info.tensor_shape {

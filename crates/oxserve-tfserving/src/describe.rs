@@ -9,48 +9,6 @@ use crate::pb::tensorflow::serving::{ModelVersionStatus, StatusProto, model_vers
 use crate::pb::tensorflow::{TensorInfo, TensorShapeProto, tensor_info, tensor_shape_proto};
 use crate::spec::{Signature, VersionChoice};
 
-/// TensorFlow's `DataType` code of an oxserve type (`tensorflow.DataType`).
-pub fn dt_code(dt: DataType) -> i32 {
-    match dt {
-        DataType::F32 => 1,
-        DataType::F64 => 2,
-        DataType::I32 => 3,
-        DataType::U8 => 4,
-        DataType::I16 => 5,
-        DataType::I8 => 6,
-        DataType::Bytes => 7,
-        DataType::I64 => 9,
-        DataType::Bool => 10,
-        DataType::BF16 => 14,
-        DataType::U16 => 17,
-        DataType::F16 => 19,
-        DataType::U32 => 22,
-        DataType::U64 => 23,
-    }
-}
-
-/// The oxserve type of a TensorFlow `DataType` code.
-pub fn data_type_of(code: i32) -> Option<DataType> {
-    [
-        DataType::F32,
-        DataType::F64,
-        DataType::I32,
-        DataType::U8,
-        DataType::I16,
-        DataType::I8,
-        DataType::Bytes,
-        DataType::I64,
-        DataType::Bool,
-        DataType::BF16,
-        DataType::U16,
-        DataType::F16,
-        DataType::U32,
-        DataType::U64,
-    ]
-    .into_iter()
-    .find(|d| dt_code(*d) == code)
-}
-
 pub fn dt_name(dt: DataType) -> &'static str {
     match dt {
         DataType::F32 => "DT_FLOAT",
@@ -182,7 +140,7 @@ pub fn signature_def(sig: &Signature) -> crate::pb::tensorflow::SignatureDef {
                 (
                     t.key.clone(),
                     TensorInfo {
-                        dtype: dt_code(t.datatype),
+                        dtype: t.datatype.tensorflow_code(),
                         tensor_shape: Some(shape_proto(&t.shape)),
                         encoding: Some(tensor_info::Encoding::Name(t.tensor_name.clone())),
                     },

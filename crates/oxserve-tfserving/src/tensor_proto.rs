@@ -6,7 +6,6 @@
 use bytes::Bytes;
 use oxserve_core::{DataType, Error, Result, Tensor, TensorData, element_count};
 
-use crate::describe::{data_type_of, dt_code};
 use crate::pb::tensorflow::{TensorProto, TensorShapeProto, tensor_shape_proto};
 
 fn shape_of(key: &str, proto: &TensorProto) -> Result<Vec<i64>> {
@@ -61,7 +60,7 @@ fn le_bytes<T: Copy, const N: usize>(values: Vec<T>, to: impl Fn(T) -> [u8; N]) 
 /// The tensor a `TensorProto` holds, named `key`. Short value lists expand to the shape, but
 /// to no more than `max_bytes` (a few values must not make gigabytes).
 pub fn to_tensor(key: &str, proto: TensorProto, max_bytes: usize) -> Result<Tensor> {
-    let datatype = data_type_of(proto.dtype).ok_or_else(|| {
+    let datatype = DataType::from_tensorflow_code(proto.dtype).ok_or_else(|| {
         Error::invalid(format!(
             "input '{key}': TensorFlow dtype {} is not supported",
             proto.dtype
@@ -143,7 +142,7 @@ pub fn from_tensor(tensor: Tensor) -> TensorProto {
         unknown_rank: false,
     };
     let mut proto = TensorProto {
-        dtype: dt_code(tensor.datatype),
+        dtype: tensor.datatype.tensorflow_code(),
         tensor_shape: Some(shape),
         ..Default::default()
     };

@@ -5,7 +5,7 @@ use std::sync::{Arc, Once};
 
 use oxserve_backend::support::{check_input, internal, invalid_input, invalid_model, unsupported};
 use oxserve_backend::{Backend, BackendError, Batch, LoadSpec, LoadedModel, ModelInstance, ModelSignature};
-use oxserve_core::{DataType, Tensor, TensorData, TensorMeta, element_count};
+use oxserve_core::{DataType, Tensor, TensorData, TensorMeta, check_bools, element_count};
 use tch::{CModule, Device, IValue, Kind};
 
 /// The engine's name, as in config.pbtxt's `backend` field (Triton's PyTorch backend).
@@ -224,12 +224,7 @@ fn to_torch(meta: &TensorMeta, tensor: &Tensor) -> Result<tch::Tensor, BackendEr
     let owned;
     let bytes: &[u8] = if meta.datatype == DataType::Bool {
         owned = raw.to_vec();
-        if let Some(pos) = owned.iter().position(|&b| b > 1) {
-            return Err(invalid_input(format!(
-                "input '{}': BOOL element {pos} is {}, not 0 or 1",
-                meta.name, owned[pos]
-            )));
-        }
+        check_bools(&meta.name, &owned).map_err(|e| invalid_input(e.message()))?;
         &owned
     } else {
         raw
