@@ -14,7 +14,7 @@ The default output directory is
 printed as the last line on stdout (progress goes to stderr). With --if-needed nothing is done
 when `<out>/.complete` exists. The tree is built in a temporary sibling and renamed into place.
 Needs Java 17 (`java` on PATH or JAVA_HOME) for the server part; --no-server skips it (then
-there is no torchserve_reference.json). Takes about 40 s on 2 cores; only the CPU is used.
+there is no torchserve_reference.json). Takes about 50 s on 2 cores; only the CPU is used.
 
 Layout:
 
@@ -31,17 +31,28 @@ Layout:
         [4] or rows [[4], ...]) or {"data": list}, and answers out.tolist().
     <out>/model-store/linear_basehandler.mar  the same model.pt with `--handler base_handler`,
         kept to record the failure above (an error fixture).
+    <out>/model-store/custom_echo.mar         the same model.pt with `--handler
+        custom_handler.py` (CUSTOM_HANDLER): a module-level handle(data, context), for
+        oxserve's custom Python handler support (TorchServe's own Python worker). Per request
+        it answers by its body: {"rows": [[4], ...]} -> {"out", "batch" (len(data)), "header"
+        (request header x-echo), "inputs" (the request dict's sorted keys)}; {"status": N}
+        also sets status N "Custom phrase", content type application/x-custom, header
+        x-handler: yes; {"raise": msg} raises ValueError; {"prediction_exception": code}
+        raises PredictionException; {"die": true} os._exit(1)s the worker; {"headers": true}
+        adds all the request headers the worker got; multipart without body/data ->
+        {"parts": {name: len}}; not JSON -> {"bytes": len}.
     <out>/kitten.jpg                           a 320x240 JPEG (quality 90): colour gradient +
         shapes, drawn with numpy/PIL (no real kitten).
     <out>/handler.py                           the linear_base handler, as archived.
+    <out>/custom_handler.py                    the custom_echo handler, as archived.
     <out>/fixtures.json                        sha256 and size of each fixture, MANIFEST.json of
         each .mar, and locally computed expected outputs (the image_classifier pipeline run in
         this Python: Resize(256), CenterCrop(224), ToTensor, Normalize(ImageNet), softmax,
         top 5 -> {label: prob}; and the Linear outputs).
     <out>/torchserve_reference.json            the recorded exchanges (see below).
 
-Determinism: model.pt, handler.py, kitten.jpg, the .mar files and fixtures.json are byte for
-byte identical between runs (fixed seeds; pinned torch 2.13.0 and Pillow) from the same script
+Determinism: model.pt, handler.py, custom_handler.py, kitten.jpg, the .mar files and
+fixtures.json are byte for byte identical between runs (fixed seeds; pinned torch 2.13.0 and Pillow) from the same script
 at the same paths: model.pt's *.debug_pkl members hold source ranges with the absolute paths
 (and line numbers) of this script and of venv-torch's torch/nn/*.py, so another checkout path
 or OXSERVE_CACHE changes their bytes (and sha256), never the weights or the outputs. torch-model-archiver itself is not
@@ -78,6 +89,22 @@ so the pid file, key_file.json and logs/ stay out of the system temp dir and the
          metrics {families, sample_names, ts_families}, exchanges,
      "token_auth_default": {...}                       without --disable-token-auth: key_file.json
          shape (keys redacted to length + character classes), calls without/with tokens,
+     "custom_handler": {...}                           custom_echo.mar on the first start, after
+         its workflow: "exchanges" (register custom_echo with 1 worker and batch size 1,
+         describe, predictions for each kind of body (rows with an x-echo header, the header
+         in mixed case, no / text/plain content type, handler-set status 203 and 422, raise,
+         PredictionException 507 and 422, multipart with two files, raw bytes, a query
+         parameter, all request headers), a worker that dies (predict_die), a prediction and
+         describe after TorchServe restarted it; custom_batch = the same archive registered
+         with batch_size=4, max_batch_delay=200, 1 worker, and 4 concurrent predictions
+         predict_batch_0..3; broken_handler.mar (a handler.py with a syntax error, written
+         with zipfile for the time of its registration) refused; unregister), each exchange
+         with "sent" ({"json"} | {"bytes_hex"} | {"files": {field: [filename, text, content
+         type]}}, {"headers"}) to replay it exactly; "worker_process" (the worker's command
+         line, cwd and the environment variables TorchServe added, paths as <venv>, <work>,
+         <out>), "die" (worker states seen until a new READY worker, restarted_s),
+         "worker_errors_excerpt" (the custom part's model_log.log exception lines), "rows",
+         "raw_bytes_hex", "broken_handler_py", "broken_manifest",
      "script_s": float}
     EXCHANGE = {"name", "method", "url" (":port/path?query"), "request": {"headers",
                 "body_kind", "body_len"}, "status", "reason", "headers" (all, lower-case
@@ -156,6 +183,113 @@ class LinearHandler(BaseHandler):
 
     def postprocess(self, data):
         return [y.tolist() for y in data]
+'''
+
+
+CUSTOM_HANDLER = '''\
+"""TorchServe handler for oxserve's custom_echo fixture: a module-level handle(data,
+context), no requirements beyond torch and TorchServe's own ts package.
+
+TorchServe's Python worker calls handle(None, context) once at load (the model is loaded
+then), and handle(data, context) per batch: data is a list of dicts, one per request, keys
+the input names ("body" for a raw body, "data", the field names of a multipart body) and the
+query-string parameters. A value arrives as bytes, as str (text/* parts) or already decoded
+(application/json). Per request, on its body:
+    {"rows": [[4 floats], ...]}     the model's output: {"out", "batch" (len(data)), "header"
+                                    (the request header x-echo), "inputs" (the sorted keys)}
+    {"status": N}                   the same answer with status N ("Custom phrase"),
+                                    content type application/x-custom, header x-handler: yes
+    {"raise": "message"}            raise ValueError(message): 503 "Prediction failed"
+    {"prediction_exception": code}  raise PredictionException("custom failure", code)
+    {"die": true}                   os._exit(1): the worker dies mid-request
+    {"headers": true}               also "request_headers": context.get_all_request_header(idx)
+    no "body"/"data" (multipart)    {"parts": {name: len(bytes)}} for every key
+    not JSON (raw bytes)            {"bytes": len}
+"""
+import json
+import os
+
+import torch
+from ts.utils.util import PredictionException
+
+_model = None
+
+
+def _load(context):
+    global _model
+    props = context.system_properties
+    serialized = context.manifest["model"]["serializedFile"]
+    _model = torch.jit.load(os.path.join(props.get("model_dir"), serialized),
+                            map_location="cpu")
+    _model.eval()
+
+
+def _as_bytes(value):
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value)
+    if isinstance(value, str):
+        return value.encode("utf-8")
+    return json.dumps(value).encode("utf-8")
+
+
+def _as_json(value):
+    """The body as a JSON value, or None when it is not JSON."""
+    if isinstance(value, (bytes, bytearray)):
+        try:
+            value = bytes(value).decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except ValueError:
+            return None
+    return value
+
+
+def _answer(idx, request, data, context):
+    body = request.get("body")
+    if body is None:
+        body = request.get("data")
+    if body is None:
+        return {"parts": {name: len(_as_bytes(v)) for name, v in sorted(request.items())}}
+    obj = _as_json(body)
+    if obj is None:
+        return {"bytes": len(_as_bytes(body))}
+    if isinstance(obj, list):
+        obj = {"rows": obj}
+    if not isinstance(obj, dict):
+        return {"bytes": len(_as_bytes(body))}
+    if obj.get("die"):
+        os._exit(1)
+    if "raise" in obj:
+        raise ValueError(str(obj["raise"]))
+    if "prediction_exception" in obj:
+        raise PredictionException("custom failure", int(obj["prediction_exception"]))
+    answer = {}
+    if "rows" in obj:
+        x = torch.as_tensor(obj["rows"], dtype=torch.float32)
+        with torch.inference_mode():
+            answer["out"] = _model(x).tolist()
+    answer["batch"] = len(data)
+    answer["header"] = context.get_request_header(idx, "x-echo")
+    answer["inputs"] = sorted(request)
+    if obj.get("headers"):
+        answer["request_headers"] = context.get_all_request_header(idx)
+    if "status" in obj:
+        context.set_response_status(int(obj["status"]), "Custom phrase", idx)
+        context.set_response_content_type(idx, "application/x-custom")
+        context.set_response_header(idx, "x-handler", "yes")
+    return answer
+
+
+def handle(data, context):
+    if data is None:  # TorchServe's worker initializes a function handler this way
+        _load(context)
+        return None
+    if _model is None:
+        _load(context)
+    return [_answer(idx, request, data, context) for idx, request in enumerate(data)]
 '''
 
 
@@ -243,6 +377,11 @@ def make_models(work: Path):
     with torch.no_grad():
         trace(lin, torch.zeros(2, 4)).save(str(d / "model.pt"))
     (d / "handler.py").write_text(LINEAR_HANDLER)
+    # custom_echo: the same model.pt (its bytes) with the module-level handler CUSTOM_HANDLER.
+    c = work / "custom_echo"
+    c.mkdir()
+    shutil.copy(d / "model.pt", c / "model.pt")
+    (c / "custom_handler.py").write_text(CUSTOM_HANDLER)
 
 
 def archive(work: Path, store: Path, name: str, src: str, handler: str, extra: list[str]):
@@ -309,17 +448,20 @@ def build_fixtures(out: Path, work: Path):
     make_models(work)
     make_image(out / "kitten.jpg")
     shutil.copy(work / "linear_base" / "handler.py", out / "handler.py")
+    shutil.copy(work / "custom_echo" / "custom_handler.py", out / "custom_handler.py")
     cmds = {}
     for name, src, handler, extra in [
         ("densenet_small", "densenet_small", "image_classifier", ["index_to_name.json"]),
         ("linear_base", "linear_base", "handler.py", []),
         ("linear_basehandler", "linear_base", "base_handler", []),
+        ("custom_echo", "custom_echo", "custom_handler.py", []),
     ]:
         _, cmd = archive(work, store, name, src, handler, extra)
         cmds[name] = ["torch-model-archiver"] + cmd[1:cmd.index("--export-path")] + \
             ["--export-path", "model-store"] + cmd[cmd.index("--export-path") + 2:]
     files = {}
-    for p in sorted([out / "kitten.jpg", out / "handler.py", *store.glob("*.mar")]):
+    for p in sorted([out / "kitten.jpg", out / "handler.py", out / "custom_handler.py",
+                     *store.glob("*.mar")]):
         rel = str(p.relative_to(out))
         files[rel] = {"sha256": sha256(p), "bytes": p.stat().st_size}
         if p.suffix == ".mar":
@@ -686,28 +828,254 @@ def run_workflow(out: Path, work: Path, args):
         rec("unregister_linear_base", "DELETE", MGMT, "/models/linear_base")
         rec("unregister_linear_basehandler", "DELETE", MGMT, "/models/linear_basehandler")
         rec("list_after_unregister", "GET", MGMT, "/models")
+
+        # Custom Python handler (custom_echo.mar), after the workflow above so that its
+        # listings stay as they were.
+        log_mark = _log_size(srv)
+        ref["custom_handler"] = record_custom_handler(srv, out, work, requests)
     except BaseException:
         srv.dump_logs()
         raise
     finally:
         srv.stop()
     ref["exchanges"] = rec.exchanges
-    ref["worker_errors_excerpt"] = worker_errors(srv, work)
+    ref["worker_errors_excerpt"] = worker_errors(srv, work, end=log_mark)
+    ref["custom_handler"]["worker_errors_excerpt"] = worker_errors(srv, work, start=log_mark)
     ref["startup_with_model"] = startup_with_model(work, store, jpg, requests)
     if not args.no_token_probe:
         ref["token_auth_default"] = token_probe(work, store, requests)
     return ref
 
 
-def worker_errors(srv: Server, work: Path, limit=40):
-    """The exception lines the Python workers logged (why the 503s happened)."""
+def _log_size(srv: Server) -> int:
+    f = srv.dir / "logs" / "model_log.log"
+    return f.stat().st_size if f.is_file() else 0
+
+
+def worker_errors(srv: Server, work: Path, limit=40, start=0, end=None):
+    """The exception lines the Python workers logged (why the 503s happened), from the bytes
+    [start, end) of logs/model_log.log."""
     f = srv.dir / "logs" / "model_log.log"
     if not f.is_file():
         return []
+    text = f.read_bytes()[start:end].decode(errors="replace")
     lines = [re.sub(r"^\S+ \[\w+ ?\] ", "", line).replace(str(work), "<work>")
-             for line in f.read_text(errors="replace").splitlines()
+             for line in text.splitlines()
              if re.search(r"(Error|Exception)\b.*:|Traceback", line)]
     return lines[:limit]
+
+
+# ---------------------------------------------------------------------------------------------
+# Custom Python handler (custom_echo.mar, CUSTOM_HANDLER)
+
+CUSTOM_ROWS = [[1.0, 2.0, 3.0, 4.0], [-1.0, 0.5, 0.0, 2.0]]
+# Not UTF-8, so never JSON.
+CUSTOM_RAW = bytes([0, 1, 2, 255, 254]) + b" raw bytes, not JSON"
+# A handler that does not import (a syntax error): broken_handler.mar, made here with zipfile
+# (the archiver does not check the handler), only for the time of its registration.
+BROKEN_HANDLER = "def handle(data, context)\n    return data\n"
+BROKEN_MANIFEST = {
+    "createdOn": FIXED_CREATED_ON,
+    "runtime": "python",
+    "model": {"modelName": "broken_handler", "serializedFile": "model.pt",
+              "handler": "broken_handler.py", "modelVersion": "1.0"},
+    "archiverVersion": "0.12.0",
+}
+
+
+def _sent(json_body=None, data=None, files=None, headers=None):
+    """What a custom_handler exchange sent, so that a replay sends the same: "json", "bytes_hex",
+    "files" {field: [filename, text, content type]}, "headers"."""
+    sent = {}
+    if json_body is not None:
+        sent["json"] = json_body
+    if data is not None:
+        sent["bytes_hex"] = data.hex()
+    if files is not None:
+        sent["files"] = {k: [v[0], v[1].decode(), v[2]] for k, v in files.items()}
+    if headers:
+        sent["headers"] = headers
+    return sent
+
+
+def _worker_process(srv: Server, out: Path, work: Path, model: str, requests) -> dict:
+    """How TorchServe started the Python worker of `model`: its command line, working
+    directory, and the environment variables it has that the launcher's environment (what
+    this script passed to `torchserve --start`) has not, or has with another value."""
+    import psutil
+
+    r = requests.get(f"http://127.0.0.1:{MGMT}/models/{model}", timeout=10)
+    pids = [w["pid"] for w in r.json()[0]["workers"]]
+    java = psutil.Process(srv.java_pid)
+
+    def clean(v: str) -> str:
+        for path, name in ((str(out), "<out>"), (str(work), "<work>"),
+                           (str(BIN.parent), "<venv>"), (sys.executable, "<python>")):
+            v = v.replace(path, name)
+        return v
+
+    res = {"pids_from_describe": pids, "processes": []}
+    jenv = java.environ()
+    res["java_cmdline"] = [clean(a) for a in java.cmdline()]
+    res["java_env_added"] = {k: clean(v) for k, v in sorted(jenv.items())
+                             if srv.env.get(k) != v}
+    for c in java.children(recursive=True):
+        try:
+            env = c.environ()
+            res["processes"].append({
+                "pid": c.pid, "ppid": c.ppid(), "in_describe": c.pid in pids,
+                "cmdline": [clean(a) for a in c.cmdline()],
+                "cwd": clean(c.cwd()),
+                "env_added_or_changed": {k: clean(v) for k, v in sorted(env.items())
+                                         if srv.env.get(k) != v},
+                "env_removed": sorted(k for k in srv.env if k not in env),
+                "env_differs_from_java": sorted(k for k in set(env) | set(jenv)
+                                                if env.get(k) != jenv.get(k)),
+                "pythonpath": clean(env.get("PYTHONPATH", "")),
+                "ts_vars": {k: clean(v) for k, v in sorted(env.items())
+                            if k.startswith("TS_")},
+            })
+        except psutil.Error as e:
+            res["processes"].append({"pid": c.pid, "error": repr(e)})
+    return res
+
+
+def _worker_states(model: str, requests):
+    try:
+        body = requests.get(f"http://127.0.0.1:{MGMT}/models/{model}", timeout=10).json()
+        return [(w.get("id"), w.get("pid"), w.get("status")) for w in body[0]["workers"]]
+    except Exception as e:  # noqa: BLE001 - recorded as it is
+        return [repr(e)]
+
+
+def record_custom_handler(srv: Server, out: Path, work: Path, requests) -> dict:
+    """custom_echo.mar (a module-level handle(data, context), CUSTOM_HANDLER) on the running
+    TorchServe: registration, each kind of body, handler errors, a worker that dies, batching
+    (custom_batch: the same archive with batch_size 4), a handler that does not import."""
+    import threading
+
+    rec = Recorder(requests, work)
+    res = {}
+
+    def send(name, method, port, path, *, json_body=None, data=None, files=None,
+             headers=None, recorder=None, **kw):
+        files_arg = None
+        if files is not None:
+            files_arg = {k: (v[0], v[1], v[2]) for k, v in files.items()}
+        ex = (recorder or rec)(name, method, port, path, json_body=json_body, data=data,
+                               files=files_arg, headers=headers, **kw)
+        ex["sent"] = _sent(json_body, data, files, headers)
+        return ex
+
+    t0 = time.monotonic()
+    send("register_custom_echo", "POST", MGMT, "/models?url=custom_echo.mar&initial_workers=1"
+         "&synchronous=true")
+    res["register_custom_echo_s"] = round(time.monotonic() - t0, 2)
+    # TorchServe answers a synchronous registration a moment before its describe calls the
+    # worker READY (it said "UNLOADING" in one of several runs): wait for READY.
+    _wait_workers(rec, "custom_echo")
+    send("describe_custom_echo", "GET", MGMT, "/models/custom_echo")
+    res["worker_process"] = _worker_process(srv, out, work, "custom_echo", requests)
+
+    P = "/predictions/custom_echo"
+    rows = {"rows": CUSTOM_ROWS}
+    send("predict_rows", "POST", INF, P, json_body=rows, headers={"x-echo": "hello"})
+    send("predict_rows_header_mixed_case", "POST", INF, P, json_body=rows,
+         headers={"X-Echo": "Hello"})
+    send("predict_rows_no_content_type", "POST", INF, P, data=json.dumps(rows).encode())
+    send("predict_rows_text_plain", "POST", INF, P, data=json.dumps(rows).encode(),
+         headers={"Content-Type": "text/plain"})
+    send("predict_rows_list_body", "POST", INF, P, json_body=CUSTOM_ROWS)
+    send("predict_status_203", "POST", INF, P, json_body={"status": 203, "rows": CUSTOM_ROWS})
+    send("predict_status_422", "POST", INF, P, json_body={"status": 422})
+    send("predict_raise", "POST", INF, P, json_body={"raise": "boom from the handler"})
+    send("predict_prediction_exception_507", "POST", INF, P,
+         json_body={"prediction_exception": 507})
+    send("predict_prediction_exception_422", "POST", INF, P,
+         json_body={"prediction_exception": 422})
+    send("predict_multipart_two_files", "POST", INF, P,
+         files={"a": ("a.bin", b"alpha-bytes", "application/octet-stream"),
+                "b": ("b.txt", b"bravo text!", "text/plain")})
+    send("predict_raw_bytes", "POST", INF, P, data=CUSTOM_RAW,
+         headers={"Content-Type": "application/octet-stream"})
+    send("predict_query_param", "POST", INF, P + "?foo=bar", json_body={"rows": CUSTOM_ROWS[:1]})
+    send("predict_request_headers", "POST", INF, P, json_body={"headers": True},
+         headers={"x-echo": "hi", "X-Mixed-Case": "Value"})
+    send("predict_rows_after_errors", "POST", INF, P, json_body=rows,
+         headers={"x-echo": "again"})
+
+    # A worker that dies mid-request, then TorchServe's restart of it.
+    before = _worker_states("custom_echo", requests)
+    send("predict_die", "POST", INF, P, json_body={"die": True})
+    t_die = time.monotonic()
+    seen = [(0.0, before)]
+    restarted_s = None
+    while time.monotonic() - t_die < 60:
+        states = _worker_states("custom_echo", requests)
+        if states != seen[-1][1]:
+            seen.append((round(time.monotonic() - t_die, 2), states))
+        if any(isinstance(w, tuple) and w[2] == "READY" and w[1] not in [b[1] for b in before]
+               for w in states):
+            restarted_s = round(time.monotonic() - t_die, 2)
+            break
+        time.sleep(0.1)
+    res["die"] = {"workers_before": before, "worker_states_seen": seen,
+                  "restarted_s": restarted_s}
+    send("predict_rows_after_restart", "POST", INF, P, json_body=rows,
+         headers={"x-echo": "back"})
+    _wait_workers(rec, "custom_echo")
+    send("describe_custom_echo_after_restart", "GET", MGMT, "/models/custom_echo")
+
+    # Batching: the same archive as custom_batch, batch_size 4, max_batch_delay 200 ms.
+    send("register_custom_batch", "POST", MGMT, "/models?url=custom_echo.mar&model_name="
+         "custom_batch&batch_size=4&max_batch_delay=200&initial_workers=1&synchronous=true")
+    _wait_workers(rec, "custom_batch")
+    send("describe_custom_batch", "GET", MGMT, "/models/custom_batch")
+    results = [None] * 4
+    barrier = threading.Barrier(4)
+
+    def one(i):
+        r = Recorder(requests, work)
+        barrier.wait()
+        results[i] = send(f"predict_batch_{i}", "POST", INF, "/predictions/custom_batch",
+                          json_body={"rows": [CUSTOM_ROWS[i % 2]]},
+                          headers={"x-echo": f"r{i}"}, recorder=r)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    rec.exchanges.extend(results)
+
+    # A handler that does not import: the registration fails; the server keeps serving.
+    broken = srv.store / "broken_handler.mar"
+    with zipfile.ZipFile(srv.store / "custom_echo.mar") as z:
+        model = z.read("model.pt")
+    with zipfile.ZipFile(broken, "w") as z:
+        z.writestr("MAR-INF/MANIFEST.json", json.dumps(BROKEN_MANIFEST, indent=2))
+        z.writestr("broken_handler.py", BROKEN_HANDLER)
+        z.writestr("model.pt", model)
+    res["broken_handler_py"] = BROKEN_HANDLER
+    res["broken_manifest"] = BROKEN_MANIFEST
+    try:
+        t0 = time.monotonic()
+        send("register_broken_handler", "POST", MGMT, "/models?url=broken_handler.mar"
+             "&initial_workers=1&synchronous=true", timeout=180)
+        res["register_broken_handler_s"] = round(time.monotonic() - t0, 2)
+        send("describe_broken_handler", "GET", MGMT, "/models/broken_handler")
+        send("list_after_broken_handler", "GET", MGMT, "/models")
+        send("predict_rows_after_broken_handler", "POST", INF, P, json_body=rows)
+        send("unregister_broken_handler", "DELETE", MGMT, "/models/broken_handler")
+    finally:
+        broken.unlink()
+    send("unregister_custom_batch", "DELETE", MGMT, "/models/custom_batch")
+    send("unregister_custom_echo", "DELETE", MGMT, "/models/custom_echo")
+    send("list_after_custom_handler", "GET", MGMT, "/models")
+    res["rows"] = CUSTOM_ROWS
+    res["raw_bytes_hex"] = CUSTOM_RAW.hex()
+    res["exchanges"] = rec.exchanges
+    return res
 
 
 def _wait_workers(rec, model, timeout=60):

@@ -229,7 +229,10 @@ class TorchServe(ServerProcess):
         ws = self.workspace
         # `env -C` runs the link in the workspace (key_file.json and logs land there) with
         # the workspace's TMPDIR.
-        return ["env", "-C", str(ws.cwd), f"TMPDIR={ws.tmp}",
+        # Custom handlers run in TorchServe's Python worker with the `python` on PATH (as
+        # TorchServe's): the TorchServe venv's first, as an activated venv would have it.
+        path = f"{venv_python().parent}:{os.environ.get('PATH', '')}"
+        return ["env", "-C", str(ws.cwd), f"TMPDIR={ws.tmp}", f"PATH={path}",
                 *ws.argv(self.store, "--foreground", *self.flags)]
 
     def start(self) -> "TorchServe":

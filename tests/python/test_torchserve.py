@@ -21,6 +21,10 @@ management, metrics and gRPC ports on free ports).
 5. Errors, with TorchServe's type and message where it has them, a good prediction after
    each; broken and hostile archives; the model API disabled.
 6. KServe v2 on the inference port, Prometheus on the metrics port.
+7. Custom Python handlers (custom_echo.mar, run by TorchServe's own Python worker): each kind
+   of request replayed from the reference's "custom_handler" section (status, content type,
+   handler-set headers, body), batching of concurrent requests, a worker that dies and is
+   restarted, a handler.py that does not import.
 
 Differences from TorchServe asserted as oxserve's behaviour: /ping needs no key and an
 undecodable image is a 400 BadRequestException (TorchServe: 503 "Prediction failed"), both in
@@ -109,14 +113,12 @@ def test_curl_workflow_matches_torchserve(tmp_path):
     model, with the model API on and token authorization off.
 
     TorchServe's recording also had linear_base.mar (a custom handler.py) and
-    linear_basehandler.mar registered, which oxserve refuses (see the error tests). So that
-    the listings (limit, next_page_token) see the same three models, copies of
-    densenet_small.mar stand in for them here under the same archive and model names."""
+    linear_basehandler.mar (base_handler) registered; they are here too, run by TorchServe's
+    Python worker, so the listings (limit, next_page_token) see the same three models."""
     store = tmp_path / "store"
     store.mkdir()
-    shutil.copy(STORE / "densenet_small.mar", store)
-    for stand_in in ("linear_base", "linear_basehandler"):
-        shutil.copy(STORE / "densenet_small.mar", store / f"{stand_in}.mar")
+    for name in ("densenet_small", "linear_base", "linear_basehandler"):
+        shutil.copy(STORE / f"{name}.mar", store)
     ws = Workspace(tmp_path / "ws")
     server = TorchServe("workflow", ws, store, "--enable-model-api", "--disable-token-auth")
     diffs: list[str] = []
@@ -132,7 +134,7 @@ def test_curl_workflow_matches_torchserve(tmp_path):
         check("list_empty")
         r = check("register")
         assert r.status_code == 200, f"registering densenet_small.mar: {r.status_code} {r.text}"
-        # The stand-ins (synchronous, both: TorchServe's asynchronous registration is
+        # The Python-handler archives (synchronous, both: TorchServe's asynchronous registration is
         # test_asynchronous_register_and_scale_answer_202's).
         r = server.request("POST", "management", "/models?url=linear_base.mar&model_name="
                            "linear_base&initial_workers=1&synchronous=true")
@@ -524,20 +526,40 @@ def test_archive_entry_outside_is_refused(ts_server, error_root, archive):
     assert_still_predicts(ts_server)
 
 
-@pytest.mark.parametrize("archive,handler", [("linear_base.mar", "handler.py"),
-                                             ("linear_basehandler.mar", "base_handler")])
-def test_unsupported_handler_is_refused_by_name(ts_server, archive, handler):
-    """Archives whose handler oxserve does not run (a custom handler.py, base_handler): a
-    client error naming the handler; nothing registered."""
-    r = ts_server.request("POST", "management", f"/models?url={archive}&initial_workers=1"
-                          "&synchronous=true")
-    assert 400 <= r.status_code < 500, (r.status_code, r.text)
-    body = r.json()
-    assert set(body) == {"code", "type", "message"} and body["code"] == r.status_code, body
-    assert f"'{handler}'" in body["message"] and "not supported" in body["message"], body
-    name = archive.removesuffix(".mar")
-    assert_torchserve_error(ts_server.request("GET", "management", f"/models/{name}"), 404,
-                            "ModelNotFoundException")
+LINEAR_ROWS = [[1.0, 2.0, 3.0, 4.0], [-1.0, 0.5, 0.0, 2.0]]
+
+
+def test_linear_base_handler_py_and_base_handler_answer_as_torchserve(ts_server):
+    """linear_base.mar (a custom handler.py) and linear_basehandler.mar (TorchServe's
+    base_handler) register and run in TorchServe's Python worker: the JSON predictions of
+    TorchServe's recording give the same outputs (which it computed with PyTorch), its
+    malformed-JSON and base_handler failures the same errors."""
+    cases = [
+        ("predict_linear_json", "linear_base", {"json": LINEAR_ROWS}),
+        ("predict_linear_json_no_content_type", "linear_base",
+         {"data": json.dumps(LINEAR_ROWS).encode()}),
+        ("predict_linear_json_dict", "linear_base", {"json": {"data": LINEAR_ROWS[0]}}),
+        ("predict_linear_bad_json", "linear_base",
+         {"data": b"[1, 2", "headers": {"Content-Type": "application/json"}}),
+        ("predict_basehandler_json", "linear_basehandler", {"json": LINEAR_ROWS}),
+    ]
+    registered = []
+    try:
+        for name in ("linear_base", "linear_basehandler"):
+            r = ts_server.request("POST", "management", f"/models?url={name}.mar&model_name="
+                                  f"{name}&initial_workers=1&synchronous=true")
+            assert r.status_code == 200, r.text
+            registered.append(name)
+        diffs: list[str] = []
+        for exchange, model, kwargs in cases:
+            ex = ts.exchange(exchange)
+            r = ts_server.request("POST", "inference", f"/predictions/{model}", **kwargs)
+            assert r.status_code == ex["status"], (exchange, r.status_code, r.text)
+            diffs.extend(f"{exchange}: {d}" for d in ts.json_differences(r.json(), ex["body_json"]))
+        assert not diffs, "oxserve differs from TorchServe:\n" + "\n".join(diffs)
+    finally:
+        for name in registered:
+            ts_server.request("DELETE", "management", f"/models/{name}")
     assert_still_predicts(ts_server)
 
 
@@ -615,3 +637,324 @@ def test_api_descriptions_list_torchserves_endpoints(ts_server, port_kind, name)
                 continue
             assert endpoint in body["paths"], (endpoint, sorted(body["paths"]))
             assert set(methods) <= set(body["paths"][endpoint]), (endpoint, methods)
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. Custom Python handlers (TorchServe's own Python worker)
+#
+# custom_echo.mar: the traced Linear(4->3) with custom_handler.py, a module-level
+# handle(data, context) that answers by its body (the generator's CUSTOM_HANDLER docstring).
+# TorchServe's recording is the reference's "custom_handler" section; each exchange keeps what
+# it sent ("sent"), so a replay sends the same bytes.
+
+CUSTOM = "custom_echo"
+# The handler's answers hold float outputs of the same model run by the same worker code;
+# compared rounded, in case the worker's torch threads differ.
+CUSTOM_FLOAT_DIGITS = 6
+CUSTOM_EXCHANGES = [
+    "predict_rows",
+    "predict_rows_header_mixed_case",
+    "predict_rows_no_content_type",
+    "predict_rows_text_plain",
+    "predict_rows_list_body",
+    "predict_status_203",
+    "predict_status_422",
+    "predict_raise",
+    "predict_prediction_exception_507",
+    "predict_prediction_exception_422",
+    "predict_multipart_two_files",
+    "predict_raw_bytes",
+    "predict_query_param",
+    "predict_rows_after_errors",
+]
+
+
+def custom_exchange(name: str) -> dict:
+    return ts.exchange(name, "custom_handler")
+
+
+def replay_sent(server: TorchServe, ex: dict) -> requests.Response:
+    """The recorded custom_handler request `ex` again: the same method, path, query, body and
+    headers ("sent")."""
+    sent = ex.get("sent", {})
+    kwargs: dict = {}
+    if "json" in sent:
+        kwargs["json"] = sent["json"]
+    if "bytes_hex" in sent:
+        kwargs["data"] = bytes.fromhex(sent["bytes_hex"])
+    if "files" in sent:
+        kwargs["files"] = {field: (filename, text.encode(), content_type)
+                           for field, (filename, text, content_type) in sent["files"].items()}
+    if "headers" in sent:
+        kwargs["headers"] = sent["headers"]
+    return ts.replay(server, ex, **kwargs)
+
+
+def _rounded(value):
+    if isinstance(value, float):
+        return round(value, CUSTOM_FLOAT_DIGITS)
+    if isinstance(value, list):
+        return [_rounded(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _rounded(v) for k, v in value.items()}
+    return value
+
+
+def custom_differences(r: requests.Response, ex: dict, ignore: tuple[str, ...] = ()) -> list[str]:
+    """`r` against TorchServe's answer `ex` to the same request to custom_echo: the status; the
+    content type (TorchServe's when it sent one: the handler's application/x-custom, or
+    application/json on errors; TorchServe sends none with a handler's JSON answer, where
+    oxserve may send none or application/json); the x-handler header the handler set; the
+    JSON body, key for key (floats rounded; `ignore`: top-level keys of a handler's answer
+    left out, compared by the caller)."""
+    name = ex["name"]
+    out = []
+    if r.status_code != ex["status"]:
+        out.append(f"status {r.status_code}, TorchServe has {ex['status']}")
+    have_type = r.headers.get("content-type")
+    want_type = ex["headers"].get("content-type")
+    if want_type is not None:
+        if (have_type or "").split(";")[0].strip() != want_type:
+            out.append(f"content-type {have_type!r}, TorchServe has {want_type!r}")
+    elif have_type is not None and have_type.split(";")[0].strip() != "application/json":
+        out.append(f"content-type {have_type!r}, TorchServe sends none (or application/json)")
+    if "x-handler" in ex["headers"] and r.headers.get("x-handler") != ex["headers"]["x-handler"]:
+        out.append(f"x-handler {r.headers.get('x-handler')!r}, TorchServe has "
+                   f"{ex['headers']['x-handler']!r}")
+    want = ex.get("body_json")
+    try:
+        have = r.json()
+    except ValueError:
+        out.append(f"body is not JSON: {r.text[:300]!r}")
+        return [f"{name}: {d}" for d in out]
+    if isinstance(want, dict) and isinstance(have, dict):
+        want = {k: v for k, v in want.items() if k not in ignore}
+        have = {k: v for k, v in have.items() if k not in ignore}
+    out += ts.json_differences(_rounded(have), _rounded(want))
+    return [f"{name}: {d}" for d in out]
+
+
+def assert_custom_predicts(server: TorchServe, timeout: float = 0.0) -> requests.Response:
+    """A rows prediction on custom_echo answers as TorchServe's (polled for `timeout` s while
+    it answers anything else, e.g. while its worker restarts)."""
+    ex = custom_exchange("predict_rows")
+    deadline = time.monotonic() + timeout
+    while True:
+        r = replay_sent(server, ex)
+        if r.status_code == 200 or time.monotonic() >= deadline:
+            break
+        assert server.alive(), "the server exited"
+        time.sleep(0.2)
+    diffs = custom_differences(r, ex)
+    assert not diffs, "oxserve differs from TorchServe:\n" + "\n".join(diffs)
+    return r
+
+
+@pytest.fixture(scope="module")
+def custom_store(tmp_path_factory) -> Path:
+    store = tmp_path_factory.mktemp("ts-custom") / "store"
+    store.mkdir()
+    for name in ("densenet_small.mar", "custom_echo.mar"):
+        shutil.copy(STORE / name, store)
+    return store
+
+
+@pytest.fixture(scope="module")
+def custom_server(custom_store):
+    """Model API on, token authorization off, densenet_small (native image_classifier) at
+    start-up; custom_echo registered as in TorchServe's recording (initial_workers=1,
+    synchronous=true; batch size 1). Yields (server, the registration's response)."""
+    ws = Workspace(custom_store.parent / "ws")
+    server = TorchServe("custom", ws, custom_store, "--enable-model-api", "--disable-token-auth",
+                        "--models", "densenet_small.mar")
+    with serving(server):
+        server.wait_predicts(MODEL)
+        registered = ts.replay(server, custom_exchange("register_custom_echo"))
+        yield server, registered
+
+
+def test_custom_handler_registers_as_torchserve(custom_server):
+    """Registering custom_echo.mar (custom_handler.py) answers as TorchServe; describe shows one
+    READY worker with TorchServe's fields (runtime python, batch size 1, ...)."""
+    server, registered = custom_server
+    diffs = ts.response_differences(registered, custom_exchange("register_custom_echo"))
+    r = ts.replay(server, custom_exchange("describe_custom_echo"))
+    diffs += ts.response_differences(r, custom_exchange("describe_custom_echo"))
+    assert not diffs, "oxserve differs from TorchServe:\n" + "\n".join(diffs)
+    workers = r.json()[0]["workers"]
+    assert [w["status"] for w in workers] == ["READY"], workers
+    assert isinstance(workers[0]["pid"], int) and workers[0]["pid"] > 0, workers
+
+
+@pytest.mark.parametrize("name", CUSTOM_EXCHANGES)
+def test_custom_handler_answers_as_torchserve(custom_server, name):
+    """Each kind of request to the handler (rows with an x-echo header, no or text/plain content
+    type, handler-set status / content type / header, ValueError -> 503 "Prediction failed",
+    PredictionException -> its code, multipart with two files, raw bytes, a query parameter
+    (TorchServe does not hand it to the handler)): status, content type and body as
+    TorchServe's; then a good prediction."""
+    server, registered = custom_server
+    assert registered.status_code == 200, registered.text
+    ex = custom_exchange(name)
+    r = replay_sent(server, ex)
+    ignore: tuple[str, ...] = ()
+    if name == "predict_rows_header_mixed_case":
+        # The client sent "X-Echo"; the handler asks for "x-echo". TorchServe hands the worker
+        # the header names as the client spelled them (context lookups are case-sensitive),
+        # so its handler saw None; an HTTP stack that lowercases header names gives "Hello".
+        # Either is accepted.
+        ignore = ("header",)
+        assert ex["body_json"]["header"] is None, ex["body_json"]
+        if r.status_code == 200:
+            assert r.json().get("header") in (None, "Hello"), r.text
+    diffs = custom_differences(r, ex, ignore=ignore)
+    if ex["status"] >= 400 and ex["headers"].get("content-type") == "application/json":
+        # An error from the frontend (not an answer of the handler): TorchServe's error body.
+        assert_torchserve_error(r, ex["status"], ex["body_json"]["type"])
+    assert not diffs, "oxserve differs from TorchServe:\n" + "\n".join(diffs)
+    assert_custom_predicts(server)
+    assert_still_predicts(server)
+
+
+def test_custom_handler_body_is_the_workers_bytes(custom_server):
+    """A handler's answer (a dict the worker serializes with json.dumps(indent=2)) reaches the
+    client byte for byte as TorchServe sent it."""
+    server, _ = custom_server
+    ex = custom_exchange("predict_rows")
+    r = replay_sent(server, ex)
+    assert r.status_code == 200, r.text
+    assert r.text == ex["body_raw"], (r.text, ex["body_raw"])
+
+
+def test_custom_handler_sees_request_headers(custom_server):
+    """context.get_all_request_header(idx) holds the client's headers (TorchServe also adds
+    each input's {"content-type"} under its name, and "explain", "url_path")."""
+    server, _ = custom_server
+    ex = custom_exchange("predict_request_headers")
+    r = replay_sent(server, ex)
+    assert r.status_code == ex["status"] == 200, r.text
+    have = r.json()["request_headers"]
+    want = ex["body_json"]["request_headers"]
+    lower = {k.lower(): v for k, v in have.items()}
+    assert have.get("x-echo") == "hi", have
+    assert lower.get("x-mixed-case") == "Value", have
+    assert have.get("body") == want["body"] == {"content-type": "application/json"}, have
+    assert lower.get("content-type") == "application/json", have
+    # Header names compared case-insensitively (HTTP's rule); Connection is hop-by-hop, Host
+    # names the port, and Accept-Encoding / User-Agent are what this client's `requests`
+    # sends (the recording's ran in the TorchServe venv, with other optional packages).
+    client_dependent = ("connection", "host", "accept-encoding", "user-agent")
+    problems = [f"{k}: {lower.get(k.lower())!r}, TorchServe's worker had {v!r}"
+                for k, v in want.items() if k.lower() not in client_dependent
+                and lower.get(k.lower()) != v]
+    assert not problems, "\n".join(problems) + f"\nall: {have}"
+    assert r.json()["header"] == ex["body_json"]["header"] == "hi", r.text
+
+
+def test_custom_handler_batches_concurrent_requests(custom_server):
+    """custom_batch (the same archive with batch_size=4, max_batch_delay=200, one worker): four
+    concurrent requests are handed to the handler together (TorchServe's recording saw
+    batches of more than one; the exact count may differ), each answered with its own rows
+    and header."""
+    import threading
+
+    server, _ = custom_server
+    diffs: list[str] = []
+    r = ts.replay(server, custom_exchange("register_custom_batch"))
+    try:
+        diffs += ts.response_differences(r, custom_exchange("register_custom_batch"))
+        assert r.status_code == 200, r.text
+        r = ts.replay(server, custom_exchange("describe_custom_batch"))
+        diffs += ts.response_differences(r, custom_exchange("describe_custom_batch"))
+        recorded = [custom_exchange(f"predict_batch_{i}") for i in range(4)]
+        for ex in recorded:
+            assert ex["body_json"]["batch"] > 1, ("TorchServe's recording", ex["body_json"])
+        answers: list[requests.Response | None] = [None] * 4
+        barrier = threading.Barrier(4)
+
+        def one(i: int) -> None:
+            barrier.wait()
+            answers[i] = replay_sent(server, recorded[i])
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=2 * ts.TIMEOUT_S)
+        batches = []
+        for ex, r in zip(recorded, answers):
+            assert r is not None, f"{ex['name']}: no answer"
+            diffs += custom_differences(r, ex, ignore=("batch",))
+            if r.status_code == 200:
+                batches.append(r.json().get("batch"))
+        assert diffs or all(isinstance(b, int) and 1 < b <= 4 for b in batches), (
+            f"batch sizes the handler saw: {batches}; TorchServe's: "
+            f"{[ex['body_json']['batch'] for ex in recorded]}")
+    finally:
+        r = ts.replay(server, custom_exchange("unregister_custom_batch"))
+    diffs += ts.response_differences(r, custom_exchange("unregister_custom_batch"))
+    assert not diffs, "oxserve differs from TorchServe:\n" + "\n".join(diffs)
+    assert_custom_predicts(server)
+
+
+def test_custom_handler_worker_death(custom_server):
+    """The handler's worker exits mid-request (os._exit(1)): that request answers TorchServe's
+    500 InternalServerException ("Worker died."); the server keeps serving (densenet_small at
+    once); within 60 s a new worker answers custom_echo's predictions again, and describe
+    shows one READY worker with another pid."""
+    server, _ = custom_server
+    assert_custom_predicts(server)
+    before = server.request("GET", "management", f"/models/{CUSTOM}").json()[0]["workers"]
+    assert len(before) == 1, before
+    ex = custom_exchange("predict_die")
+    want = ex["body_json"]
+    assert (ex["status"], want["type"], want["message"]) == (
+        500, "InternalServerException", "Worker died."), want
+    r = replay_sent(server, ex)
+    body = assert_torchserve_error(r, ex["status"], want["type"])
+    assert "died" in body["message"].lower(), body
+    assert server.alive(), "the server exited with the worker"
+    assert_still_predicts(server)
+    t0 = time.monotonic()
+    r = assert_custom_predicts(server, timeout=60.0)
+    restarted_s = time.monotonic() - t0
+    diffs = custom_differences(replay_sent(server, custom_exchange("predict_rows_after_restart")),
+                               custom_exchange("predict_rows_after_restart"))
+    r = ts.replay(server, custom_exchange("describe_custom_echo_after_restart"))
+    diffs += ts.response_differences(r, custom_exchange("describe_custom_echo_after_restart"))
+    assert not diffs, "oxserve differs from TorchServe:\n" + "\n".join(diffs)
+    workers = r.json()[0]["workers"]
+    assert [w["status"] for w in workers] == ["READY"], workers
+    assert workers[0]["pid"] != before[0]["pid"], (before, workers)
+    # TorchServe's restart took restarted_s of the recording (about 3 s).
+    assert restarted_s < 60, restarted_s
+
+
+def test_custom_handler_that_does_not_import_is_refused(custom_server, custom_store):
+    """An archive whose handler.py has a syntax error: the synchronous registration fails with
+    TorchServe's error body and a message naming the Python error (TorchServe's own, 500
+    "Failed to start workers for model broken_handler version: 1.0", does not); nothing is
+    registered and the other models keep serving."""
+    server, _ = custom_server
+    section = ts.reference()["custom_handler"]
+    with zipfile.ZipFile(custom_store / "custom_echo.mar") as mar:
+        model = mar.read("model.pt")
+    _zip(custom_store / "broken_handler.mar", {
+        "MAR-INF/MANIFEST.json": json.dumps(section["broken_manifest"], indent=2).encode(),
+        "broken_handler.py": section["broken_handler_py"].encode(),
+        "model.pt": model,
+    })
+    before = server.request("GET", "management", "/models").json()
+    ex = custom_exchange("register_broken_handler")
+    assert ex["status"] == 500, ex
+    r = ts.replay(server, ex)
+    assert 400 <= r.status_code < 600, (r.status_code, r.text)
+    body = assert_torchserve_error(r, r.status_code, r.json().get("type"))
+    assert "SyntaxError" in body["message"], body
+    for name in ("describe_broken_handler", "unregister_broken_handler"):
+        diffs = ts.response_differences(ts.replay(server, custom_exchange(name)),
+                                        custom_exchange(name))
+        assert not diffs, "oxserve differs from TorchServe:\n" + "\n".join(diffs)
+    assert server.request("GET", "management", "/models").json() == before
+    assert_custom_predicts(server)
+    assert_still_predicts(server)

@@ -187,14 +187,135 @@ async fn predict(
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult {
-    if let Err(e) = ctx.ts.version(&model, version.as_deref()) {
-        oxserve_kserve::http::drain_body(&headers, body, ctx.max_body_bytes).await;
-        return Err(e.into());
-    }
+    let entry = match ctx.ts.version(&model, version.as_deref()) {
+        Ok(entry) => entry,
+        Err(e) => {
+            oxserve_kserve::http::drain_body(&headers, body, ctx.max_body_bytes).await;
+            return Err(e.into());
+        }
+    };
     let raw = oxserve_kserve::http::read_body(&headers, body, ctx.max_body_bytes).await?;
+    if entry.handler.is_python() {
+        let part = python_request(&headers, raw).await?;
+        let reply = ctx.ts.predict_python(&model, version.as_deref(), part).await?;
+        return Ok(reply_response(reply));
+    }
     let data = request_data(&headers, raw).await?;
     let answer = ctx.ts.predict(&model, version.as_deref(), data).await?;
     Ok(([(header::CONTENT_TYPE, "application/json")], answer).into_response())
+}
+
+/// A request as TorchServe's frontend hands it to a Python worker: every header (under the
+/// name the client sent; HTTP/1 names reach us lower-cased, so the conventional capitalised
+/// form is added too, for handlers that look up `Content-Type` or `X-Request-Id`), then the
+/// form's fields (multipart or url-encoded) or the body as `body` with its media type. Query
+/// parameters are not passed (TorchServe 0.12 does not pass them on `/predictions`).
+async fn python_request(headers: &HeaderMap, body: Bytes) -> std::result::Result<Bytes, TsError> {
+    use crate::worker::protocol::{Input, encode_request};
+    let mut header_list = Vec::with_capacity(headers.len() * 2);
+    for (name, value) in headers {
+        let value = String::from_utf8_lossy(value.as_bytes()).into_owned();
+        let capitalised = capitalise(name.as_str());
+        if capitalised != name.as_str() {
+            header_list.push((capitalised, value.clone()));
+        }
+        header_list.push((name.as_str().to_string(), value));
+    }
+    // TorchServe's frontend adds these two to every prediction's headers.
+    header_list.push(("explain".into(), "False".into()));
+    header_list.push(("url_path".into(), String::new()));
+    let mut inputs: Vec<Input> = Vec::new();
+    let media_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|ct| ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase())
+        .unwrap_or_default();
+    let boundary = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|ct| multer::parse_boundary(ct).ok());
+    if let Some(boundary) = boundary {
+        for part in crate::multipart::parts(&boundary, body).await? {
+            inputs.push(Input {
+                name: part.name,
+                content_type: part.content_type,
+                value: part.data,
+            });
+        }
+    } else if media_type == "application/x-www-form-urlencoded" {
+        inputs.extend(form_urlencoded::parse(&body).map(|(k, v)| Input {
+            name: k.into_owned(),
+            content_type: String::new(),
+            value: Bytes::from(v.into_owned()),
+        }));
+    } else {
+        inputs.push(Input {
+            name: "body".into(),
+            content_type: media_type,
+            value: body,
+        });
+    }
+    Ok(encode_request(&header_list, &inputs))
+}
+
+/// `x-request-id` → `X-Request-Id`.
+fn capitalise(name: &str) -> String {
+    let mut out = String::with_capacity(name.len());
+    let mut up = true;
+    for c in name.chars() {
+        out.push(if up { c.to_ascii_uppercase() } else { c });
+        up = c == '-';
+    }
+    out
+}
+
+/// A Python handler's answer as TorchServe's frontend sends it: the handler's status, reason
+/// phrase, content type and headers with its bytes; a failed batch as TorchServe's error.
+fn reply_response(reply: crate::worker::protocol::Reply) -> Response {
+    use crate::worker::protocol::Reply;
+    match reply {
+        Reply::Failed { code, message } => {
+            let status = u16::try_from(code)
+                .ok()
+                .and_then(|c| StatusCode::from_u16(c).ok())
+                .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            json_response(
+                status,
+                // TorchServe names every failure a worker reports InternalServerException.
+                &json!({"code": status.as_u16(), "type": "InternalServerException", "message": message}),
+            )
+        }
+        Reply::Response {
+            status,
+            reason: _,
+            content_type,
+            headers,
+            body,
+        } => {
+            let status = u16::try_from(status)
+                .ok()
+                .and_then(|c| StatusCode::from_u16(c).ok())
+                .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            let mut response = (status, body).into_response();
+            let out = response.headers_mut();
+            // Without a content type from the handler TorchServe sends none.
+            out.remove(header::CONTENT_TYPE);
+            if !content_type.is_empty()
+                && let Ok(v) = header::HeaderValue::from_str(&content_type)
+            {
+                out.insert(header::CONTENT_TYPE, v);
+            }
+            for (name, value) in headers {
+                if let (Ok(n), Ok(v)) = (
+                    header::HeaderName::from_bytes(name.as_bytes()),
+                    header::HeaderValue::from_str(&value),
+                ) {
+                    out.insert(n, v);
+                }
+            }
+            response
+        }
+    }
 }
 
 /// The request's data: the raw body, or for multipart forms the field TorchServe's handlers
@@ -208,10 +329,10 @@ async fn request_data(headers: &HeaderMap, body: Bytes) -> std::result::Result<B
         return Ok(body);
     };
     let parts = crate::multipart::parts(&boundary, body).await?;
-    let pick = |name: &str| parts.iter().find(|(n, _)| n == name).map(|(_, d)| d.clone());
+    let pick = |name: &str| parts.iter().find(|p| p.name == name).map(|p| p.data.clone());
     pick("data")
         .or_else(|| pick("body"))
-        .or_else(|| parts.first().map(|(_, d)| d.clone()))
+        .or_else(|| parts.first().map(|p| p.data.clone()))
         .ok_or_else(|| TsError(Error::invalid("the multipart body has no parts")))
 }
 
@@ -269,6 +390,15 @@ struct RegisterQuery {
     max_batch_delay: Option<u64>,
     response_timeout: Option<u64>,
     synchronous: Option<bool>,
+}
+
+/// A process's resident memory in bytes (TorchServe's worker `memoryUsage`); 0 if unknown.
+fn rss_bytes(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/statm"))
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1).and_then(|p| p.parse::<u64>().ok()))
+        // statm counts pages; 4 KiB on the x86-64 and arm64 Linux we build for.
+        .map_or(0, |pages| pages * 4096)
 }
 
 /// TorchServe's answer to a worker change it does in the background (`synchronous=false`).
@@ -341,13 +471,27 @@ fn describe(ctx: &Ctx, model: &str, version: Option<&str>) -> ApiResult {
     let described: Vec<Value> = versions
         .iter()
         .map(|v| {
+            // Python handlers: each worker process as it is now; native ones run in the server.
+            let python = v
+                .handler
+                .is_python()
+                .then(|| crate::worker::workers(model, v.engine_version));
             let workers: Vec<Value> = (0..v.min_workers)
                 .map(|i| {
+                    let process = python
+                        .as_ref()
+                        .and_then(|ws| ws.iter().find(|w| w.index == i as usize));
+                    let (pid, status) = match (&python, process) {
+                        (None, _) => (pid, "READY"),
+                        (Some(_), Some(w)) => (w.pid, w.status),
+                        // Still starting.
+                        (Some(_), None) => (0, "UNLOADING"),
+                    };
                     json!({
                         "id": (9000 + i).to_string(),
                         "startTime": v.started,
-                        "status": "READY",
-                        "memoryUsage": 0,
+                        "status": status,
+                        "memoryUsage": if python.is_some() { rss_bytes(pid) } else { 0 },
                         "pid": pid,
                         "gpu": false,
                         "gpuUsage": "N/A"

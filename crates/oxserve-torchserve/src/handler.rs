@@ -1,6 +1,7 @@
-//! TorchServe's default handlers, natively: what turns a request body into the model's input
-//! tensor and the model's output into the response. Only `image_classifier` for now (the
-//! others, and custom Python handlers, answer with a clear error at registration).
+//! An archive's handler: what turns a request into the model's input and the model's output
+//! into the response. TorchServe's `image_classifier` runs natively (no Python); every other
+//! handler — a custom `handler.py`, TorchServe's other default handlers — runs unchanged in
+//! TorchServe's own Python worker (crate::worker).
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -26,25 +27,35 @@ pub enum Handler {
     /// scale to [0, 1] and normalise, CHW float32; answer the top 5 classes with softmax
     /// probabilities, named by `index_to_name.json` when the archive has one.
     ImageClassifier { labels: Option<HashMap<usize, String>> },
+    /// Any other handler, run by TorchServe's Python worker: the manifest's `handler` value
+    /// (`handler.py`, `handler.py:entry`, `image_segmenter`, a module name, ...).
+    Python { handler: String },
 }
 
 impl Handler {
-    /// The handler an archive names; `Err` for handlers oxserve does not run (yet).
+    /// The handler an archive names.
     pub fn from_manifest(name: &str, archive_dir: &Path) -> Result<Handler> {
         match name {
             "image_classifier" => Ok(Handler::ImageClassifier {
                 labels: read_labels(&archive_dir.join("index_to_name.json"))?,
             }),
-            other => Err(Error::invalid(format!(
-                "handler '{other}' is not supported yet: oxserve runs TorchServe's image_classifier handler natively"
-            ))),
+            "" => Err(Error::invalid("the archive's manifest names no handler")),
+            other => Ok(Handler::Python {
+                handler: other.to_string(),
+            }),
         }
     }
 
-    /// The model's input for one request.
+    /// Whether the handler runs in a Python worker.
+    pub fn is_python(&self) -> bool {
+        matches!(self, Handler::Python { .. })
+    }
+
+    /// The model's input for one request (native handlers).
     pub fn input_shape(&self) -> Vec<i64> {
         match self {
             Handler::ImageClassifier { .. } => vec![3, i64::from(CROP), i64::from(CROP)],
+            Handler::Python { .. } => vec![1],
         }
     }
 
@@ -52,6 +63,7 @@ impl Handler {
     pub fn preprocess(&self, body: &[u8]) -> Result<Tensor> {
         match self {
             Handler::ImageClassifier { .. } => image_tensor(body),
+            Handler::Python { .. } => Err(Error::internal("a Python handler has no native preprocessing")),
         }
     }
 
@@ -59,6 +71,7 @@ impl Handler {
     pub fn postprocess(&self, output: &Tensor) -> Result<String> {
         match self {
             Handler::ImageClassifier { labels } => top_k(output, labels.as_ref()),
+            Handler::Python { .. } => Err(Error::internal("a Python handler has no native postprocessing")),
         }
     }
 }

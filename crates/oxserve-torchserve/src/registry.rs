@@ -16,6 +16,7 @@ use parking_lot::Mutex;
 
 use crate::handler::Handler;
 use crate::mar::{self, ArchiveLimits};
+use crate::worker::protocol::Reply;
 
 /// How a model is registered (TorchServe's register parameters).
 #[derive(Debug, Clone)]
@@ -59,6 +60,8 @@ pub struct VersionEntry {
     pub loaded_at_startup: bool,
     /// When its workers last started (TorchServe's worker `startTime`).
     pub started: String,
+    /// Where the archive's requirements were installed (Python handlers, when configured).
+    pub python_path: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -79,6 +82,12 @@ pub struct TorchServe {
     changes: tokio::sync::Mutex<()>,
     next_archive: std::sync::atomic::AtomicU64,
     model_api: bool,
+    /// The Python that installs an archive's requirements, when TorchServe's
+    /// `install_py_dep_per_model` is on.
+    install_dependencies: Mutex<Option<PathBuf>>,
+    /// The largest answer a Python worker may send for one request (TorchServe's
+    /// `max_response_size`).
+    max_response_bytes: std::sync::atomic::AtomicUsize,
 }
 
 impl TorchServe {
@@ -98,7 +107,66 @@ impl TorchServe {
             changes: tokio::sync::Mutex::new(()),
             next_archive: std::sync::atomic::AtomicU64::new(1),
             model_api,
+            install_dependencies: Mutex::new(None),
+            max_response_bytes: std::sync::atomic::AtomicUsize::new(6_553_500),
         }))
+    }
+
+    /// TorchServe's `max_response_size` for Python handlers' answers.
+    pub fn set_max_response_bytes(&self, bytes: usize) {
+        self.max_response_bytes
+            .store(bytes, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Installs the `requirements.txt` of archives with Python handlers, with this Python's
+    /// pip, before their workers start (TorchServe's `install_py_dep_per_model=true`).
+    pub fn install_dependencies_with(&self, python: PathBuf) {
+        *self.install_dependencies.lock() = Some(python);
+    }
+
+    /// `pip install -U -t <version dir>/dependencies -r requirements.txt`, as TorchServe
+    /// installs per-model dependencies; the directory goes on the workers' `PYTHONPATH`.
+    /// Without the option the file is ignored (as TorchServe does), with a log line.
+    async fn install_requirements(
+        &self,
+        model: &str,
+        version_dir: &Path,
+        requirements: &Path,
+    ) -> Result<Option<PathBuf>> {
+        let Some(python) = self.install_dependencies.lock().clone() else {
+            tracing::info!(
+                model,
+                "the archive has a requirements file; not installed \
+                (install_py_dep_per_model is off)"
+            );
+            return Ok(None);
+        };
+        let target = version_dir.join("dependencies");
+        tracing::info!(model, python = %python.display(), target = %target.display(),
+            "installing the archive's requirements");
+        let (dir, file) = (target.clone(), requirements.to_path_buf());
+        let output = tokio::task::spawn_blocking(move || {
+            std::process::Command::new(&python)
+                .args(["-m", "pip", "install", "--disable-pip-version-check", "-U", "-t"])
+                .arg(&dir)
+                .arg("-r")
+                .arg(&file)
+                .stdin(std::process::Stdio::null())
+                .output()
+        })
+        .await
+        .map_err(|e| Error::internal(format!("pip did not finish: {e}")))?
+        .map_err(|e| Error::internal(format!("cannot run pip: {e}")))?;
+        if !output.status.success() {
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            let tail: Vec<&str> = stderr.lines().rev().take(5).collect();
+            return Err(Error::invalid(format!(
+                "installing the archive's requirements failed ({}): {}",
+                output.status,
+                tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
+            )));
+        }
+        Ok(Some(target))
     }
 
     pub fn model_api_enabled(&self) -> bool {
@@ -160,7 +228,6 @@ impl TorchServe {
             archive.manifest.model.model_version.clone()
         };
         let handler = Handler::from_manifest(&archive.manifest.model.handler, &archive.dir)?;
-        let serialized = archive.serialized_file()?;
         let engine_version = {
             let models = self.models.lock();
             let entry = models.get(&name);
@@ -169,6 +236,20 @@ impl TorchServe {
                     oxserve_core::ErrorKind::Conflict,
                     format!("Model version {version} is already registered for model {name}"),
                 ));
+            }
+            // The versions of a model share one engine configuration, so one kind of handler.
+            if let Some(other) = entry.and_then(|e| e.versions.values().next())
+                && other.handler.is_python() != handler.is_python()
+            {
+                return Err(Error::invalid(format!(
+                    "model {name} version {} has a {} handler; version {version} must have one too",
+                    other.version,
+                    if other.handler.is_python() {
+                        "Python"
+                    } else {
+                        "native"
+                    }
+                )));
             }
             entry
                 .and_then(|e| e.versions.values().map(|v| v.engine_version).max())
@@ -183,9 +264,24 @@ impl TorchServe {
             .join(&name)
             .join(engine_version.to_string());
         std::fs::create_dir_all(&version_dir).map_err(|e| Error::internal(e.to_string()))?;
-        std::fs::hard_link(&serialized, version_dir.join("model.pt"))
-            .or_else(|_| std::fs::copy(&serialized, version_dir.join("model.pt")).map(|_| ()))
-            .map_err(|e| Error::internal(format!("cannot place the model file: {e}")))?;
+        let mut python_path = None;
+        if handler.is_python() {
+            // The worker loads the whole unpacked archive (handler.py, extra files, weights).
+            let place = version_dir.join(crate::worker::ARCHIVE_DIR);
+            std::fs::rename(&archive.dir, &place)
+                .map_err(|e| Error::internal(format!("cannot place the archive: {e}")))?;
+            let requirements = &archive.manifest.model.requirements_file;
+            if !requirements.is_empty() && archive.file(requirements).is_some() {
+                python_path = self
+                    .install_requirements(&name, &version_dir, &place.join(requirements))
+                    .await?;
+            }
+        } else {
+            let serialized = archive.serialized_file()?;
+            std::fs::hard_link(&serialized, version_dir.join("model.pt"))
+                .or_else(|_| std::fs::copy(&serialized, version_dir.join("model.pt")).map(|_| ()))
+                .map_err(|e| Error::internal(format!("cannot place the model file: {e}")))?;
+        }
         let workers = registration.initial_workers;
         let entry = VersionEntry {
             version: version.clone(),
@@ -199,6 +295,7 @@ impl TorchServe {
             max_workers: workers,
             loaded_at_startup: registration.loaded_at_startup,
             started: now(),
+            python_path,
         };
         {
             let mut models = self.models.lock();
@@ -302,6 +399,9 @@ impl TorchServe {
         let first = serving.first()?;
         let workers = serving.iter().map(|v| v.min_workers).max().unwrap_or(1);
         let batch = first.batch_size.max(1);
+        if first.handler.is_python() {
+            return Some(self.listed_python(name, &serving, workers));
+        }
         let shape = first.handler.input_shape();
         let mut config = triton::ModelConfig {
             name: name.to_string(),
@@ -348,6 +448,122 @@ impl TorchServe {
         })
     }
 
+    /// A model whose handler runs in TorchServe's Python workers: one BYTES request in, one
+    /// BYTES answer out (crate::worker), one worker per instance.
+    fn listed_python(&self, name: &str, serving: &[&VersionEntry], workers: u32) -> ListedModel {
+        use crate::worker::{self, params};
+        let first = serving[0];
+        let batch = first.batch_size.max(1);
+        let bytes = |name: &str| (name.to_string(), triton::DataType::TypeString as i32);
+        let parameter = |v: String| triton::ModelParameter { string_value: v };
+        let mut config = triton::ModelConfig {
+            name: name.to_string(),
+            backend: worker::BACKEND_NAME.into(),
+            platform: worker::BACKEND_NAME.into(),
+            default_model_filename: worker::ARCHIVE_DIR.into(),
+            max_batch_size: i32::try_from(batch).unwrap_or(i32::MAX),
+            input: vec![{
+                let (name, data_type) = bytes(worker::REQUEST_INPUT);
+                triton::ModelInput {
+                    name,
+                    data_type,
+                    dims: vec![1],
+                    ..Default::default()
+                }
+            }],
+            output: vec![{
+                let (name, data_type) = bytes(worker::RESPONSE_OUTPUT);
+                triton::ModelOutput {
+                    name,
+                    data_type,
+                    dims: vec![1],
+                    ..Default::default()
+                }
+            }],
+            instance_group: vec![triton::ModelInstanceGroup {
+                count: i32::try_from(workers).unwrap_or(1),
+                kind: triton::model_instance_group::Kind::Cpu as i32,
+                ..Default::default()
+            }],
+            version_policy: Some(triton::ModelVersionPolicy {
+                policy_choice: Some(triton::model_version_policy::PolicyChoice::Specific(
+                    triton::model_version_policy::Specific {
+                        versions: serving.iter().map(|v| v.engine_version as i64).collect(),
+                    },
+                )),
+            }),
+            ..Default::default()
+        };
+        let timeout = serving.iter().map(|v| v.response_timeout_s).max().unwrap_or(120);
+        config
+            .parameters
+            .insert(params::RESPONSE_TIMEOUT_S.into(), parameter(timeout.to_string()));
+        config.parameters.insert(
+            params::MAX_RESPONSE_BYTES.into(),
+            parameter(
+                self.max_response_bytes
+                    .load(std::sync::atomic::Ordering::Relaxed)
+                    .to_string(),
+            ),
+        );
+        if batch > 1 {
+            config.scheduling_choice = Some(triton::model_config::SchedulingChoice::DynamicBatching(
+                triton::ModelDynamicBatching {
+                    max_queue_delay_microseconds: first.max_batch_delay_ms.saturating_mul(1000),
+                    ..Default::default()
+                },
+            ));
+        }
+        ListedModel {
+            name: name.to_string(),
+            path: self.work.path().join("models").join(name),
+            config,
+        }
+    }
+
+    /// Runs one prediction through a Python handler: the request's part of the worker's
+    /// inference message in, the handler's answer out.
+    pub async fn predict_python(
+        &self,
+        name: &str,
+        version: Option<&str>,
+        part: bytes::Bytes,
+    ) -> Result<Reply> {
+        let entry = self.version(name, version)?;
+        if entry.min_workers == 0 {
+            return Err(no_worker(name));
+        }
+        let target = ModelTarget::resolve(&self.engine, name, Some(entry.engine_version))?;
+        let mut request = DecodedRequest::new(target, None, Parameters::new())?;
+        request.inputs = vec![DecodedInput::body(
+            crate::worker::REQUEST_INPUT.to_string(),
+            DataType::Bytes,
+            vec![1, 1],
+            TensorData::Strings(vec![part]),
+        )];
+        request.outputs = vec![OutputRequest::named(crate::worker::RESPONSE_OUTPUT)];
+        let response = oxserve_frontend::run(&self.engine, &self.shm, request)
+            .await
+            .map_err(|e| {
+                // A lost worker's message is TorchServe's ("Worker died."), without the
+                // engine's prefix.
+                match e.message().strip_prefix("inference failed: ") {
+                    Some(m) if e.kind() == oxserve_core::ErrorKind::Internal => Error::internal(m),
+                    _ => e,
+                }
+            })?;
+        let encoded = response
+            .outputs
+            .into_iter()
+            .next()
+            .and_then(|o| match o.tensor.data {
+                TensorData::Strings(mut s) if !s.is_empty() => Some(s.swap_remove(0)),
+                _ => None,
+            })
+            .ok_or_else(|| Error::internal("the worker returned no answer"))?;
+        Reply::decode(&encoded).map_err(|e| Error::internal(format!("invalid worker answer: {e:?}")))
+    }
+
     /// The version a prediction addresses (the default without one).
     pub fn version(&self, name: &str, version: Option<&str>) -> Result<VersionEntry> {
         let models = self.models.lock();
@@ -364,9 +580,7 @@ impl TorchServe {
     pub async fn predict(&self, name: &str, version: Option<&str>, body: bytes::Bytes) -> Result<String> {
         let entry = self.version(name, version)?;
         if entry.min_workers == 0 {
-            return Err(Error::unavailable(format!(
-                "Model \"{name}\" has no worker to serve inference request. Please use scale workers API to add workers."
-            )));
+            return Err(no_worker(name));
         }
         let handler = entry.handler.clone();
         let input =
@@ -399,6 +613,12 @@ fn first_row(t: Tensor) -> Result<Tensor> {
         .ok_or_else(|| Error::internal("the model's output holds strings"))?
         .slice(0..(per_row * size).min(t.raw().map_or(0, |r| r.len())));
     Ok(Tensor::new(t.name, DataType::F32, shape, TensorData::Raw(raw)))
+}
+
+fn no_worker(name: &str) -> Error {
+    Error::unavailable(format!(
+        "Model \"{name}\" has no worker to serve inference request. Please use scale workers API to add workers."
+    ))
 }
 
 pub(crate) fn model_not_found(name: &str) -> Error {

@@ -407,6 +407,13 @@ fn backends_with(settings: &settings::BackendSettings) -> Vec<Arc<dyn Backend>> 
             },
         )),
     ];
+    // TorchServe's custom Python handlers, in TorchServe's own Python workers.
+    backends.push(Arc::new(oxserve_torchserve::worker::PythonBackend::new(
+        settings
+            .torchserve_python
+            .clone()
+            .unwrap_or_else(oxserve_torchserve::worker::default_python),
+    )));
     // TorchScript on libtorch; only in `--features torch` builds (they need libtorch).
     #[cfg(feature = "torch")]
     backends.push(Arc::new(oxserve_torch::TorchBackend::new()));
@@ -498,6 +505,10 @@ struct TorchServeSetup {
     model_api: bool,
     /// TorchServe's token authorization, when on.
     keys: Option<TorchServeKeys>,
+    /// `install_py_dep_per_model`: install archives' requirements for their Python workers.
+    install_dependencies: bool,
+    /// `max_response_size`: the largest answer a Python worker may send for a request.
+    max_response_size: Option<usize>,
 }
 
 /// The tokens of TorchServe's `key_file.json`.
@@ -619,6 +630,18 @@ fn run_server(settings: Settings, extras: ServeExtras) -> anyhow::Result<()> {
                 setup.model_store.clone(),
                 setup.model_api,
             )?;
+            if setup.install_dependencies {
+                ts.install_dependencies_with(
+                    settings
+                        .backends
+                        .torchserve_python
+                        .clone()
+                        .unwrap_or_else(oxserve_torchserve::worker::default_python),
+                );
+            }
+            if let Some(bytes) = setup.max_response_size {
+                ts.set_max_response_bytes(bytes);
+            }
             let max = settings.server.max_input_size;
             options.extra_http_routes = Some(oxserve_torchserve::inference_router(ts.clone(), max));
             options.http_fallback = Some(oxserve_torchserve::api::not_found_router());

@@ -99,6 +99,10 @@ pub struct BackendSettings {
     /// Default TensorFlow intra-op / inter-op thread counts (0: one per core).
     pub tensorflow_intra_op_parallelism: i32,
     pub tensorflow_inter_op_parallelism: i32,
+    /// The Python interpreter that runs TorchServe's Python backend workers (custom
+    /// handlers); it must have the `torchserve` package. Unset: `python` on PATH (TorchServe's
+    /// own default), else `python3`.
+    pub torchserve_python: Option<PathBuf>,
 }
 
 /// TLS for the HTTP and gRPC listeners (docs/security.md). Unset: both are plain.

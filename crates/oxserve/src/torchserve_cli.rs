@@ -168,6 +168,9 @@ const HONOURED: &[&str] = &[
     "enable_metrics_api",
     "grpc_inference_port",
     "models",
+    "python",
+    "install_py_dep_per_model",
+    "max_response_size",
 ];
 
 pub fn run(args: TorchServeArgs) -> anyhow::Result<()> {
@@ -267,6 +270,18 @@ pub fn run(args: TorchServeArgs) -> anyhow::Result<()> {
                 .context("number_of_netty_threads must be a number")?,
         );
     }
+    // The Python that runs custom handlers: config.properties' `python` (TorchServe's
+    // PYTHON_EXECUTABLE key), else `python` on PATH.
+    if let Some(python) = get("python") {
+        settings.backends.torchserve_python = Some(PathBuf::from(python));
+    }
+    let max_response_size = match get("max_response_size") {
+        Some(size) => Some(
+            size.parse()
+                .context("max_response_size must be a number of bytes")?,
+        ),
+        None => None,
+    };
     settings.models.repositories.clear();
     settings.models.control_mode = "none".into();
     let token_auth = !(args.disable_token_auth || truthy("disable_token_authorization"));
@@ -280,6 +295,8 @@ pub fn run(args: TorchServeArgs) -> anyhow::Result<()> {
                 startup,
                 model_api: args.enable_model_api || truthy("enable_model_api"),
                 keys,
+                install_dependencies: truthy("install_py_dep_per_model"),
+                max_response_size,
             }),
             ..Default::default()
         },
