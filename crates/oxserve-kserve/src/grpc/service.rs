@@ -15,7 +15,7 @@ use super::convert::{
 };
 use super::pb::{
     GrpcInferenceService, GrpcInferenceServiceServer, ModelConfigRequest, ModelConfigResponse,
-    ModelInferRequest, ModelInferResponse, ModelMetadataRequest, ModelMetadataResponse, ModelReadyRequest,
+    ModelInferRequest, ModelInferResponse, ModelMetadataRequest, ModelStreamInferResponse, ModelMetadataResponse, ModelReadyRequest,
     ModelReadyResponse, ModelRollbackRequest, ModelRollbackResponse, ModelStatisticsRequest,
     ModelStatisticsResponse, ModelVersionLabelSetRequest, ModelVersionLabelSetResponse,
     ModelVersionLabelsRequest, ModelVersionLabelsResponse, RepositoryIndexRequest, RepositoryIndexResponse,
@@ -97,6 +97,63 @@ impl GrpcFrontend {
     /// The same front-end with other decoding limits (what [`GrpcOptions::decode`] sets).
     pub fn with_decode_limits(self, decode: DecodeLimits) -> Self {
         GrpcFrontend { decode, ..self }
+    }
+}
+
+/// Requests of one stream in flight at once; later ones wait (back-pressure on the client).
+pub const STREAM_CONCURRENCY: usize = 64;
+
+/// The answers of a `ModelStreamInfer` stream.
+pub type ModelStream =
+    std::pin::Pin<Box<dyn futures::Stream<Item = Result<ModelStreamInferResponse, Status>> + Send + 'static>>;
+
+impl GrpcFrontend {
+    /// One request of a stream, answered: its response, or its error with its id, model and
+    /// version (as Triton fills them).
+    async fn stream_answer(
+        &self,
+        request: ModelInferRequest,
+        metadata: &tonic::metadata::MetadataMap,
+    ) -> ModelStreamInferResponse {
+        let failed = |request: &ModelInferRequest, e: Error| ModelStreamInferResponse {
+            error_message: e.message().to_string(),
+            infer_response: Some(ModelInferResponse {
+                model_name: request.model_name.clone(),
+                model_version: request.model_version.clone(),
+                id: request.id.clone(),
+                ..Default::default()
+            }),
+        };
+        let routing_key = oxserve_frontend::sticky_routing_key(&self.engine, &request.model_name, |name| {
+            metadata.get(name).and_then(|v| v.to_str().ok())
+        });
+        let target = match ModelTarget::resolve_str(&self.engine, &request.model_name, &request.model_version) {
+            Ok(t) => t,
+            Err(e) => return failed(&request, e),
+        };
+        let header = ModelInferRequest {
+            model_name: request.model_name.clone(),
+            model_version: request.model_version.clone(),
+            id: request.id.clone(),
+            ..Default::default()
+        };
+        let limits = self.decode;
+        let decoded = decode_off_worker(decode_work_bytes(&request), move || {
+            infer_request_from_wire(target, request, &limits)
+        })
+        .await;
+        let mut decoded = match decoded {
+            Ok(d) => d,
+            Err(e) => return failed(&header, e),
+        };
+        decoded.routing_key = routing_key;
+        match run(&self.engine, &self.shm, decoded).await {
+            Ok(response) => ModelStreamInferResponse {
+                error_message: String::new(),
+                infer_response: Some(infer_response_to_wire(response)),
+            },
+            Err(e) => failed(&header, e),
+        }
     }
 }
 
@@ -182,6 +239,35 @@ impl GrpcInferenceService for GrpcFrontend {
         decoded.routing_key = routing_key;
         let response = run(&self.engine, &self.shm, decoded).await.map_err(status)?;
         Ok(Response::new(infer_response_to_wire(response)))
+    }
+
+    type ModelStreamInferStream = ModelStream;
+
+    /// Triton's streaming inference: every request on the stream is decoded and run as
+    /// `ModelInfer` would run it, up to [`STREAM_CONCURRENCY`] at a time (so the dynamic
+    /// batcher sees them together), and answered in the order the requests came. A failed
+    /// request is answered with `error_message` (and its id) and the stream goes on. When the
+    /// client goes away the stream is dropped, and with it the requests still running.
+    async fn model_stream_infer(
+        &self,
+        request: Request<tonic::Streaming<ModelInferRequest>>,
+    ) -> Result<Response<Self::ModelStreamInferStream>, Status> {
+        use futures::StreamExt;
+        let metadata = request.metadata().clone();
+        let incoming = request.into_inner();
+        let frontend = self.clone();
+        let answers = incoming
+            .map(move |message| {
+                let frontend = frontend.clone();
+                let metadata = metadata.clone();
+                async move {
+                    // A message that is not a ModelInferRequest ends the stream with its status.
+                    let request = message?;
+                    Ok(frontend.stream_answer(request, &metadata).await)
+                }
+            })
+            .buffered(STREAM_CONCURRENCY);
+        Ok(Response::new(Box::pin(answers)))
     }
 
     async fn model_config(
