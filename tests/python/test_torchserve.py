@@ -25,6 +25,10 @@ management, metrics and gRPC ports on free ports).
    of request replayed from the reference's "custom_handler" section (status, content type,
    handler-set headers, body), batching of concurrent requests, a worker that dies and is
    restarted, a handler.py that does not import.
+8. Python workers as processes: scaling (one live worker process per worker, none left after
+   scaling down), the response timeout (the hung worker stopped and replaced), a worker
+   killed from outside while idle, install_py_dep_per_model (an archive's requirements
+   installed, or ignored without the key), a streamed answer joined into one body.
 
 Differences from TorchServe asserted as oxserve's behaviour: /ping needs no key and an
 undecodable image is a 400 BadRequestException (TorchServe: 503 "Prediction failed"), both in
@@ -958,3 +962,338 @@ def test_custom_handler_that_does_not_import_is_refused(custom_server, custom_st
     assert server.request("GET", "management", "/models").json() == before
     assert_custom_predicts(server)
     assert_still_predicts(server)
+
+
+# ---------------------------------------------------------------------------------------------
+# 8. Python workers as processes: scaling, the response timeout, a worker killed from outside,
+# per-model requirements (install_py_dep_per_model), streamed answers.
+#
+# The archives here are built by the real torch-model-archiver of the TorchServe venv from
+# small module-level handlers (PROBE_HANDLER, DEP_HANDLER), into custom_server's store.
+
+ARCHIVER = ts.venv_python().parent / "torch-model-archiver"
+PROBE = "py_probe"
+# A handler that answers by its body: b"sleep" sleeps past any response timeout, b"stream"
+# sends "a", "b", "c" as intermediate parts (TorchServe's streaming) and then returns "d",
+# anything else answers "ok".
+PROBE_HANDLER = '''\
+import time
+
+from ts.protocol.otf_message_handler import send_intermediate_predict_response
+
+
+def _body(request):
+    body = request.get("body")
+    if body is None:
+        body = request.get("data")
+    return bytes(body) if isinstance(body, (bytes, bytearray)) else str(body).encode()
+
+
+def handle(data, context):
+    if data is None:
+        return None
+    answers = []
+    for request in data:
+        body = _body(request)
+        if body == b"sleep":
+            time.sleep(60)
+        if body == b"stream":
+            for part in ("a", "b", "c"):
+                send_intermediate_predict_response([part], context.request_ids,
+                                                   "Intermediate Prediction success", 200,
+                                                   context)
+            answers.append("d")
+        else:
+            answers.append("ok")
+    return answers
+'''
+DEP = "dep_probe"
+DEP_MODULE = "oxdep_probe"
+# A handler that needs the archive's requirement (the wheel built by _probe_wheel) at import.
+DEP_HANDLER = f'''\
+import {DEP_MODULE}
+
+
+def handle(data, context):
+    if data is None:
+        return None
+    return [{DEP_MODULE}.VALUE for _ in data]
+'''
+WORKER_SCRIPT = "model_service_worker.py"
+# What pip says when it would need an index it cannot reach (the test skips then).
+PIP_NETWORK_WORDS = ("NewConnectionError", "Network is unreachable", "name resolution",
+                     "No matching distribution", "Could not find a version", "ConnectTimeout",
+                     "Max retries exceeded")
+
+
+def _archive(store: Path, name: str, handler_py: str, requirements: str | None = None) -> Path:
+    """`store`/`name`.mar made by torch-model-archiver from handler.py (and a requirements
+    file); no serialized model."""
+    src = store.parent / f"src-{name}"
+    src.mkdir(exist_ok=True)
+    (src / "handler.py").write_text(handler_py)
+    cmd = [str(ARCHIVER), "--model-name", name, "--version", "1.0", "--handler", "handler.py",
+           "--export-path", str(store), "--force"]
+    if requirements is not None:
+        (src / "requirements.txt").write_text(requirements)
+        cmd += ["--requirements-file", "requirements.txt"]
+    done = subprocess.run(cmd, cwd=src, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, (cmd, done.stdout, done.stderr)
+    return store / f"{name}.mar"
+
+
+def _register(server: TorchServe, archive: str, name: str, **query) -> requests.Response:
+    q = "".join(f"&{k}={v}" for k, v in query.items())
+    return server.request("POST", "management", f"/models?url={archive}&model_name={name}"
+                          f"&initial_workers=1&synchronous=true{q}")
+
+
+@contextlib.contextmanager
+def _registered(server: TorchServe, archive: str, name: str, **query):
+    """`archive` registered as `name` (synchronously, one worker) for the block; unregistered
+    after it."""
+    r = _register(server, archive, name, **query)
+    assert r.status_code == 200, f"registering {archive}: {r.status_code} {r.text}"
+    try:
+        yield r
+    finally:
+        r = server.request("DELETE", "management", f"/models/{name}")
+        assert r.status_code == 200, f"unregistering {name}: {r.status_code} {r.text}"
+
+
+def _workers(server: TorchServe, model: str) -> list[dict]:
+    r = server.request("GET", "management", f"/models/{model}")
+    assert r.status_code == 200, r.text
+    return r.json()[0]["workers"]
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(
+            errors="replace")
+    except (FileNotFoundError, ProcessLookupError):
+        return ""
+
+
+def _assert_live_workers(workers: list[dict], count: int) -> list[int]:
+    """`count` READY workers, each a distinct live process running TorchServe's worker script,
+    with its RSS as memoryUsage; their pids."""
+    assert [w["status"] for w in workers] == ["READY"] * count, workers
+    pids = [w["pid"] for w in workers]
+    assert len(set(pids)) == count and all(isinstance(p, int) and p > 0 for p in pids), workers
+    for w in workers:
+        assert not _gone(w["pid"]), (f"worker pid {w['pid']} is not a running process", workers)
+        assert WORKER_SCRIPT in _cmdline(w["pid"]), (w["pid"], _cmdline(w["pid"]))
+        assert isinstance(w["memoryUsage"], int) and w["memoryUsage"] > 1 << 20, w
+    return pids
+
+
+def _wait_gone(pid: int, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not _gone(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def _predict_after_restart(server: TorchServe, model: str, body: bytes,
+                           timeout: float = 60.0) -> tuple[requests.Response, float]:
+    """Predicts until the answer is not a 5xx (a worker being replaced) or `timeout` passes;
+    the last answer and the seconds it took."""
+    t0 = time.monotonic()
+    while True:
+        r = server.predict(model, body)
+        if r.status_code < 500 or time.monotonic() - t0 > timeout:
+            return r, time.monotonic() - t0
+        assert server.alive(), "the server exited"
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def probe_archive(custom_store) -> str:
+    return _archive(custom_store, PROBE, PROBE_HANDLER).name
+
+
+def test_python_worker_response_timeout(custom_server, probe_archive):
+    """A handler that does not answer within the model's response_timeout (2 s here): that
+    request gets TorchServe's error body (5xx) naming the timeout within a few seconds, the
+    hung worker process is stopped, and a new worker (another pid, READY) answers the next
+    requests."""
+    server, _ = custom_server
+    with _registered(server, probe_archive, PROBE, response_timeout=2):
+        r = server.predict(PROBE, b"hello")
+        assert (r.status_code, r.text) == (200, "ok"), r.text
+        (before,) = _assert_live_workers(_workers(server, PROBE), 1)
+        t0 = time.monotonic()
+        r = server.predict(PROBE, b"sleep", timeout=30)
+        took = time.monotonic() - t0
+        assert 500 <= r.status_code < 600, (r.status_code, r.text)
+        body = assert_torchserve_error(r, r.status_code, r.json().get("type"))
+        assert "timeout" in body["message"].lower() or "timed out" in body["message"].lower(), body
+        assert took < 10, f"the timed-out request answered after {took:.1f} s: {body}"
+        assert _wait_gone(before), f"the hung worker {before} still runs"
+        r, _ = _predict_after_restart(server, PROBE, b"hello")
+        assert (r.status_code, r.text) == (200, "ok"), r.text
+        (after,) = _assert_live_workers(_workers(server, PROBE), 1)
+        assert after != before
+    assert_custom_predicts(server)
+    assert_still_predicts(server)
+
+
+def test_python_worker_killed_while_idle(custom_server):
+    """custom_echo's worker SIGKILLed from outside between requests: the next prediction is
+    answered by a new worker (answers other than 5xx are not retried), describe shows its
+    pid."""
+    server, _ = custom_server
+    assert_custom_predicts(server)
+    (before,) = _assert_live_workers(_workers(server, CUSTOM), 1)
+    # Only the process describe names, and only if it is TorchServe's worker script.
+    assert WORKER_SCRIPT in _cmdline(before), _cmdline(before)
+    os.kill(before, signal.SIGKILL)
+    assert _wait_gone(before)
+    ex = custom_exchange("predict_rows")
+    r, took = _predict_after_restart(server, CUSTOM, json.dumps(ex["sent"]["json"]).encode())
+    assert r.status_code == 200, (r.status_code, r.text, f"after {took:.1f} s")
+    r = assert_custom_predicts(server)
+    (after,) = _assert_live_workers(_workers(server, CUSTOM), 1)
+    assert after != before
+    assert_still_predicts(server)
+
+
+def test_python_handler_streamed_answer_is_joined(custom_server, probe_archive):
+    """A handler that streams (send_intermediate_predict_response "a", "b", "c", then returns
+    "d"): the client gets one 200 answer with the parts joined, "abcd"; the worker then
+    answers ordinary requests."""
+    server, _ = custom_server
+    name = "py_stream"
+    with _registered(server, probe_archive, name):
+        r = server.predict(name, b"stream")
+        assert (r.status_code, r.text) == (200, "abcd"), (r.status_code, r.text)
+        r = server.predict(name, b"hello")
+        assert (r.status_code, r.text) == (200, "ok"), r.text
+        r = server.predict(name, b"stream")
+        assert (r.status_code, r.text) == (200, "abcd"), (r.status_code, r.text)
+    assert_custom_predicts(server)
+
+
+def test_python_model_registers_again_after_unregister(custom_server, probe_archive):
+    """A Python-handler model unregistered and registered again under the same name serves
+    again; unregistering stops its worker process."""
+    server, _ = custom_server
+    name = "py_again"
+    for _ in range(2):
+        with _registered(server, probe_archive, name):
+            r = server.predict(name, b"hello")
+            assert (r.status_code, r.text) == (200, "ok"), r.text
+            (pid,) = _assert_live_workers(_workers(server, name), 1)
+        assert server.request("GET", "management", f"/models/{name}").status_code == 404
+        assert _wait_gone(pid), f"the unregistered model's worker {pid} still runs"
+    assert_custom_predicts(server)
+
+
+def _probe_wheel(directory: Path) -> Path:
+    """A minimal pure-Python wheel of oxdep_probe 1.0 (oxdep_probe.VALUE = 42), made by hand."""
+    import base64
+    import hashlib
+
+    version = "1.0"
+    info = f"{DEP_MODULE}-{version}.dist-info"
+    files = {
+        f"{DEP_MODULE}/__init__.py": b"VALUE = 42\n",
+        f"{info}/METADATA": (f"Metadata-Version: 2.1\nName: {DEP_MODULE}\n"
+                             f"Version: {version}\n").encode(),
+        f"{info}/WHEEL": (b"Wheel-Version: 1.0\nGenerator: oxserve-tests\n"
+                          b"Root-Is-Purelib: true\nTag: py3-none-any\n"),
+    }
+
+    def digest(data: bytes) -> str:
+        raw = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=")
+        return "sha256=" + raw.decode()
+
+    record = "".join(f"{p},{digest(d)},{len(d)}\n" for p, d in files.items())
+    files[f"{info}/RECORD"] = (record + f"{info}/RECORD,,\n").encode()
+    directory.mkdir(parents=True, exist_ok=True)
+    wheel = directory / f"{DEP_MODULE}-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as z:
+        for path, data in files.items():
+            z.writestr(path, data)
+    return wheel
+
+
+@pytest.fixture(scope="module")
+def dep_archive(custom_store) -> str:
+    """dep_probe.mar in custom_store: DEP_HANDLER, and a requirements file naming the wheel of
+    _probe_wheel by its absolute path (pip needs no index for it)."""
+    wheel = _probe_wheel(custom_store.parent / "wheels")
+    return _archive(custom_store, DEP, DEP_HANDLER, requirements=f"{wheel}\n").name
+
+
+def test_install_py_dep_per_model_installs_requirements(tmp_path, custom_store, dep_archive):
+    """With install_py_dep_per_model=true in config.properties, registering an archive whose
+    requirements file names a wheel installs it for the model's workers: the handler imports
+    it and answers its VALUE (42)."""
+    ws = Workspace(tmp_path, {"install_py_dep_per_model": "true"})
+    server = TorchServe("deps", ws, custom_store, "--enable-model-api", "--disable-token-auth")
+    with serving(server):
+        r = _register(server, dep_archive, DEP)
+        if r.status_code != 200 and any(w in r.text for w in PIP_NETWORK_WORDS):
+            pytest.skip(f"pip wants a package index to install a local wheel here: {r.text}")
+        assert r.status_code == 200, f"registering {dep_archive}: {r.status_code} {r.text}"
+        r = server.predict(DEP, b"{}")
+        assert (r.status_code, r.text) == (200, "42"), (r.status_code, r.text)
+        _assert_live_workers(_workers(server, DEP), 1)
+        r = server.request("DELETE", "management", f"/models/{DEP}")
+        assert r.status_code == 200, r.text
+
+
+def test_requirements_ignored_without_install_py_dep_per_model(custom_server, dep_archive):
+    """Without install_py_dep_per_model the requirements file is ignored (as TorchServe does):
+    the handler's import of the missing module fails when the worker loads it, so the
+    synchronous registration fails (TorchServe: 500 "Failed to start workers ...") with
+    TorchServe's error body, whose message names the module that is missing (TorchServe's
+    model_loader then also tries ts.torch_handler.handler and fails again: the first error is
+    the one that says what to install); nothing is registered and the other models keep
+    serving."""
+    server, _ = custom_server
+    before = server.request("GET", "management", "/models").json()
+    r = _register(server, dep_archive, DEP)
+    try:
+        assert 400 <= r.status_code < 600, (r.status_code, r.text)
+        body = assert_torchserve_error(r, r.status_code, r.json().get("type"))
+        assert DEP_MODULE in body["message"] and "ModuleNotFoundError" in body["message"], body
+    finally:
+        if r.status_code == 200:
+            server.request("DELETE", "management", f"/models/{DEP}")
+    assert server.request("GET", "management", f"/models/{DEP}").status_code == 404
+    assert server.request("GET", "management", "/models").json() == before
+    assert_custom_predicts(server)
+    assert_still_predicts(server)
+
+
+def test_python_workers_scale_as_processes(custom_server):
+    """Scaling custom_echo to 2 workers (synchronous) runs two worker processes of TorchServe's
+    worker script, both READY in describe with their pids and RSS; predictions work; back to
+    1, describe shows one such worker and no other worker process of the two is left."""
+    server, _ = custom_server
+    assert_custom_predicts(server)
+    r = server.request("PUT", "management", f"/models/{CUSTOM}?min_worker=2&synchronous=true")
+    try:
+        assert (r.status_code, r.json()) == (
+            200, {"status": f"Workers scaled to 2 for model: {CUSTOM}"}), r.text
+        two = _assert_live_workers(_workers(server, CUSTOM), 2)
+        for _ in range(4):
+            assert_custom_predicts(server)
+        # Describe goes on showing the same two (not only right after the answer).
+        time.sleep(0.5)
+        assert _assert_live_workers(_workers(server, CUSTOM), 2) == two
+    finally:
+        r = server.request("PUT", "management", f"/models/{CUSTOM}?min_worker=1&synchronous=true")
+    assert (r.status_code, r.json()) == (
+        200, {"status": f"Workers scaled to 1 for model: {CUSTOM}"}), r.text
+    (one,) = _assert_live_workers(_workers(server, CUSTOM), 1)
+    left = [p for p in two if p != one and not _wait_gone(p)]
+    assert not left, f"worker processes {left} still run after scaling to 1 (worker {one})"
+    assert_custom_predicts(server)
+    assert_still_predicts(server)
+    assert _assert_live_workers(_workers(server, CUSTOM), 1) == [one]

@@ -60,8 +60,6 @@ pub struct VersionEntry {
     pub loaded_at_startup: bool,
     /// When its workers last started (TorchServe's worker `startTime`).
     pub started: String,
-    /// Where the archive's requirements were installed (Python handlers, when configured).
-    pub python_path: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -85,6 +83,8 @@ pub struct TorchServe {
     /// The Python that installs an archive's requirements, when TorchServe's
     /// `install_py_dep_per_model` is on.
     install_dependencies: Mutex<Option<PathBuf>>,
+    /// The last engine version given to each model name.
+    last_engine_version: Mutex<std::collections::HashMap<String, u64>>,
     /// The largest answer a Python worker may send for one request (TorchServe's
     /// `max_response_size`).
     max_response_bytes: std::sync::atomic::AtomicUsize,
@@ -108,6 +108,7 @@ impl TorchServe {
             next_archive: std::sync::atomic::AtomicU64::new(1),
             model_api,
             install_dependencies: Mutex::new(None),
+            last_engine_version: Mutex::new(std::collections::HashMap::new()),
             max_response_bytes: std::sync::atomic::AtomicUsize::new(6_553_500),
         }))
     }
@@ -127,21 +128,16 @@ impl TorchServe {
     /// `pip install -U -t <version dir>/dependencies -r requirements.txt`, as TorchServe
     /// installs per-model dependencies; the directory goes on the workers' `PYTHONPATH`.
     /// Without the option the file is ignored (as TorchServe does), with a log line.
-    async fn install_requirements(
-        &self,
-        model: &str,
-        version_dir: &Path,
-        requirements: &Path,
-    ) -> Result<Option<PathBuf>> {
+    async fn install_requirements(&self, model: &str, version_dir: &Path, requirements: &Path) -> Result<()> {
         let Some(python) = self.install_dependencies.lock().clone() else {
             tracing::info!(
                 model,
                 "the archive has a requirements file; not installed \
                 (install_py_dep_per_model is off)"
             );
-            return Ok(None);
+            return Ok(());
         };
-        let target = version_dir.join("dependencies");
+        let target = version_dir.join(crate::worker::DEPENDENCIES_DIR);
         tracing::info!(model, python = %python.display(), target = %target.display(),
             "installing the archive's requirements");
         let (dir, file) = (target.clone(), requirements.to_path_buf());
@@ -166,7 +162,7 @@ impl TorchServe {
                 tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
             )));
         }
-        Ok(Some(target))
+        Ok(())
     }
 
     pub fn model_api_enabled(&self) -> bool {
@@ -251,10 +247,16 @@ impl TorchServe {
                     }
                 )));
             }
-            entry
-                .and_then(|e| e.versions.values().map(|v| v.engine_version).max())
-                .unwrap_or(0)
-                + 1
+            // Never reused, even after the model was unregistered: a version directory of an
+            // unregistered model may still be in use by workers that are stopping.
+            let mut last = self.last_engine_version.lock();
+            let next = last.get(&name).copied().unwrap_or(0).max(
+                entry
+                    .and_then(|e| e.versions.values().map(|v| v.engine_version).max())
+                    .unwrap_or(0),
+            ) + 1;
+            last.insert(name.clone(), next);
+            next
         };
         // The engine's view: <work>/models/<name>/<engine version>/model.pt.
         let version_dir = self
@@ -264,16 +266,16 @@ impl TorchServe {
             .join(&name)
             .join(engine_version.to_string());
         std::fs::create_dir_all(&version_dir).map_err(|e| Error::internal(e.to_string()))?;
-        let mut python_path = None;
         if handler.is_python() {
             // The worker loads the whole unpacked archive (handler.py, extra files, weights).
+            let requirements = &archive.manifest.model.requirements_file;
+            let has_requirements = !requirements.is_empty() && archive.file(requirements).is_some();
             let place = version_dir.join(crate::worker::ARCHIVE_DIR);
             std::fs::rename(&archive.dir, &place)
                 .map_err(|e| Error::internal(format!("cannot place the archive: {e}")))?;
-            let requirements = &archive.manifest.model.requirements_file;
-            if !requirements.is_empty() && archive.file(requirements).is_some() {
-                python_path = self
-                    .install_requirements(&name, &version_dir, &place.join(requirements))
+            if has_requirements {
+                // The workers find the installed packages in <version dir>/dependencies.
+                self.install_requirements(&name, &version_dir, &place.join(requirements))
                     .await?;
             }
         } else {
@@ -295,7 +297,6 @@ impl TorchServe {
             max_workers: workers,
             loaded_at_startup: registration.loaded_at_startup,
             started: now(),
-            python_path,
         };
         {
             let mut models = self.models.lock();
@@ -362,14 +363,24 @@ impl TorchServe {
                     "Cannot remove default version {version} for model {name}"
                 )));
             }
-            model.versions.remove(&version);
+            let engine_version = model.versions.remove(&version).map(|v| v.engine_version);
             if model.versions.is_empty() {
                 models.remove(name);
             }
-            version
+            (version, engine_version)
         };
         self.apply().await?;
-        Ok(removed)
+        // The unpacked archive goes too (its version directory is never reused).
+        if let Some(engine_version) = removed.1 {
+            let dir = self
+                .work
+                .path()
+                .join("models")
+                .join(name)
+                .join(engine_version.to_string());
+            let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dir)).await;
+        }
+        Ok(removed.0)
     }
 
     pub fn set_default(&self, name: &str, version: &str) -> Result<()> {

@@ -53,8 +53,12 @@ pub struct WorkerStatus {
     pub status: &'static str,
 }
 
-type WorkerKey = (String, u64, usize);
+/// (model, engine version, instance index, serial): the serial tells apart the instances of
+/// two instance sets that overlap while the engine rescales a model (the new set starts before
+/// the old one stops, with the same indices).
+type WorkerKey = (String, u64, usize, u64);
 static WORKERS: Mutex<Option<HashMap<WorkerKey, WorkerStatus>>> = Mutex::new(None);
+static NEXT_SERIAL: AtomicU64 = AtomicU64::new(1);
 
 fn set_status(key: &WorkerKey, status: WorkerStatus) {
     WORKERS
@@ -73,17 +77,17 @@ fn remove_status(key: &WorkerKey) {
     WORKERS.lock().get_or_insert_with(HashMap::new).remove(key);
 }
 
-/// The workers of one version of a model (its engine version), by instance index.
+/// The workers of one version of a model (its engine version), by instance index: the newest
+/// instance of each index.
 pub fn workers(model: &str, version: u64) -> Vec<WorkerStatus> {
-    let mut found: Vec<WorkerStatus> = WORKERS
-        .lock()
-        .get_or_insert_with(HashMap::new)
-        .iter()
-        .filter(|((m, v, _), _)| m == model && *v == version)
-        .map(|(_, w)| w.clone())
-        .collect();
-    found.sort_by_key(|w| w.index);
-    found
+    let mut newest: std::collections::BTreeMap<usize, (u64, WorkerStatus)> =
+        std::collections::BTreeMap::new();
+    for ((m, v, index, serial), w) in WORKERS.lock().get_or_insert_with(HashMap::new).iter() {
+        if m == model && *v == version && newest.get(index).is_none_or(|(s, _)| s < serial) {
+            newest.insert(*index, (*serial, w.clone()));
+        }
+    }
+    newest.into_values().map(|(_, w)| w).collect()
 }
 
 /// The interpreter TorchServe's frontend would use without configuration: `python` on PATH,
@@ -208,7 +212,12 @@ impl LoadedModel for PythonModel {
             .map_err(|e| BackendError::new(BackendErrorKind::InvalidModel, e.to_string()))?;
         tracing::info!(model = %self.worker.model_name, instance = index, pid = worker.pid(),
             "TorchServe worker ready");
-        let key = (self.worker.model_name.clone(), self.version, index);
+        let key = (
+            self.worker.model_name.clone(),
+            self.version,
+            index,
+            NEXT_SERIAL.fetch_add(1, Ordering::Relaxed),
+        );
         set_status(
             &key,
             WorkerStatus {

@@ -107,7 +107,7 @@ static NEXT_SOCKET: AtomicU64 = AtomicU64::new(9000);
 
 /// The last lines a worker printed, for error messages.
 type Tail = Arc<Mutex<VecDeque<String>>>;
-const TAIL_LINES: usize = 30;
+const TAIL_LINES: usize = 200;
 
 pub struct Worker {
     child: Child,
@@ -370,23 +370,61 @@ fn forward_output(out: impl Read + Send + 'static, model: String, pid: u32, tail
     }
 }
 
-/// A message with the worker's last lines that look like an error (its traceback).
+/// A message with what the worker printed about the failure: the exception lines of its
+/// tracebacks (`ModuleNotFoundError: No module named 'x'`; TorchServe's loader retries a failed
+/// import under another name, so the first exception is the telling one), else its last lines.
 fn with_tail(why: String, tail: &Tail) -> String {
     // The output threads may still be reading the last lines.
     std::thread::sleep(Duration::from_millis(100));
     let lines: Vec<String> = tail.lock().iter().cloned().collect();
-    let start = lines
-        .iter()
-        .position(|l| l.contains("Traceback"))
-        .unwrap_or(lines.len().saturating_sub(5));
-    let excerpt: Vec<&str> = lines[start..]
-        .iter()
-        .map(String::as_str)
-        .filter(|l| !l.starts_with("[METRICS]"))
-        .collect();
+    let mut exceptions: Vec<&str> = Vec::new();
+    for line in lines.iter().map(|l| l.trim()) {
+        if is_exception_line(line) && !exceptions.contains(&line) {
+            exceptions.push(line);
+        }
+    }
+    let excerpt: Vec<&str> = if exceptions.is_empty() {
+        let start = lines.len().saturating_sub(5);
+        lines[start..]
+            .iter()
+            .map(String::as_str)
+            .filter(|l| !l.starts_with("[METRICS]"))
+            .collect()
+    } else {
+        exceptions.into_iter().take(5).collect()
+    };
     if excerpt.is_empty() {
         why
     } else {
         format!("{why}; worker output: {}", excerpt.join(" | "))
+    }
+}
+
+/// `SomeError: message` or `package.module.SomeException: message`, as Python prints the last
+/// line of a traceback.
+fn is_exception_line(line: &str) -> bool {
+    let Some((name, _)) = line.split_once(": ") else {
+        return false;
+    };
+    !name.is_empty()
+        && (name.ends_with("Error") || name.ends_with("Exception") || name.ends_with("Exit"))
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.')
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn exception_lines_are_recognised() {
+        assert!(super::is_exception_line(
+            "ModuleNotFoundError: No module named 'oxdep_probe'"
+        ));
+        assert!(super::is_exception_line("ts.utils.util.PredictionException: bad"));
+        assert!(!super::is_exception_line("Backend worker process died."));
+        assert!(!super::is_exception_line(
+            "  File \"x.py\", line 3, in <module>: Error"
+        ));
+        assert!(!super::is_exception_line("[METRICS]HandlerTime.Milliseconds: 1"));
     }
 }
