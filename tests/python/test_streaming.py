@@ -195,3 +195,31 @@ def test_compressed_stream_requests(server, compression):
         client.close()
     assert error is None, error
     check_add_sub(result, data)
+
+
+def test_triton_grpc_error_header_ends_the_stream_with_the_status(server):
+    """Triton's `triton_grpc_error: true` header: the first failed request ends the stream with
+    its gRPC status (here NOT_FOUND for an unknown model) instead of an error_message."""
+    channel = grpc.insecure_channel(server.grpc_host)
+    stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+    data = add_sub_inputs(1, 3)
+
+    def requests():
+        for i, model in enumerate(["add_sub", "missing", "add_sub"]):
+            req = service_pb2.ModelInferRequest(model_name=model, id=f"e{i}")
+            for name, array in data.items():
+                t = req.inputs.add(name=name, datatype="FP32", shape=list(array.shape))
+                t.contents.fp32_contents.extend(array.ravel().tolist())
+            yield req
+
+    got = []
+    try:
+        with pytest.raises(grpc.RpcError) as e:
+            for answer in stub.ModelStreamInfer(requests(), timeout=TIMEOUT_S,
+                                                metadata=[("triton_grpc_error", "true")]):
+                got.append(answer)
+    finally:
+        channel.close()
+    assert [a.infer_response.id for a in got] == ["e0"] and not got[0].error_message, got
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND, e.value
+    assert "missing" in e.value.details()

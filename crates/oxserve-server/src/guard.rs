@@ -23,6 +23,7 @@ use tower::{Layer, Service};
 
 use crate::auth::{ApiKeys, AuthError};
 use crate::rate_limit::{Limited, RateLimits};
+use crate::restricted::{Restrictions, grpc_group, http_group, refusal_message};
 use crate::routes::{ModelRef, Route, Scope, classify};
 
 /// The client's address, for listeners whose connections do not carry axum's `ConnectInfo`
@@ -40,6 +41,9 @@ pub struct AccessPolicy {
     /// Whether the metrics endpoint is open without a key (TorchServe's metrics API is).
     pub metrics_open: bool,
     pub rate_limits: RateLimits,
+    /// Triton's `--http-restricted-api` and `--grpc-restricted-protocol` header gates.
+    pub http_restricted: Restrictions,
+    pub grpc_restricted: Restrictions,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -144,7 +148,24 @@ impl Access {
 
     /// Whether the guard has anything to do.
     pub fn is_active(&self) -> bool {
-        !self.policy.keys.is_empty() || !self.policy.rate_limits.is_empty()
+        !self.policy.keys.is_empty()
+            || !self.policy.rate_limits.is_empty()
+            || !self.policy.http_restricted.is_empty()
+            || !self.policy.grpc_restricted.is_empty()
+    }
+
+    /// Triton's restricted-API gate: the header a request to `path` lacks, if it lacks one.
+    fn missing_restricted_header(&self, grpc: bool, path: &str, headers: &http::HeaderMap) -> Option<String> {
+        let (restrictions, group) = if grpc {
+            (&self.policy.grpc_restricted, grpc_group(path))
+        } else {
+            (&self.policy.http_restricted, http_group(path))
+        };
+        let (key, value) = restrictions.requirement(group?)?;
+        let present = headers
+            .get(key.as_str())
+            .is_some_and(|v| v.as_bytes() == value.as_bytes());
+        (!present).then(|| key.clone())
     }
 
     pub fn rate_limits(&self) -> &RateLimits {
@@ -205,9 +226,14 @@ fn group_label(scope: Option<Scope>) -> &'static str {
 pub trait Wire: Clone + Send + Sync + 'static {
     type ReqBody: Send + 'static;
     type ResBody: Send + 'static;
+    /// Whether the listener speaks gRPC (Triton's restricted protocols are gRPC's).
+    const GRPC: bool;
 
     /// The answer to a refused request for `path`.
     fn refuse(&self, refusal: &Refusal, path: &str) -> Response<Self::ResBody>;
+
+    /// The answer to a request to a restricted API without its header (Triton's).
+    fn restricted(&self, header: &str) -> Response<Self::ResBody>;
 
     /// For a route whose model is in the body: the model, and the request to pass on.
     fn model_in_body(
@@ -225,6 +251,17 @@ pub struct HttpWire;
 impl Wire for HttpWire {
     type ReqBody = axum::body::Body;
     type ResBody = axum::body::Body;
+    const GRPC: bool = false;
+
+    fn restricted(&self, header: &str) -> Response<axum::body::Body> {
+        let body = serde_json::json!({ "error": refusal_message(header, false) }).to_string();
+        let mut response = Response::new(axum::body::Body::from(body));
+        *response.status_mut() = http::StatusCode::FORBIDDEN;
+        response
+            .headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        response
+    }
 
     fn refuse(&self, refusal: &Refusal, path: &str) -> Response<axum::body::Body> {
         let status = oxserve_kserve::http::http_status(refusal.kind());
@@ -260,6 +297,11 @@ pub struct GrpcWire;
 impl Wire for GrpcWire {
     type ReqBody = tonic::body::Body;
     type ResBody = tonic::body::Body;
+    const GRPC: bool = true;
+
+    fn restricted(&self, header: &str) -> Response<tonic::body::Body> {
+        tonic::Status::unavailable(refusal_message(header, true)).into_http::<tonic::body::Body>()
+    }
 
     fn refuse(&self, refusal: &Refusal, _path: &str) -> Response<tonic::body::Body> {
         let code = oxserve_kserve::grpc::status::code_for(refusal.kind());
@@ -466,6 +508,12 @@ where
         if !self.access.is_active() {
             return Box::pin(self.inner.call(request));
         }
+        if let Some(header) =
+            self.access
+                .missing_restricted_header(W::GRPC, request.uri().path(), request.headers())
+        {
+            return Box::pin(std::future::ready(Ok(self.wire.restricted(&header))));
+        }
         let mut route = classify(request.uri().path());
         let key = match self.access.authorize(&route, request.headers()) {
             Ok(key) => key,
@@ -579,6 +627,7 @@ mod tests {
             keys,
             health_requires_key,
             rate_limits: RateLimits::default(),
+            ..Default::default()
         };
         Access::new(Arc::new(policy), &mut Registry::default())
     }

@@ -8,6 +8,7 @@ mod metrics;
 mod process;
 mod rate_limit;
 mod request_id;
+pub mod restricted;
 mod routes;
 pub mod tls;
 

@@ -188,6 +188,14 @@ struct ServeArgs {
     /// Whether health endpoints need a key too once keys are configured.
     #[arg(long, value_name = "BOOL")]
     health_requires_key: Option<bool>,
+    /// Triton: `<api>[,<api>...]:<key>=<value>`: HTTP requests to those API groups (health,
+    /// metadata, inference, shared-memory, model-config, model-repository, statistics, trace,
+    /// logging) must carry the header `<key>: <value>` (repeatable).
+    #[arg(long, value_name = "APIS:KEY=VALUE")]
+    http_restricted_api: Vec<String>,
+    /// Triton: the same for gRPC; the metadata key is `triton-grpc-protocol-<key>`.
+    #[arg(long, value_name = "APIS:KEY=VALUE")]
+    grpc_restricted_protocol: Vec<String>,
     #[command(flatten)]
     tls: TlsArgs,
 }
@@ -474,6 +482,12 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     settings.auth.health_requires_key = args
         .health_requires_key
         .unwrap_or(settings.auth.health_requires_key);
+    if !args.http_restricted_api.is_empty() {
+        settings.auth.http_restricted_api = args.http_restricted_api;
+    }
+    if !args.grpc_restricted_protocol.is_empty() {
+        settings.auth.grpc_restricted_protocol = args.grpc_restricted_protocol;
+    }
     init_logging(&settings.log.format, &settings.log.level)?;
     if settings.models.repositories.is_empty() {
         anyhow::bail!("no model repository given (use --model-repository DIR)");
@@ -773,11 +787,16 @@ fn access_policy(settings: &Settings) -> anyhow::Result<oxserve_server::AccessPo
             "API keys required"
         ),
     }
+    let restricted = |specs: &[String], grpc: bool| {
+        oxserve_server::restricted::Restrictions::parse(specs, grpc).map_err(|e| anyhow::anyhow!("{e}"))
+    };
     Ok(oxserve_server::AccessPolicy {
         metrics_open: false,
         keys,
         health_requires_key: settings.auth.health_requires_key,
         rate_limits,
+        http_restricted: restricted(&settings.auth.http_restricted_api, false)?,
+        grpc_restricted: restricted(&settings.auth.grpc_restricted_protocol, true)?,
     })
 }
 

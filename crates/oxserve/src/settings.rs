@@ -30,6 +30,10 @@ pub struct AuthSettings {
     /// Whether health endpoints need a key too once keys are configured (default: open, for
     /// Kubernetes probes).
     pub health_requires_key: bool,
+    /// Triton's `--http-restricted-api` values: `<api>[,<api>...]:<key>=<value>`.
+    pub http_restricted_api: Vec<String>,
+    /// Triton's `--grpc-restricted-protocol` values.
+    pub grpc_restricted_protocol: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

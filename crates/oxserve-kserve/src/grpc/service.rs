@@ -15,16 +15,16 @@ use super::convert::{
 };
 use super::pb::{
     GrpcInferenceService, GrpcInferenceServiceServer, ModelConfigRequest, ModelConfigResponse,
-    ModelInferRequest, ModelInferResponse, ModelMetadataRequest, ModelStreamInferResponse, ModelMetadataResponse, ModelReadyRequest,
+    ModelInferRequest, ModelInferResponse, ModelMetadataRequest, ModelMetadataResponse, ModelReadyRequest,
     ModelReadyResponse, ModelRollbackRequest, ModelRollbackResponse, ModelStatisticsRequest,
-    ModelStatisticsResponse, ModelVersionLabelSetRequest, ModelVersionLabelSetResponse,
-    ModelVersionLabelsRequest, ModelVersionLabelsResponse, RepositoryIndexRequest, RepositoryIndexResponse,
-    RepositoryModelLoadRequest, RepositoryModelLoadResponse, RepositoryModelUnloadRequest,
-    RepositoryModelUnloadResponse, ServerLiveRequest, ServerLiveResponse, ServerMetadataRequest,
-    ServerMetadataResponse, ServerReadyRequest, ServerReadyResponse, SystemSharedMemoryRegisterRequest,
-    SystemSharedMemoryRegisterResponse, SystemSharedMemoryStatusRequest, SystemSharedMemoryStatusResponse,
-    SystemSharedMemoryUnregisterRequest, SystemSharedMemoryUnregisterResponse,
-    system_shared_memory_status_response::RegionStatus,
+    ModelStatisticsResponse, ModelStreamInferResponse, ModelVersionLabelSetRequest,
+    ModelVersionLabelSetResponse, ModelVersionLabelsRequest, ModelVersionLabelsResponse,
+    RepositoryIndexRequest, RepositoryIndexResponse, RepositoryModelLoadRequest, RepositoryModelLoadResponse,
+    RepositoryModelUnloadRequest, RepositoryModelUnloadResponse, ServerLiveRequest, ServerLiveResponse,
+    ServerMetadataRequest, ServerMetadataResponse, ServerReadyRequest, ServerReadyResponse,
+    SystemSharedMemoryRegisterRequest, SystemSharedMemoryRegisterResponse, SystemSharedMemoryStatusRequest,
+    SystemSharedMemoryStatusResponse, SystemSharedMemoryUnregisterRequest,
+    SystemSharedMemoryUnregisterResponse, system_shared_memory_status_response::RegionStatus,
 };
 use super::status::to_status;
 use oxserve_shm::SharedMemoryRegistry;
@@ -108,34 +108,26 @@ pub type ModelStream =
     std::pin::Pin<Box<dyn futures::Stream<Item = Result<ModelStreamInferResponse, Status>> + Send + 'static>>;
 
 impl GrpcFrontend {
-    /// One request of a stream, answered: its response, or its error with its id, model and
-    /// version (as Triton fills them).
+    /// One request of a stream, run: its response, or its error with an empty response that
+    /// names the request (id, model, version), as Triton fills it.
     async fn stream_answer(
         &self,
         request: ModelInferRequest,
         metadata: &tonic::metadata::MetadataMap,
-    ) -> ModelStreamInferResponse {
-        let failed = |request: &ModelInferRequest, e: Error| ModelStreamInferResponse {
-            error_message: e.message().to_string(),
-            infer_response: Some(ModelInferResponse {
-                model_name: request.model_name.clone(),
-                model_version: request.model_version.clone(),
-                id: request.id.clone(),
-                ..Default::default()
-            }),
-        };
-        let routing_key = oxserve_frontend::sticky_routing_key(&self.engine, &request.model_name, |name| {
-            metadata.get(name).and_then(|v| v.to_str().ok())
-        });
-        let target = match ModelTarget::resolve_str(&self.engine, &request.model_name, &request.model_version) {
-            Ok(t) => t,
-            Err(e) => return failed(&request, e),
-        };
-        let header = ModelInferRequest {
+    ) -> Result<ModelInferResponse, (ModelInferResponse, Error)> {
+        let named = ModelInferResponse {
             model_name: request.model_name.clone(),
             model_version: request.model_version.clone(),
             id: request.id.clone(),
             ..Default::default()
+        };
+        let routing_key = oxserve_frontend::sticky_routing_key(&self.engine, &request.model_name, |name| {
+            metadata.get(name).and_then(|v| v.to_str().ok())
+        });
+        let target = match ModelTarget::resolve_str(&self.engine, &request.model_name, &request.model_version)
+        {
+            Ok(t) => t,
+            Err(e) => return Err((named, e)),
         };
         let limits = self.decode;
         let decoded = decode_off_worker(decode_work_bytes(&request), move || {
@@ -144,15 +136,12 @@ impl GrpcFrontend {
         .await;
         let mut decoded = match decoded {
             Ok(d) => d,
-            Err(e) => return failed(&header, e),
+            Err(e) => return Err((named, e)),
         };
         decoded.routing_key = routing_key;
         match run(&self.engine, &self.shm, decoded).await {
-            Ok(response) => ModelStreamInferResponse {
-                error_message: String::new(),
-                infer_response: Some(infer_response_to_wire(response)),
-            },
-            Err(e) => failed(&header, e),
+            Ok(response) => Ok(infer_response_to_wire(response)),
+            Err(e) => Err((named, e)),
         }
     }
 }
@@ -254,6 +243,12 @@ impl GrpcInferenceService for GrpcFrontend {
     ) -> Result<Response<Self::ModelStreamInferStream>, Status> {
         use futures::StreamExt;
         let metadata = request.metadata().clone();
+        // Triton's `triton_grpc_error: true` header: the first failed request ends the stream
+        // with its gRPC status instead of an error_message.
+        let end_on_error = metadata
+            .get("triton_grpc_error")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.eq_ignore_ascii_case("true"));
         let incoming = request.into_inner();
         let frontend = self.clone();
         let answers = incoming
@@ -263,7 +258,17 @@ impl GrpcInferenceService for GrpcFrontend {
                 async move {
                     // A message that is not a ModelInferRequest ends the stream with its status.
                     let request = message?;
-                    Ok(frontend.stream_answer(request, &metadata).await)
+                    match frontend.stream_answer(request, &metadata).await {
+                        Ok(response) => Ok(ModelStreamInferResponse {
+                            error_message: String::new(),
+                            infer_response: Some(response),
+                        }),
+                        Err((_, e)) if end_on_error => Err(status(e)),
+                        Err((named, e)) => Ok(ModelStreamInferResponse {
+                            error_message: e.message().to_string(),
+                            infer_response: Some(named),
+                        }),
+                    }
                 }
             })
             .buffered(STREAM_CONCURRENCY);
