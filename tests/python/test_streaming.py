@@ -223,3 +223,31 @@ def test_triton_grpc_error_header_ends_the_stream_with_the_status(server):
     assert [a.infer_response.id for a in got] == ["e0"] and not got[0].error_message, got
     assert e.value.code() == grpc.StatusCode.NOT_FOUND, e.value
     assert "missing" in e.value.details()
+
+
+def test_a_long_stream_holds_only_what_is_in_flight():
+    """The in-flight byte budget charges a stream's messages as they arrive and gives each
+    message's share back once it is answered: a stream carrying many times the budget (here
+    1,000 requests, ~3 MiB charged in all, through a 1 MiB budget) is never refused."""
+    from _server import ServerProcess
+
+    server = ServerProcess("stream-budget", ["examples/models"],
+                           ["--max-inflight-bytes", str(1 << 20)], tls_args=[], api_key="")
+    server.start()
+    try:
+        client = grpcclient.InferenceServerClient(url=server.grpc_host)
+        answers: queue.Queue = queue.Queue()
+        client.start_stream(callback=lambda result, error: answers.put((result, error)))
+        try:
+            for i in range(1000):
+                data, inputs, outputs = add_sub_request(grpcclient, 8, seed=i % 7)
+                client.async_stream_infer("add_sub", inputs, outputs=outputs, request_id=str(i))
+                if i % 50 == 49:
+                    # Keep the client at most 50 ahead, as a real one paced by answers is.
+                    for result, error in drain(answers, 50):
+                        assert error is None, (i, error)
+        finally:
+            client.stop_stream()
+            client.close()
+    finally:
+        server.stop()

@@ -357,6 +357,27 @@ impl Ticket {
         let mut state = self.state();
         self.acquire(&mut state, len)
     }
+
+    /// Gives back what `wire_bytes` of a streamed message were charged (priced as frames at
+    /// the start of a body), once the message has been answered.
+    fn release(&self, wire_bytes: usize) {
+        let mut state = self.state();
+        let cost = self.pricing.cost(0, wire_bytes).min(state.held);
+        if cost == 0 {
+            return;
+        }
+        if let Some(permit) = &mut state.permit {
+            // Dropping the split part returns its permits to the semaphore.
+            let mut left = cost;
+            while left > 0 {
+                let step = left.min(u32::MAX as usize);
+                drop(permit.split(step));
+                left -= step;
+            }
+        }
+        state.held -= cost;
+        self.budget.in_flight.dec_by(cost as i64);
+    }
 }
 
 impl Drop for Ticket {
@@ -381,6 +402,10 @@ impl BodyCharge for HandlerCharge {
         self.0
             .charge_copy(bytes)
             .map_err(|r| r.error(self.0.budget.limit))
+    }
+
+    fn release_message(&self, wire_bytes: usize) {
+        self.0.release(wire_bytes);
     }
 }
 
@@ -498,8 +523,10 @@ impl Protocol for Grpc {
         tonic::Status::resource_exhausted(error.message()).into_http()
     }
 
-    fn scope<F: Future + Send>(_: Arc<Ticket>, future: F) -> impl Future<Output = F::Output> + Send {
-        future
+    fn scope<F: Future + Send>(ticket: Arc<Ticket>, future: F) -> impl Future<Output = F::Output> + Send {
+        // tonic decompresses and decodes inside, where nothing charges; the scope is for
+        // streams, which give back each answered message's share (BodyCharge::release_message).
+        with_body_charge(Arc::new(HandlerCharge(ticket)), future)
     }
 }
 

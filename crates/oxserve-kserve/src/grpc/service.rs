@@ -251,14 +251,25 @@ impl GrpcInferenceService for GrpcFrontend {
             .is_some_and(|v| v.eq_ignore_ascii_case("true"));
         let incoming = request.into_inner();
         let frontend = self.clone();
+        // The server's in-flight budget charges the stream's frames as they arrive; each
+        // message's share goes back once it is answered, so a long stream holds only what is
+        // in flight.
+        let charge = crate::http::current_body_charge();
         let answers = incoming
             .map(move |message| {
                 let frontend = frontend.clone();
                 let metadata = metadata.clone();
+                let charge = charge.clone();
                 async move {
                     // A message that is not a ModelInferRequest ends the stream with its status.
                     let request = message?;
-                    match frontend.stream_answer(request, &metadata).await {
+                    // Its frame on the wire: 5 bytes of gRPC framing and the message.
+                    let wire_bytes = prost::Message::encoded_len(&request) + 5;
+                    let answer = frontend.stream_answer(request, &metadata).await;
+                    if let Some(charge) = &charge {
+                        charge.release_message(wire_bytes);
+                    }
+                    match answer {
                         Ok(response) => Ok(ModelStreamInferResponse {
                             error_message: String::new(),
                             infer_response: Some(response),

@@ -28,6 +28,16 @@ pub trait BodyCharge: Send + Sync {
     fn charge_decoded(&self, bytes: usize) -> Result<()>;
     /// `bytes` more bytes of a plain copy are about to be kept (weight 1).
     fn charge_copy(&self, bytes: usize) -> Result<()>;
+    /// One message of a stream (gRPC ModelStreamInfer) of `wire_bytes` bytes has been
+    /// answered: what its frames were charged goes back to the budget while the stream goes
+    /// on (otherwise a long stream would hold the sum of all its messages).
+    fn release_message(&self, _wire_bytes: usize) {}
+}
+
+/// The charge in scope for the running handler, for work that outlives the handler's own
+/// future (a stream's answers are produced after the handler returned its stream).
+pub fn current_body_charge() -> Option<Arc<dyn BodyCharge>> {
+    BODY_CHARGE.try_with(Arc::clone).ok()
 }
 
 tokio::task_local! {

@@ -25,7 +25,7 @@ use oxserve_frontend::{DecodeLimits, ModelTarget, decode_off_worker};
 use oxserve_shm::SharedMemoryRegistry;
 use serde::{Deserialize, Serialize};
 
-pub use body::{BodyCharge, drain_body, read_body, with_body_charge};
+pub use body::{BodyCharge, current_body_charge, drain_body, read_body, with_body_charge};
 pub use error::{ApiError, http_status};
 pub use infer::{EncodedResponse, decode_raw_request, decode_request, encode_response};
 pub use json_data::JsonData;
