@@ -350,8 +350,19 @@ fn forward_output(out: impl Read + Send + 'static, model: String, pid: u32, tail
     let spawned = std::thread::Builder::new()
         .name(format!("ts-worker-{pid}-log"))
         .spawn(move || {
-            for line in BufReader::new(out).lines() {
-                let Ok(line) = line else { break };
+            let mut reader = BufReader::new(out);
+            let mut raw = Vec::new();
+            loop {
+                raw.clear();
+                // Bytes, not `lines()`: output that is not UTF-8 must not stop the reading (the
+                // worker would block on a full pipe).
+                match reader.read_until(b'\n', &mut raw) {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+                let line = String::from_utf8_lossy(&raw)
+                    .trim_end_matches(['\n', '\r'])
+                    .to_string();
                 // The worker reports its own metrics as log lines; they are not errors.
                 if line.starts_with("[METRICS]") {
                     tracing::debug!(target: "oxserve::torchserve::worker", %model, pid, "{line}");

@@ -134,6 +134,9 @@ pub struct Message {
     pub predictions: Vec<Prediction>,
 }
 
+/// The most predictions one answer may carry (a batch is far smaller).
+const MAX_PREDICTIONS: usize = 65_536;
+
 /// Reads one answer. `max_field` bounds every length the worker sends (a payload larger than
 /// that is an error, not an allocation).
 pub fn read_message(r: &mut impl Read, max_field: usize) -> Result<Message, ReadError> {
@@ -144,6 +147,11 @@ pub fn read_message(r: &mut impl Read, max_field: usize) -> Result<Message, Read
         let len = read_i32(r)?;
         if len == -1 {
             break;
+        }
+        if predictions.len() == MAX_PREDICTIONS {
+            return Err(ReadError::Protocol(format!(
+                "the worker's answer has more than {MAX_PREDICTIONS} predictions"
+            )));
         }
         let request_id = string_of(read_exact(r, checked_len(len, max_field)?)?)?;
         let content_type = read_string(r, max_field)?;
