@@ -101,23 +101,27 @@ def test_stream_failures_are_answered_and_the_stream_goes_on(server):
         assert words in error.message(), error.message()
 
 
+def raw_requests(models: list[str], prefix: str):
+    """ModelInferRequests for the generated stub: add_sub's inputs (typed contents) addressed to
+    each model in turn, with ids prefix0, prefix1, ..."""
+    data = add_sub_inputs(1, 3)
+    for i, model in enumerate(models):
+        req = service_pb2.ModelInferRequest(model_name=model, id=f"{prefix}{i}")
+        for name, array in data.items():
+            t = req.inputs.add(name=name, datatype="FP32", shape=list(array.shape))
+            t.contents.fp32_contents.extend(array.ravel().tolist())
+        yield req
+
+
 def test_stream_errors_carry_the_request_id_on_the_raw_stream(server):
     """The generated stub: each answer is a ModelStreamInferResponse; a failure has a non-empty
     error_message and names the request (id, model) it answers."""
     channel = grpc.insecure_channel(server.grpc_host)
     stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
     data = add_sub_inputs(1, 3)
-
-    def requests():
-        for i, model in enumerate(["add_sub", "missing", "add_sub"]):
-            req = service_pb2.ModelInferRequest(model_name=model, id=f"q{i}")
-            for name, array in data.items():
-                t = req.inputs.add(name=name, datatype="FP32", shape=list(array.shape))
-                t.contents.fp32_contents.extend(array.ravel().tolist())
-            yield req
-
     try:
-        answers = list(stub.ModelStreamInfer(requests(), timeout=TIMEOUT_S))
+        answers = list(stub.ModelStreamInfer(raw_requests(["add_sub", "missing", "add_sub"], "q"),
+                                             timeout=TIMEOUT_S))
     finally:
         channel.close()
     assert [a.infer_response.id for a in answers] == ["q0", "q1", "q2"], answers
@@ -202,20 +206,11 @@ def test_triton_grpc_error_header_ends_the_stream_with_the_status(server):
     its gRPC status (here NOT_FOUND for an unknown model) instead of an error_message."""
     channel = grpc.insecure_channel(server.grpc_host)
     stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
-    data = add_sub_inputs(1, 3)
-
-    def requests():
-        for i, model in enumerate(["add_sub", "missing", "add_sub"]):
-            req = service_pb2.ModelInferRequest(model_name=model, id=f"e{i}")
-            for name, array in data.items():
-                t = req.inputs.add(name=name, datatype="FP32", shape=list(array.shape))
-                t.contents.fp32_contents.extend(array.ravel().tolist())
-            yield req
-
     got = []
     try:
         with pytest.raises(grpc.RpcError) as e:
-            for answer in stub.ModelStreamInfer(requests(), timeout=TIMEOUT_S,
+            for answer in stub.ModelStreamInfer(raw_requests(["add_sub", "missing", "add_sub"], "e"),
+                                                timeout=TIMEOUT_S,
                                                 metadata=[("triton_grpc_error", "true")]):
                 got.append(answer)
     finally:

@@ -408,49 +408,23 @@ impl TorchServe {
     fn listed(&self, name: &str, model: &ModelEntry) -> Option<ListedModel> {
         let serving: Vec<&VersionEntry> = model.versions.values().filter(|v| v.min_workers > 0).collect();
         let first = serving.first()?;
-        let workers = serving.iter().map(|v| v.min_workers).max().unwrap_or(1);
-        let batch = first.batch_size.max(1);
+        let mut config = serving_config(name, &serving);
         if first.handler.is_python() {
-            return Some(self.listed_python(name, &serving, workers));
-        }
-        let shape = first.handler.input_shape();
-        let mut config = triton::ModelConfig {
-            name: name.to_string(),
-            platform: "pytorch_libtorch".into(),
-            max_batch_size: i32::try_from(batch).unwrap_or(i32::MAX),
-            input: vec![triton::ModelInput {
+            self.python_io(&mut config, &serving);
+        } else {
+            config.platform = "pytorch_libtorch".into();
+            config.input = vec![triton::ModelInput {
                 name: "INPUT__0".into(),
                 data_type: triton::DataType::TypeFp32 as i32,
-                dims: shape,
+                dims: first.handler.input_shape(),
                 ..Default::default()
-            }],
-            output: vec![triton::ModelOutput {
+            }];
+            config.output = vec![triton::ModelOutput {
                 name: "OUTPUT__0".into(),
                 data_type: triton::DataType::TypeFp32 as i32,
                 dims: vec![-1],
                 ..Default::default()
-            }],
-            instance_group: vec![triton::ModelInstanceGroup {
-                count: i32::try_from(workers).unwrap_or(1),
-                kind: triton::model_instance_group::Kind::Cpu as i32,
-                ..Default::default()
-            }],
-            version_policy: Some(triton::ModelVersionPolicy {
-                policy_choice: Some(triton::model_version_policy::PolicyChoice::Specific(
-                    triton::model_version_policy::Specific {
-                        versions: serving.iter().map(|v| v.engine_version as i64).collect(),
-                    },
-                )),
-            }),
-            ..Default::default()
-        };
-        if batch > 1 {
-            config.scheduling_choice = Some(triton::model_config::SchedulingChoice::DynamicBatching(
-                triton::ModelDynamicBatching {
-                    max_queue_delay_microseconds: first.max_batch_delay_ms.saturating_mul(1000),
-                    ..Default::default()
-                },
-            ));
+            }];
         }
         Some(ListedModel {
             name: name.to_string(),
@@ -460,76 +434,35 @@ impl TorchServe {
     }
 
     /// A model whose handler runs in TorchServe's Python workers: one BYTES request in, one
-    /// BYTES answer out (crate::worker), one worker per instance.
-    fn listed_python(&self, name: &str, serving: &[&VersionEntry], workers: u32) -> ListedModel {
+    /// BYTES answer out (crate::worker), one worker process per instance.
+    fn python_io(&self, config: &mut triton::ModelConfig, serving: &[&VersionEntry]) {
         use crate::worker::{self, params};
-        let first = serving[0];
-        let batch = first.batch_size.max(1);
-        let bytes = |name: &str| (name.to_string(), triton::DataType::TypeString as i32);
-        let parameter = |v: String| triton::ModelParameter { string_value: v };
-        let mut config = triton::ModelConfig {
-            name: name.to_string(),
-            backend: worker::BACKEND_NAME.into(),
-            platform: worker::BACKEND_NAME.into(),
-            default_model_filename: worker::ARCHIVE_DIR.into(),
-            max_batch_size: i32::try_from(batch).unwrap_or(i32::MAX),
-            input: vec![{
-                let (name, data_type) = bytes(worker::REQUEST_INPUT);
-                triton::ModelInput {
-                    name,
-                    data_type,
-                    dims: vec![1],
-                    ..Default::default()
-                }
-            }],
-            output: vec![{
-                let (name, data_type) = bytes(worker::RESPONSE_OUTPUT);
-                triton::ModelOutput {
-                    name,
-                    data_type,
-                    dims: vec![1],
-                    ..Default::default()
-                }
-            }],
-            instance_group: vec![triton::ModelInstanceGroup {
-                count: i32::try_from(workers).unwrap_or(1),
-                kind: triton::model_instance_group::Kind::Cpu as i32,
-                ..Default::default()
-            }],
-            version_policy: Some(triton::ModelVersionPolicy {
-                policy_choice: Some(triton::model_version_policy::PolicyChoice::Specific(
-                    triton::model_version_policy::Specific {
-                        versions: serving.iter().map(|v| v.engine_version as i64).collect(),
-                    },
-                )),
-            }),
+        let bytes = triton::DataType::TypeString as i32;
+        config.backend = worker::BACKEND_NAME.into();
+        config.platform = worker::BACKEND_NAME.into();
+        config.default_model_filename = worker::ARCHIVE_DIR.into();
+        config.input = vec![triton::ModelInput {
+            name: worker::REQUEST_INPUT.into(),
+            data_type: bytes,
+            dims: vec![1],
             ..Default::default()
-        };
+        }];
+        config.output = vec![triton::ModelOutput {
+            name: worker::RESPONSE_OUTPUT.into(),
+            data_type: bytes,
+            dims: vec![1],
+            ..Default::default()
+        }];
+        let parameter = |v: String| triton::ModelParameter { string_value: v };
         let timeout = serving.iter().map(|v| v.response_timeout_s).max().unwrap_or(120);
         config
             .parameters
             .insert(params::RESPONSE_TIMEOUT_S.into(), parameter(timeout.to_string()));
+        let max_response = self.max_response_bytes.load(std::sync::atomic::Ordering::Relaxed);
         config.parameters.insert(
             params::MAX_RESPONSE_BYTES.into(),
-            parameter(
-                self.max_response_bytes
-                    .load(std::sync::atomic::Ordering::Relaxed)
-                    .to_string(),
-            ),
+            parameter(max_response.to_string()),
         );
-        if batch > 1 {
-            config.scheduling_choice = Some(triton::model_config::SchedulingChoice::DynamicBatching(
-                triton::ModelDynamicBatching {
-                    max_queue_delay_microseconds: first.max_batch_delay_ms.saturating_mul(1000),
-                    ..Default::default()
-                },
-            ));
-        }
-        ListedModel {
-            name: name.to_string(),
-            path: self.work.path().join("models").join(name),
-            config,
-        }
     }
 
     /// Runs one prediction through a Python handler: the request's part of the worker's
@@ -612,6 +545,41 @@ impl TorchServe {
         let row = first_row(output)?;
         entry.handler.postprocess(&row)
     }
+}
+
+/// What every registered model's configuration has: its serving versions, one CPU instance
+/// group of the most workers any of them has (TorchServe's workers), the first version's batch
+/// size and, with batching, its delay as the dynamic batcher's queue delay.
+fn serving_config(name: &str, serving: &[&VersionEntry]) -> triton::ModelConfig {
+    let first = serving[0];
+    let batch = first.batch_size.max(1);
+    let workers = serving.iter().map(|v| v.min_workers).max().unwrap_or(1);
+    let mut config = triton::ModelConfig {
+        name: name.to_string(),
+        max_batch_size: i32::try_from(batch).unwrap_or(i32::MAX),
+        instance_group: vec![triton::ModelInstanceGroup {
+            count: i32::try_from(workers).unwrap_or(1),
+            kind: triton::model_instance_group::Kind::Cpu as i32,
+            ..Default::default()
+        }],
+        version_policy: Some(triton::ModelVersionPolicy {
+            policy_choice: Some(triton::model_version_policy::PolicyChoice::Specific(
+                triton::model_version_policy::Specific {
+                    versions: serving.iter().map(|v| v.engine_version as i64).collect(),
+                },
+            )),
+        }),
+        ..Default::default()
+    };
+    if batch > 1 {
+        config.scheduling_choice = Some(triton::model_config::SchedulingChoice::DynamicBatching(
+            triton::ModelDynamicBatching {
+                max_queue_delay_microseconds: first.max_batch_delay_ms.saturating_mul(1000),
+                ..Default::default()
+            },
+        ));
+    }
+    config
 }
 
 /// The first row of a batched output.
