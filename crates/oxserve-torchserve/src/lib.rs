@@ -4,6 +4,7 @@
 //! handlers run in TorchServe's own Python workers ([`worker`]). See docs/torchserve.md.
 
 pub mod api;
+pub mod fetch;
 pub mod handler;
 pub mod mar;
 mod multipart;

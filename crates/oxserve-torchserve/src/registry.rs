@@ -83,6 +83,8 @@ pub struct TorchServe {
     /// The Python that installs an archive's requirements, when TorchServe's
     /// `install_py_dep_per_model` is on.
     install_dependencies: Mutex<Option<PathBuf>>,
+    /// TorchServe's `allowed_urls` (default: every file and http(s) URL).
+    allowed_urls: Mutex<crate::fetch::AllowedUrls>,
     /// The last engine version given to each model name.
     last_engine_version: Mutex<std::collections::HashMap<String, u64>>,
     /// The largest answer a Python worker may send for one request (TorchServe's
@@ -109,6 +111,7 @@ impl TorchServe {
             model_api,
             install_dependencies: Mutex::new(None),
             last_engine_version: Mutex::new(std::collections::HashMap::new()),
+            allowed_urls: Mutex::new(crate::fetch::AllowedUrls::default()),
             max_response_bytes: std::sync::atomic::AtomicUsize::new(6_553_500),
         }))
     }
@@ -173,16 +176,25 @@ impl TorchServe {
         self.models.lock().clone()
     }
 
-    /// The archive a URL names: a plain file name in the model store.
-    fn archive_path(&self, url: &str) -> Result<PathBuf> {
+    /// TorchServe's `allowed_urls`: the patterns registration URLs must match.
+    pub fn set_allowed_urls(&self, patterns: &[String]) -> Result<()> {
+        *self.allowed_urls.lock() = crate::fetch::AllowedUrls::new(patterns)?;
+        Ok(())
+    }
+
+    /// The archive a URL names: an allowed `file://` or `http(s)://` URL (downloaded into the
+    /// work directory), else a plain file name in the model store. The second value is a
+    /// download to delete once unpacked.
+    async fn archive_path(&self, url: &str, n: u64) -> Result<(PathBuf, bool)> {
+        let allowed = self.allowed_urls.lock().clone();
+        let downloads = self.work.path().join("downloads").join(n.to_string());
+        if let Some(path) = crate::fetch::resolve(&allowed, url, &downloads).await? {
+            let downloaded = path.starts_with(&downloads);
+            return Ok((path, downloaded));
+        }
         let Some(store) = &self.model_store else {
             return Err(Error::invalid("no model store is configured (--model-store)"));
         };
-        if url.starts_with("http://") || url.starts_with("https://") {
-            return Err(Error::invalid(format!(
-                "Invalid model url: {url}: registering from a URL is not allowed; put the archive in the model store"
-            )));
-        }
         let name = Path::new(url);
         if name.components().count() != 1
             || !matches!(name.components().next(), Some(std::path::Component::Normal(_)))
@@ -195,21 +207,29 @@ impl TorchServe {
         if !path.is_file() {
             return Err(Error::not_found(format!("Model not found at: {url}")));
         }
-        Ok(path)
+        Ok((path, false))
     }
 
     /// Registers an archive; with workers, answers once it serves.
     pub async fn register(&self, registration: Registration) -> Result<(String, String)> {
         let _serial = self.changes.lock().await;
-        let path = self.archive_path(&registration.url)?;
         let n = self
             .next_archive
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (path, downloaded) = self.archive_path(&registration.url, n).await?;
         let into = self.work.path().join("archives").join(n.to_string());
         let limits = self.limits;
-        let archive = tokio::task::spawn_blocking(move || mar::unpack(&path, &into, limits))
-            .await
-            .map_err(|e| Error::internal(format!("unpacking failed: {e}")))??;
+        let unpacked = tokio::task::spawn_blocking(move || {
+            let unpacked = mar::unpack(&path, &into, limits);
+            if downloaded {
+                // What is needed is unpacked; the download itself is not kept.
+                let _ = path.parent().map(std::fs::remove_dir_all);
+            }
+            unpacked
+        })
+        .await
+        .map_err(|e| Error::internal(format!("unpacking failed: {e}")))?;
+        let archive = unpacked?;
         let name = registration
             .model_name
             .clone()

@@ -523,6 +523,9 @@ struct TorchServeSetup {
     install_dependencies: bool,
     /// `max_response_size`: the largest answer a Python worker may send for a request.
     max_response_size: Option<usize>,
+    /// `allowed_urls`: the patterns registration URLs must match (TorchServe's default: any
+    /// file or http(s) URL).
+    allowed_urls: Option<Vec<String>>,
 }
 
 /// The tokens of TorchServe's `key_file.json`.
@@ -655,6 +658,10 @@ fn run_server(settings: Settings, extras: ServeExtras) -> anyhow::Result<()> {
             }
             if let Some(bytes) = setup.max_response_size {
                 ts.set_max_response_bytes(bytes);
+            }
+            if let Some(patterns) = &setup.allowed_urls {
+                ts.set_allowed_urls(patterns)
+                    .map_err(|e| anyhow::anyhow!("config.properties allowed_urls: {e}"))?;
             }
             let max = settings.server.max_input_size;
             options.extra_http_routes = Some(oxserve_torchserve::inference_router(ts.clone(), max));

@@ -101,14 +101,59 @@ fn parse_properties(text: &str) -> BTreeMap<String, String> {
         if pending.is_empty() && (line.is_empty() || line.starts_with('#') || line.starts_with('!')) {
             continue;
         }
-        if let Some(continued) = line.strip_suffix('\\') {
-            pending.push_str(continued);
+        // An odd number of trailing backslashes continues the line; `\\\\` is a backslash.
+        let trailing = line.chars().rev().take_while(|c| *c == '\\').count();
+        if trailing % 2 == 1 {
+            pending.push_str(&line[..line.len() - 1]);
             continue;
         }
         pending.push_str(line);
         let whole = std::mem::take(&mut pending);
-        if let Some((key, value)) = whole.split_once(['=', ':']) {
-            out.insert(key.trim().to_string(), value.trim().to_string());
+        if let Some((key, value)) = split_property(&whole) {
+            out.insert(unescape(key.trim()), unescape(value.trim()));
+        }
+    }
+    out
+}
+
+/// `key=value` or `key:value` at the first separator that is not escaped.
+fn split_property(line: &str) -> Option<(&str, &str)> {
+    let mut escaped = false;
+    for (i, c) in line.char_indices() {
+        match c {
+            _ if escaped => escaped = false,
+            '\\' => escaped = true,
+            '=' | ':' => return Some((&line[..i], &line[i + 1..])),
+            _ => {}
+        }
+    }
+    None
+}
+
+/// Java's properties escapes: `\\t`, `\\n`, `\\r`, `\\f`, `\\uXXXX`; a backslash before any other
+/// character stands for that character (so a regex's `\\d` is written `\\\\d`, as for TorchServe).
+fn unescape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c != '\\' {
+            out.push(c);
+            continue;
+        }
+        match chars.next() {
+            Some('t') => out.push('\t'),
+            Some('n') => out.push('\n'),
+            Some('r') => out.push('\r'),
+            Some('f') => out.push('\u{c}'),
+            Some('u') => {
+                let hex: String = chars.by_ref().take(4).collect();
+                match u32::from_str_radix(&hex, 16).ok().and_then(char::from_u32) {
+                    Some(ch) => out.push(ch),
+                    None => out.push_str(&hex),
+                }
+            }
+            Some(other) => out.push(other),
+            None => {}
         }
     }
     out
@@ -170,6 +215,7 @@ const HONOURED: &[&str] = &[
     "models",
     "python",
     "install_py_dep_per_model",
+    "allowed_urls",
     "max_response_size",
 ];
 
@@ -296,6 +342,13 @@ pub fn run(args: TorchServeArgs) -> anyhow::Result<()> {
                 model_api: args.enable_model_api || truthy("enable_model_api"),
                 keys,
                 install_dependencies: truthy("install_py_dep_per_model"),
+                // TorchServe splits the value on commas (a pattern cannot contain one).
+                allowed_urls: get("allowed_urls").map(|v| {
+                    v.split(',')
+                        .map(|p| p.trim().to_string())
+                        .filter(|p| !p.is_empty())
+                        .collect()
+                }),
                 max_response_size,
             }),
             ..Default::default()
@@ -420,5 +473,16 @@ mod tests {
             ("0.0.0.0".to_string(), 8080)
         );
         assert!(model_settings(Some("{not json")).is_err());
+    }
+
+    #[test]
+    fn properties_unescape_as_java_does() {
+        let text = "allowed_urls=http://127\\\\.0\\\\.0\\\\.1:\\\\d+/a/.*,file://.*\nkey\\:x=v\\tw\nend=a\\\\\nu=\\u0041\n";
+        let props = parse_properties(text);
+        assert_eq!(props["allowed_urls"], r"http://127\.0\.0\.1:\d+/a/.*,file://.*");
+        assert_eq!(props["key:x"], "v\tw");
+        // An even number of trailing backslashes is an escaped backslash, not a continuation.
+        assert_eq!(props["end"], "a\\");
+        assert_eq!(props["u"], "A");
     }
 }
