@@ -14,7 +14,9 @@ The default output directory is
 printed as the last line on stdout (progress goes to stderr). With --if-needed nothing is done
 when `<out>/.complete` exists. The tree is built in a temporary sibling and renamed into place.
 Needs Java 17 (`java` on PATH or JAVA_HOME) for the server part; --no-server skips it (then
-there is no torchserve_reference.json). Takes about 50 s on 2 cores; only the CPU is used.
+there is no torchserve_reference.json). Takes about 65 s on 2 cores; only the CPU is used. A local
+http.server thread (127.0.0.1, a free port) serves copies of densenet_small.mar for the
+registrations from URLs ("allowed_urls" below).
 
 Layout:
 
@@ -65,7 +67,7 @@ torchserve_reference.json is NOT deterministic: it holds live server answers (wo
 start times, memory, latencies) verbatim; only absolute paths of the scratch directory are
 replaced by "<work>".
 
-torchserve_reference.json, from three starts of TorchServe on 127.0.0.1:18080/18081/18082
+torchserve_reference.json, from four starts of TorchServe on 127.0.0.1:18080/18081/18082
 (config.properties: inference_address, management_address, metrics_address,
 enable_model_api=true; TMPDIR/TEMP and the working directory point into a scratch directory,
 so the pid file, key_file.json and logs/ stay out of the system temp dir and the clone):
@@ -105,6 +107,30 @@ so the pid file, key_file.json and logs/ stay out of the system temp dir and the
          <out>), "die" (worker states seen until a new READY worker, restarted_s),
          "worker_errors_excerpt" (the custom part's model_log.log exception lines), "rows",
          "raw_bytes_hex", "broken_handler_py", "broken_manifest",
+     "allowed_urls": {...}                             registration from URLs (TorchServe's
+         allowed_urls: comma-separated Java regexes, each matched case-insensitively against the
+         whole url). The http server serves densenet_small.mar copies as "http_files"
+         (allowed/densenet_small.mar, allowed/densenet_upper.mar, denied/densenet_small.mar,
+         other/densenet_default.mar); "file_url_files" are copies under <work>
+         (files/allowed/densenet_file.mar, files/denied/densenet_file.mar).
+         "default": on the first start (no allowed_urls key, TorchServe's default
+         `file://.*|http(s)?://.*`), after the custom handler part: register_default_http
+         (other/densenet_default.mar as dl_default, 0 workers), describe, unregister;
+         "store_before" (the fixture model store) and "removed_by_script" (what the download
+         left there, deleted again: nothing in 0.12).
+         The rest: a separate start with an empty model store of its own and
+         allowed_urls=ALLOWED_URLS (http on 127.0.0.1, any port, under /allowed/; file:// with
+         a directory named allowed; "allowed_urls_regexes", and "allowed_urls_property" as
+         config.properties holds it: backslashes doubled, java.util.Properties unescapes them),
+         "config_properties", "command", "start_to_ready_s", "section_s", "store_before",
+         "store_after_stop", "exchanges": urls matching no pattern
+         (http, file://, an allowed http url inside a denied one), an allowed http url answered 404, a plain name not in the store,
+         the allowed http url as dl_allowed (1 worker; describe, prediction), the same url
+         again while its download is in the store, an allowed file:// url as dl_file, an
+         upper-case scheme (HTTP://) as dl_upper, list, unregisters, the http url again
+         after unregister. Each of these exchanges also has "store_after" (the model store's
+         listing after it) and "http_requests" ([method, path, status] the http server
+         answered during it). The http server's port is written "<http_port>".
      "script_s": float}
     EXCHANGE = {"name", "method", "url" (":port/path?query"), "request": {"headers",
                 "body_kind", "body_len"}, "status", "reason", "headers" (all, lower-case
@@ -723,6 +749,7 @@ def run_workflow(out: Path, work: Path, args):
     jpg = (out / "kitten.jpg").read_bytes()
     ref = {"versions": versions(), "rss": {}}
     srv = Server(work, store, token_auth=False, tag="ts")
+    http = ArchiveHttp(work / "http", store)  # archives served for the allowed_urls part
     ref["config_properties"] = srv.config.read_text()
     ref["command"] = ["torchserve"] + [a if not a.startswith("/") else "<" + Path(a).name + ">"
                                        for a in srv.cmd[1:]]
@@ -833,8 +860,12 @@ def run_workflow(out: Path, work: Path, args):
         # listings stay as they were.
         log_mark = _log_size(srv)
         ref["custom_handler"] = record_custom_handler(srv, out, work, requests)
+        # TorchServe's default allowed_urls, last (the listings above stay as they were).
+        ref["allowed_urls"] = {"default": record_default_allowed_urls(store, work, http,
+                                                                      requests)}
     except BaseException:
         srv.dump_logs()
+        http.close()
         raise
     finally:
         srv.stop()
@@ -842,6 +873,10 @@ def run_workflow(out: Path, work: Path, args):
     ref["worker_errors_excerpt"] = worker_errors(srv, work, end=log_mark)
     ref["custom_handler"]["worker_errors_excerpt"] = worker_errors(srv, work, start=log_mark)
     ref["startup_with_model"] = startup_with_model(work, store, jpg, requests)
+    try:
+        ref["allowed_urls"].update(record_allowed_urls(work, store, http, jpg, requests))
+    finally:
+        http.close()
     if not args.no_token_probe:
         ref["token_auth_default"] = token_probe(work, store, requests)
     return ref
@@ -1197,6 +1232,185 @@ def startup_with_model(work: Path, store: Path, jpg: bytes, requests):
         srv.stop()
     res["exchanges"] = rec.exchanges
     return res
+
+
+# ---------------------------------------------------------------------------------------------
+# Registration from URLs (allowed_urls)
+
+# TorchServe splits allowed_urls on "," and matches each Java regex case-insensitively against
+# the whole url (Matcher.matches). config.properties is read with java.util.Properties, where
+# "\" escapes: the file holds every backslash doubled (ALLOWED_URLS_PROPERTY).
+ALLOWED_URLS = r"http://127\.0\.0\.1:\d+/allowed/.*,file://.*/allowed/.*"
+ALLOWED_URLS_PROPERTY = ALLOWED_URLS.replace("\\", "\\\\")
+# What the local http server serves (path -> the model store's archive, copied), and the
+# files a file:// url names (under <work>).
+HTTP_FILES = {"allowed/densenet_small.mar": "densenet_small.mar",
+              "allowed/densenet_upper.mar": "densenet_small.mar",
+              "denied/densenet_small.mar": "densenet_small.mar",
+              "other/densenet_default.mar": "densenet_small.mar"}
+FILE_URL_FILES = {"files/allowed/densenet_file.mar": "densenet_small.mar",
+                  "files/denied/densenet_file.mar": "densenet_small.mar"}
+
+
+class ArchiveHttp:
+    """A local http.server (a thread, 127.0.0.1, a free port) serving <work>/http: HTTP_FILES.
+    `log` holds [method, path, status] of every request it answered."""
+
+    def __init__(self, root: Path, store: Path):
+        import functools
+        import http.server
+        import threading
+
+        for rel, src in HTTP_FILES.items():
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(store / src, root / rel)
+        self.log = []
+        log_ = self.log
+
+        class Handler(http.server.SimpleHTTPRequestHandler):
+            def log_request(self, code="-", size="-"):
+                log_.append([self.command, self.path, int(getattr(code, "value", code))])
+
+            def log_message(self, *a):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(
+            ("127.0.0.1", 0), functools.partial(Handler, directory=str(root)))
+        self.port = self.httpd.server_address[1]
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def url(self, rel: str) -> str:
+        return f"http://127.0.0.1:{self.port}/{rel}"
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def _listing(store: Path) -> list[str]:
+    return sorted(p.name + ("/" if p.is_dir() else "") for p in store.iterdir())
+
+
+def _url_exchange(rec, http: ArchiveHttp, store: Path, name, method, port, path, **kw):
+    """rec(...) plus what the exchange made the server fetch from the local http server
+    ("http_requests": [method, path, status]) and the model store's listing after it
+    ("store_after")."""
+    mark = len(http.log)
+    ex = rec(name, method, port, path, **kw)
+    ex["http_requests"] = http.log[mark:]
+    ex["store_after"] = _listing(store)
+    return ex
+
+
+def _placeholders(obj, work: Path, http_port: int):
+    """The scratch directory as "<work>" and the http server's port as "<http_port>"."""
+    text = json.dumps(obj).replace(str(work), "<work>")
+    return json.loads(text.replace(f"127.0.0.1:{http_port}", "127.0.0.1:<http_port>"))
+
+
+def record_default_allowed_urls(store: Path, work: Path, http: ArchiveHttp, requests) -> dict:
+    """On the main start (no allowed_urls key: TorchServe's default `file://.*|http(s)?://.*`):
+    an http url of the local server (other/densenet_default.mar, a name not in the store) with
+    0 workers, describe, unregister; the file TorchServe downloaded into the (fixture) model
+    store is removed afterwards if it is still there ("removed_by_script")."""
+    rec = Recorder(requests, work)
+    res = {"store_before": _listing(store)}
+    url = http.url("other/densenet_default.mar")
+    _url_exchange(rec, http, store, "register_default_http", "POST", MGMT,
+                  f"/models?url={url}&model_name=dl_default&initial_workers=0&synchronous=true")
+    _url_exchange(rec, http, store, "describe_dl_default", "GET", MGMT, "/models/dl_default")
+    _url_exchange(rec, http, store, "unregister_dl_default", "DELETE", MGMT,
+                  "/models/dl_default")
+    left = [n for n in _listing(store) if n not in res["store_before"]]
+    for name in left:
+        p = store / name
+        if p.is_dir():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+    res["removed_by_script"] = left
+    res["exchanges"] = rec.exchanges
+    return _placeholders(res, work, http.port)
+
+
+def record_allowed_urls(work: Path, src_store: Path, http: ArchiveHttp, jpg: bytes,
+                        requests) -> dict:
+    """A start with allowed_urls=ALLOWED_URLS and an empty model store of its own: urls that
+    match no pattern (http, file://), an allowed http url the server answers 404 for, a plain
+    archive name not in the store, allowed http and file:// urls (registered, described,
+    predicted, unregistered), the same http url again while registered and after unregister,
+    an upper-case scheme (case-insensitive matching); the store listing after each."""
+    store = work / "ts-allowed-store"
+    store.mkdir()
+    for rel, src in FILE_URL_FILES.items():
+        (work / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(src_store / src, work / rel)
+    srv = Server(work, store, token_auth=False, tag="ts-allowed",
+                 extra_config=f"allowed_urls={ALLOWED_URLS_PROPERTY}\n")
+    rec = Recorder(requests, work)
+    res = {"allowed_urls_regexes": ALLOWED_URLS.split(","),
+           "allowed_urls_property": ALLOWED_URLS_PROPERTY,
+           "config_properties": srv.config.read_text(),
+           "command": ["torchserve"] + [a if not a.startswith("/") else "<" + Path(a).name + ">"
+                                        for a in srv.cmd[1:]],
+           "http_files": sorted(HTTP_FILES), "file_url_files": sorted(FILE_URL_FILES),
+           "store_before": _listing(store)}
+
+    def ex(name, method, path, port=MGMT, **kw):
+        return _url_exchange(rec, http, store, name, method, port, path, **kw)
+
+    sync1 = "&initial_workers=1&synchronous=true"
+    file_allowed = f"file://{work}/files/allowed/densenet_file.mar"
+    file_denied = f"file://{work}/files/denied/densenet_file.mar"
+    t_section = time.monotonic()
+    try:
+        res["start_to_ready_s"] = round(srv.start(requests), 2)
+        ex("register_denied_http", "POST",
+           f"/models?url={http.url('denied/densenet_small.mar')}{sync1}")
+        ex("register_denied_file", "POST", f"/models?url={file_denied}{sync1}")
+        # An allowed url inside a denied one: the pattern must match the whole url.
+        ex("register_denied_http_allowed_inside", "POST", "/models?url="
+           f"{http.url('denied/' + http.url('allowed/densenet_small.mar'))}{sync1}")
+        ex("register_allowed_http_not_found", "POST",
+           f"/models?url={http.url('allowed/nosuch.mar')}{sync1}")
+        ex("register_not_in_store", "POST", f"/models?url=nosuch_archive.mar{sync1}")
+        t0 = time.monotonic()
+        ex("register_allowed_http", "POST",
+           f"/models?url={http.url('allowed/densenet_small.mar')}&model_name=dl_allowed{sync1}")
+        res["register_allowed_http_s"] = round(time.monotonic() - t0, 2)
+        _wait_workers(rec, "dl_allowed")
+        ex("describe_dl_allowed", "GET", "/models/dl_allowed")
+        ex("predict_dl_allowed", "POST", "/predictions/dl_allowed", port=INF, data=jpg)
+        ex("register_allowed_http_again", "POST",
+           f"/models?url={http.url('allowed/densenet_small.mar')}&model_name=dl_again"
+           "&initial_workers=0&synchronous=true")
+        ex("register_allowed_file", "POST", f"/models?url={file_allowed}&model_name=dl_file"
+           f"{sync1}")
+        _wait_workers(rec, "dl_file")
+        ex("describe_dl_file", "GET", "/models/dl_file")
+        ex("predict_dl_file", "POST", "/predictions/dl_file", port=INF, data=jpg)
+        ex("register_allowed_http_upper_case_scheme", "POST",
+           f"/models?url={http.url('allowed/densenet_upper.mar').replace('http:', 'HTTP:')}"
+           "&model_name=dl_upper&initial_workers=0&synchronous=true")
+        ex("list_models", "GET", "/models")
+        ex("unregister_dl_allowed", "DELETE", "/models/dl_allowed")
+        ex("unregister_dl_file", "DELETE", "/models/dl_file")
+        ex("unregister_dl_upper", "DELETE", "/models/dl_upper")
+        ex("register_allowed_http_after_unregister", "POST",
+           f"/models?url={http.url('allowed/densenet_small.mar')}&model_name=dl_allowed"
+           "&initial_workers=0&synchronous=true")
+        ex("unregister_dl_allowed_again", "DELETE", "/models/dl_allowed")
+        ex("list_after_unregister", "GET", "/models")
+    except BaseException:
+        srv.dump_logs()
+        raise
+    finally:
+        srv.stop()
+    res["store_after_stop"] = _listing(store)
+    res["section_s"] = round(time.monotonic() - t_section, 1)
+    res["exchanges"] = rec.exchanges
+    return _placeholders(res, work, http.port)
 
 
 def versions():

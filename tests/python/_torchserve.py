@@ -295,6 +295,76 @@ def replay(server: TorchServe, ex: dict, **kwargs) -> requests.Response:
 
 
 # ---------------------------------------------------------------------------------------------
+# Registration from URLs (the reference's "allowed_urls" section)
+
+
+class ArchiveHttpServer:
+    """A local http.server in a thread on 127.0.0.1 and a free port, serving the files under
+    `root` (as the generator's, for the reference's registrations from http urls). `log` holds
+    [method, path, status] of every request it answered. A context manager."""
+
+    def __init__(self, root: Path):
+        import http.server
+        import threading
+
+        self.log: list[list] = []
+        log = self.log
+
+        class Handler(http.server.SimpleHTTPRequestHandler):
+            def log_request(self, code="-", size="-"):
+                log.append([self.command, self.path, int(getattr(code, "value", code))])
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(
+            ("127.0.0.1", 0), functools.partial(Handler, directory=str(root)))
+        self.port = self.httpd.server_address[1]
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self) -> "ArchiveHttpServer":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(timeout=10)
+
+    def fetched_since(self, mark: int) -> list[str]:
+        """The distinct paths requested after log entry `mark`, sorted."""
+        return sorted({path for _, path, _ in self.log[mark:]})
+
+
+def url_reference(default: bool = False) -> dict:
+    """The reference's "allowed_urls" section (its "default" part: TorchServe's default
+    allowed_urls on the first start)."""
+    section = reference()["allowed_urls"]
+    return section["default"] if default else section
+
+
+def with_locations(value, work: Path, http_port: int):
+    """`value` (a recorded exchange, a message) with the generator's placeholders replaced:
+    "<work>" by `work` (where this test put the file:// archives) and "<http_port>" by this
+    test's http server's port."""
+    text = json.dumps(value)
+    text = text.replace("<work>", json.dumps(str(work))[1:-1])
+    text = text.replace("<http_port>", str(http_port))
+    return json.loads(text)
+
+
+def store_changes(before: list[str], after: list[str]) -> dict[str, list[str]]:
+    """What changed in a model store's listing: {"added": [...], "removed": [...]}."""
+    return {"added": sorted(set(after) - set(before)),
+            "removed": sorted(set(before) - set(after))}
+
+
+def store_listing(store: Path) -> list[str]:
+    """A model store's listing as the generator records it (directories with a trailing /)."""
+    return sorted(p.name + ("/" if p.is_dir() else "") for p in store.iterdir())
+
+
+# ---------------------------------------------------------------------------------------------
 # Comparisons
 
 

@@ -29,6 +29,11 @@ management, metrics and gRPC ports on free ports).
    scaling down), the response timeout (the hung worker stopped and replaced), a worker
    killed from outside while idle, install_py_dep_per_model (an archive's requirements
    installed, or ignored without the key), a streamed answer joined into one body.
+9. Registration from URLs (TorchServe's allowed_urls): the reference's "allowed_urls"
+   exchanges replayed against oxserve with the same allowed_urls and the same archives served
+   by a local http server and named by file:// urls (status, error type and message, describe's
+   modelUrl, predictions, what was fetched, the model store's listing after each); TorchServe's
+   default allowed_urls accepting an http url.
 
 Differences from TorchServe asserted as oxserve's behaviour: /ping needs no key and an
 undecodable image is a 400 BadRequestException (TorchServe: 503 "Prediction failed"), both in
@@ -1297,3 +1302,167 @@ def test_python_workers_scale_as_processes(custom_server):
     assert_custom_predicts(server)
     assert_still_predicts(server)
     assert _assert_live_workers(_workers(server, CUSTOM), 1) == [one]
+
+
+# ---------------------------------------------------------------------------------------------
+# 9. Registration from URLs (allowed_urls)
+#
+# The reference's "allowed_urls" section: TorchServe 0.12 started with allowed_urls = an http
+# pattern (127.0.0.1, any port, under /allowed/) and a file:// pattern (a directory named
+# allowed), an empty model store, and copies of densenet_small.mar served by a local
+# http.server (its "http_files") and put under its scratch directory (its "file_url_files").
+# The exchanges are replayed here in the same order against oxserve with the same
+# config.properties value, the same files under this test's directory ("<work>") and an http
+# server of its own ("<http_port>"). What TorchServe 0.12 does, asserted here too: a url that
+# matches no pattern is refused (404 ModelNotFoundException "Given URL <url> does not match any
+# allowed URL(s)") before anything is fetched; an archive downloaded from an http url, or
+# copied from a file:// url, is kept in the model store under the url's file name while its
+# model is registered (a second registration from the same url then fails: 500 "Model file
+# already exists <name>") and is deleted from the store on unregister; a 404 from the http
+# server is 400 DownloadArchiveException "Failed to download archive from: <url>" and leaves
+# nothing in the store; the patterns match case-insensitively (HTTP://...).
+
+
+def _query(ex: dict) -> dict[str, str]:
+    from urllib.parse import parse_qsl, urlsplit
+
+    return dict(parse_qsl(urlsplit(ex["url"]).query))
+
+
+@pytest.fixture(scope="module")
+def url_server(tmp_path_factory):
+    """oxserve with the recording's allowed_urls (the config.properties text TorchServe was
+    given), model API on, token authorization off, an empty model store; the recording's
+    archives served by a local http server and under this fixture's directory. Yields
+    (server, http server, the directory standing for "<work>", the model store)."""
+    ref = ts.url_reference()
+    root = tmp_path_factory.mktemp("ts-urls")
+    for rel in ref["http_files"]:
+        (root / "http" / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(STORE / "densenet_small.mar", root / "http" / rel)
+    for rel in ref["file_url_files"]:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(STORE / "densenet_small.mar", root / rel)
+    store = root / "store"
+    store.mkdir()
+    ws = Workspace(root / "ws", {"allowed_urls": ref["allowed_urls_property"]})
+    server = TorchServe("urls", ws, store, "--enable-model-api", "--disable-token-auth")
+    with ts.ArchiveHttpServer(root / "http") as http, serving(server):
+        yield server, http, root, store
+
+
+def _url_exchange_differences(server: TorchServe, http: ts.ArchiveHttpServer, store: Path,
+                              want: dict, before: list[str],
+                              recorded_before: list[str]) -> list[str]:
+    """Replays the recorded exchange `want` (placeholders already replaced) and compares: the
+    status and JSON body (error code, type and message; a registration's status message;
+    describe's modelUrl and the other fields; a prediction's labels and probabilities), which
+    paths the http server was asked for (none for a url no pattern allows), and how the model
+    store changed against its listing `before` the replay began (TorchServe's: its
+    "store_after" against `recorded_before`, its listing before)."""
+    name = want["name"]
+    mark = len(http.log)
+    body = JPG if want["request"]["body_kind"] == "bytes" else None
+    r = ts.replay(server, want, data=body)
+    diffs = ts.response_differences(r, want, prediction=name.startswith("predict_"))
+    fetched = http.fetched_since(mark)
+    recorded = sorted({path for _, path, _ in want["http_requests"]})
+    if fetched != recorded:
+        diffs.append(f"{name}: fetched {fetched} from the http server, TorchServe {recorded}")
+    have_store = ts.store_changes(before, ts.store_listing(store))
+    want_store = ts.store_changes(recorded_before, want["store_after"])
+    if have_store != want_store:
+        diffs.append(f"{name}: the model store changed by {have_store}, TorchServe's by "
+                     f"{want_store}")
+    return diffs
+
+
+def test_register_from_urls_as_torchserve(url_server):
+    """The recording's exchanges in its order (see the section's comment): refused urls, a
+    404 download, a plain name not in the store, registrations from allowed http and file://
+    urls (describe, prediction), the same url again while its archive is in the store, an
+    upper-case scheme, list, unregisters (deleting the downloads from the store), the url
+    again after unregister. After each error, the models registered with workers still
+    predict; at the end, a new registration from the allowed http url predicts."""
+    server, http, work, store = url_server
+    ref = ts.url_reference()
+    assert ts.store_listing(store) == ref["store_before"] == []
+    diffs: list[str] = []
+    serving_models: set[str] = set()
+    for recorded in ref["exchanges"]:
+        want = ts.with_locations(recorded, work, http.port)
+        diffs += _url_exchange_differences(server, http, store, want, ref["store_before"],
+                                           ref["store_before"])
+        query = _query(want)
+        name = want["name"]
+        if name.startswith("register_") and want["status"] == 200 \
+                and int(query.get("initial_workers", "0")) > 0:
+            serving_models.add(query["model_name"])
+        if name.startswith("unregister_") and want["status"] == 200:
+            serving_models.discard(want["url"].split("/models/", 1)[1].split("/")[0])
+        if want["status"] >= 400:
+            for model in sorted(serving_models):
+                r = server.predict(model)
+                if r.status_code != 200:
+                    diffs.append(f"after {name}: {model} answers {r.status_code} {r.text[:200]}")
+                else:
+                    diffs += [f"after {name}: {model}: {d}"
+                              for d in ts.prediction_differences(r.json(), KITTEN)]
+    assert not diffs, "oxserve differs from TorchServe:\n" + "\n".join(diffs)
+    assert ts.store_listing(store) == ref["store_after_stop"] == []
+
+    # The server still registers from the allowed url and predicts.
+    allowed = f"http://127.0.0.1:{http.port}/allowed/densenet_small.mar"
+    r = server.request("POST", "management", f"/models?url={allowed}&model_name=dl_final"
+                       "&initial_workers=1&synchronous=true")
+    assert r.status_code == 200, r.text
+    try:
+        assert_still_predicts(server, "dl_final")
+    finally:
+        r = server.request("DELETE", "management", "/models/dl_final")
+    assert r.status_code == 200, r.text
+    assert ts.store_listing(store) == [], "unregister leaves the downloaded archive"
+
+
+@pytest.mark.parametrize("name", ["register_denied_http", "register_denied_file",
+                                  "register_denied_http_allowed_inside"])
+def test_url_not_allowed_is_refused_unfetched(url_server, name):
+    """A url no allowed_urls pattern matches as a whole (one that only contains an allowed
+    url too): TorchServe's 404 ModelNotFoundException "Given URL <url> does not match any
+    allowed URL(s)", nothing fetched, nothing written to the model store."""
+    server, http, work, store = url_server
+    want = ts.with_locations(ts.exchange(name, "allowed_urls"), work, http.port)
+    url = _query(want)["url"]
+    assert want["status"] == 404 and want["body_json"] == {
+        "code": 404, "type": "ModelNotFoundException",
+        "message": f"Given URL {url} does not match any allowed URL(s)"}, want["body_json"]
+    before = ts.store_listing(store)
+    mark = len(http.log)
+    r = ts.replay(server, want)
+    assert_torchserve_error(r, 404, "ModelNotFoundException")
+    assert r.json() == want["body_json"], r.text
+    assert http.fetched_since(mark) == [], "a url that is not allowed was fetched"
+    assert ts.store_listing(store) == before
+
+
+def test_default_allowed_urls_accept_http(ts_server, tmp_path):
+    """Without allowed_urls (TorchServe's default `file://.*|http(s)?://.*`) an http url
+    registers: the reference's "default" exchanges (on TorchServe's first start, whose store
+    held the fixture archives) replayed on ts_server (no allowed_urls key): the registration
+    with 0 workers, describe (modelUrl the url), unregister; the archive is in the model store
+    while registered and gone after, as in TorchServe."""
+    ref = ts.url_reference(default=True)
+    served = tmp_path / "http" / "other" / "densenet_default.mar"
+    served.parent.mkdir(parents=True)
+    shutil.copy(STORE / "densenet_small.mar", served)
+    store = ts_server.store
+    before = ts.store_listing(store)
+    diffs: list[str] = []
+    with ts.ArchiveHttpServer(tmp_path / "http") as http:
+        for recorded in ref["exchanges"]:
+            want = ts.with_locations(recorded, tmp_path, http.port)
+            diffs += _url_exchange_differences(ts_server, http, store, want, before,
+                                               ref["store_before"])
+    assert not diffs, "oxserve differs from TorchServe:\n" + "\n".join(diffs)
+    assert ts.store_listing(store) == before
+    assert_still_predicts(ts_server)

@@ -47,8 +47,13 @@ impl IntoResponse for TsError {
     fn into_response(self) -> Response {
         let (status, kind) = status_and_type(self.0.kind());
         // A version that is missing is TorchServe's own exception.
-        let kind = if self.0.message().starts_with("Model version") && kind == "ModelNotFoundException" {
+        let message = self.0.message();
+        let kind = if message.starts_with("Model version") && kind == "ModelNotFoundException" {
             "ModelVersionNotFoundException"
+        } else if message.starts_with("Failed to download archive from: ")
+            && status == StatusCode::BAD_REQUEST
+        {
+            "DownloadArchiveException"
         } else {
             kind
         };

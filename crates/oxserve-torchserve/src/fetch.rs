@@ -3,9 +3,12 @@
 //!
 //! As in TorchServe, each pattern is a regular expression matched case-insensitively against
 //! the whole URL, the default allowing every file and http(s) URL; a URL that matches none is
-//! refused with TorchServe's message. Downloads go to the server's private work directory
-//! (never the model store), are size-limited, and follow a redirect only to a URL that is
-//! itself allowed, so an allowed host cannot bounce the server to one that is not.
+//! refused (404, TorchServe's message) without being fetched. The archive is placed in the
+//! model store under the URL's file name while its model is registered (TorchServe's layout:
+//! unregistering deletes it); a name already in the store is refused before anything is
+//! fetched. Downloads are size- and time-limited, written to a partial file that is renamed
+//! only when complete, and follow a redirect only to a URL that is itself allowed, so an
+//! allowed host cannot bounce the server to one that is not.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -62,11 +65,12 @@ fn is_url(url: &str) -> bool {
 }
 
 /// The archive a registration names: `Ok(None)` when `url` is not an allowed URL (it is then
-/// a file name in the model store), else the local file (downloaded into `downloads`).
-pub async fn resolve(allowed: &AllowedUrls, url: &str, downloads: &Path) -> Result<Option<PathBuf>> {
+/// a file name in the model store), else the archive placed in `store` under the URL's file
+/// name (which the caller deletes when the model is unregistered).
+pub async fn resolve(allowed: &AllowedUrls, url: &str, store: Option<&Path>) -> Result<Option<PathBuf>> {
     if !allowed.allows(url) {
         if is_url(url) {
-            return Err(Error::invalid(format!(
+            return Err(Error::not_found(format!(
                 "Given URL {url} does not match any allowed URL(s)"
             )));
         }
@@ -75,37 +79,65 @@ pub async fn resolve(allowed: &AllowedUrls, url: &str, downloads: &Path) -> Resu
     if !is_url(url) {
         return Ok(None);
     }
+    let store = store.ok_or_else(|| Error::invalid("no model store is configured (--model-store)"))?;
     let (scheme, rest) = url.split_once("://").unwrap_or_default();
-    match scheme.to_ascii_lowercase().as_str() {
-        "file" => {
-            let path = PathBuf::from(rest);
-            if !path.is_absolute() || path.components().any(|c| c == std::path::Component::ParentDir) {
-                return Err(Error::invalid(format!(
-                    "Relative path is not allowed in url: {url}"
-                )));
-            }
-            if !path.is_file() {
-                return Err(Error::not_found(format!("Model not found at: {url}")));
-            }
-            Ok(Some(path))
-        }
-        "http" | "https" => download(allowed, url, downloads).await.map(Some),
+    let name = rest
+        .split(['?', '#'])
+        .next()
+        .and_then(|p| p.rsplit('/').next())
+        .filter(|n| !n.is_empty() && *n != "." && *n != "..")
+        .ok_or_else(|| Error::invalid(format!("Given URL {url} names no archive file")))?
+        .to_string();
+    let target = store.join(&name);
+    if target.exists() {
+        return Err(Error::internal(format!("Model file already exists {name}")));
+    }
+    let partial = store.join(format!(".{name}.partial"));
+    let placed = match scheme.to_ascii_lowercase().as_str() {
+        "file" => copy_file(url, rest, &partial).await,
+        "http" | "https" => download(allowed, url, &partial).await,
         other => Err(Error::invalid(format!(
             "Given URL {url}: the scheme '{other}' is not supported (file, http, https)"
         ))),
+    };
+    if let Err(e) = placed {
+        let _ = std::fs::remove_file(&partial);
+        return Err(e);
     }
+    std::fs::rename(&partial, &target).map_err(|e| {
+        let _ = std::fs::remove_file(&partial);
+        Error::internal(format!("cannot place {}: {e}", target.display()))
+    })?;
+    Ok(Some(target))
 }
 
-/// Downloads `url` into a new file in `dir`, named after the URL's last path segment.
-async fn download(allowed: &AllowedUrls, url: &str, dir: &Path) -> Result<PathBuf> {
-    let failed = |why: String| Error::invalid(format!("Failed to download archive from: {url}: {why}"));
+/// Copies a `file://` URL's file (an absolute path) to `to`.
+async fn copy_file(url: &str, path: &str, to: &Path) -> Result<()> {
+    let path = PathBuf::from(path);
+    if !path.is_absolute() || path.components().any(|c| c == std::path::Component::ParentDir) {
+        return Err(Error::invalid(format!(
+            "Relative path is not allowed in url: {url}"
+        )));
+    }
+    if !path.is_file() {
+        return Err(Error::not_found(format!("Model not found at: {url}")));
+    }
+    let to = to.to_path_buf();
+    tokio::task::spawn_blocking(move || std::fs::copy(&path, &to))
+        .await
+        .map_err(|e| Error::internal(e.to_string()))?
+        .map_err(|e| Error::internal(format!("cannot copy the archive: {e}")))?;
+    Ok(())
+}
+
+/// Downloads `url` into the file `path`.
+async fn download(allowed: &AllowedUrls, url: &str, path: &Path) -> Result<()> {
+    // TorchServe's message; the cause goes to the log.
+    let failed = |why: String| {
+        tracing::warn!(%url, %why, "archive download failed");
+        Error::invalid(format!("Failed to download archive from: {url}"))
+    };
     let parsed = reqwest::Url::parse(url).map_err(|e| failed(e.to_string()))?;
-    let name = parsed
-        .path_segments()
-        .and_then(|mut s| s.next_back())
-        .filter(|n| !n.is_empty() && *n != "." && *n != "..")
-        .ok_or_else(|| failed("the URL names no file".into()))?
-        .to_string();
     let redirects = allowed.clone();
     let client = reqwest::Client::builder()
         .timeout(DOWNLOAD_TIMEOUT)
@@ -134,18 +166,13 @@ async fn download(allowed: &AllowedUrls, url: &str, dir: &Path) -> Result<PathBu
             format!("the archive at {url} is larger than {MAX_DOWNLOAD_BYTES} bytes"),
         ));
     }
-    std::fs::create_dir_all(dir)
-        .map_err(|e| Error::internal(format!("cannot create {}: {e}", dir.display())))?;
-    let path = dir.join(&name);
-    let mut file = tokio::fs::File::create(&path)
+    let mut file = tokio::fs::File::create(path)
         .await
         .map_err(|e| Error::internal(format!("cannot create {}: {e}", path.display())))?;
     let mut written = 0u64;
     while let Some(chunk) = response.chunk().await.map_err(|e| failed(e.to_string()))? {
         written += chunk.len() as u64;
         if written > MAX_DOWNLOAD_BYTES {
-            drop(file);
-            let _ = std::fs::remove_file(&path);
             return Err(Error::new(
                 ErrorKind::PayloadTooLarge,
                 format!("the archive at {url} is larger than {MAX_DOWNLOAD_BYTES} bytes"),
@@ -158,7 +185,7 @@ async fn download(allowed: &AllowedUrls, url: &str, dir: &Path) -> Result<PathBu
     tokio::io::AsyncWriteExt::flush(&mut file)
         .await
         .map_err(|e| Error::internal(format!("cannot write {}: {e}", path.display())))?;
-    Ok(path)
+    Ok(())
 }
 
 #[cfg(test)]
@@ -188,26 +215,39 @@ mod tests {
     async fn urls_outside_the_patterns_are_refused_and_names_go_to_the_store() {
         let a = AllowedUrls::new(&["file://.*/allowed/.*".into()]).unwrap();
         let dir = tempfile::tempdir().unwrap();
-        let e = resolve(&a, "http://127.0.0.1:1/x.mar", dir.path())
+        let store = dir.path().join("store");
+        std::fs::create_dir_all(&store).unwrap();
+        let e = resolve(&a, "http://127.0.0.1:1/x.mar", Some(&store))
             .await
             .unwrap_err();
         assert_eq!(
             e.message(),
             "Given URL http://127.0.0.1:1/x.mar does not match any allowed URL(s)"
         );
-        assert!(resolve(&a, "densenet.mar", dir.path()).await.unwrap().is_none());
+        assert_eq!(e.kind(), ErrorKind::NotFound);
+        assert!(resolve(&a, "densenet.mar", Some(&store)).await.unwrap().is_none());
         let allowed = dir.path().join("allowed");
         std::fs::create_dir_all(&allowed).unwrap();
         std::fs::write(allowed.join("m.mar"), b"zip").unwrap();
         let url = format!("file://{}", allowed.join("m.mar").display());
+        // Copied into the store under its name; a second registration of it is refused.
         assert_eq!(
-            resolve(&a, &url, dir.path()).await.unwrap(),
-            Some(allowed.join("m.mar"))
+            resolve(&a, &url, Some(&store)).await.unwrap(),
+            Some(store.join("m.mar"))
         );
+        assert_eq!(std::fs::read(store.join("m.mar")).unwrap(), b"zip");
+        let again = resolve(&a, &url, Some(&store)).await.unwrap_err();
+        assert_eq!(again.message(), "Model file already exists m.mar");
         let missing = format!("file://{}", allowed.join("none.mar").display());
         assert_eq!(
-            resolve(&a, &missing, dir.path()).await.unwrap_err().kind(),
+            resolve(&a, &missing, Some(&store)).await.unwrap_err().kind(),
             ErrorKind::NotFound
         );
+        // Nothing partial is left behind.
+        let names: Vec<_> = std::fs::read_dir(&store)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("m.mar")]);
     }
 }

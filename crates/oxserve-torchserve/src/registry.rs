@@ -60,6 +60,8 @@ pub struct VersionEntry {
     pub loaded_at_startup: bool,
     /// When its workers last started (TorchServe's worker `startTime`).
     pub started: String,
+    /// The archive a URL registration placed in the model store (deleted at unregister).
+    pub fetched: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -182,15 +184,12 @@ impl TorchServe {
         Ok(())
     }
 
-    /// The archive a URL names: an allowed `file://` or `http(s)://` URL (downloaded into the
-    /// work directory), else a plain file name in the model store. The second value is a
-    /// download to delete once unpacked.
-    async fn archive_path(&self, url: &str, n: u64) -> Result<(PathBuf, bool)> {
+    /// The archive a URL names: an allowed `file://` or `http(s)://` URL (placed in the model
+    /// store, `true`: to delete at unregister), else a plain file name in the model store.
+    async fn archive_path(&self, url: &str) -> Result<(PathBuf, bool)> {
         let allowed = self.allowed_urls.lock().clone();
-        let downloads = self.work.path().join("downloads").join(n.to_string());
-        if let Some(path) = crate::fetch::resolve(&allowed, url, &downloads).await? {
-            let downloaded = path.starts_with(&downloads);
-            return Ok((path, downloaded));
+        if let Some(path) = crate::fetch::resolve(&allowed, url, self.model_store.as_deref()).await? {
+            return Ok((path, true));
         }
         let Some(store) = &self.model_store else {
             return Err(Error::invalid("no model store is configured (--model-store)"));
@@ -213,23 +212,32 @@ impl TorchServe {
     /// Registers an archive; with workers, answers once it serves.
     pub async fn register(&self, registration: Registration) -> Result<(String, String)> {
         let _serial = self.changes.lock().await;
+        let (path, fetched) = self.archive_path(&registration.url).await?;
+        let fetched = fetched.then_some(path.clone());
+        let registered = self.register_archive(registration, path, fetched.clone()).await;
+        if registered.is_err()
+            && let Some(file) = fetched
+        {
+            // A fetched archive stays in the store only while its model is registered.
+            let _ = std::fs::remove_file(file);
+        }
+        registered
+    }
+
+    async fn register_archive(
+        &self,
+        registration: Registration,
+        path: PathBuf,
+        fetched: Option<PathBuf>,
+    ) -> Result<(String, String)> {
         let n = self
             .next_archive
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let (path, downloaded) = self.archive_path(&registration.url, n).await?;
         let into = self.work.path().join("archives").join(n.to_string());
         let limits = self.limits;
-        let unpacked = tokio::task::spawn_blocking(move || {
-            let unpacked = mar::unpack(&path, &into, limits);
-            if downloaded {
-                // What is needed is unpacked; the download itself is not kept.
-                let _ = path.parent().map(std::fs::remove_dir_all);
-            }
-            unpacked
-        })
-        .await
-        .map_err(|e| Error::internal(format!("unpacking failed: {e}")))?;
-        let archive = unpacked?;
+        let archive = tokio::task::spawn_blocking(move || mar::unpack(&path, &into, limits))
+            .await
+            .map_err(|e| Error::internal(format!("unpacking failed: {e}")))??;
         let name = registration
             .model_name
             .clone()
@@ -317,6 +325,7 @@ impl TorchServe {
             max_workers: workers,
             loaded_at_startup: registration.loaded_at_startup,
             started: now(),
+            fetched,
         };
         {
             let mut models = self.models.lock();
@@ -383,13 +392,21 @@ impl TorchServe {
                     "Cannot remove default version {version} for model {name}"
                 )));
             }
-            let engine_version = model.versions.remove(&version).map(|v| v.engine_version);
+            let removed = model.versions.remove(&version);
             if model.versions.is_empty() {
                 models.remove(name);
             }
-            (version, engine_version)
+            (
+                version,
+                removed.as_ref().map(|v| v.engine_version),
+                removed.and_then(|v| v.fetched),
+            )
         };
         self.apply().await?;
+        if let Some(file) = removed.2 {
+            // As TorchServe: an archive registered from a URL leaves the store with its model.
+            let _ = std::fs::remove_file(file);
+        }
         // The unpacked archive goes too (its version directory is never reused).
         if let Some(engine_version) = removed.1 {
             let dir = self
