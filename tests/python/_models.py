@@ -37,6 +37,7 @@ EXPECTED_EXTENSIONS = {
     "statistics",
     "schedule_policy",
     "system_shared_memory",
+    "logging",
 }
 
 

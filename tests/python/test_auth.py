@@ -80,6 +80,8 @@ ENDPOINTS = [
     ("metadata", "GET", "/v2/models/add_sub/config", None),
     ("repository", "POST", "/v2/repository/index", {}),
     ("repository", "POST", "/v2/repository/models/add_sub/load", {}),
+    ("repository", "GET", "/v2/logging", None),
+    ("repository", "POST", "/v2/logging", {}),
     ("shared_memory", "GET", "/v2/systemsharedmemory/status", None),
     ("shared_memory", "POST", "/v2/systemsharedmemory/unregister", None),
     ("shared_memory", "GET", "/v2/cudasharedmemory/status", None),
@@ -186,6 +188,7 @@ def test_tritonclient_grpc_with_metadata(auth_server):
         (lambda h: client.get_model_config("add_sub", headers=h), "metadata"),
         (lambda h: client.get_inference_statistics("add_sub", headers=h), "statistics"),
         (lambda h: client.get_model_repository_index(headers=h), "repository"),
+        (lambda h: client.get_log_settings(headers=h), "repository"),
         (lambda h: client.get_system_shared_memory_status(headers=h), "shared_memory"),
         (lambda h: client.unregister_system_shared_memory(headers=h), "shared_memory"),
     ]

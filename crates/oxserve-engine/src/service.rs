@@ -26,6 +26,7 @@ const EXTENSIONS: &[&str] = &[
     "statistics",
     "schedule_policy",
     "system_shared_memory",
+    "logging",
 ];
 
 #[derive(Debug, Clone, PartialEq, Eq)]

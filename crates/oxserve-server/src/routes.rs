@@ -164,7 +164,8 @@ fn classify_http(segments: &[&str]) -> Route {
         ["v2", "models", model, "labels", _, "ready"] => Route::for_model(Health, model),
         ["v2", "models", model, "labels", _, "config"] => Route::for_model(Metadata, model),
         ["v2", "models", model, "labels", _, "infer"] => Route::for_model(Infer, model),
-        ["v2", "repository", ..] => Route::new(Repository),
+        // Repository changes, and Triton's logging and trace settings: administrative.
+        ["v2", "repository", ..] | ["v2", "logging"] | ["v2", "trace", ..] => Route::new(Repository),
         ["v2", "systemsharedmemory" | "cudasharedmemory", ..] => Route::new(SharedMemory),
         // TF Serving's REST API: `M[/versions/V|/labels/L]:predict` (also classify and
         // regress) runs the model; without a verb it is status or metadata.
@@ -278,6 +279,8 @@ mod tests {
             ("/inference.GRPCInferenceService/ModelConfig", Some(Metadata)),
             ("/inference.GRPCInferenceService/ModelInfer", Some(Infer)),
             ("/inference.GRPCInferenceService/ModelStreamInfer", Some(Infer)),
+            ("/v2/logging", Some(Repository)),
+            ("/inference.GRPCInferenceService/LogSettings", Some(Repository)),
             (
                 "/inference.GRPCInferenceService/ModelStatistics",
                 Some(Statistics),

@@ -3,6 +3,7 @@
 
 mod bench;
 mod client;
+mod logging;
 mod settings;
 mod tfserving_cli;
 mod torchserve_cli;
@@ -355,19 +356,39 @@ fn runtime_with(workers: Option<usize>) -> anyhow::Result<tokio::runtime::Runtim
 
 fn init_logging(format: &str, level: &str) -> anyhow::Result<()> {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("OXSERVE_LOG")
-        .or_else(|_| EnvFilter::try_new(level))
-        .context("invalid log level")?;
+    use tracing_subscriber::Layer as _;
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    // A plain level (`info`, `debug`, ...) becomes Triton's switchable settings; directives
+    // (`OXSERVE_LOG`, or `--log-level oxserve=debug,h2=info`) stay a fixed ceiling under them.
+    let (control, ceiling) = match (
+        std::env::var("OXSERVE_LOG"),
+        logging::DynamicLog::from_level(level),
+    ) {
+        (Err(_), Some(control)) => (control, None),
+        (directives, _) => {
+            let filter = match directives {
+                Ok(d) => EnvFilter::try_new(d),
+                Err(_) => EnvFilter::try_new(level),
+            }
+            .context("invalid log level")?;
+            (logging::DynamicLog::permissive(), Some(filter))
+        }
+    };
+    let control = Arc::new(control);
+    let switch = control.clone();
+    let switchable = tracing_subscriber::filter::dynamic_filter_fn(move |meta, _| switch.enabled(meta));
     use std::io::IsTerminal;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let output = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal());
-    match format {
-        "json" => builder.json().init(),
-        "text" => builder.init(),
+    let output = match format {
+        "json" => output.json().with_filter(switchable).boxed(),
+        "text" => output.with_filter(switchable).boxed(),
         other => anyhow::bail!("unknown log format '{other}' (use text or json)"),
-    }
+    };
+    tracing_subscriber::registry().with(ceiling).with(output).init();
+    oxserve_kserve::logging::install(control);
     Ok(())
 }
 

@@ -14,16 +14,16 @@ use super::convert::{
     model_metadata_to_wire, model_statistics_to_wire, parse_version, server_metadata_to_wire,
 };
 use super::pb::{
-    GrpcInferenceService, GrpcInferenceServiceServer, ModelConfigRequest, ModelConfigResponse,
-    ModelInferRequest, ModelInferResponse, ModelMetadataRequest, ModelMetadataResponse, ModelReadyRequest,
-    ModelReadyResponse, ModelRollbackRequest, ModelRollbackResponse, ModelStatisticsRequest,
-    ModelStatisticsResponse, ModelStreamInferResponse, ModelVersionLabelSetRequest,
-    ModelVersionLabelSetResponse, ModelVersionLabelsRequest, ModelVersionLabelsResponse,
-    RepositoryIndexRequest, RepositoryIndexResponse, RepositoryModelLoadRequest, RepositoryModelLoadResponse,
-    RepositoryModelUnloadRequest, RepositoryModelUnloadResponse, ServerLiveRequest, ServerLiveResponse,
-    ServerMetadataRequest, ServerMetadataResponse, ServerReadyRequest, ServerReadyResponse,
-    SystemSharedMemoryRegisterRequest, SystemSharedMemoryRegisterResponse, SystemSharedMemoryStatusRequest,
-    SystemSharedMemoryStatusResponse, SystemSharedMemoryUnregisterRequest,
+    GrpcInferenceService, GrpcInferenceServiceServer, LogSettingsRequest, LogSettingsResponse,
+    ModelConfigRequest, ModelConfigResponse, ModelInferRequest, ModelInferResponse, ModelMetadataRequest,
+    ModelMetadataResponse, ModelReadyRequest, ModelReadyResponse, ModelRollbackRequest,
+    ModelRollbackResponse, ModelStatisticsRequest, ModelStatisticsResponse, ModelStreamInferResponse,
+    ModelVersionLabelSetRequest, ModelVersionLabelSetResponse, ModelVersionLabelsRequest,
+    ModelVersionLabelsResponse, RepositoryIndexRequest, RepositoryIndexResponse, RepositoryModelLoadRequest,
+    RepositoryModelLoadResponse, RepositoryModelUnloadRequest, RepositoryModelUnloadResponse,
+    ServerLiveRequest, ServerLiveResponse, ServerMetadataRequest, ServerMetadataResponse, ServerReadyRequest,
+    ServerReadyResponse, SystemSharedMemoryRegisterRequest, SystemSharedMemoryRegisterResponse,
+    SystemSharedMemoryStatusRequest, SystemSharedMemoryStatusResponse, SystemSharedMemoryUnregisterRequest,
     SystemSharedMemoryUnregisterResponse, system_shared_memory_status_response::RegionStatus,
 };
 use super::status::to_status;
@@ -228,6 +228,68 @@ impl GrpcInferenceService for GrpcFrontend {
         decoded.routing_key = routing_key;
         let response = run(&self.engine, &self.shm, decoded).await.map_err(status)?;
         Ok(Response::new(infer_response_to_wire(response)))
+    }
+
+    /// Triton's logging extension over gRPC: the settings named in the request change (typed
+    /// as Triton types them), and every setting is answered.
+    async fn log_settings(
+        &self,
+        request: Request<LogSettingsRequest>,
+    ) -> Result<Response<LogSettingsResponse>, Status> {
+        use super::pb::log_settings_request::setting_value::ParameterChoice as In;
+        use super::pb::log_settings_response::SettingValue;
+        use super::pb::log_settings_response::setting_value::ParameterChoice as Out;
+        let mut update = crate::logging::LogUpdate::default();
+        for (key, value) in request.into_inner().settings {
+            let value = value.parameter_choice;
+            let wrong = |want: &str| status(Error::invalid(format!("'{key}' must be a {want}")));
+            match key.as_str() {
+                "log_file" => match value {
+                    Some(In::StringParam(s)) => update.log_file = Some(s),
+                    None => {}
+                    _ => return Err(wrong("string")),
+                },
+                "log_info" | "log_warning" | "log_error" => {
+                    let flag = match value {
+                        Some(In::BoolParam(b)) => Some(b),
+                        None => None,
+                        _ => return Err(wrong("bool")),
+                    };
+                    match key.as_str() {
+                        "log_info" => update.log_info = flag,
+                        "log_warning" => update.log_warning = flag,
+                        _ => update.log_error = flag,
+                    }
+                }
+                "log_verbose_level" => match value {
+                    Some(In::Uint32Param(n)) => update.log_verbose_level = Some(n),
+                    None => {}
+                    _ => return Err(wrong("uint32")),
+                },
+                "log_format" => match value {
+                    Some(In::StringParam(s)) => update.log_format = Some(s),
+                    None => {}
+                    _ => return Err(wrong("string")),
+                },
+                other => return Err(status(Error::invalid(format!("unknown log setting '{other}'")))),
+            }
+        }
+        let s = crate::logging::update(&update).map_err(status)?;
+        let value = |v: Out| SettingValue {
+            parameter_choice: Some(v),
+        };
+        let settings = [
+            ("log_file", value(Out::StringParam(s.log_file))),
+            ("log_info", value(Out::BoolParam(s.log_info))),
+            ("log_warning", value(Out::BoolParam(s.log_warning))),
+            ("log_error", value(Out::BoolParam(s.log_error))),
+            ("log_verbose_level", value(Out::Uint32Param(s.log_verbose_level))),
+            ("log_format", value(Out::StringParam(s.log_format))),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        Ok(Response::new(LogSettingsResponse { settings }))
     }
 
     type ModelStreamInferStream = ModelStream;

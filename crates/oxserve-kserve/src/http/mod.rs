@@ -129,9 +129,30 @@ pub fn router(engine: InferenceService, options: HttpOptions, shm: Arc<SharedMem
             post(shm::cuda_unregister),
         )
         .route("/v2/cudasharedmemory/unregister", post(shm::cuda_unregister))
+        .route("/v2/logging", get(logging_get).post(logging_post))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(AppState { engine, options, shm })
+}
+
+/// Triton's logging extension: the running server's log settings.
+async fn logging_get() -> Result<Response, ApiError> {
+    let settings = crate::logging::settings()?;
+    Ok(axum::Json(crate::logging::settings_json(&settings)).into_response())
+}
+
+/// Changes the log settings the body names (`null` or absent: unchanged); answers them all.
+async fn logging_post(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let body = read_body(&headers, body, state.options.max_body_bytes).await?;
+    let json: serde_json::Value = serde_json::from_slice(&body)
+        .map_err(|e| Error::invalid(format!("the logging settings are not valid JSON: {e}")))?;
+    let update = crate::logging::update_from_json(&json)?;
+    let settings = crate::logging::update(&update)?;
+    Ok(axum::Json(crate::logging::settings_json(&settings)).into_response())
 }
 
 async fn not_found() -> ApiError {
