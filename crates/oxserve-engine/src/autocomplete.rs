@@ -97,6 +97,9 @@ pub(crate) fn complete(cfg: &mut ModelConfig, sig: &ModelSignature) -> Result<()
     Ok(())
 }
 
+/// Pipelines an ensemble runs at once.
+const ENSEMBLE_PIPELINES: i32 = 16;
+
 /// Makes the defaults explicit, as Triton's config endpoint shows them: version policy
 /// latest 1, and one CPU instance.
 pub(crate) fn fill_defaults(cfg: &mut ModelConfig) {
@@ -109,7 +112,14 @@ pub(crate) fn fill_defaults(cfg: &mut ModelConfig) {
         cfg.instance_group.push(ModelInstanceGroup {
             name: cfg.name.clone(),
             kind: Kind::Cpu as i32,
-            count: 1,
+            // An ensemble's instances only wait on its steps (which run on their own models'
+            // instances): enough of them that pipelines overlap and the steps' batchers see
+            // several requests.
+            count: if cfg.platform == "ensemble" {
+                ENSEMBLE_PIPELINES
+            } else {
+                1
+            },
             ..Default::default()
         });
     }

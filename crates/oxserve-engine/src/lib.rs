@@ -19,8 +19,8 @@ mod warmup;
 pub use autocomplete::AUTO_BATCHING_PARAMETER;
 pub use lifecycle::{LoadOverride, OverrideFile};
 pub use manager::{
-    BACKEND_REASON_PARAMETER, ControlMode, ListedModel, ManagerOptions, ModelManager,
-    PLACEMENT_REASON_PARAMETER, UNLOADED_REASON,
+    BACKEND_REASON_PARAMETER, ControlMode, ENSEMBLE, ENSEMBLE_STEPS_PARAMETER, ListedModel, ManagerOptions,
+    ModelManager, PLACEMENT_REASON_PARAMETER, UNLOADED_REASON,
 };
 pub use service::{IndexEntry, InferenceService, ServerMetadata};
 pub use shadow::ShadowStats;

@@ -12,6 +12,7 @@ use arc_swap::ArcSwap;
 use oxserve_backend::support::{panic_message, truncate};
 use oxserve_backend::{Accelerator, Backend, Device, LoadSpec};
 use oxserve_core::{DataType, Error, ModelMetadata, Result, TensorMeta};
+use oxserve_repository::pb::model_config::SchedulingChoice;
 use oxserve_repository::pb::model_instance_group::Kind;
 use oxserve_repository::pb::{ModelConfig, ModelParameter};
 use oxserve_repository::{self as repo, ModelDir};
@@ -107,6 +108,8 @@ const ONNXRUNTIME: &str = "onnxruntime";
 const TRACT: &str = "tract";
 const TENSORFLOW: &str = "tensorflow";
 const PYTORCH: &str = "pytorch";
+/// The engine that runs Triton's ensembles (`platform: "ensemble"`).
+pub const ENSEMBLE: &str = "ensemble";
 
 /// The reason a version that was unloaded on purpose (replaced, removed, unloaded) gives in
 /// the index: not a failure.
@@ -522,6 +525,10 @@ impl ModelManager {
                 PYTORCH,
                 "config.pbtxt sets Triton's platform \"pytorch_libtorch\"".to_string(),
             )),
+            ("ensemble", "") => Some((
+                ENSEMBLE,
+                "config.pbtxt sets Triton's platform \"ensemble\"".to_string(),
+            )),
             ("tensorflow_savedmodel", "") => Some((
                 TENSORFLOW,
                 "the model is a TensorFlow SavedModel (platform \"tensorflow_savedmodel\")".to_string(),
@@ -648,11 +655,7 @@ impl ModelManager {
                 .as_ref()
                 .and_then(|o| o.graph.as_ref())
                 .map_or(0, |g| g.level),
-            parameters: config
-                .parameters
-                .iter()
-                .map(|(k, v)| (k.clone(), v.string_value.clone()))
-                .collect(),
+            parameters: engine_parameters(&config),
             gpu_accelerators: gpu_accelerators(&config)?,
         };
         check_engine_options(&spec, backend)?;
@@ -1019,6 +1022,38 @@ impl ModelTable {
         }
     }
 }
+
+/// The configuration's `parameters` as the engine receives them; an ensemble's steps go along
+/// as the `ensemble_steps` parameter (JSON), the one place the ensemble engine reads them.
+fn engine_parameters(config: &ModelConfig) -> BTreeMap<String, String> {
+    let mut parameters: BTreeMap<String, String> = config
+        .parameters
+        .iter()
+        .map(|(k, v)| (k.clone(), v.string_value.clone()))
+        .collect();
+    if let Some(SchedulingChoice::EnsembleScheduling(e)) = &config.scheduling_choice {
+        let steps: Vec<serde_json::Value> = e
+            .step
+            .iter()
+            .map(|s| {
+                serde_json::json!({
+                    "model_name": s.model_name,
+                    "model_version": s.model_version,
+                    "input_map": s.input_map,
+                    "output_map": s.output_map,
+                })
+            })
+            .collect();
+        parameters.insert(
+            ENSEMBLE_STEPS_PARAMETER.into(),
+            serde_json::Value::Array(steps).to_string(),
+        );
+    }
+    parameters
+}
+
+/// The engine parameter that carries an ensemble's steps.
+pub const ENSEMBLE_STEPS_PARAMETER: &str = "ensemble_steps";
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]

@@ -55,7 +55,6 @@ fn unknown_field_message(raw: &str) -> Option<String> {
 fn triton_field_reason(message: &str, field: &str) -> Option<&'static str> {
     Some(match (message, field) {
         ("inference.ModelConfig", "sequence_batching") => "stateful (sequence) models are not supported yet",
-        ("inference.ModelConfig", "ensemble_scheduling") => "ensembles are not supported yet",
         ("inference.ModelConfig", "batch_input" | "batch_output") => {
             "ragged batching (batch_input, batch_output) is not supported"
         }
@@ -254,6 +253,7 @@ pub fn validate_config(cfg: &pb::ModelConfig) -> Result<(), ConfigError> {
     }
     check_warmups(cfg).map_err(invalid)?;
     check_traffic(cfg).map_err(invalid)?;
+    check_ensemble(cfg).map_err(invalid)?;
     for (label, version) in &cfg.version_labels {
         if !is_label_name(label) {
             return Err(invalid(format!(
@@ -265,6 +265,107 @@ pub fn validate_config(cfg: &pb::ModelConfig) -> Result<(), ConfigError> {
                 "version_labels: label '{label}' names version {version}; versions start at 1"
             )));
         }
+    }
+    Ok(())
+}
+
+/// Triton's ensemble rules: `platform: "ensemble"` and `ensemble_scheduling` go together; at
+/// least one step; each step names a model and maps at least one input and one output; every
+/// ensemble tensor is produced once (by the ensemble's inputs or one step output); every step
+/// input and every ensemble output is produced; every ensemble input is used; no cycles.
+fn check_ensemble(cfg: &pb::ModelConfig) -> Result<(), String> {
+    use std::collections::{HashMap, HashSet};
+    let scheduling = match &cfg.scheduling_choice {
+        Some(pb::model_config::SchedulingChoice::EnsembleScheduling(e)) => Some(e),
+        _ => None,
+    };
+    let is_ensemble = cfg.platform == "ensemble";
+    let ensemble = match (is_ensemble, scheduling) {
+        (false, None) => return Ok(()),
+        (true, None) => return Err("an ensemble (platform \"ensemble\") needs ensemble_scheduling".into()),
+        (false, Some(_)) => return Err("ensemble_scheduling is only for platform \"ensemble\"".into()),
+        (true, Some(e)) => e,
+    };
+    if ensemble.step.is_empty() {
+        return Err("ensemble_scheduling has no step".into());
+    }
+    // Which step (or the ensemble's inputs, None) produces each tensor.
+    let mut producer: HashMap<&str, Option<usize>> = HashMap::new();
+    for input in &cfg.input {
+        producer.insert(&input.name, None);
+    }
+    for (i, step) in ensemble.step.iter().enumerate() {
+        if step.model_name.is_empty() {
+            return Err(format!("ensemble step {i} names no model"));
+        }
+        if step.model_version < -1 || step.model_version == 0 {
+            return Err(format!(
+                "ensemble step {i} ('{}'): model_version must be -1 (latest) or a version, got {}",
+                step.model_name, step.model_version
+            ));
+        }
+        if step.input_map.is_empty() || step.output_map.is_empty() {
+            return Err(format!(
+                "ensemble step {i} ('{}') must map at least one input and one output",
+                step.model_name
+            ));
+        }
+        for tensor in step.output_map.values() {
+            if producer.insert(tensor, Some(i)).is_some() {
+                return Err(format!(
+                    "ensemble tensor '{tensor}' is produced more than once (step {i}, '{}')",
+                    step.model_name
+                ));
+            }
+        }
+    }
+    let mut used: HashSet<&str> = HashSet::new();
+    for (i, step) in ensemble.step.iter().enumerate() {
+        for tensor in step.input_map.values() {
+            if !producer.contains_key(tensor.as_str()) {
+                return Err(format!(
+                    "ensemble step {i} ('{}') reads tensor '{tensor}', which no ensemble input or step produces",
+                    step.model_name
+                ));
+            }
+            used.insert(tensor);
+        }
+    }
+    for output in &cfg.output {
+        if !producer.contains_key(output.name.as_str()) {
+            return Err(format!(
+                "ensemble output '{}' is not produced by any step",
+                output.name
+            ));
+        }
+        used.insert(&output.name);
+    }
+    for input in &cfg.input {
+        if !used.contains(input.name.as_str()) {
+            return Err(format!("ensemble input '{}' is not used by any step", input.name));
+        }
+    }
+    // Cycles: a step may only read tensors whose producer chain ends at the ensemble inputs.
+    let mut ready: HashSet<&str> = cfg.input.iter().map(|i| i.name.as_str()).collect();
+    let mut done = vec![false; ensemble.step.len()];
+    loop {
+        let mut progressed = false;
+        for (i, step) in ensemble.step.iter().enumerate() {
+            if !done[i] && step.input_map.values().all(|t| ready.contains(t.as_str())) {
+                done[i] = true;
+                progressed = true;
+                ready.extend(step.output_map.values().map(String::as_str));
+            }
+        }
+        if !progressed {
+            break;
+        }
+    }
+    if let Some(i) = done.iter().position(|d| !d) {
+        return Err(format!(
+            "ensemble step {i} ('{}') is part of a cycle: its inputs depend on its own outputs",
+            ensemble.step[i].model_name
+        ));
     }
     Ok(())
 }
@@ -786,7 +887,6 @@ optimization { execution_accelerators {
              supported: stateful (sequence) models are not supported yet at line 2, column 1"
         );
         for (text, reason) in [
-            ("ensemble_scheduling { }", "ensembles are not supported yet"),
             ("batch_input [ { } ]", "ragged batching"),
             ("response_cache { }", "response cache"),
             ("model_transaction_policy { }", "decoupled"),
@@ -1062,5 +1162,62 @@ optimization { execution_accelerators {
         assert_eq!(line_column("a\nbc", 3), (2, 2));
         assert_eq!(line_column("é\né x", 6), (2, 3));
         assert_eq!(line_column("ab", 99), (1, 3));
+    }
+
+    #[test]
+    fn ensembles_are_checked_as_triton_checks_them() {
+        let ensemble = |steps: &str, outputs: &str| {
+            format!(
+                "name: \"e\"\nplatform: \"ensemble\"\nmax_batch_size: 4\n\
+                 input [ {{ name: \"IN\" data_type: TYPE_FP32 dims: [ 4 ] }} ]\n\
+                 output [ {outputs} ]\nensemble_scheduling {{ step [ {steps} ] }}\n"
+            )
+        };
+        let out = "{ name: \"OUT\" data_type: TYPE_FP32 dims: [ 4 ] }";
+        let step = |model: &str, input: &str, output: &str| {
+            format!(
+                "{{ model_name: \"{model}\" model_version: -1 input_map {{ key: \"x\" value: \"{input}\" }} \
+                 output_map {{ key: \"y\" value: \"{output}\" }} }}"
+            )
+        };
+        let check = |text: String| validate_config(&parse(&text)).map_err(|e| e.to_string());
+        let chain = format!("{}, {}", step("a", "IN", "mid"), step("b", "mid", "OUT"));
+        assert!(check(ensemble(&chain, out)).is_ok());
+        let unproduced = check(ensemble(&step("a", "IN", "mid"), out)).unwrap_err();
+        assert!(
+            unproduced.contains("ensemble output 'OUT' is not produced"),
+            "{unproduced}"
+        );
+        let twice = format!("{}, {}", step("a", "IN", "OUT"), step("b", "IN", "OUT"));
+        assert!(
+            check(ensemble(&twice, out))
+                .unwrap_err()
+                .contains("produced more than once")
+        );
+        let unknown = format!("{}, {}", step("a", "nowhere", "mid"), step("b", "mid", "OUT"));
+        assert!(
+            check(ensemble(&unknown, out))
+                .unwrap_err()
+                .contains("reads tensor 'nowhere'")
+        );
+        let cycle = format!(
+            "{}, {}, {}",
+            step("a", "IN", "p"),
+            step("b", "q", "r"),
+            step("c", "r", "q")
+        );
+        let err = check(ensemble(
+            &cycle,
+            "{ name: \"p\" data_type: TYPE_FP32 dims: [ 4 ] }",
+        ))
+        .unwrap_err();
+        assert!(err.contains("cycle"), "{err}");
+        let no_steps = check(
+            "name: \"e\"\nplatform: \"ensemble\"\ninput [ { name: \"IN\" data_type: TYPE_FP32 dims: [ 4 ] } ]\n\
+             output [ { name: \"OUT\" data_type: TYPE_FP32 dims: [ 4 ] } ]\n"
+                .to_string(),
+        )
+        .unwrap_err();
+        assert!(no_steps.contains("needs ensemble_scheduling"), "{no_steps}");
     }
 }

@@ -148,13 +148,26 @@ mod tests {
             ("dynamic_batching", 11),
             ("optimization", 12),
             ("model_warmup", 16),
+            ("ensemble_scheduling", 15),
             ("version_labels", 1000),
             ("traffic_split", 1001),
             ("shadow", 1002),
         ] {
             assert!(numbers.contains(&(name.to_owned(), number)), "{name} = {number}");
         }
-        assert_eq!(numbers.len(), 16, "no fields beyond the agreed subset");
+        assert_eq!(numbers.len(), 17, "no fields beyond the agreed subset");
+        let step = descriptor_pool()
+            .get_message_by_name("inference.ModelEnsembling.Step")
+            .unwrap();
+        for (name, number) in [
+            ("model_name", 1),
+            ("model_version", 2),
+            ("input_map", 3),
+            ("output_map", 4),
+            ("model_namespace", 5),
+        ] {
+            assert_eq!(step.get_field_by_name(name).unwrap().number(), number, "{name}");
+        }
         let warmup = descriptor_pool()
             .get_message_by_name("inference.ModelWarmup")
             .unwrap();

@@ -647,8 +647,13 @@ fn run_server(settings: Settings, extras: ServeExtras) -> anyhow::Result<()> {
     if control_mode != oxserve_engine::ControlMode::Explicit && !settings.models.load.is_empty() {
         anyhow::bail!("--load-model needs --model-control-mode=explicit (as in Triton)");
     }
+    // Ensembles run their steps on this server's engine, which exists only once the manager
+    // (holding the ensemble engine) does: attached below.
+    let ensembles = Arc::new(oxserve_ensemble::EnsembleBackend::new());
+    let mut backends = backends_with(&settings.backends);
+    backends.push(ensembles.clone());
     let manager = ModelManager::new(
-        backends_with(&settings.backends),
+        backends,
         ManagerOptions {
             repositories: settings.models.repositories.clone(),
             queue_capacity: settings.models.queue_capacity,
@@ -703,6 +708,7 @@ fn run_server(settings: Settings, extras: ServeExtras) -> anyhow::Result<()> {
     let exit_on_error = settings.models.exit_on_error;
 
     runtime_with(settings.server.worker_threads)?.block_on(async move {
+        ensembles.attach(engine.clone(), tokio::runtime::Handle::current());
         let listeners = Listeners::bind(&options).await?;
         let (http, grpc) = (listeners.http_addr()?, listeners.grpc_addr()?);
         let metrics = listeners.metrics_addr()?;
