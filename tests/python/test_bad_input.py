@@ -795,24 +795,15 @@ GRPC_CASES = [
     GrpcCase("shm_status_unknown_region",
              rpc("SystemSharedMemoryStatus", service_pb2.SystemSharedMemoryStatusRequest(name="no_such_region")),
              grpc.StatusCode.NOT_FOUND, ("no_such_region",)),
-    # The RPCs below are answered over HTTP with a clear message (the same refusal, or
-    # NOT_FOUND naming the region); over gRPC the service does not implement them, so tonic
-    # answers UNIMPLEMENTED with an empty message.
+    # No CUDA shared memory here: registering is refused with the reason, a named region is
+    # NOT_FOUND, as the HTTP endpoints answer.
     GrpcCase("cuda_shm_register_unsupported",
              rpc("CudaSharedMemoryRegister", service_pb2.CudaSharedMemoryRegisterRequest(
                  name="cuda_region", raw_handle=b"handle", device_id=0, byte_size=64)),
-             grpc.StatusCode.UNIMPLEMENTED, ("cuda_region", "CUDA"),
-             marks=(pytest.mark.xfail(strict=True, reason=(
-                 "server bug: gRPC CudaSharedMemoryRegister answers UNIMPLEMENTED with an empty "
-                 "message; HTTP POST /v2/cudasharedmemory/region/R/register answers 501 'cannot register "
-                 "CUDA shared memory region ...: this server has no CUDA shared memory support'")),)),
+             grpc.StatusCode.UNIMPLEMENTED, ("cuda_region", "CUDA")),
     GrpcCase("cuda_shm_status_unknown_region",
              rpc("CudaSharedMemoryStatus", service_pb2.CudaSharedMemoryStatusRequest(name="no_such_region")),
-             grpc.StatusCode.NOT_FOUND, ("no_such_region",),
-             marks=(pytest.mark.xfail(strict=True, reason=(
-                 "server bug: gRPC CudaSharedMemoryStatus of an unknown region answers "
-                 "UNIMPLEMENTED with an empty message; HTTP GET /v2/cudasharedmemory/region/R/status "
-                 "answers 404 'Unable to find cuda shared memory region: R'")),)),
+             grpc.StatusCode.NOT_FOUND, ("no_such_region",)),
     GrpcCase("repository_load_unsupported",
              rpc("RepositoryModelLoad", service_pb2.RepositoryModelLoadRequest(model_name="add_sub")),
              grpc.StatusCode.UNIMPLEMENTED, ("add_sub", "load", "model control mode 'none'")),

@@ -14,6 +14,8 @@ use super::convert::{
     model_metadata_to_wire, model_statistics_to_wire, parse_version, server_metadata_to_wire,
 };
 use super::pb::{
+    CudaSharedMemoryRegisterRequest, CudaSharedMemoryRegisterResponse, CudaSharedMemoryStatusRequest,
+    CudaSharedMemoryStatusResponse, CudaSharedMemoryUnregisterRequest, CudaSharedMemoryUnregisterResponse,
     GrpcInferenceService, GrpcInferenceServiceServer, LogSettingsRequest, LogSettingsResponse,
     ModelConfigRequest, ModelConfigResponse, ModelInferRequest, ModelInferResponse, ModelMetadataRequest,
     ModelMetadataResponse, ModelReadyRequest, ModelReadyResponse, ModelRollbackRequest,
@@ -228,6 +230,39 @@ impl GrpcInferenceService for GrpcFrontend {
         decoded.routing_key = routing_key;
         let response = run(&self.engine, &self.shm, decoded).await.map_err(status)?;
         Ok(Response::new(infer_response_to_wire(response)))
+    }
+
+    /// No CUDA shared memory here: no region exists (a named one is NOT_FOUND, as over HTTP).
+    async fn cuda_shared_memory_status(
+        &self,
+        request: Request<CudaSharedMemoryStatusRequest>,
+    ) -> Result<Response<CudaSharedMemoryStatusResponse>, Status> {
+        let name = request.into_inner().name;
+        if name.is_empty() {
+            return Ok(Response::new(CudaSharedMemoryStatusResponse::default()));
+        }
+        Err(status(Error::not_found(format!(
+            "Unable to find cuda shared memory region: '{name}'"
+        ))))
+    }
+
+    /// Refused with the reason (UNIMPLEMENTED, as the HTTP endpoint's 501).
+    async fn cuda_shared_memory_register(
+        &self,
+        request: Request<CudaSharedMemoryRegisterRequest>,
+    ) -> Result<Response<CudaSharedMemoryRegisterResponse>, Status> {
+        let name = request.into_inner().name;
+        Err(status(Error::unsupported(format!(
+            "cannot register CUDA shared memory region '{name}': this server has no CUDA shared memory support"
+        ))))
+    }
+
+    /// Nothing to unregister: succeeds, as over HTTP.
+    async fn cuda_shared_memory_unregister(
+        &self,
+        _request: Request<CudaSharedMemoryUnregisterRequest>,
+    ) -> Result<Response<CudaSharedMemoryUnregisterResponse>, Status> {
+        Ok(Response::new(CudaSharedMemoryUnregisterResponse {}))
     }
 
     /// Triton's logging extension over gRPC: the settings named in the request change (typed
