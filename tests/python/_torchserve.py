@@ -177,9 +177,9 @@ class Workspace:
         self.cwd.mkdir(parents=True, exist_ok=True)
         self.tmp.mkdir(parents=True, exist_ok=True)
         self.link = make_link(root)
-        inference, management, metrics, grpc = free_ports(4)
+        inference, management, metrics, grpc, grpc_management = free_ports(5)
         self.ports = {"inference": inference, "management": management, "metrics": metrics,
-                      "grpc": grpc}
+                      "grpc": grpc, "grpc_management": grpc_management}
         props = {
             "inference_address": f"http://127.0.0.1:{inference}",
             "management_address": f"http://127.0.0.1:{management}",
@@ -187,6 +187,7 @@ class Workspace:
             # TorchServe's gRPC ports are 7070/7071; a fixed port would collide between tests
             # and with other servers on the machine.
             "grpc_inference_port": str(grpc),
+            "grpc_management_port": str(grpc_management),
             **(properties or {}),
         }
         self.config = self.cwd / "config.properties"
@@ -239,7 +240,8 @@ class TorchServe(ServerProcess):
         super().start()
         ws = self.workspace
         want = {"http": ws.ports["inference"], "management": ws.ports["management"],
-                "metrics": ws.ports["metrics"], "grpc": ws.ports["grpc"]}
+                "metrics": ws.ports["metrics"], "grpc": ws.ports["grpc"],
+                "grpc_management": ws.ports["grpc_management"]}
         for key, port in want.items():
             addr = self.listening.get(key, "")
             if not isinstance(addr, str) or not addr.endswith(f":{port}"):

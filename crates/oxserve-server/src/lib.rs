@@ -86,6 +86,18 @@ pub struct ServerOptions {
     /// More HTTP listeners, each with its own routes (TorchServe's management API), behind
     /// the same access checks and in-flight budget as the HTTP listener.
     pub extra_listeners: Vec<ExtraListener>,
+    /// More gRPC services on the gRPC listener (TorchServe's inference API).
+    pub extra_grpc: Option<ExtraGrpc>,
+}
+
+/// Adds gRPC services to the gRPC listener's routes.
+#[derive(Clone)]
+pub struct ExtraGrpc(pub Arc<dyn Fn(tonic::service::Routes) -> tonic::service::Routes + Send + Sync>);
+
+impl std::fmt::Debug for ExtraGrpc {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ExtraGrpc")
+    }
 }
 
 /// An HTTP listener of its own (plain HTTP).
@@ -296,6 +308,13 @@ pub async fn serve(
             ..options.tfserving_grpc.clone()
         },
     );
+    let mut grpc_routes = tonic::service::Routes::new(health_service)
+        .add_service(grpc_service_with_options(engine.clone(), options.grpc, shm))
+        .add_service(prediction_service)
+        .add_service(model_service);
+    if let Some(extra) = &options.extra_grpc {
+        grpc_routes = (extra.0)(grpc_routes);
+    }
     let grpc_router = tonic::transport::Server::builder()
         .layer(request_id::request_id_layers())
         .layer(tower::util::MapResponseLayer::new(
@@ -303,10 +322,7 @@ pub async fn serve(
         ))
         .layer(GuardLayer::new(access.clone(), GrpcWire))
         .layer(budget.grpc_layer(options.grpc.max_message_bytes))
-        .add_service(health_service)
-        .add_service(grpc_service_with_options(engine.clone(), options.grpc, shm))
-        .add_service(prediction_service)
-        .add_service(model_service);
+        .add_routes(grpc_routes);
     let grpc: ServerFuture<tonic::transport::Error> = match listeners.grpc_tls.clone() {
         Some(tls) => Box::pin(grpc_router.serve_with_incoming_shutdown(
             tls::grpc_incoming(TlsListener::new(listeners.grpc, tls)),

@@ -112,9 +112,9 @@ pub fn management_router(ts: Arc<TorchServe>, max_body_bytes: usize) -> Router {
 }
 
 #[derive(Clone)]
-struct Ctx {
-    ts: Arc<TorchServe>,
-    max_body_bytes: usize,
+pub(crate) struct Ctx {
+    pub(crate) ts: Arc<TorchServe>,
+    pub(crate) max_body_bytes: usize,
 }
 
 impl Ctx {
@@ -154,7 +154,7 @@ async fn not_found() -> Response {
     )
 }
 
-async fn ping(State(ctx): State<Ctx>) -> Response {
+pub(crate) async fn ping(State(ctx): State<Ctx>) -> Response {
     let healthy = ctx.ts.engine.is_live();
     let status = if healthy {
         StatusCode::OK
@@ -342,12 +342,12 @@ async fn request_data(headers: &HeaderMap, body: Bytes) -> std::result::Result<B
 }
 
 #[derive(Debug, Deserialize)]
-struct ListQuery {
-    limit: Option<String>,
-    next_page_token: Option<String>,
+pub(crate) struct ListQuery {
+    pub(crate) limit: Option<String>,
+    pub(crate) next_page_token: Option<String>,
 }
 
-async fn list(State(ctx): State<Ctx>, Query(q): Query<ListQuery>) -> ApiResult {
+pub(crate) async fn list(State(ctx): State<Ctx>, Query(q): Query<ListQuery>) -> ApiResult {
     // As TorchServe: a limit or token that is not a number is ignored.
     let limit: usize = q
         .limit
@@ -387,14 +387,14 @@ async fn list(State(ctx): State<Ctx>, Query(q): Query<ListQuery>) -> ApiResult {
 }
 
 #[derive(Debug, Deserialize, Default)]
-struct RegisterQuery {
-    url: Option<String>,
-    model_name: Option<String>,
-    initial_workers: Option<u32>,
-    batch_size: Option<u32>,
-    max_batch_delay: Option<u64>,
-    response_timeout: Option<u64>,
-    synchronous: Option<bool>,
+pub(crate) struct RegisterQuery {
+    pub(crate) url: Option<String>,
+    pub(crate) model_name: Option<String>,
+    pub(crate) initial_workers: Option<u32>,
+    pub(crate) batch_size: Option<u32>,
+    pub(crate) max_batch_delay: Option<u64>,
+    pub(crate) response_timeout: Option<u64>,
+    pub(crate) synchronous: Option<bool>,
 }
 
 /// A process's resident memory in bytes (TorchServe's worker `memoryUsage`); 0 if unknown.
@@ -414,7 +414,7 @@ fn processing() -> Response {
     )
 }
 
-async fn register(State(ctx): State<Ctx>, Query(q): Query<RegisterQuery>) -> ApiResult {
+pub(crate) async fn register(State(ctx): State<Ctx>, Query(q): Query<RegisterQuery>) -> ApiResult {
     ctx.check_model_api()?;
     let Some(url) = q.url.filter(|u| !u.is_empty()) else {
         return Err(TsError(Error::invalid("Parameter url is required.")));
@@ -458,7 +458,7 @@ async fn describe_one(State(ctx): State<Ctx>, Path((model, version)): Path<(Stri
     describe(&ctx, &model, Some(&version))
 }
 
-fn describe(ctx: &Ctx, model: &str, version: Option<&str>) -> ApiResult {
+pub(crate) fn describe(ctx: &Ctx, model: &str, version: Option<&str>) -> ApiResult {
     let models = ctx.ts.models();
     let entry = models
         .get(model)
@@ -537,10 +537,10 @@ fn describe(ctx: &Ctx, model: &str, version: Option<&str>) -> ApiResult {
 }
 
 #[derive(Debug, Deserialize, Default)]
-struct ScaleQuery {
-    min_worker: Option<u32>,
-    max_worker: Option<u32>,
-    synchronous: Option<bool>,
+pub(crate) struct ScaleQuery {
+    pub(crate) min_worker: Option<u32>,
+    pub(crate) max_worker: Option<u32>,
+    pub(crate) synchronous: Option<bool>,
 }
 
 async fn scale_all(
@@ -559,7 +559,7 @@ async fn scale_one(
     scale(&ctx, &model, Some(&version), q).await
 }
 
-async fn scale(ctx: &Ctx, model: &str, version: Option<&str>, q: ScaleQuery) -> ApiResult {
+pub(crate) async fn scale(ctx: &Ctx, model: &str, version: Option<&str>, q: ScaleQuery) -> ApiResult {
     let min = q.min_worker.unwrap_or(1);
     let max = q.max_worker.unwrap_or(min).max(min);
     // Scaling is asynchronous unless asked otherwise, as in TorchServe: the model and version
@@ -589,7 +589,7 @@ async fn unregister_one(State(ctx): State<Ctx>, Path((model, version)): Path<(St
     unregister(&ctx, &model, Some(&version)).await
 }
 
-async fn unregister(ctx: &Ctx, model: &str, version: Option<&str>) -> ApiResult {
+pub(crate) async fn unregister(ctx: &Ctx, model: &str, version: Option<&str>) -> ApiResult {
     ctx.check_model_api()?;
     ctx.ts.unregister(model, version).await?;
     Ok(json_response(
@@ -598,7 +598,10 @@ async fn unregister(ctx: &Ctx, model: &str, version: Option<&str>) -> ApiResult 
     ))
 }
 
-async fn set_default(State(ctx): State<Ctx>, Path((model, version)): Path<(String, String)>) -> ApiResult {
+pub(crate) async fn set_default(
+    State(ctx): State<Ctx>,
+    Path((model, version)): Path<(String, String)>,
+) -> ApiResult {
     ctx.ts.set_default(&model, &version).map_err(|e| {
         // TorchServe's wording here has no colons.
         if e.message().starts_with("Model version:") {

@@ -5,6 +5,7 @@
 
 pub mod api;
 pub mod fetch;
+pub mod grpc;
 pub mod handler;
 pub mod mar;
 mod multipart;

@@ -544,6 +544,8 @@ struct TorchServeSetup {
     install_dependencies: bool,
     /// `max_response_size`: the largest answer a Python worker may send for a request.
     max_response_size: Option<usize>,
+    /// TorchServe's gRPC management API port (`grpc_management_port`, 7071).
+    grpc_management_port: u16,
     /// `allowed_urls`: the patterns registration URLs must match (TorchServe's default: any
     /// file or http(s) URL).
     allowed_urls: Option<Vec<String>>,
@@ -636,6 +638,7 @@ fn run_server(settings: Settings, extras: ServeExtras) -> anyhow::Result<()> {
         tfserving_grpc: extras.tfserving_grpc,
         extra_http_routes: None,
         extra_listeners: Vec::new(),
+        extra_grpc: None,
         http_fallback: None,
         extra_metrics: None,
     };
@@ -700,6 +703,17 @@ fn run_server(settings: Settings, extras: ServeExtras) -> anyhow::Result<()> {
                 name: "management",
                 port: setup.management_port,
                 routes: oxserve_torchserve::management_router(ts.clone(), max),
+            });
+            // TorchServe's gRPC APIs: inference beside KServe v2 and TF Serving on the gRPC
+            // port, management on its own.
+            let inference_ts = ts.clone();
+            options.extra_grpc = Some(oxserve_server::ExtraGrpc(Arc::new(move |routes| {
+                oxserve_torchserve::grpc::add_inference_service(routes, inference_ts.clone(), max)
+            })));
+            options.extra_listeners.push(oxserve_server::ExtraListener {
+                name: "grpc_management",
+                port: setup.grpc_management_port,
+                routes: oxserve_torchserve::grpc::management_routes(ts.clone(), max),
             });
             Some((ts, setup.startup))
         }

@@ -216,6 +216,7 @@ const HONOURED: &[&str] = &[
     "python",
     "install_py_dep_per_model",
     "allowed_urls",
+    "grpc_management_port",
     "max_response_size",
 ];
 
@@ -342,6 +343,10 @@ pub fn run(args: TorchServeArgs) -> anyhow::Result<()> {
                 model_api: args.enable_model_api || truthy("enable_model_api"),
                 keys,
                 install_dependencies: truthy("install_py_dep_per_model"),
+                grpc_management_port: match get("grpc_management_port") {
+                    Some(p) => p.parse().context("grpc_management_port must be a port number")?,
+                    None => 7071,
+                },
                 // TorchServe splits the value on commas (a pattern cannot contain one).
                 allowed_urls: get("allowed_urls").map(|v| {
                     v.split(',')

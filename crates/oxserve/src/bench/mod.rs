@@ -224,6 +224,7 @@ mod tests {
             tfserving_grpc: Default::default(),
             extra_http_routes: None,
             extra_listeners: Vec::new(),
+            extra_grpc: None,
             http_fallback: None,
             extra_metrics: None,
         };
