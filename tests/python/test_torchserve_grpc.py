@@ -159,3 +159,39 @@ def test_management_workflow_and_python_handler(grpc_server, stubs):
         inference_channel.close()
         management_channel.close()
     assert grpc_server.predict("densenet_small").status_code == 200
+
+
+def test_token_authorization_covers_the_grpc_apis(tmp_path, stubs):
+    """With token authorization on (TorchServe's default), the gRPC APIs take the same keys as
+    the HTTP ones in `authorization: Bearer` metadata: none or a wrong one is refused, the
+    inference key runs predictions but not management calls, the management key manages."""
+    ws = Workspace(tmp_path / "ws")
+    server = TorchServe("grpc-auth", ws, ts.model_store(), "--models", "densenet_small.mar")
+    server.start()
+    try:
+        keys = {k: v["key"] for k, v in json.loads((ws.cwd / "key_file.json").read_text()).items()}
+        server.wait_predicts("densenet_small", headers={"Authorization": f"Bearer {keys['inference']}"})
+        inference_channel, management_channel = channels(server)
+        inf = stubs["inference_pb2_grpc"].InferenceAPIsServiceStub(inference_channel)
+        mgmt = stubs["management_pb2_grpc"].ManagementAPIsServiceStub(management_channel)
+        request = stubs["inference_pb2"].PredictionsRequest(model_name="densenet_small",
+                                                            input={"data": ts.kitten()})
+        bearer = lambda key: [("authorization", f"Bearer {key}")]  # noqa: E731
+        try:
+            for metadata in (None, bearer("wrong-key-0123456789")):
+                with pytest.raises(grpc.RpcError) as e:
+                    inf.Predictions(request, metadata=metadata, timeout=30)
+                assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED, e.value
+            answer = inf.Predictions(request, metadata=bearer(keys["inference"]), timeout=60)
+            assert json.loads(answer.prediction)
+            list_request = stubs["management_pb2"].ListModelsRequest()
+            with pytest.raises(grpc.RpcError):
+                mgmt.ListModels(list_request, metadata=bearer(keys["inference"]), timeout=30)
+            listed = mgmt.ListModels(list_request, metadata=bearer(keys["management"]), timeout=30)
+            assert [m["modelName"] for m in json.loads(listed.msg)["models"]] == ["densenet_small"]
+        finally:
+            inference_channel.close()
+            management_channel.close()
+    finally:
+        if server.alive():
+            server.stop_and_check()

@@ -121,6 +121,8 @@ const TFS_PREDICTION: &str = "tensorflow.serving.PredictionService";
 const TFS_MODEL: &str = "tensorflow.serving.ModelService";
 /// The standard gRPC health service.
 const GRPC_HEALTH: &str = "grpc.health.v1.Health";
+const TS_INFERENCE: &str = "org.pytorch.serve.grpc.inference.InferenceAPIsService";
+const TS_MANAGEMENT: &str = "org.pytorch.serve.grpc.management.ManagementAPIsService";
 
 /// The endpoint group of a request path, on any listener.
 pub fn classify(path: &str) -> Route {
@@ -216,6 +218,11 @@ fn classify_grpc(service: &str, method: &str) -> Route {
         (TFS_PREDICTION, "Predict" | "Classify" | "Regress" | "MultiInference") => Route::in_body(Infer),
         (TFS_PREDICTION, "GetModelMetadata") | (TFS_MODEL, "GetModelStatus") => Route::in_body(Metadata),
         (TFS_MODEL, "HandleReloadConfigRequest") => Route::new(Repository),
+        // TorchServe's gRPC APIs, scoped as its HTTP APIs (model_name is field 1 of its
+        // prediction requests).
+        (TS_INFERENCE, "Ping") => Route::new(Health),
+        (TS_INFERENCE, _) => Route::in_body(Infer),
+        (TS_MANAGEMENT, _) => Route::new(Repository),
         _ => Route::UNKNOWN,
     }
 }
@@ -281,6 +288,18 @@ mod tests {
             ("/inference.GRPCInferenceService/ModelStreamInfer", Some(Infer)),
             ("/v2/logging", Some(Repository)),
             ("/inference.GRPCInferenceService/LogSettings", Some(Repository)),
+            (
+                "/org.pytorch.serve.grpc.inference.InferenceAPIsService/Ping",
+                Some(Health),
+            ),
+            (
+                "/org.pytorch.serve.grpc.inference.InferenceAPIsService/Predictions",
+                Some(Infer),
+            ),
+            (
+                "/org.pytorch.serve.grpc.management.ManagementAPIsService/RegisterModel",
+                Some(Repository),
+            ),
             (
                 "/inference.GRPCInferenceService/ModelStatistics",
                 Some(Statistics),
