@@ -207,7 +207,7 @@ def test_misuse_is_a_clear_error_and_the_server_keeps_serving(client, protocol, 
     expect_error(lambda: client.register_system_shared_memory("x", "/oxserve_no_such_key", 64),
                  "Unable to open shared memory region")
     expect_error(lambda: client.register_system_shared_memory("x", key, nbytes, offset=8),
-                 "goes past the end")
+                 "invalid args")
     client.register_system_shared_memory(name, key, nbytes)
     expect_error(lambda: client.register_system_shared_memory(name, key, nbytes), "already in manager")
     expect_error(lambda: client.get_system_shared_memory_status("nope"), "Unable to find")
@@ -216,7 +216,7 @@ def test_misuse_is_a_clear_error_and_the_server_keeps_serving(client, protocol, 
     # an output region too small for the result.
     m = module(protocol)
     expect_error(lambda: client.infer("add_sub", add_sub_shm_request(protocol, "nope", nbytes, 2)),
-                 "Unable to find system shared memory region: 'nope'")
+                 "Unable to find shared memory region: 'nope'")
     expect_error(lambda: client.infer("add_sub", add_sub_shm_request(protocol, name, nbytes, 2, 8)),
                  "Invalid offset + byte size")
     expect_error(lambda: client.infer("add_sub", add_sub_shm_request(protocol, name, nbytes // 2, 2)),

@@ -663,7 +663,7 @@ impl ModelManager {
         let record = table
             .models
             .get(name)
-            .ok_or_else(|| Error::not_found(format!("unknown model '{name}'")))?;
+            .ok_or_else(|| Error::not_found(format!("Request for unknown model: '{name}' is not found")))?;
         Ok((record.split.clone(), record.shadow.clone()))
     }
 
@@ -673,7 +673,7 @@ impl ModelManager {
         let record = table
             .models
             .get(name)
-            .ok_or_else(|| Error::not_found(format!("unknown model '{name}'")))?;
+            .ok_or_else(|| Error::not_found(format!("Request for unknown model: '{name}' is not found")))?;
         let labels = record
             .labels
             .iter()
@@ -692,7 +692,7 @@ impl ModelManager {
             .get(name)
             .filter(|r| !r.unloaded)
             .cloned()
-            .ok_or_else(|| Error::not_found(format!("unknown model '{name}'")))
+            .ok_or_else(|| Error::not_found(format!("Request for unknown model: '{name}' is not found")))
     }
 }
 

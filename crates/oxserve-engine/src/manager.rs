@@ -944,7 +944,7 @@ impl ModelTable {
         let record = self
             .models
             .get(name)
-            .ok_or_else(|| Error::not_found(format!("unknown model '{name}'")))?;
+            .ok_or_else(|| Error::not_found(format!("Request for unknown model: '{name}' is not found")))?;
         record
             .label(label)
             .ok_or_else(|| Error::not_found(format!("model '{name}' has no version label '{label}'")))
@@ -979,7 +979,9 @@ impl ModelTable {
     /// The version a request addresses: the given one, or the highest ready one.
     pub(crate) fn resolve(&self, name: &str, version: Option<u64>) -> Result<Arc<ServedVersion>> {
         let Some(record) = self.models.get(name) else {
-            return Err(Error::not_found(format!("unknown model '{name}'")));
+            return Err(Error::not_found(format!(
+                "Request for unknown model: '{name}' is not found"
+            )));
         };
         match version {
             Some(v) => match record.versions.get(&v) {
@@ -990,7 +992,9 @@ impl ModelTable {
                         reason.unwrap_or("not serving")
                     ))),
                 },
-                None => Err(Error::not_found(format!("unknown version {v} of model '{name}'"))),
+                None => Err(Error::not_found(format!(
+                    "Request for unknown model: '{name}' version {v} is not found"
+                ))),
             },
             None => record
                 .default_pin

@@ -373,7 +373,9 @@ impl InferenceService {
             (Some(name), Some(v)) => Ok(vec![of(&*table.resolve(name, Some(v))?)]),
             (Some(name), None) => match table.models.get(name) {
                 Some(record) => Ok(ready(record)),
-                None => Err(Error::not_found(format!("unknown model '{name}'"))),
+                None => Err(Error::not_found(format!(
+                    "Request for unknown model: '{name}' is not found"
+                ))),
             },
         }
     }

@@ -75,9 +75,16 @@ pub(crate) fn prepare(
                 )));
             };
             let rows = rows as usize;
-            if rows == 0 || rows > io.max_batch_size {
+            if rows > io.max_batch_size {
+                // Triton's words: clients parse the limit out of them.
                 return Err(Error::invalid(format!(
-                    "input '{}' has batch size {rows}; model '{model_name}' takes 1 to {}",
+                    "inference request batch-size must be <= {} for '{model_name}'",
+                    io.max_batch_size
+                )));
+            }
+            if rows == 0 {
+                return Err(Error::invalid(format!(
+                    "input '{}' has batch size 0; model '{model_name}' takes 1 to {}",
                     tensor.name, io.max_batch_size
                 )));
             }
@@ -100,9 +107,23 @@ pub(crate) fn prepare(
             } else {
                 spec.dims.clone()
             };
+            // Triton's words and its dims format (`[-1,4]`), which its tests match.
+            let dims =
+                |d: &[i64]| format!("[{}]", d.iter().map(i64::to_string).collect::<Vec<_>>().join(","));
+            let note = if batched {
+                " NOTE: Setting a non-zero max_batch_size in the model config requires a batch \
+                 dimension to be prepended to each input shape. If you want to specify the full \
+                 shape including the batch dim in your input dims config, try setting \
+                 max_batch_size to zero. See the model configuration docs for more info on \
+                 max_batch_size."
+            } else {
+                ""
+            };
             return Err(Error::invalid(format!(
-                "input '{}' has shape {:?}, model '{model_name}' expects {expected:?}",
-                tensor.name, tensor.shape
+                "unexpected shape for input '{}' for model '{model_name}'. Expected {}, got {}.{note}",
+                tensor.name,
+                dims(&expected),
+                dims(&tensor.shape)
             )));
         }
         tensor.check_consistent()?;
@@ -293,8 +314,8 @@ mod tests {
             err(vec![f32s("A", vec![1, 4], 4), f32s("A", vec![1, 4], 4)], vec![]).contains("more than once")
         );
         assert!(err(vec![i32s("A", vec![1, 4], 4)], vec![]).contains("datatype INT32"));
-        assert!(err(vec![f32s("A", vec![1, 5], 5)], vec![]).contains("expects [-1, 4]"));
-        assert!(err(vec![f32s("A", vec![9, 4], 36)], vec![]).contains("batch size 9"));
+        assert!(err(vec![f32s("A", vec![1, 5], 5)], vec![]).contains("Expected [-1,4], got [1,5]"));
+        assert!(err(vec![f32s("A", vec![9, 4], 36)], vec![]).contains("batch-size must be <= 8 for"));
         assert!(err(vec![f32s("A", vec![0, 4], 0)], vec![]).contains("batch size 0"));
         assert!(err(vec![f32s("A", vec![1, 4], 3)], vec![]).contains("bytes"));
         assert!(err(vec![f32s("A", vec![], 1)], vec![]).contains("batch dimension"));

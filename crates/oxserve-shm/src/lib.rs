@@ -213,7 +213,9 @@ impl SharedMemoryRegistry {
             .unwrap_or_else(|e| e.into_inner())
             .get(name)
             .cloned()
-            .ok_or_else(|| not_registered(name))
+            // Triton's words where a request names a region (its status endpoint says
+            // "system shared memory region").
+            .ok_or_else(|| Error::not_found(format!("Unable to find shared memory region: '{name}'")))
     }
 
     /// A copy of the bytes a tensor's parameters point at: for BYTES inputs, which the server
@@ -428,8 +430,12 @@ impl AsRef<[u8]> for MappedInput {
 
 impl Region {
     fn open(name: &str, key: &str, offset: u64, byte_size: u64) -> Result<Region> {
-        let invalid =
-            |why: String| Error::invalid(format!("failed to register shared memory region '{name}': {why}"));
+        // Triton's words ("...: invalid args"), which its clients and tests match, then why.
+        let invalid = |why: String| {
+            Error::invalid(format!(
+                "failed to register shared memory region '{name}': invalid args: {why}"
+            ))
+        };
         if byte_size == 0 {
             return Err(invalid("byte_size must be greater than 0".into()));
         }
