@@ -42,6 +42,31 @@ pub(crate) fn prepare(
     requested: Vec<RequestedOutput>,
 ) -> Result<Prepared> {
     let batched = io.max_batch_size > 0;
+    if inputs.len() != io.inputs.len() {
+        // Triton checks the count first, in these words (its tests match them whole).
+        let given: std::collections::BTreeSet<&str> = inputs.iter().map(|t| t.name.as_str()).collect();
+        let quoted = |names: Vec<&str>| {
+            names
+                .iter()
+                .map(|n| format!("'{n}'"))
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        let missing = io
+            .inputs
+            .iter()
+            .map(|s| s.name.as_str())
+            .filter(|n| !given.contains(n))
+            .collect();
+        return Err(Error::invalid(format!(
+            "expected {} inputs but got {} inputs for model '{model_name}'. Got input(s) [{}], but \
+             missing required input(s) [{}]. Please provide all required input(s).",
+            io.inputs.len(),
+            inputs.len(),
+            quoted(given.into_iter().collect()),
+            quoted(missing)
+        )));
+    }
     let mut slots: Vec<Option<Tensor>> = vec![None; io.inputs.len()];
     let mut batch_size: Option<usize> = None;
     for mut tensor in inputs {
@@ -308,21 +333,27 @@ mod tests {
 
     #[test]
     fn rejects_bad_requests_with_clear_messages() {
-        assert!(err(vec![f32s("A", vec![1, 4], 4)], vec![]).contains("missing input 'B'"));
-        assert!(err(vec![f32s("Z", vec![1, 4], 4)], vec![]).contains("unexpected inference input 'Z'"));
+        // A valid B beside the input under test, so that the input count is right.
+        let b = || i32s("B", vec![1, 1], 1);
+        assert_eq!(
+            err(vec![f32s("A", vec![1, 4], 4)], vec![]),
+            "expected 2 inputs but got 1 inputs for model 'm'. Got input(s) ['A'], but missing \
+             required input(s) ['B']. Please provide all required input(s)."
+        );
+        assert!(err(vec![f32s("Z", vec![1, 4], 4), b()], vec![]).contains("unexpected inference input 'Z'"));
         assert!(
             err(vec![f32s("A", vec![1, 4], 4), f32s("A", vec![1, 4], 4)], vec![]).contains("more than once")
         );
-        assert!(err(vec![i32s("A", vec![1, 4], 4)], vec![]).contains("datatype INT32"));
-        assert!(err(vec![f32s("A", vec![1, 5], 5)], vec![]).contains("Expected [-1,4], got [1,5]"));
-        assert!(err(vec![f32s("A", vec![9, 4], 36)], vec![]).contains("batch-size must be <= 8 for"));
-        assert!(err(vec![f32s("A", vec![0, 4], 0)], vec![]).contains("batch size 0"));
-        assert!(err(vec![f32s("A", vec![1, 4], 3)], vec![]).contains("bytes"));
-        assert!(err(vec![f32s("A", vec![], 1)], vec![]).contains("batch dimension"));
+        assert!(err(vec![i32s("A", vec![1, 4], 4), b()], vec![]).contains("datatype INT32"));
+        assert!(err(vec![f32s("A", vec![1, 5], 5), b()], vec![]).contains("Expected [-1,4], got [1,5]"));
+        assert!(err(vec![f32s("A", vec![9, 4], 36), b()], vec![]).contains("batch-size must be <= 8 for"));
+        assert!(err(vec![f32s("A", vec![0, 4], 0), b()], vec![]).contains("batch size 0"));
+        assert!(err(vec![f32s("A", vec![1, 4], 3), b()], vec![]).contains("bytes"));
+        assert!(err(vec![f32s("A", vec![], 1), b()], vec![]).contains("batch dimension"));
         assert!(
             err(vec![f32s("A", vec![1, 4], 4), i32s("B", vec![2, 1], 2)], vec![]).contains("batch size 2")
         );
-        assert!(err(vec![f32s("A", vec![i64::MAX, i64::MAX], 0)], vec![]).contains("too many"));
+        assert!(err(vec![f32s("A", vec![i64::MAX, i64::MAX], 0), b()], vec![]).contains("too many"));
         let both = || vec![f32s("A", vec![1, 4], 4), i32s("B", vec![1, 1], 1)];
         assert!(err(both(), vec![RequestedOutput::new("X")]).contains("unexpected inference output 'X'"));
         let mut c = RequestedOutput::new("O");
