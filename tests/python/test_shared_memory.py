@@ -219,6 +219,14 @@ def test_misuse_is_a_clear_error_and_the_server_keeps_serving(client, protocol, 
                  "Unable to find shared memory region: 'nope'")
     expect_error(lambda: client.infer("add_sub", add_sub_shm_request(protocol, name, nbytes, 2, 8)),
                  "Invalid offset + byte size")
+    if protocol == "http":
+        # Triton's QA (L0_shared_memory, over HTTP: gRPC's int64 parameters cannot carry these):
+        # an offset near 2**64 is an invalid offset, and an offset plus size that overflows is
+        # named as such, not a malformed number.
+        expect_error(lambda: client.infer("add_sub", add_sub_shm_request(protocol, name, nbytes, 2, 2**64 - 32)),
+                     "Invalid offset for shared memory region")
+        expect_error(lambda: client.infer("add_sub", add_sub_shm_request(protocol, name, 2**64 - 8, 2, 16)),
+                     "Integer overflow detected: byte_size ")
     expect_error(lambda: client.infer("add_sub", add_sub_shm_request(protocol, name, nbytes // 2, 2)),
                  "INPUT0")
     out = m.InferRequestedOutput("OUTPUT0")

@@ -349,14 +349,17 @@ pub fn take_shm_ref(what: &str, tensor: &str, params: &mut Parameters) -> Result
         )));
     };
     let non_negative = |key: &str, value: &ParamValue| {
-        value
-            .as_i64()
-            .and_then(|v| usize::try_from(v).ok())
-            .ok_or_else(|| {
-                Error::invalid(format!(
-                    "invalid value for '{key}' parameter for {what} '{tensor}', expected a non-negative integer"
-                ))
-            })
+        // Up to u64::MAX (JSON numbers past i64::MAX arrive unsigned), so that a huge offset
+        // is refused by the region's checks in Triton's words, not as a malformed number.
+        let number = match value {
+            ParamValue::Uint(v) => Some(*v),
+            other => other.as_i64().and_then(|v| u64::try_from(v).ok()),
+        };
+        number.and_then(|v| usize::try_from(v).ok()).ok_or_else(|| {
+            Error::invalid(format!(
+                "invalid value for '{key}' parameter for {what} '{tensor}', expected a non-negative integer"
+            ))
+        })
     };
     let offset = match &offset {
         Some(v) => non_negative(OFFSET_PARAM, v)?,
@@ -493,10 +496,20 @@ impl Region {
                 "Invalid offset for shared memory region: '{name}'"
             )));
         }
-        if offset.checked_add(len).is_none_or(|end| end > self.byte_size) {
-            return Err(Error::invalid(format!(
-                "Invalid offset + byte size for shared memory region: '{name}'"
-            )));
+        match offset.checked_add(len) {
+            None => {
+                return Err(Error::invalid(format!(
+                    "Integer overflow detected: byte_size ({len}) + offset ({offset}) exceeds maximum \
+                     value ({}) for region '{name}'",
+                    usize::MAX
+                )));
+            }
+            Some(end) if end > self.byte_size => {
+                return Err(Error::invalid(format!(
+                    "Invalid offset + byte size for shared memory region: '{name}'"
+                )));
+            }
+            Some(_) => {}
         }
         Ok(self.offset + offset as u64)
     }
