@@ -185,8 +185,12 @@ def test_token_authorization_covers_the_grpc_apis(tmp_path, stubs):
             answer = inf.Predictions(request, metadata=bearer(keys["inference"]), timeout=60)
             assert json.loads(answer.prediction)
             list_request = stubs["management_pb2"].ListModelsRequest()
-            with pytest.raises(grpc.RpcError):
+            with pytest.raises(grpc.RpcError) as e:
                 mgmt.ListModels(list_request, metadata=bearer(keys["inference"]), timeout=30)
+            assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED, e.value
+            with pytest.raises(grpc.RpcError) as e:
+                mgmt.ListModels(list_request, timeout=30)
+            assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED, e.value
             listed = mgmt.ListModels(list_request, metadata=bearer(keys["management"]), timeout=30)
             assert [m["modelName"] for m in json.loads(listed.msg)["models"]] == ["densenet_small"]
         finally:

@@ -264,6 +264,11 @@ impl Wire for HttpWire {
     }
 
     fn refuse(&self, refusal: &Refusal, path: &str) -> Response<axum::body::Body> {
+        // gRPC served on an HTTP listener (TorchServe's gRPC management port): a gRPC status.
+        if path.starts_with("/org.pytorch.serve.grpc.") {
+            let code = oxserve_kserve::grpc::status::code_for(refusal.kind());
+            return tonic::Status::new(code, refusal.message()).into_http::<axum::body::Body>();
+        }
         let status = oxserve_kserve::http::http_status(refusal.kind());
         // TorchServe's endpoints answer in TorchServe's error shape, the others in KServe's.
         let body = if is_torchserve_path(path) {
