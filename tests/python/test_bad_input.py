@@ -122,6 +122,14 @@ def over_limit_chunked() -> tuple:
 VALID_HEADER_2 = {"inputs": [bin_in("INPUT0", 64), bin_in("INPUT1", 64)]}
 
 HTTP_CASES = [
+    # JSON nested deeper than serde_json's 128 levels, in a tensor's data and in the request.
+    HttpCase("json_nested_too_deep_data",
+             raw(b'{"inputs":[{"name":"INPUT0","shape":[1,16],"datatype":"FP32","data":'
+                 + b"[" * 5000 + b"]" * 5000 + b"}]}"),
+             400, ("INPUT0", "nested deeper than 128 levels")),
+    HttpCase("json_nested_too_deep_request",
+             raw(b'{"parameters":{"x":' + b"[" * 5000 + b"]" * 5000 + b'},"inputs":[]}'),
+             400, ("nested deeper than 128 levels",)),
     # --- JSON syntax / structure
     HttpCase("malformed_json", raw(b'{"inputs": ['), 400),
     HttpCase("json_not_object", raw(b"[1, 2, 3]"), 400),

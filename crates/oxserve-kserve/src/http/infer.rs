@@ -99,8 +99,14 @@ pub fn decode_request(
             "request body is empty; expected a JSON inference request",
         ));
     }
-    let parsed: RequestJson<'_> = serde_json::from_slice(&json)
-        .map_err(|e| Error::invalid(format!("malformed inference request JSON: {e}")))?;
+    let parsed: RequestJson<'_> = serde_json::from_slice(&json).map_err(|e| {
+        if e.to_string().starts_with("recursion limit exceeded") {
+            // serde_json stops at 128 levels of nesting, before the stack is at risk.
+            Error::invalid("malformed inference request JSON: nested deeper than 128 levels")
+        } else {
+            Error::invalid(format!("malformed inference request JSON: {e}"))
+        }
+    })?;
 
     let mut request = DecodedRequest::new(target, parsed.id, params(parsed.parameters))?;
     let mut budget = limits.budget();

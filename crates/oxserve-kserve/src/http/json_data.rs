@@ -215,6 +215,10 @@ pub fn decode_data(name: &str, datatype: DataType, elements: usize, data: &RawVa
 /// serde_json appends "at line 1 column N" of the sub-document, which only confuses.
 fn strip_position(e: &serde_json::Error) -> String {
     let s = e.to_string();
+    if s.starts_with("recursion limit exceeded") {
+        // serde_json stops at 128 levels of nesting, before the stack is at risk.
+        return "the JSON is nested deeper than 128 levels (recursion limit exceeded)".to_string();
+    }
     match s.rfind(" at line ") {
         Some(i) => s[..i].to_string(),
         None => s,
