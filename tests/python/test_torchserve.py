@@ -630,6 +630,26 @@ def test_torchserve_metric_families(ts_server):
         assert f"# TYPE {family} counter" in text, text[-2000:]
 
 
+def test_torchserve_host_gauges(ts_server):
+    """TorchServe's host gauges on the metrics API, with the types TorchServe's recording has
+    (prometheus mode), its {Level="Host",Hostname=...} labels and sane values."""
+    recorded = ts.reference()["startup_with_model"]["metrics"]["families"]
+    host = ["CPUUtilization", "MemoryUsed", "MemoryAvailable", "MemoryUtilization", "DiskUsage",
+            "DiskAvailable", "DiskUtilization"]
+    text = ts_server.request("GET", "metrics", "/metrics").text
+    values = {}
+    for family in host:
+        assert recorded[family] == "gauge", (family, recorded[family])
+        assert f"# TYPE {family} gauge" in text, text[-3000:]
+        line = next((l for l in text.splitlines() if l.startswith(family + "{")), None)
+        assert line and 'Level="Host"' in line and "Hostname=" in line, (family, line)
+        values[family] = float(line.rsplit(" ", 1)[1])
+    for percent in ("CPUUtilization", "MemoryUtilization", "DiskUtilization"):
+        assert 0.0 <= values[percent] <= 100.0, values
+    assert values["MemoryAvailable"] > 0 and values["MemoryUsed"] > 0, values
+    assert values["DiskUsage"] > 0 and values["DiskAvailable"] >= 0, values
+
+
 @pytest.mark.parametrize("port_kind,name", [("inference", "api_description_inference"),
                                             ("management", "api_description_management")])
 def test_api_descriptions_list_torchserves_endpoints(ts_server, port_kind, name):

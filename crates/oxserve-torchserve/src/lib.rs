@@ -7,6 +7,7 @@ pub mod api;
 pub mod fetch;
 pub mod grpc;
 pub mod handler;
+pub mod host;
 pub mod mar;
 mod multipart;
 pub mod openapi;

@@ -680,7 +680,7 @@ struct ModelCounts {
 impl TorchServe {
     /// TorchServe's `ts_*` metric families for the registered models, from the engine's
     /// statistics (cumulative since each version loaded): requests, their total latency and
-    /// their total time queued, in TorchServe's names, units and labels.
+    /// their total time queued, in TorchServe's names, units and labels; then its host gauges.
     pub fn metrics_text(&self) -> String {
         let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname")
             .map(|h| h.trim().to_string())
@@ -729,6 +729,7 @@ impl TorchServe {
                 out.push_str(&format!("{family}{} {:?}\n", label(&row.name), value(row)));
             }
         }
+        out.push_str(&crate::host::gauges_text(&hostname));
         out
     }
 }
