@@ -61,20 +61,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 import grpc.aio
 import numpy as np
 from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+import _grpc_bench
+from _grpc_bench import Window, loadavg, machine_busy_s, server_ticks, stop_server, wait_for_quiet
 
 ROOT = Path(__file__).resolve().parent.parent
 REPOSITORY = ROOT / "tests" / "fixtures" / "ensemble"
@@ -192,14 +193,6 @@ def compare_answers(target: str, n: int) -> str:
 
 # --- measuring ----------------------------------------------------------------------------
 
-@dataclass
-class Window:
-    latencies: list[float] = field(default_factory=list)  # seconds, pipelines within the window
-    errors: int = 0
-    elapsed: float = 0.0
-    first: service_pb2.ModelInferResponse | None = None
-
-
 def run_threads(what: str, target: str, concurrency: int, duration: float) -> Window:
     channel = grpc.insecure_channel(target)
     stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
@@ -286,11 +279,6 @@ def run_mode(mode: str, target: str, concurrency: int, duration: float) -> Windo
 
 # --- server -------------------------------------------------------------------------------
 
-def server_ticks(pid: int) -> int:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return int(fields[11]) + int(fields[12])
-
-
 def children(pid: int) -> list[int]:
     out = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
@@ -302,80 +290,29 @@ def children(pid: int) -> list[int]:
     return out
 
 
-def machine_busy_s() -> float:
-    """CPU time all processes used so far (/proc/stat: everything but idle and iowait), seconds."""
-    f = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    return (f[0] + f[1] + f[2] + f[5] + f[6] + f[7]) / os.sysconf("SC_CLK_TCK")
-
+# --- main ---------------------------------------------------------------------------------
 
 def start_server(binary: str) -> tuple[subprocess.Popen, str]:
     models = (*STEPS, ENSEMBLE)
-    cmd = [binary, "serve", "--model-repository", str(REPOSITORY), "--http-port", "0",
-           "--grpc-port", "0", "--metrics-port", "0", "--model-control-mode", "explicit"]
-    for m in models:
-        cmd += ["--load-model", m]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                            text=True, start_new_session=True)
+    proc, target = _grpc_bench.start_server(binary, REPOSITORY, models)
     try:
-        target = json.loads(proc.stdout.readline())["grpc"]
-        channel = grpc.insecure_channel(target)
-        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if all(stub.ModelReady(service_pb2.ModelReadyRequest(name=m)).ready for m in models):
-                    break
-            except grpc.RpcError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit("server did not become ready")
-            time.sleep(0.05)
-        engines = []
-        for m in models:
-            c = stub.ModelConfig(service_pb2.ModelConfigRequest(name=m)).config
-            groups = ", ".join(f"{g.count}× {type(g).Kind.Name(g.kind)}"
-                               for g in c.instance_group)
-            engines.append(f"{m}: {c.platform or c.backend} [{groups}]")
-        print("models: " + "; ".join(engines), file=sys.stderr, flush=True)
-        r = Requests()
-        check("ensemble", stub.ModelInfer(r.ensemble))
-        check("steps", steps_sync(stub, r))
-        channel.close()
+        with grpc.insecure_channel(target) as channel:
+            stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+            engines = []
+            for m in models:
+                c = stub.ModelConfig(service_pb2.ModelConfigRequest(name=m)).config
+                groups = ", ".join(f"{g.count}× {type(g).Kind.Name(g.kind)}"
+                                   for g in c.instance_group)
+                engines.append(f"{m}: {c.platform or c.backend} [{groups}]")
+            print("models: " + "; ".join(engines), file=sys.stderr, flush=True)
+            r = Requests()
+            check("ensemble", stub.ModelInfer(r.ensemble))
+            check("steps", steps_sync(stub, r))
         return proc, target
     except BaseException:
         stop_server(proc)
         raise
 
-
-def stop_server(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)  # its own session: anything it left behind
-    except OSError:
-        pass
-    if proc.poll() is None:
-        proc.kill()
-    proc.wait()
-
-
-def loadavg() -> str:
-    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-
-
-def wait_for_quiet(limit: float) -> None:
-    deadline = time.monotonic() + limit
-    while float(loadavg().split()[0]) >= 1.0 and time.monotonic() < deadline:
-        time.sleep(10)
-    state = "below 1.0" if float(loadavg().split()[0]) < 1.0 else f"still ≥ 1.0 after {limit:.0f} s"
-    print(f"load average at start: {loadavg()} ({state})", file=sys.stderr, flush=True)
-
-
-# --- main ---------------------------------------------------------------------------------
 
 def measure(mode: str, target: str, pid: int, args) -> dict:
     run_mode(mode, target, args.concurrency, args.warmup)

@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
-import json
 import os
 import queue
 import signal
@@ -47,13 +46,15 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 import grpc.aio
 import numpy as np
 from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+import _grpc_bench
+from _grpc_bench import Window, loadavg, machine_busy_s, server_ticks, stop_server, wait_for_quiet
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "add_sub"
@@ -86,15 +87,6 @@ def check(resp: service_pb2.ModelInferResponse) -> None:
     if not (np.array_equal(outputs.get("OUTPUT0"), (A + B).ravel())
             and np.array_equal(outputs.get("OUTPUT1"), (A - B).ravel())):
         raise SystemExit(f"wrong answer: {resp}")
-
-
-@dataclass
-class Window:
-    """What one measured window collected."""
-    latencies: list[float] = field(default_factory=list)  # seconds, answers within the window
-    errors: int = 0
-    elapsed: float = 0.0
-    first: service_pb2.ModelInferResponse | None = None
 
 
 # --- unary --------------------------------------------------------------------------------
@@ -288,72 +280,15 @@ def run_mode(mode: str, target: str, concurrency: int, duration: float) -> Windo
 
 # --- server -------------------------------------------------------------------------------
 
-def server_ticks(pid: int) -> int:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return int(fields[11]) + int(fields[12])
-
-
-def machine_busy_s() -> float:
-    """CPU time all processes used so far (/proc/stat: everything but idle and iowait), seconds."""
-    f = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    return (f[0] + f[1] + f[2] + f[5] + f[6] + f[7]) / os.sysconf("SC_CLK_TCK")
-
-
 def start_server(binary: str) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen(
-        [binary, "serve", "--model-repository", str(ROOT / "examples/models"), "--http-port", "0",
-         "--grpc-port", "0", "--metrics-port", "0", "--model-control-mode", "explicit",
-         "--load-model", MODEL],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-        start_new_session=True)
+    proc, target = _grpc_bench.start_server(binary, ROOT / "examples/models", (MODEL,))
     try:
-        target = json.loads(proc.stdout.readline())["grpc"]
-        channel = grpc.insecure_channel(target)
-        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if stub.ModelReady(service_pb2.ModelReadyRequest(name=MODEL)).ready:
-                    break
-            except grpc.RpcError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit("server did not become ready")
-            time.sleep(0.05)
-        check(stub.ModelInfer(request()))
-        channel.close()
+        with grpc.insecure_channel(target) as channel:
+            check(service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request()))
         return proc, target
     except BaseException:
         stop_server(proc)
         raise
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)  # its own session: anything it left behind
-    except OSError:
-        pass
-    if proc.poll() is None:
-        proc.kill()
-    proc.wait()
-
-
-def loadavg() -> str:
-    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-
-
-def wait_for_quiet(limit: float) -> None:
-    deadline = time.monotonic() + limit
-    while float(loadavg().split()[0]) >= 1.0 and time.monotonic() < deadline:
-        time.sleep(10)
-    state = "below 1.0" if float(loadavg().split()[0]) < 1.0 else f"still ≥ 1.0 after {limit:.0f} s"
-    print(f"load average at start: {loadavg()} ({state})", file=sys.stderr, flush=True)
 
 
 # --- main ---------------------------------------------------------------------------------
