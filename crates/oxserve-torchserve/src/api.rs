@@ -230,15 +230,17 @@ async fn python_request(headers: &HeaderMap, body: Bytes) -> std::result::Result
     header_list.push(("explain".into(), "False".into()));
     header_list.push(("url_path".into(), String::new()));
     let mut inputs: Vec<Input> = Vec::new();
-    let media_type = headers
+    let content_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .map(|ct| ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase())
-        .unwrap_or_default();
-    let boundary = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|ct| multer::parse_boundary(ct).ok());
+        .unwrap_or("");
+    let media_type = content_type
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    let boundary = multer::parse_boundary(content_type).ok();
     if let Some(boundary) = boundary {
         for part in crate::multipart::parts(&boundary, body).await? {
             inputs.push(Input {

@@ -9,10 +9,10 @@
 pub mod process;
 pub mod protocol;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc;
+use std::sync::{OnceLock, mpsc};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -57,32 +57,28 @@ pub struct WorkerStatus {
 /// two instance sets that overlap while the engine rescales a model (the new set starts before
 /// the old one stops, with the same indices).
 type WorkerKey = (String, u64, usize, u64);
-static WORKERS: Mutex<Option<HashMap<WorkerKey, WorkerStatus>>> = Mutex::new(None);
+static WORKERS: Mutex<BTreeMap<WorkerKey, WorkerStatus>> = Mutex::new(BTreeMap::new());
 static NEXT_SERIAL: AtomicU64 = AtomicU64::new(1);
 
 fn set_status(key: &WorkerKey, status: WorkerStatus) {
-    WORKERS
-        .lock()
-        .get_or_insert_with(HashMap::new)
-        .insert(key.clone(), status);
+    WORKERS.lock().insert(key.clone(), status);
 }
 
 fn update_status(key: &WorkerKey, status: &'static str) {
-    if let Some(w) = WORKERS.lock().get_or_insert_with(HashMap::new).get_mut(key) {
+    if let Some(w) = WORKERS.lock().get_mut(key) {
         w.status = status;
     }
 }
 
 fn remove_status(key: &WorkerKey) {
-    WORKERS.lock().get_or_insert_with(HashMap::new).remove(key);
+    WORKERS.lock().remove(key);
 }
 
 /// The workers of one version of a model (its engine version), by instance index: the newest
 /// instance of each index.
 pub fn workers(model: &str, version: u64) -> Vec<WorkerStatus> {
-    let mut newest: std::collections::BTreeMap<usize, (u64, WorkerStatus)> =
-        std::collections::BTreeMap::new();
-    for ((m, v, index, serial), w) in WORKERS.lock().get_or_insert_with(HashMap::new).iter() {
+    let mut newest: BTreeMap<usize, (u64, WorkerStatus)> = BTreeMap::new();
+    for ((m, v, index, serial), w) in WORKERS.lock().iter() {
         if m == model && *v == version && newest.get(index).is_none_or(|(s, _)| s < serial) {
             newest.insert(*index, (*serial, w.clone()));
         }
@@ -108,23 +104,20 @@ pub fn default_python() -> PathBuf {
 /// Runs TorchServe handlers in Python workers started with `python`.
 pub struct PythonBackend {
     python: PathBuf,
-    code: Mutex<Option<Result<WorkerCode, String>>>,
+    code: OnceLock<Result<WorkerCode, String>>,
 }
 
 impl PythonBackend {
     pub fn new(python: PathBuf) -> Self {
         PythonBackend {
             python,
-            code: Mutex::new(None),
+            code: OnceLock::new(),
         }
     }
 
     /// Where the worker code is (asked once).
     fn code(&self) -> Result<WorkerCode, String> {
-        self.code
-            .lock()
-            .get_or_insert_with(|| WorkerCode::locate(&self.python))
-            .clone()
+        self.code.get_or_init(|| WorkerCode::locate(&self.python)).clone()
     }
 }
 
