@@ -8,8 +8,8 @@ use std::fmt::Write as _;
 
 use parking_lot::Mutex;
 
-/// The previous `/proc/stat` CPU totals: (busy, all) jiffies.
-static LAST_CPU: Mutex<Option<(u64, u64)>> = Mutex::new(None);
+/// The previous `/proc/stat` CPU totals, (busy, all) jiffies, and the share computed then.
+static LAST_CPU: Mutex<Option<(u64, u64, f64)>> = Mutex::new(None);
 
 fn cpu_percent() -> Option<f64> {
     let stat = std::fs::read_to_string("/proc/stat").ok()?;
@@ -25,10 +25,16 @@ fn cpu_percent() -> Option<f64> {
     let idle = fields.get(3).copied().unwrap_or(0) + fields.get(4).copied().unwrap_or(0);
     let busy = all.saturating_sub(idle);
     let mut last = LAST_CPU.lock();
-    let (prev_busy, prev_all) = last.unwrap_or((0, 0));
-    *last = Some((busy, all));
+    let (prev_busy, prev_all, prev_share) = last.unwrap_or((0, 0, 0.0));
     let total = all.saturating_sub(prev_all);
-    (total > 0).then(|| busy.saturating_sub(prev_busy) as f64 * 100.0 / total as f64)
+    if total == 0 {
+        // Two scrapes within one clock tick: nothing new to measure, so the gauge keeps the
+        // share it last showed (it never drops out of the page).
+        return Some(prev_share);
+    }
+    let share = busy.saturating_sub(prev_busy) as f64 * 100.0 / total as f64;
+    *last = Some((busy, all, share));
+    Some(share)
 }
 
 /// `/proc/meminfo` in kB by key.
@@ -93,6 +99,15 @@ pub fn gauges_text(hostname: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn cpu_gauge_stays_in_back_to_back_scrapes() {
+        // Scrapes closer than a clock tick apart saw no elapsed jiffies and used to drop the
+        // family from the page.
+        for _ in 0..200 {
+            assert!(super::gauges_text("h").contains("# TYPE CPUUtilization gauge\n"));
+        }
+    }
+
     #[test]
     fn host_gauges_have_torchserves_families() {
         let text = super::gauges_text("h");
