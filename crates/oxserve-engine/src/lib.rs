@@ -9,6 +9,7 @@ mod lifecycle;
 mod manager;
 mod model;
 mod scheduling;
+mod sequence;
 mod service;
 mod shadow;
 mod stats;

@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use arc_swap::ArcSwap;
 use oxserve_backend::support::{panic_message, truncate};
-use oxserve_backend::{Accelerator, Backend, Device, LoadSpec};
+use oxserve_backend::{Accelerator, Backend, Device, LoadSpec, ModelSignature};
 use oxserve_core::{DataType, Error, ModelMetadata, Result, TensorMeta};
 use oxserve_repository::pb::model_config::SchedulingChoice;
 use oxserve_repository::pb::model_instance_group::Kind;
@@ -581,7 +581,9 @@ impl ModelManager {
     ) -> Result<ServedVersion, String> {
         let backend = selection.backend.as_ref();
         let model_path = repo::model_file_path(&dir.path, version, base);
-        let signature = backend.inspect(&model_path).map_err(|e| e.to_string())?;
+        let full_signature = backend.inspect(&model_path).map_err(|e| e.to_string())?;
+        // The client's view: without the inputs and outputs the sequence batcher supplies.
+        let signature = client_signature(base, &full_signature, backend.declares_signature())?;
         let mut config = base.clone();
         let declared = backend.declares_signature();
         if declared {
@@ -621,6 +623,11 @@ impl ModelManager {
         let io = model_io(&config, &dir.path)?;
         let batched = config.max_batch_size > 0;
         let devices = instance_devices(&config);
+        let sequence = crate::sequence::sequence_config(&config, &dir.path)?;
+        let (sequence_inputs, sequence_outputs) = sequence
+            .as_ref()
+            .map(|s| crate::sequence::engine_io(s, batched))
+            .unwrap_or_default();
         let spec = LoadSpec {
             model_name: dir.name.clone(),
             version,
@@ -635,6 +642,7 @@ impl ModelManager {
                         model_facing_shape(&i.dims, i.reshape.as_ref(), batched),
                     )
                 })
+                .chain(sequence_inputs.into_iter().map(Ok))
                 .collect::<Result<_, _>>()?,
             outputs: config
                 .output
@@ -646,6 +654,7 @@ impl ModelManager {
                         model_facing_shape(&o.dims, o.reshape.as_ref(), batched),
                     )
                 })
+                .chain(sequence_outputs.into_iter().map(Ok))
                 .collect::<Result<_, _>>()?,
             max_batch_size: config.max_batch_size as u32,
             instance_count: devices.len(),
@@ -659,12 +668,13 @@ impl ModelManager {
             gpu_accelerators: gpu_accelerators(&config)?,
         };
         check_engine_options(&spec, backend)?;
-        let scheduling = scheduler_config(
+        let mut scheduling = scheduler_config(
             &config,
             spec.instance_count,
             self.options.queue_capacity,
             format!("{}-v{version}", dir.name),
         )?;
+        scheduling.sequence = sequence;
         let started = std::time::Instant::now();
         // A rescale keeps the engine's model and the version's statistics.
         let (model, stats): (Arc<dyn oxserve_backend::LoadedModel>, _) = match rescale {
@@ -854,6 +864,43 @@ fn instance_devices(cfg: &ModelConfig) -> Vec<Device> {
 
 fn data_type(name: &str, code: i32) -> Result<DataType, String> {
     repo::data_type_of(code).ok_or_else(|| format!("tensor '{name}' has an invalid data_type"))
+}
+
+/// The model's signature as its clients see it: without the control and state tensors of
+/// `sequence_batching`, which must be the model's own (when the engine declares them).
+fn client_signature(
+    cfg: &ModelConfig,
+    sig: &ModelSignature,
+    declared: bool,
+) -> std::result::Result<ModelSignature, String> {
+    let (inputs, outputs) = crate::sequence::provided_names(cfg);
+    if declared {
+        for (name, kind, list) in inputs
+            .iter()
+            .map(|n| (n, "input", &sig.inputs))
+            .chain(outputs.iter().map(|n| (n, "output", &sig.outputs)))
+        {
+            if !list.iter().any(|t| &t.name == name) {
+                return Err(format!(
+                    "sequence_batching names {kind} '{name}', which is not an {kind} of the model"
+                ));
+            }
+        }
+    }
+    Ok(ModelSignature {
+        inputs: sig
+            .inputs
+            .iter()
+            .filter(|t| !inputs.contains(&t.name))
+            .cloned()
+            .collect(),
+        outputs: sig
+            .outputs
+            .iter()
+            .filter(|t| !outputs.contains(&t.name))
+            .cloned()
+            .collect(),
+    })
 }
 
 fn tensor_meta(name: &str, code: i32, shape: Vec<i64>) -> Result<TensorMeta, String> {

@@ -429,6 +429,7 @@ async fn run(
 ) -> std::result::Result<InferResponse, (Error, FailureReason)> {
     let other = |e: Error| (e, FailureReason::Other);
     let (priority, timeout) = schedule_parameters(&request.parameters).map_err(other)?;
+    let sequence = crate::sequence::sequence_flags(&request.parameters).map_err(other)?;
     let (io, scheduler) = served.entry(request.signature.as_deref()).map_err(other)?;
     let prepared = prepare(io, &served.model_name, request.inputs, request.outputs).map_err(other)?;
     let rows = prepared.rows;
@@ -437,6 +438,7 @@ async fn run(
         outputs: prepared.batch.outputs,
         priority,
         timeout,
+        sequence,
     };
     let completed = scheduler.submit(job).await.map_err(|e| exec_error(served, e))?;
     let outputs = finish(io, &prepared.outputs, completed.outputs).map_err(other)?;

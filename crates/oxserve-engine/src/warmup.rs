@@ -31,6 +31,7 @@ pub(crate) fn run(served: &ServedVersion, model_dir: &Path) -> Result<(), String
                 outputs: prepared.batch.outputs,
                 priority: 0,
                 timeout: None,
+                sequence: None,
             };
             futures::executor::block_on(served.scheduler.submit(job))
                 .map_err(|e| fail(crate::service::exec_error(served, e).0.message().to_string()))?;

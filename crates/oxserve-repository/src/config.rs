@@ -54,7 +54,6 @@ fn unknown_field_message(raw: &str) -> Option<String> {
 /// Why a field of Triton's `model_config.proto` is outside oxserve's schema.
 fn triton_field_reason(message: &str, field: &str) -> Option<&'static str> {
     Some(match (message, field) {
-        ("inference.ModelConfig", "sequence_batching") => "stateful (sequence) models are not supported yet",
         ("inference.ModelConfig", "batch_input" | "batch_output") => {
             "ragged batching (batch_input, batch_output) is not supported"
         }
@@ -880,11 +879,11 @@ optimization { execution_accelerators {
 
     #[test]
     fn tritons_unimplemented_fields_say_why() {
-        let err = parse_err("name: \"m\"\nsequence_batching { }\n");
+        let err = parse_err("name: \"m\"\nresponse_cache { }\n");
         assert_eq!(
             err,
-            "config.pbtxt: Triton's field 'sequence_batching' in inference.ModelConfig is not \
-             supported: stateful (sequence) models are not supported yet at line 2, column 1"
+            "config.pbtxt: Triton's field 'response_cache' in inference.ModelConfig is not \
+             supported: the response cache is not supported at line 2, column 1"
         );
         for (text, reason) in [
             ("batch_input [ { } ]", "ragged batching"),

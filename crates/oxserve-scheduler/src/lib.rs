@@ -4,12 +4,17 @@
 //! tokio worker); the async front-ends only wait on a reply channel.
 
 mod batch;
+mod facade;
 mod health;
 mod queue;
 mod scheduler;
+mod sequence;
 mod types;
 
-pub use scheduler::Scheduler;
+pub use facade::Scheduler;
+pub use sequence::{
+    ControlInput, ControlKind, CorrelationId, SequenceConfig, SequenceFlags, SequenceStrategy, StateSpec,
+};
 pub use types::{
     BatchTiming, Completed, DynamicBatching, ExecError, ExecutionObserver, Job, NoObserver, QueuePolicy,
     RequestTiming, RestartPolicy, SchedulerConfig, TimeoutAction,

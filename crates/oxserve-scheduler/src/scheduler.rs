@@ -172,13 +172,13 @@ impl Shared {
     }
 }
 
-/// The scheduler of one model version.
-pub struct Scheduler {
+/// The dynamic batcher of one model version (every model without `sequence_batching`).
+pub(crate) struct BatchScheduler {
     shared: Arc<Shared>,
     threads: Vec<JoinHandle<()>>,
 }
 
-impl Scheduler {
+impl BatchScheduler {
     /// Creates every instance on the thread that will own it and returns once all are ready,
     /// or with the first instance's error (threads already started are stopped).
     pub fn start(
@@ -208,7 +208,7 @@ impl Scheduler {
             config,
         });
         let (ready_tx, ready_rx) = mpsc::channel::<Result<(), BackendError>>();
-        let mut scheduler = Scheduler {
+        let mut scheduler = BatchScheduler {
             shared: Arc::clone(&shared),
             threads: Vec::new(),
         };
@@ -376,7 +376,7 @@ impl Scheduler {
     }
 }
 
-impl Drop for Scheduler {
+impl Drop for BatchScheduler {
     /// Stops taking requests, lets the instances finish what is queued, and joins them.
     fn drop(&mut self) {
         self.shared.state.lock().stopping = true;
@@ -396,7 +396,7 @@ impl Drop for Scheduler {
     }
 }
 
-/// Creates the instance, reports to [`Scheduler::start`], then serves until the scheduler
+/// Creates the instance, reports to [`BatchScheduler::start`], then serves until the scheduler
 /// stops, re-creating the instance after each failure until the restart policy gives up.
 fn instance_thread(
     shared: &Shared,
@@ -441,7 +441,10 @@ fn instance_thread(
 }
 
 /// Calls the engine's `new_instance`, turning a panic into an error.
-fn create_instance(model: &dyn LoadedModel, index: usize) -> Result<Box<dyn ModelInstance>, BackendError> {
+pub(crate) fn create_instance(
+    model: &dyn LoadedModel,
+    index: usize,
+) -> Result<Box<dyn ModelInstance>, BackendError> {
     match catch_unwind(AssertUnwindSafe(|| model.new_instance(index))) {
         Ok(created) => created,
         Err(payload) => Err(BackendError::new(
@@ -455,7 +458,7 @@ fn create_instance(model: &dyn LoadedModel, index: usize) -> Result<Box<dyn Mode
 }
 
 /// Drops an instance; a panic in the engine's destructor is logged, never propagated.
-fn discard(instance: Box<dyn ModelInstance>, index: usize) {
+pub(crate) fn discard(instance: Box<dyn ModelInstance>, index: usize) {
     if let Err(payload) = catch_unwind(AssertUnwindSafe(move || drop(instance))) {
         tracing::error!(
             instance = index,

@@ -40,7 +40,7 @@ pub struct DynamicBatching {
     pub preserve_ordering: bool,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct SchedulerConfig {
     /// Instances, each on its own OS thread.
     pub instances: usize,
@@ -61,6 +61,9 @@ pub struct SchedulerConfig {
     pub thread_name: String,
     /// When an instance that failed is re-created, and when the version gives up.
     pub restart: RestartPolicy,
+    /// Triton's `sequence_batching`: the model is stateful and runs under the sequence
+    /// batcher instead of the dynamic one.
+    pub sequence: Option<crate::SequenceConfig>,
 }
 
 /// What happens when an instance fails (its engine panics while running a batch, or while
@@ -104,6 +107,7 @@ impl Default for SchedulerConfig {
             max_queued_total: 1024,
             thread_name: "model".into(),
             restart: RestartPolicy::default(),
+            sequence: None,
         }
     }
 }
@@ -118,6 +122,9 @@ pub struct Job {
     pub priority: u32,
     /// The request's own queue timeout (honoured as the queue policy allows).
     pub timeout: Option<Duration>,
+    /// The request's sequence (`sequence_id`, `sequence_start`, `sequence_end`); required by
+    /// a model with `sequence_batching`, ignored by the others.
+    pub sequence: Option<crate::SequenceFlags>,
 }
 
 /// Where the time of one request went.

@@ -95,6 +95,7 @@ fn job(value: u32) -> Job {
         outputs: vec!["OUT".into()],
         priority: 0,
         timeout: None,
+        sequence: None,
     }
 }
 
