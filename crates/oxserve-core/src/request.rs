@@ -64,6 +64,8 @@ pub struct InferRequest {
     pub routing_key: Option<String>,
     /// The model's entry point to run (a SavedModel signature); `None` = the default one.
     pub signature: Option<String>,
+    /// The request's trace, when the trace settings sampled it.
+    pub trace: Option<std::sync::Arc<crate::Trace>>,
 }
 
 #[derive(Debug, Clone)]

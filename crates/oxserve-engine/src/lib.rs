@@ -13,6 +13,7 @@ mod sequence;
 mod service;
 mod shadow;
 mod stats;
+pub mod trace;
 mod traffic;
 mod validate;
 mod warmup;

@@ -27,6 +27,7 @@ const EXTENSIONS: &[&str] = &[
     "schedule_policy",
     "system_shared_memory",
     "logging",
+    "trace",
 ];
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,6 +58,8 @@ struct Inner {
     /// Versions loading in the background (load requests, poll reloads) do not make the
     /// server unready (`--ready-while-loading`); per-model readiness stays exact.
     ready_while_loading: AtomicBool,
+    /// Triton's trace extension (off unless the server was started with trace settings).
+    trace: std::sync::OnceLock<Arc<crate::trace::TraceManager>>,
 }
 
 #[derive(Clone)]
@@ -73,6 +76,7 @@ impl InferenceService {
                 stopping: AtomicBool::new(false),
                 strict_readiness,
                 ready_while_loading: AtomicBool::new(false),
+                trace: std::sync::OnceLock::new(),
             }),
         }
     }
@@ -85,6 +89,18 @@ impl InferenceService {
             tracing::error!("model loading panicked");
         }
         self.inner.loaded.store(true, Ordering::Release);
+    }
+
+    /// Installs the server's tracing (once, at start); without it tracing is off.
+    pub fn set_trace(&self, manager: Arc<crate::trace::TraceManager>) {
+        let _ = self.inner.trace.set(manager);
+    }
+
+    /// The server's tracing: what samples requests and holds the trace settings.
+    pub fn trace(&self) -> &Arc<crate::trace::TraceManager> {
+        self.inner
+            .trace
+            .get_or_init(|| Arc::new(crate::trace::TraceManager::disabled()))
     }
 
     /// Marks the server as going away: not ready any more, live until it exits.
@@ -333,7 +349,12 @@ impl InferenceService {
             request.model_version,
             request.routing_key.as_deref(),
         )?;
-        let mirrored = shadow.map(|candidate| (candidate, request.clone()));
+        // The mirrored copy is not traced: the trace ends with the primary's answer.
+        let mirrored = shadow.map(|candidate| {
+            let mut copy = request.clone();
+            copy.trace = None;
+            (candidate, copy)
+        });
         let answer = run_on(&served, request).await;
         if let (Ok(primary_answer), Some((candidate, request))) = (&answer, mirrored) {
             crate::shadow::mirror(
@@ -427,6 +448,27 @@ async fn run(
     request: InferRequest,
     received: Instant,
 ) -> std::result::Result<InferResponse, (Error, FailureReason)> {
+    let trace = request.trace.clone();
+    if let Some(t) = &trace {
+        t.set_request(served.version, request.id.as_deref());
+        t.timestamp_at("REQUEST_START", received);
+        for input in &request.inputs {
+            t.tensor("TENSOR_QUEUE_INPUT", input);
+        }
+    }
+    let result = run_traced(served, request, received, trace.as_deref()).await;
+    if let Some(t) = &trace {
+        t.timestamp("REQUEST_END");
+    }
+    result
+}
+
+async fn run_traced(
+    served: &ServedVersion,
+    request: InferRequest,
+    received: Instant,
+    trace: Option<&oxserve_core::Trace>,
+) -> std::result::Result<InferResponse, (Error, FailureReason)> {
     let other = |e: Error| (e, FailureReason::Other);
     let (priority, timeout) = schedule_parameters(&request.parameters).map_err(other)?;
     let sequence = crate::sequence::sequence_flags(&request.parameters).map_err(other)?;
@@ -440,8 +482,29 @@ async fn run(
         timeout,
         sequence,
     };
+    let enqueued = Instant::now();
+    if let Some(t) = trace {
+        t.timestamp_at("QUEUE_START", enqueued);
+    }
     let completed = scheduler.submit(job).await.map_err(|e| exec_error(served, e))?;
+    if let Some(t) = trace {
+        // The scheduler measured each stage; placed after the enqueue instant they are the
+        // instants the stages began and ended.
+        let timing = &completed.timing;
+        let compute_start = enqueued + timing.queue;
+        let input_end = compute_start + timing.compute_input;
+        let output_start = input_end + timing.compute_infer;
+        t.timestamp_at("COMPUTE_START", compute_start);
+        t.timestamp_at("COMPUTE_INPUT_END", input_end);
+        t.timestamp_at("COMPUTE_OUTPUT_START", output_start);
+        t.timestamp_at("COMPUTE_END", output_start + timing.compute_output);
+    }
     let outputs = finish(io, &prepared.outputs, completed.outputs).map_err(other)?;
+    if let Some(t) = trace.filter(|t| t.records_tensors()) {
+        for output in &outputs {
+            t.tensor("TENSOR_BACKEND_OUTPUT", output);
+        }
+    }
     served
         .stats
         .record_success(rows, received.elapsed(), &completed.timing);

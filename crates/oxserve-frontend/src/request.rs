@@ -255,6 +255,8 @@ pub struct DecodedRequest {
     /// The model's entry point (a SavedModel signature): TF Serving's `signature_name`, or
     /// the `signature_name` request parameter of any protocol; `None`: the default one.
     pub signature: Option<String>,
+    /// The request's trace (Triton's trace extension), when the trace settings sampled it.
+    pub trace: Option<std::sync::Arc<oxserve_core::Trace>>,
 }
 
 /// The request parameter that picks a model's signature over protocols without a field for
@@ -285,6 +287,7 @@ impl DecodedRequest {
             binary_by_default,
             routing_key: None,
             signature,
+            trace: None,
         })
     }
 }

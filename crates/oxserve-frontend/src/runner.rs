@@ -63,6 +63,7 @@ pub async fn run(
         binary_by_default,
         routing_key,
         signature,
+        trace,
     } = request;
     // A version label travels as a request parameter over every protocol.
     let target = target.with_label_parameter(engine, &mut parameters)?;
@@ -86,6 +87,7 @@ pub async fn run(
             outputs: requested,
             routing_key,
             signature,
+            trace,
         })
         .await?;
     // Fixed-size inputs in shared memory were views of the client's pages: if the client

@@ -166,6 +166,7 @@ fn classify_http(segments: &[&str]) -> Route {
         ["v2", "models", model, "labels", _, "ready"] => Route::for_model(Health, model),
         ["v2", "models", model, "labels", _, "config"] => Route::for_model(Metadata, model),
         ["v2", "models", model, "labels", _, "infer"] => Route::for_model(Infer, model),
+        ["v2", "models", _, "trace", "setting"] => Route::new(Repository),
         // Repository changes, and Triton's logging and trace settings: administrative.
         ["v2", "repository", ..] | ["v2", "logging"] | ["v2", "trace", ..] => Route::new(Repository),
         ["v2", "systemsharedmemory" | "cudasharedmemory", ..] => Route::new(SharedMemory),

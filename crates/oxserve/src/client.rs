@@ -289,6 +289,7 @@ fn request_from_file(model: &str, version: Option<u64>, body: &Bytes) -> anyhow:
         outputs: Vec::new(),
         routing_key: None,
         signature: decoded.signature,
+        trace: None,
     })
 }
 

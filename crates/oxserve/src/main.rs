@@ -7,6 +7,7 @@ mod logging;
 mod settings;
 mod tfserving_cli;
 mod torchserve_cli;
+mod trace_flags;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -199,6 +200,8 @@ struct ServeArgs {
     grpc_restricted_protocol: Vec<String>,
     #[command(flatten)]
     tls: TlsArgs,
+    #[command(flatten)]
+    trace: trace_flags::TraceArgs,
 }
 
 /// TLS for the HTTP and gRPC listeners (docs/security.md); the metrics port stays plain.
@@ -513,7 +516,17 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if settings.models.repositories.is_empty() {
         anyhow::bail!("no model repository given (use --model-repository DIR)");
     }
-    run_server(settings, ServeExtras::default())
+    let trace = match args.trace.given() {
+        true => Some(args.trace.config().map_err(anyhow::Error::msg)?),
+        false => None,
+    };
+    run_server(
+        settings,
+        ServeExtras {
+            trace,
+            ..ServeExtras::default()
+        },
+    )
 }
 
 /// What a server runs besides its settings: TF Serving's model list and monitoring path.
@@ -529,6 +542,8 @@ struct ServeExtras {
     tfserving_grpc: oxserve_tfserving::grpc::GrpcOptions,
     /// TorchServe's APIs (inference routes on the HTTP listener, management on its own).
     torchserve: Option<TorchServeSetup>,
+    /// Triton's trace settings at start (`--trace-config`); `None`: tracing off.
+    trace: Option<oxserve_engine::trace::TraceConfig>,
 }
 
 /// TorchServe's part of a server (`torchserve` mode).
@@ -667,6 +682,11 @@ fn run_server(settings: Settings, extras: ServeExtras) -> anyhow::Result<()> {
     );
     let engine = InferenceService::new(manager, settings.models.strict_readiness);
     engine.set_ready_while_loading(settings.models.ready_while_loading);
+    if let Some(config) = extras.trace {
+        let tracer = oxserve_engine::trace::TraceManager::new(config).map_err(anyhow::Error::msg)?;
+        engine.set_trace(Arc::new(tracer));
+    }
+    let tracer = Arc::clone(engine.trace());
     let mut options = options;
     let torchserve = match extras.torchserve {
         None => None,
@@ -778,6 +798,8 @@ fn run_server(settings: Settings, extras: ServeExtras) -> anyhow::Result<()> {
             }
         };
         oxserve_server::serve(engine, listeners, &options, stop).await?;
+        // Buffered traces go to the trace file, whose array is closed; spans are exported.
+        tokio::task::spawn_blocking(move || tracer.shutdown()).await.ok();
         if START_UP_FAILED.load(std::sync::atomic::Ordering::Acquire) {
             anyhow::bail!("failed to load all models (--exit-on-error)");
         }

@@ -238,6 +238,7 @@ pub fn run(args: TfServingArgs) -> anyhow::Result<()> {
                 ..Default::default()
             },
             torchserve: None,
+            trace: None,
         },
     )
 }

@@ -24,6 +24,7 @@ fn decode(req: ModelInferRequest) -> Result<InferRequest> {
     Ok(InferRequest {
         routing_key: decoded.routing_key,
         signature: decoded.signature,
+        trace: None,
         model_name: decoded.target.name().to_string(),
         model_version: decoded.target.version(),
         id: decoded.id,

@@ -131,6 +131,7 @@ impl GrpcFrontend {
             Ok(t) => t,
             Err(e) => return Err((named, e)),
         };
+        let trace = grpc_trace(&self.engine, &request.model_name, traceparent(metadata));
         let limits = self.decode;
         let decoded = decode_off_worker(decode_work_bytes(&request), move || {
             infer_request_from_wire(target, request, &limits)
@@ -141,10 +142,41 @@ impl GrpcFrontend {
             Err(e) => return Err((named, e)),
         };
         decoded.routing_key = routing_key;
-        match run(&self.engine, &self.shm, decoded).await {
+        decoded.trace = trace.clone();
+        let answer = match run(&self.engine, &self.shm, decoded).await {
             Ok(response) => Ok(infer_response_to_wire(response)),
             Err(e) => Err((named, e)),
-        }
+        };
+        grpc_trace_sent(trace.as_deref());
+        answer
+    }
+}
+
+/// A trace for a gRPC request when the trace settings sample it. tonic has read and decoded
+/// the message before the handler runs, so the read is timed as it ends.
+fn grpc_trace(
+    engine: &InferenceService,
+    model: &str,
+    traceparent: Option<&str>,
+) -> Option<std::sync::Arc<oxserve_core::Trace>> {
+    let trace = engine.trace().sample(model, traceparent)?;
+    trace.timestamp("GRPC_WAITREAD_START");
+    trace.timestamp("GRPC_WAITREAD_END");
+    Some(trace)
+}
+
+/// The client's W3C trace context.
+fn traceparent(metadata: &tonic::metadata::MetadataMap) -> Option<&str> {
+    metadata.get("traceparent").and_then(|v| v.to_str().ok())
+}
+
+/// The response is complete and handed to tonic, which encodes and writes it after the
+/// handler returns: the send is timed as that hand-off.
+fn grpc_trace_sent(trace: Option<&oxserve_core::Trace>) {
+    if let Some(t) = trace {
+        t.timestamp("INFER_RESPONSE_COMPLETE");
+        t.timestamp("GRPC_SEND_START");
+        t.timestamp("GRPC_SEND_END");
     }
 }
 
@@ -217,10 +249,12 @@ impl GrpcInferenceService for GrpcFrontend {
             oxserve_frontend::sticky_routing_key(&self.engine, &request.get_ref().model_name, |name| {
                 request.metadata().get(name).and_then(|v| v.to_str().ok())
             });
+        let traceparent = traceparent(request.metadata()).map(str::to_string);
         let request = request.into_inner();
         // The model first: an unknown one costs no tensor decoding.
         let target = ModelTarget::resolve_str(&self.engine, &request.model_name, &request.model_version)
             .map_err(status)?;
+        let trace = grpc_trace(&self.engine, &request.model_name, traceparent.as_deref());
         let limits = self.decode;
         let mut decoded = decode_off_worker(decode_work_bytes(&request), move || {
             infer_request_from_wire(target, request, &limits)
@@ -228,8 +262,11 @@ impl GrpcInferenceService for GrpcFrontend {
         .await
         .map_err(status)?;
         decoded.routing_key = routing_key;
+        decoded.trace = trace.clone();
         let response = run(&self.engine, &self.shm, decoded).await.map_err(status)?;
-        Ok(Response::new(infer_response_to_wire(response)))
+        let response = infer_response_to_wire(response);
+        grpc_trace_sent(trace.as_deref());
+        Ok(Response::new(response))
     }
 
     /// No CUDA shared memory here: no region exists (a named one is NOT_FOUND, as over HTTP).
@@ -263,6 +300,42 @@ impl GrpcInferenceService for GrpcFrontend {
         _request: Request<CudaSharedMemoryUnregisterRequest>,
     ) -> Result<Response<CudaSharedMemoryUnregisterResponse>, Status> {
         Ok(Response::new(CudaSharedMemoryUnregisterResponse {}))
+    }
+
+    /// Triton's trace extension over gRPC: an empty settings map reads, a setting without
+    /// values goes back to the inherited value.
+    async fn trace_setting(
+        &self,
+        request: Request<super::pb::TraceSettingRequest>,
+    ) -> Result<Response<super::pb::TraceSettingResponse>, Status> {
+        use super::pb::trace_setting_response::SettingValue;
+        use oxserve_engine::trace::settings::{Protocol, SettingValue as Value};
+        let request = request.into_inner();
+        let model = (!request.model_name.is_empty()).then_some(request.model_name.as_str());
+        let update: Vec<(String, Value)> = request
+            .settings
+            .into_iter()
+            .map(|(key, v)| {
+                let value = if v.value.is_empty() {
+                    Value::Clear
+                } else {
+                    Value::Values(v.value)
+                };
+                (key, value)
+            })
+            .collect();
+        let settings = crate::trace::trace_setting(
+            &self.engine,
+            model,
+            (!update.is_empty()).then_some((update.as_slice(), Protocol::Grpc)),
+        )
+        .map_err(status)?;
+        Ok(Response::new(super::pb::TraceSettingResponse {
+            settings: settings
+                .into_iter()
+                .map(|(key, value)| (key, SettingValue { value }))
+                .collect(),
+        }))
     }
 
     /// Triton's logging extension over gRPC: the settings named in the request change (typed

@@ -8,6 +8,7 @@ mod json_data;
 mod labels;
 mod shm;
 mod stats;
+mod traced_body;
 mod traffic;
 
 use std::sync::Arc;
@@ -130,6 +131,11 @@ pub fn router(engine: InferenceService, options: HttpOptions, shm: Arc<SharedMem
         )
         .route("/v2/cudasharedmemory/unregister", post(shm::cuda_unregister))
         .route("/v2/logging", get(logging_get).post(logging_post))
+        .route("/v2/trace/setting", get(trace_global_get).post(trace_global_post))
+        .route(
+            "/v2/models/{model}/trace/setting",
+            get(trace_model_get).post(trace_model_post),
+        )
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(AppState { engine, options, shm })
@@ -153,6 +159,46 @@ async fn logging_post(
     let update = crate::logging::update_from_json(&json)?;
     let settings = crate::logging::update(&update)?;
     Ok(axum::Json(crate::logging::settings_json(&settings)).into_response())
+}
+
+/// Triton's trace extension: the global trace setting, or a model's.
+async fn trace_global_get(State(s): State<AppState>) -> ApiResult<Response> {
+    trace_response(&s, None, None)
+}
+
+async fn trace_model_get(State(s): State<AppState>, Path(model): Path<String>) -> ApiResult<Response> {
+    trace_response(&s, Some(&model), None)
+}
+
+async fn trace_global_post(State(s): State<AppState>, headers: HeaderMap, body: Body) -> ApiResult<Response> {
+    let body = read_body(&headers, body, s.options.max_body_bytes).await?;
+    trace_response(&s, None, Some(&body))
+}
+
+async fn trace_model_post(
+    State(s): State<AppState>,
+    Path(model): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Response> {
+    let body = read_body(&headers, body, s.options.max_body_bytes).await?;
+    trace_response(&s, Some(&model), Some(&body))
+}
+
+fn trace_response(s: &AppState, model: Option<&str>, body: Option<&[u8]>) -> ApiResult<Response> {
+    let update = body.map(crate::trace::settings_from_json).transpose()?;
+    let settings = crate::trace::trace_setting(
+        &s.engine,
+        model,
+        update
+            .as_deref()
+            .map(|u| (u, oxserve_engine::trace::settings::Protocol::Http)),
+    )?;
+    Ok((
+        [(header::CONTENT_TYPE, "application/json")],
+        crate::trace::settings_to_json(&settings),
+    )
+        .into_response())
 }
 
 async fn not_found() -> ApiError {
@@ -337,6 +383,7 @@ pub(super) async fn run_infer(
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult<Response> {
+    let received = std::time::Instant::now();
     let checked =
         header_length(&headers).and_then(|len| Ok((len, ModelTarget::resolve(&s.engine, &model, version)?)));
     let (header_len, target) = match checked {
@@ -346,6 +393,13 @@ pub(super) async fn run_infer(
             return Err(e);
         }
     };
+    let trace = s
+        .engine
+        .trace()
+        .sample(&model, headers.get("traceparent").and_then(|v| v.to_str().ok()));
+    if let Some(t) = &trace {
+        t.timestamp_at("HTTP_RECV_START", received);
+    }
     let body = body::read_body(&headers, body, s.options.max_body_bytes).await?;
     let request = match header_len {
         Some(0) => {
@@ -364,9 +418,16 @@ pub(super) async fn run_infer(
     request.routing_key = oxserve_frontend::sticky_routing_key(&s.engine, &model, |name| {
         headers.get(name).and_then(|v| v.to_str().ok())
     });
+    if let Some(t) = &trace {
+        t.timestamp("HTTP_RECV_END");
+    }
+    request.trace = trace.clone();
     let response = oxserve_frontend::run(&s.engine, &s.shm, request).await?;
+    if let Some(t) = &trace {
+        t.timestamp("INFER_RESPONSE_COMPLETE");
+    }
     let encoded = infer::encode_response(&response)?;
-    Ok(match encoded.header_len {
+    let mut r = match encoded.header_len {
         None => ([(header::CONTENT_TYPE, "application/json")], encoded.body).into_response(),
         Some(n) => {
             let mut r = ([(header::CONTENT_TYPE, "application/octet-stream")], encoded.body).into_response();
@@ -374,7 +435,12 @@ pub(super) async fn run_infer(
                 .insert(INFERENCE_HEADER_CONTENT_LENGTH, HeaderValue::from(n));
             r
         }
-    })
+    };
+    if let Some(t) = trace {
+        t.timestamp("HTTP_SEND_START");
+        r = traced_body::record_send_end(r, t);
+    }
+    Ok(r)
 }
 
 #[derive(Deserialize, Default)]
