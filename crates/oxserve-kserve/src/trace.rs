@@ -28,6 +28,11 @@ pub fn trace_setting(
     }
 }
 
+/// Triton's words, with what they mean (Triton answers these with 500; a client's mistake is a
+/// 400 here).
+const NOT_AN_ARRAY: &str =
+    "attempt to access JSON non-array as array: 'trace_level' must be a list of strings";
+
 /// An HTTP update body: `null` clears a setting, `trace_level` is a list of strings, every
 /// other setting a string (as Triton reads them).
 pub fn settings_from_json(body: &[u8]) -> Result<Vec<(String, SettingValue)>> {
@@ -45,16 +50,16 @@ pub fn settings_from_json(body: &[u8]) -> Result<Vec<(String, SettingValue)>> {
                         .into_iter()
                         .map(|v| match v {
                             serde_json::Value::String(s) => Ok(s),
-                            _ => Err(Error::invalid("'trace_level' must be a list of strings")),
+                            _ => Err(Error::invalid(NOT_AN_ARRAY)),
                         })
                         .collect::<Result<_>>()?,
                 ),
-                ("trace_level", _) => {
-                    return Err(Error::invalid("'trace_level' must be a list of strings"));
-                }
+                ("trace_level", _) => return Err(Error::invalid(NOT_AN_ARRAY)),
                 (_, serde_json::Value::String(s)) => SettingValue::Values(vec![s]),
                 (key, _) => {
-                    return Err(Error::invalid(format!("trace setting '{key}' must be a string")));
+                    return Err(Error::invalid(format!(
+                        "attempt to access JSON non-string as string: trace setting '{key}' must be a string"
+                    )));
                 }
             };
             Ok((key, setting))

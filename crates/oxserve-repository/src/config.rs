@@ -57,9 +57,6 @@ fn triton_field_reason(message: &str, field: &str) -> Option<&'static str> {
         ("inference.ModelConfig", "batch_input" | "batch_output") => {
             "ragged batching (batch_input, batch_output) is not supported"
         }
-        ("inference.ModelConfig", "model_transaction_policy") => {
-            "decoupled models (several responses per request) are not supported"
-        }
         ("inference.ModelConfig", "response_cache") => "the response cache is not supported",
         ("inference.ModelConfig", "runtime") => {
             "engines are built into oxserve, not loaded from a backend library"
@@ -201,6 +198,13 @@ pub fn validate_config(cfg: &pb::ModelConfig) -> Result<(), ConfigError> {
     };
     if cfg.name.is_empty() {
         return Err(invalid("model name must not be empty".to_owned()));
+    }
+    if cfg.model_transaction_policy.is_some_and(|p| p.decoupled) {
+        return Err(invalid(
+            "model_transaction_policy { decoupled: true } is not supported: no engine in oxserve \
+             answers a request with more than one response (decoupled: false loads)"
+                .to_owned(),
+        ));
     }
     if cfg.max_batch_size < 0 {
         return Err(invalid(format!(
@@ -888,7 +892,6 @@ optimization { execution_accelerators {
         for (text, reason) in [
             ("batch_input [ { } ]", "ragged batching"),
             ("response_cache { }", "response cache"),
-            ("model_transaction_policy { }", "decoupled"),
             (
                 "instance_group [ { rate_limiter { } } ]",
                 "only name, kind, count and gpus",
@@ -1072,6 +1075,10 @@ optimization { execution_accelerators {
             assert!(err.contains(expected), "expected '{expected}' in '{err}'");
         };
         check(&|c| c.max_batch_size = -1, "max_batch_size must be >= 0, got -1");
+        check(
+            &|c| c.model_transaction_policy = Some(pb::ModelTransactionPolicy { decoupled: true }),
+            "decoupled: true } is not supported",
+        );
         check(&|c| c.input[1].name.clear(), "input #1 has no name");
         check(
             &|c| c.output[1].name = "OUTPUT0".into(),

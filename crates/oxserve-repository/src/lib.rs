@@ -149,13 +149,32 @@ mod tests {
             ("optimization", 12),
             ("model_warmup", 16),
             ("ensemble_scheduling", 15),
+            ("sequence_batching", 13),
+            ("model_transaction_policy", 19),
             ("version_labels", 1000),
             ("traffic_split", 1001),
             ("shadow", 1002),
         ] {
             assert!(numbers.contains(&(name.to_owned(), number)), "{name} = {number}");
         }
-        assert_eq!(numbers.len(), 17, "no fields beyond the agreed subset");
+        assert_eq!(numbers.len(), 19, "no fields beyond the agreed subset");
+        let sequence = descriptor_pool()
+            .get_message_by_name("inference.ModelSequenceBatching")
+            .unwrap();
+        for (name, number) in [
+            ("max_sequence_idle_microseconds", 1),
+            ("control_input", 2),
+            ("direct", 3),
+            ("oldest", 4),
+            ("state", 5),
+            ("iterative_sequence", 6),
+        ] {
+            assert_eq!(
+                sequence.get_field_by_name(name).unwrap().number(),
+                number,
+                "{name}"
+            );
+        }
         let step = descriptor_pool()
             .get_message_by_name("inference.ModelEnsembling.Step")
             .unwrap();

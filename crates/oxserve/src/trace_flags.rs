@@ -84,9 +84,35 @@ impl TraceArgs {
             || self.trace_log_frequency.is_some()
     }
 
+    /// Triton's warnings for its deprecated trace flags.
+    fn warn_deprecated(&self) {
+        let given = [
+            (
+                "--trace-file",
+                self.trace_file.is_some(),
+                "triton,file=<filepath>",
+            ),
+            ("--trace-level", !self.trace_level.is_empty(), "level=<level>"),
+            ("--trace-rate", self.trace_rate.is_some(), "rate=<rate>"),
+            ("--trace-count", self.trace_count.is_some(), "count=<count>"),
+            (
+                "--trace-log-frequency",
+                self.trace_log_frequency.is_some(),
+                "triton,log-frequency=<value>",
+            ),
+        ];
+        for (flag, _, instead) in given.iter().filter(|(_, given, _)| *given) {
+            tracing::warn!(
+                "Warning: '{flag}' has been deprecated and will be removed in future releases. Please \
+                 use '--trace-config {instead}' instead."
+            );
+        }
+    }
+
     /// The start-up trace settings, as Triton derives them from its flags.
     pub fn config(&self) -> Result<TraceConfig, String> {
         let mut config = TraceConfig::default();
+        self.warn_deprecated();
         // The deprecated flags first; --trace-config overrides them.
         let mut levels: Vec<String> = self.trace_level.clone();
         if let Some(file) = &self.trace_file {
@@ -152,31 +178,40 @@ impl TraceArgs {
                     config.extras.push((setting, value));
                 }
                 (TraceMode::OpenTelemetry, "bsp_max_queue_size") => {
-                    otel.max_queue_size = int(&flag, &value)? as usize;
+                    let n = int(&flag, &value)? as u32;
+                    otel.max_queue_size = n as usize;
+                    config.extras.push((setting, n.to_string()));
                 }
                 (TraceMode::OpenTelemetry, "bsp_schedule_delay") => {
-                    otel.schedule_delay = Duration::from_millis(int(&flag, &value)? as u64);
+                    let n = int(&flag, &value)? as u32;
+                    otel.schedule_delay = Duration::from_millis(u64::from(n));
+                    config.extras.push((setting, n.to_string()));
                 }
                 (TraceMode::OpenTelemetry, "bsp_max_export_batch_size") => {
-                    otel.max_export_batch_size = int(&flag, &value)? as usize;
+                    let n = int(&flag, &value)? as u32;
+                    otel.max_export_batch_size = n as usize;
+                    config.extras.push((setting, n.to_string()));
                 }
                 // Triton keeps other settings and shows them in the settings response.
                 _ => config.extras.push((setting, value)),
             }
         }
         if config.mode == TraceMode::OpenTelemetry {
-            // Triton shows the batch span processor's settings, given or not.
-            config
-                .extras
-                .push(("bsp_max_queue_size".into(), otel.max_queue_size.to_string()));
-            config.extras.push((
-                "bsp_schedule_delay".into(),
-                otel.schedule_delay.as_millis().to_string(),
-            ));
-            config.extras.push((
-                "bsp_max_export_batch_size".into(),
-                otel.max_export_batch_size.to_string(),
-            ));
+            // Triton shows the batch span processor's settings, given or not: the given ones
+            // where they were given, the defaults after.
+            let defaults = [
+                ("bsp_max_queue_size", otel.max_queue_size.to_string()),
+                ("bsp_schedule_delay", otel.schedule_delay.as_millis().to_string()),
+                (
+                    "bsp_max_export_batch_size",
+                    otel.max_export_batch_size.to_string(),
+                ),
+            ];
+            for (key, value) in defaults {
+                if !config.extras.iter().any(|(k, _)| k == key) {
+                    config.extras.push((key.to_string(), value));
+                }
+            }
         }
         config.otel = otel;
         Ok(config)

@@ -16,8 +16,15 @@ pub(crate) struct TraceFile {
     path: PathBuf,
     /// The next `<file>.<n>`, shared by every setting writing to this file.
     next_index: AtomicU32,
-    /// The main file once its array is open.
-    main: Mutex<Option<File>>,
+    main: Mutex<Main>,
+}
+
+/// The main file: not yet written, its array open, or closed at shutdown (a trace finishing
+/// after that is dropped rather than starting the file over).
+enum Main {
+    NotOpen,
+    Open(File),
+    Closed,
 }
 
 impl TraceFile {
@@ -25,7 +32,7 @@ impl TraceFile {
         TraceFile {
             path: path.into(),
             next_index: AtomicU32::new(0),
-            main: Mutex::new(None),
+            main: Mutex::new(Main::NotOpen),
         }
     }
 
@@ -49,17 +56,23 @@ impl TraceFile {
             return;
         }
         let mut main = self.main.lock();
-        let first = main.is_none();
+        let first = matches!(*main, Main::NotOpen);
         if first {
             match File::create(&self.path) {
-                Ok(f) => *main = Some(f),
+                Ok(f) => *main = Main::Open(f),
                 Err(e) => {
                     tracing::error!(file = %self.path.display(), error = %e, "cannot create the trace file");
                     return;
                 }
             }
         }
-        let Some(file) = main.as_mut() else { return };
+        let Main::Open(file) = &mut *main else {
+            tracing::warn!(
+                traces = traces.len(),
+                "traces finished after the trace file was closed"
+            );
+            return;
+        };
         let text = format!("{}{}", if first { "[" } else { "," }, traces.join(","));
         if let Err(e) = file.write_all(text.as_bytes()) {
             tracing::error!(file = %self.path.display(), error = %e, "cannot write the trace file");
@@ -68,7 +81,7 @@ impl TraceFile {
 
     /// Closes the main file's array (at shutdown).
     pub fn close(&self) {
-        if let Some(mut file) = self.main.lock().take() {
+        if let Main::Open(mut file) = std::mem::replace(&mut *self.main.lock(), Main::Closed) {
             let _ = file.write_all(b"]").and_then(|()| file.flush());
         }
     }

@@ -175,11 +175,23 @@ impl TraceSink for Active {
     }
 }
 
+impl Active {
+    /// Saves what is still buffered (the setting is replaced, or the server stops): to the
+    /// next `<file>.<n>` when the setting writes by frequency, else to the main file.
+    fn save_remaining(&self) {
+        let Some(file) = &self.file else { return };
+        let traces = std::mem::take(&mut self.counters.lock().buffer);
+        if self.values.log_frequency != 0 {
+            file.write_indexed(&traces);
+        } else {
+            file.append(&traces);
+        }
+    }
+}
+
 impl Drop for Active {
     fn drop(&mut self) {
-        if let Some(file) = &self.file {
-            file.append(&std::mem::take(&mut self.counters.get_mut().buffer));
-        }
+        self.save_remaining();
     }
 }
 
@@ -316,13 +328,13 @@ impl TraceManager {
         match model {
             None => {
                 let fields = layers.global_fields.updated(update);
-                let global = self.resolve(&fields, None, &layers)?;
+                let global = self.resolve(&fields, None)?;
                 layers.global_fields = fields;
                 layers.global = global;
                 let names: Vec<String> = layers.models.keys().cloned().collect();
                 for name in names {
                     let fields = layers.models[&name].0;
-                    let derived = self.resolve(&fields, Some(&layers.global), &layers)?;
+                    let derived = self.resolve(&fields, Some(&layers.global))?;
                     layers.models.insert(name, (fields, derived));
                 }
                 let global = Arc::clone(&layers.global);
@@ -339,7 +351,7 @@ impl TraceManager {
                     return Ok(self.show(&global));
                 }
                 let over = Arc::clone(&layers.global);
-                let active = self.resolve(&fields, Some(&over), &layers)?;
+                let active = self.resolve(&fields, Some(&over))?;
                 layers.models.insert(m.to_string(), (fields, Arc::clone(&active)));
                 drop(layers);
                 Ok(self.show(&active))
@@ -349,12 +361,7 @@ impl TraceManager {
 
     /// A new setting object: `fields` over `inherit` (a model's) or over the start-up values
     /// (the global one), checked as Triton checks it.
-    fn resolve(
-        &self,
-        fields: &Fields,
-        inherit: Option<&Arc<Active>>,
-        _layers: &Layers,
-    ) -> Result<Arc<Active>> {
+    fn resolve(&self, fields: &Fields, inherit: Option<&Arc<Active>>) -> Result<Arc<Active>> {
         let config = &self.shared.config;
         let base = match inherit {
             Some(a) => Resolved {
@@ -388,14 +395,9 @@ impl TraceManager {
     /// Writes what is buffered and closes the trace file's array (the server stops).
     pub fn shutdown(&self) {
         let mut layers = self.layers.lock();
-        let flush = |a: &Active| {
-            if let Some(file) = &self.shared.file {
-                file.append(&std::mem::take(&mut a.counters.lock().buffer));
-            }
-        };
-        flush(&layers.global);
+        layers.global.save_remaining();
         for (_, a) in layers.models.values() {
-            flush(a);
+            a.save_remaining();
         }
         layers.models.clear();
         drop(layers);
