@@ -14,8 +14,7 @@ read after the server stopped (SIGTERM or SIGINT), except the indexed files (`<f
 log frequency or a used-up count writes while it runs.
 
 The OpenTelemetry tests run a small OTLP/HTTP collector in the test process (POST /v1/traces);
-it decodes OTLP/JSON and, with a wire-format decoder written here (opentelemetry-proto is not a
-dependency), OTLP/protobuf.
+it decodes OTLP/JSON and OTLP/protobuf (with the opentelemetry-proto package).
 """
 
 from __future__ import annotations
@@ -26,7 +25,6 @@ import gzip
 import http.server
 import json
 import signal
-import struct
 import subprocess
 import threading
 import time
@@ -979,121 +977,40 @@ def test_tritonserver_command_line(tmp_path):
 # 4. OpenTelemetry: an OTLP/HTTP collector in the test
 # ---------------------------------------------------------------------------------------
 
-def _varint(buf: bytes, i: int) -> tuple[int, int]:
-    shift = value = 0
-    while True:
-        byte = buf[i]
-        i += 1
-        value |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return value, i
-        shift += 7
-        if shift > 63:
-            raise ValueError("varint too long")
+def _pb_any_value(value):
+    """An OTLP AnyValue as the Python value it holds."""
+    kind = value.WhichOneof("value")
+    if kind == "array_value":
+        return [_pb_any_value(v) for v in value.array_value.values]
+    if kind == "kvlist_value":
+        return {kv.key: _pb_any_value(kv.value) for kv in value.kvlist_value.values}
+    return getattr(value, kind) if kind else None
 
 
-def _fields(buf: bytes):
-    """(field number, wire type, value) of a protobuf message; value: int for varints, bytes
-    otherwise."""
-    i = 0
-    while i < len(buf):
-        key, i = _varint(buf, i)
-        number, wire = key >> 3, key & 7
-        if wire == 0:
-            value, i = _varint(buf, i)
-        elif wire == 1:
-            value, i = buf[i:i + 8], i + 8
-        elif wire == 2:
-            length, i = _varint(buf, i)
-            value, i = buf[i:i + length], i + length
-        elif wire == 5:
-            value, i = buf[i:i + 4], i + 4
-        else:
-            raise ValueError(f"unsupported wire type {wire}")
-        if i > len(buf):
-            raise ValueError("truncated message")
-        yield number, wire, value
-
-
-def _signed64(value: int) -> int:
-    return value - (1 << 64) if value >= 1 << 63 else value
-
-
-def _pb_any_value(buf: bytes):
-    for number, _, value in _fields(buf):
-        if number == 1:
-            return value.decode()
-        if number == 2:
-            return bool(value)
-        if number == 3:
-            return _signed64(value)
-        if number == 4:
-            return struct.unpack("<d", value)[0]
-        if number == 5:
-            return [_pb_any_value(v) for n, _, v in _fields(value) if n == 1]
-        if number == 6:
-            return dict(_pb_key_value(v) for n, _, v in _fields(value) if n == 1)
-        if number == 7:
-            return bytes(value)
-    return None
-
-
-def _pb_key_value(buf: bytes) -> tuple[str, object]:
-    key, value = "", None
-    for number, _, v in _fields(buf):
-        if number == 1:
-            key = v.decode()
-        elif number == 2:
-            value = _pb_any_value(v)
-    return key, value
-
-
-def _pb_span(buf: bytes) -> dict:
-    span = {"trace_id": "", "span_id": "", "parent_span_id": "", "name": "", "kind": 0,
-            "start": 0, "end": 0, "attributes": {}, "events": []}
-    for number, _, v in _fields(buf):
-        if number == 1:
-            span["trace_id"] = v.hex()
-        elif number == 2:
-            span["span_id"] = v.hex()
-        elif number == 4:
-            span["parent_span_id"] = v.hex()
-        elif number == 5:
-            span["name"] = v.decode()
-        elif number == 6:
-            span["kind"] = v
-        elif number == 7:
-            span["start"] = struct.unpack("<Q", v)[0]
-        elif number == 8:
-            span["end"] = struct.unpack("<Q", v)[0]
-        elif number == 9:
-            key, value = _pb_key_value(v)
-            span["attributes"][key] = value
-        elif number == 11:
-            event = {"name": "", "time": 0}
-            for n, _, ev in _fields(v):
-                if n == 1:
-                    event["time"] = struct.unpack("<Q", ev)[0]
-                elif n == 2:
-                    event["name"] = ev.decode()
-            span["events"].append(event)
-    return span
+def _pb_span(span) -> dict:
+    return {
+        "trace_id": span.trace_id.hex(), "span_id": span.span_id.hex(),
+        "parent_span_id": span.parent_span_id.hex(), "name": span.name, "kind": span.kind,
+        "start": span.start_time_unix_nano, "end": span.end_time_unix_nano,
+        "attributes": {a.key: _pb_any_value(a.value) for a in span.attributes},
+        "events": [{"name": e.name, "time": e.time_unix_nano} for e in span.events],
+    }
 
 
 def decode_otlp_protobuf(body: bytes) -> list[dict]:
-    """ExportTraceServiceRequest -> [{"resource": {attributes}, "spans": [span dicts]}]."""
-    batches = []
-    for number, _, resource_spans in _fields(body):
-        if number != 1:
-            continue
-        resource, spans = {}, []
-        for n, _, v in _fields(resource_spans):
-            if n == 1:  # Resource
-                resource.update(_pb_key_value(kv) for a, _, kv in _fields(v) if a == 1)
-            elif n in (2, 1000):  # ScopeSpans (or the old InstrumentationLibrarySpans)
-                spans += [_pb_span(s) for a, _, s in _fields(v) if a == 2]
-        batches.append({"resource": resource, "spans": spans})
-    return batches
+    """ExportTraceServiceRequest (decoded by the opentelemetry-proto package) ->
+    [{"resource": {attributes}, "spans": [span dicts]}]."""
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+    request = ExportTraceServiceRequest()
+    request.ParseFromString(body)
+    return [
+        {
+            "resource": {a.key: _pb_any_value(a.value) for a in rs.resource.attributes},
+            "spans": [_pb_span(s) for ss in rs.scope_spans for s in ss.spans],
+        }
+        for rs in request.resource_spans
+    ]
 
 
 def _json_id(value) -> str:
