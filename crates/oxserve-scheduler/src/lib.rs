@@ -6,6 +6,7 @@
 mod batch;
 mod facade;
 mod health;
+mod instances;
 mod queue;
 mod scheduler;
 mod sequence;

@@ -10,7 +10,7 @@
 use std::collections::BTreeMap;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicU8, Ordering as AtomicOrdering};
-use std::sync::{Arc, OnceLock, mpsc};
+use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -22,6 +22,7 @@ use tokio::sync::oneshot;
 
 use crate::batch::{concat_inputs, slice_rows};
 use crate::health::{FailureWindow, Verdict};
+use crate::instances::{Ready, Supervisor, create_instance, discard, recreate, row_shapes, start_threads};
 use crate::queue::{self, BatchQueue, Decision, Entry, Swept};
 use crate::types::{
     BatchTiming, Completed, ExecError, ExecutionObserver, Job, RequestTiming, SchedulerConfig, TimeoutAction,
@@ -109,29 +110,6 @@ impl Shared {
         }
     }
 
-    /// Counts an instance failure, giving up at the limit before anyone hears of the failure,
-    /// so that a client answered "the instance failed" finds the version's state settled.
-    fn instance_failed(&self, reason: &str) -> Verdict {
-        let verdict = self.failures.lock().record(Instant::now());
-        if let Verdict::GiveUp { failures } = verdict {
-            self.give_up(failures, reason);
-        }
-        verdict
-    }
-
-    /// Waits `wait` before an instance is re-created; false if the scheduler stops or gives up
-    /// meanwhile.
-    fn pause(&self, wait: Duration) -> bool {
-        let until = Instant::now() + wait;
-        let mut st = self.state.lock();
-        while !st.stopping && !st.failed {
-            if self.halt.wait_until(&mut st, until).timed_out() {
-                break;
-            }
-        }
-        !st.stopping && !st.failed
-    }
-
     /// Stops the version after repeated failures: every queued request is answered with the
     /// reason, new ones are refused, and the other instances finish their batch and end.
     fn give_up(&self, failures: usize, last: &str) {
@@ -172,6 +150,35 @@ impl Shared {
     }
 }
 
+impl Supervisor for Shared {
+    fn name(&self) -> &str {
+        &self.config.thread_name
+    }
+
+    /// Counts an instance failure, giving up at the limit before anyone hears of the failure,
+    /// so that a client answered "the instance failed" finds the version's state settled.
+    fn instance_failed(&self, reason: &str) -> Verdict {
+        let verdict = self.failures.lock().record(Instant::now());
+        if let Verdict::GiveUp { failures } = verdict {
+            self.give_up(failures, reason);
+        }
+        verdict
+    }
+
+    /// Waits `wait` before an instance is re-created; false if the scheduler stops or gives up
+    /// meanwhile.
+    fn pause(&self, wait: Duration) -> bool {
+        let until = Instant::now() + wait;
+        let mut st = self.state.lock();
+        while !st.stopping && !st.failed {
+            if self.halt.wait_until(&mut st, until).timed_out() {
+                break;
+            }
+        }
+        !st.stopping && !st.failed
+    }
+}
+
 /// The dynamic batcher of one model version (every model without `sequence_batching`).
 pub(crate) struct BatchScheduler {
     shared: Arc<Shared>,
@@ -207,41 +214,21 @@ impl BatchScheduler {
             failure: OnceLock::new(),
             config,
         });
-        let (ready_tx, ready_rx) = mpsc::channel::<Result<(), BackendError>>();
         let mut scheduler = BatchScheduler {
             shared: Arc::clone(&shared),
             threads: Vec::new(),
         };
-        for index in 0..shared.config.instances.max(1) {
-            let model = Arc::clone(&model);
-            let shared = Arc::clone(&shared);
-            let ready_tx = ready_tx.clone();
-            let spawned = std::thread::Builder::new()
-                .name(format!("{}#{index}", shared.config.thread_name))
-                .spawn(move || instance_thread(&shared, model.as_ref(), index, ready_tx));
-            match spawned {
-                Ok(handle) => scheduler.threads.push(handle),
-                Err(e) => {
-                    return Err(BackendError::new(
-                        BackendErrorKind::Internal,
-                        format!("cannot start instance thread: {e}"),
-                    ));
-                }
-            }
-        }
-        drop(ready_tx);
-        for _ in 0..scheduler.threads.len() {
-            match ready_rx.recv() {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => return Err(e),
-                Err(_) => {
-                    return Err(BackendError::new(
-                        BackendErrorKind::Internal,
-                        "an instance thread died at start",
-                    ));
-                }
-            }
-        }
+        let count = shared.config.instances.max(1);
+        start_threads(
+            &mut scheduler.threads,
+            count,
+            &shared.config.thread_name,
+            |index, ready| {
+                let model = Arc::clone(&model);
+                let shared = Arc::clone(&shared);
+                move || instance_thread(&shared, model.as_ref(), index, ready)
+            },
+        )?;
         Ok(scheduler)
     }
 
@@ -277,17 +264,7 @@ impl BatchScheduler {
         } else {
             1
         };
-        let key = job
-            .inputs
-            .iter()
-            .map(|t| {
-                if batched {
-                    t.shape.get(1..).unwrap_or_default().to_vec()
-                } else {
-                    t.shape.clone()
-                }
-            })
-            .collect();
+        let key = row_shapes(&job.inputs, batched);
         let now = Instant::now();
         let deadline = queue::deadline(
             now,
@@ -398,12 +375,7 @@ impl Drop for BatchScheduler {
 
 /// Creates the instance, reports to [`BatchScheduler::start`], then serves until the scheduler
 /// stops, re-creating the instance after each failure until the restart policy gives up.
-fn instance_thread(
-    shared: &Shared,
-    model: &dyn LoadedModel,
-    index: usize,
-    ready: mpsc::Sender<Result<(), BackendError>>,
-) {
+fn instance_thread(shared: &Shared, model: &dyn LoadedModel, index: usize, ready: Ready) {
     let mut instance = match create_instance(model, index) {
         Ok(instance) => instance,
         Err(e) => {
@@ -436,73 +408,6 @@ fn instance_thread(
         match recreate(shared, model, index, reason, verdict) {
             Some(fresh) => instance = fresh,
             None => return,
-        }
-    }
-}
-
-/// Calls the engine's `new_instance`, turning a panic into an error.
-pub(crate) fn create_instance(
-    model: &dyn LoadedModel,
-    index: usize,
-) -> Result<Box<dyn ModelInstance>, BackendError> {
-    match catch_unwind(AssertUnwindSafe(|| model.new_instance(index))) {
-        Ok(created) => created,
-        Err(payload) => Err(BackendError::new(
-            BackendErrorKind::Internal,
-            format!(
-                "instance #{index} panicked while being created: {}",
-                truncate(&panic_message(payload.as_ref()), 300)
-            ),
-        )),
-    }
-}
-
-/// Drops an instance; a panic in the engine's destructor is logged, never propagated.
-pub(crate) fn discard(instance: Box<dyn ModelInstance>, index: usize) {
-    if let Err(payload) = catch_unwind(AssertUnwindSafe(move || drop(instance))) {
-        tracing::error!(
-            instance = index,
-            panic = %truncate(&panic_message(payload.as_ref()), 300),
-            "model instance panicked while being dropped"
-        );
-    }
-}
-
-/// Re-creates the instance after the policy's backoff, counting re-creations that fail; `None`
-/// when the version gives up (or the scheduler stops meanwhile).
-fn recreate(
-    shared: &Shared,
-    model: &dyn LoadedModel,
-    index: usize,
-    mut reason: String,
-    mut verdict: Verdict,
-) -> Option<Box<dyn ModelInstance>> {
-    loop {
-        let after = match verdict {
-            // `instance_failed` has already given up and answered the queue.
-            Verdict::GiveUp { .. } => return None,
-            Verdict::Restart { after } => after,
-        };
-        tracing::error!(
-            scheduler = %shared.config.thread_name, instance = index, %reason,
-            retry_in_ms = after.as_millis() as u64,
-            "model instance failed; re-creating it"
-        );
-        if !shared.pause(after) {
-            return None;
-        }
-        match create_instance(model, index) {
-            Ok(instance) => {
-                tracing::info!(
-                    scheduler = %shared.config.thread_name, instance = index,
-                    "model instance re-created"
-                );
-                return Some(instance);
-            }
-            Err(e) => {
-                reason = e.message().to_string();
-                verdict = shared.instance_failed(&reason);
-            }
         }
     }
 }

@@ -12,17 +12,17 @@
 mod run;
 mod slots;
 
-use std::sync::mpsc;
 use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use oxserve_backend::{BackendError, BackendErrorKind, LoadedModel};
+use oxserve_backend::{BackendError, LoadedModel};
 use oxserve_core::{DataType, Tensor};
 use parking_lot::{Condvar, Mutex};
 use tokio::sync::oneshot;
 
 use crate::health::FailureWindow;
+use crate::instances::start_threads;
 use crate::types::{Completed, ExecError, ExecutionObserver, SchedulerConfig};
 use slots::{Admission, Pending, Slots};
 
@@ -185,41 +185,20 @@ impl SequenceScheduler {
             sequence,
             observer,
         });
-        let (ready_tx, ready_rx) = mpsc::channel::<Result<(), BackendError>>();
         let mut scheduler = SequenceScheduler {
             shared: Arc::clone(&shared),
             threads: Vec::new(),
         };
-        for index in 0..instances {
-            let model = Arc::clone(&model);
-            let shared = Arc::clone(&shared);
-            let ready_tx = ready_tx.clone();
-            let spawned = std::thread::Builder::new()
-                .name(format!("{}#{index}", shared.config.thread_name))
-                .spawn(move || run::instance_thread(&shared, model.as_ref(), index, ready_tx));
-            match spawned {
-                Ok(handle) => scheduler.threads.push(handle),
-                Err(e) => {
-                    return Err(BackendError::new(
-                        BackendErrorKind::Internal,
-                        format!("cannot start instance thread: {e}"),
-                    ));
-                }
-            }
-        }
-        drop(ready_tx);
-        for _ in 0..scheduler.threads.len() {
-            match ready_rx.recv() {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => return Err(e),
-                Err(_) => {
-                    return Err(BackendError::new(
-                        BackendErrorKind::Internal,
-                        "an instance thread died at start",
-                    ));
-                }
-            }
-        }
+        start_threads(
+            &mut scheduler.threads,
+            instances,
+            &shared.config.thread_name,
+            |index, ready| {
+                let model = Arc::clone(&model);
+                let shared = Arc::clone(&shared);
+                move || run::instance_thread(&shared, model.as_ref(), index, ready)
+            },
+        )?;
         Ok(scheduler)
     }
 

@@ -3,7 +3,6 @@
 //! state), running it, and handing each sequence its outputs and new state.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -15,7 +14,7 @@ use super::slots::{Candidate, Taken};
 use super::{ControlInput, ControlKind, CorrelationId, Outcome, SequenceStrategy, Shared};
 use crate::batch::{concat_inputs, slice_rows};
 use crate::health::Verdict;
-use crate::scheduler::{create_instance, discard};
+use crate::instances::{Ready, Supervisor, create_instance, discard, recreate};
 use crate::types::{BatchTiming, Completed, ExecError, RequestTiming};
 
 /// Which of the ready sequences run now, or how long to wait for more.
@@ -77,12 +76,7 @@ pub(crate) fn choose(
 
 /// Creates the instance, reports to `start`, then serves until the scheduler stops,
 /// re-creating the instance after a failure until the restart policy gives up.
-pub(super) fn instance_thread(
-    shared: &Shared,
-    model: &dyn LoadedModel,
-    index: usize,
-    ready: mpsc::Sender<Result<(), BackendError>>,
-) {
+pub(super) fn instance_thread(shared: &Shared, model: &dyn LoadedModel, index: usize, ready: Ready) {
     let mut instance = match create_instance(model, index) {
         Ok(instance) => instance,
         Err(e) => {
@@ -93,49 +87,42 @@ pub(super) fn instance_thread(
     let _ = ready.send(Ok(()));
     drop(ready);
     while let Some(batch) = next_batch(shared, index) {
-        let Some(mut reason) = run_batch(shared, instance.as_mut(), batch) else {
+        let Some(reason) = run_batch(shared, instance.as_mut(), batch) else {
             continue;
         };
         discard(instance, index);
-        let mut verdict = shared.failures.lock().record(Instant::now());
-        instance = loop {
-            let after = match verdict {
-                Verdict::GiveUp { failures } => {
-                    shared.give_up(failures, &reason);
-                    return;
-                }
-                Verdict::Restart { after } => after,
-            };
-            tracing::error!(
-                scheduler = %shared.config.thread_name, instance = index, %reason,
-                retry_in_ms = after.as_millis() as u64,
-                "model instance failed; re-creating it"
-            );
-            if !pause(shared, after) {
-                return;
-            }
-            match create_instance(model, index) {
-                Ok(fresh) => break fresh,
-                Err(e) => {
-                    reason = e.message().to_string();
-                    verdict = shared.failures.lock().record(Instant::now());
-                }
-            }
-        };
+        let verdict = shared.instance_failed(&reason);
+        match recreate(shared, model, index, reason, verdict) {
+            Some(fresh) => instance = fresh,
+            None => return,
+        }
     }
     discard(instance, index);
 }
 
-/// Waits before an instance is re-created; false if the scheduler stops or gives up meanwhile.
-fn pause(shared: &Shared, wait: Duration) -> bool {
-    let until = Instant::now() + wait;
-    let mut st = shared.state.lock();
-    while !st.stopping && !st.failed {
-        if shared.wake.wait_until(&mut st, until).timed_out() {
-            break;
-        }
+impl Supervisor for Shared {
+    fn name(&self) -> &str {
+        &self.config.thread_name
     }
-    !st.stopping && !st.failed
+
+    fn instance_failed(&self, reason: &str) -> Verdict {
+        let verdict = self.failures.lock().record(Instant::now());
+        if let Verdict::GiveUp { failures } = verdict {
+            self.give_up(failures, reason);
+        }
+        verdict
+    }
+
+    fn pause(&self, wait: Duration) -> bool {
+        let until = Instant::now() + wait;
+        let mut st = self.state.lock();
+        while !st.stopping && !st.failed {
+            if self.wake.wait_until(&mut st, until).timed_out() {
+                break;
+            }
+        }
+        !st.stopping && !st.failed
+    }
 }
 
 /// Waits for the instance's next batch; `None` when the scheduler stops (and the instance has

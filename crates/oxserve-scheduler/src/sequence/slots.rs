@@ -156,17 +156,7 @@ impl Slots {
                 Some(Candidate {
                     slot,
                     enqueued: front.enqueued,
-                    shapes: front
-                        .inputs
-                        .iter()
-                        .map(|t| {
-                            if batched {
-                                t.shape.get(1..).unwrap_or_default().to_vec()
-                            } else {
-                                t.shape.clone()
-                            }
-                        })
-                        .collect(),
+                    shapes: crate::instances::row_shapes(&front.inputs, batched),
                 })
             })
             .collect()

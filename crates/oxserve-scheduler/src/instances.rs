@@ -1,0 +1,152 @@
+//! What both schedulers (the dynamic batcher and the sequence batcher) do with instance
+//! threads: start one per instance and wait until each has created its instance, create and
+//! drop instances without letting an engine's panic out, and re-create a failed instance after
+//! the restart policy's backoff.
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use oxserve_backend::support::{panic_message, truncate};
+use oxserve_backend::{BackendError, BackendErrorKind, LoadedModel, ModelInstance};
+use oxserve_core::Tensor;
+
+use crate::health::Verdict;
+
+/// How an instance thread tells `start` that its instance exists (or why it does not).
+pub(crate) type Ready = mpsc::Sender<Result<(), BackendError>>;
+
+/// Starts `count` threads named `<name>#<index>` running `body(index, ready)`, pushing their
+/// handles into `threads` (so the caller's drop stops them if a later one fails), and waits
+/// until every one has reported its instance; the first error is returned.
+pub(crate) fn start_threads<F, B>(
+    threads: &mut Vec<JoinHandle<()>>,
+    count: usize,
+    name: &str,
+    body: F,
+) -> Result<(), BackendError>
+where
+    F: Fn(usize, Ready) -> B,
+    B: FnOnce() + Send + 'static,
+{
+    let (ready_tx, ready_rx) = mpsc::channel::<Result<(), BackendError>>();
+    for index in 0..count {
+        let run = body(index, ready_tx.clone());
+        let spawned = std::thread::Builder::new()
+            .name(format!("{name}#{index}"))
+            .spawn(run);
+        match spawned {
+            Ok(handle) => threads.push(handle),
+            Err(e) => {
+                return Err(BackendError::new(
+                    BackendErrorKind::Internal,
+                    format!("cannot start instance thread: {e}"),
+                ));
+            }
+        }
+    }
+    drop(ready_tx);
+    for _ in 0..threads.len() {
+        match ready_rx.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(e),
+            Err(_) => {
+                return Err(BackendError::new(
+                    BackendErrorKind::Internal,
+                    "an instance thread died at start",
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Calls the engine's `new_instance`, turning a panic into an error.
+pub(crate) fn create_instance(
+    model: &dyn LoadedModel,
+    index: usize,
+) -> Result<Box<dyn ModelInstance>, BackendError> {
+    match catch_unwind(AssertUnwindSafe(|| model.new_instance(index))) {
+        Ok(created) => created,
+        Err(payload) => Err(BackendError::new(
+            BackendErrorKind::Internal,
+            format!(
+                "instance #{index} panicked while being created: {}",
+                truncate(&panic_message(payload.as_ref()), 300)
+            ),
+        )),
+    }
+}
+
+/// Drops an instance; a panic in the engine's destructor is logged, never propagated.
+pub(crate) fn discard(instance: Box<dyn ModelInstance>, index: usize) {
+    if let Err(payload) = catch_unwind(AssertUnwindSafe(move || drop(instance))) {
+        tracing::error!(
+            instance = index,
+            panic = %truncate(&panic_message(payload.as_ref()), 300),
+            "model instance panicked while being dropped"
+        );
+    }
+}
+
+/// What re-creating a failed instance needs from its scheduler.
+pub(crate) trait Supervisor {
+    /// The scheduler's thread name, for logs.
+    fn name(&self) -> &str;
+    /// Counts a failure against the restart policy (giving the version up at the limit).
+    fn instance_failed(&self, reason: &str) -> Verdict;
+    /// Waits `wait`; false if the scheduler stops or gives up meanwhile.
+    fn pause(&self, wait: Duration) -> bool;
+}
+
+/// Re-creates the instance after the policy's backoff, counting re-creations that fail; `None`
+/// when the version gives up (or the scheduler stops meanwhile).
+pub(crate) fn recreate(
+    supervisor: &dyn Supervisor,
+    model: &dyn LoadedModel,
+    index: usize,
+    mut reason: String,
+    mut verdict: Verdict,
+) -> Option<Box<dyn ModelInstance>> {
+    loop {
+        let after = match verdict {
+            // `instance_failed` has already given up and answered the queue.
+            Verdict::GiveUp { .. } => return None,
+            Verdict::Restart { after } => after,
+        };
+        tracing::error!(
+            scheduler = %supervisor.name(), instance = index, %reason,
+            retry_in_ms = after.as_millis() as u64,
+            "model instance failed; re-creating it"
+        );
+        if !supervisor.pause(after) {
+            return None;
+        }
+        match create_instance(model, index) {
+            Ok(instance) => {
+                tracing::info!(scheduler = %supervisor.name(), instance = index, "model instance re-created");
+                return Some(instance);
+            }
+            Err(e) => {
+                reason = e.message().to_string();
+                verdict = supervisor.instance_failed(&reason);
+            }
+        }
+    }
+}
+
+/// A request's input shapes as batching compares them: without the batch dimension when the
+/// model batches (requests batch together only when these agree).
+pub(crate) fn row_shapes(inputs: &[Tensor], batched: bool) -> Vec<Vec<i64>> {
+    inputs
+        .iter()
+        .map(|t| {
+            if batched {
+                t.shape.get(1..).unwrap_or_default().to_vec()
+            } else {
+                t.shape.clone()
+            }
+        })
+        .collect()
+}
