@@ -766,3 +766,38 @@ def test_statistics_count_every_request(seq_server):
     finally:
         h.close()
         g.close()
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_asyncio_clients_run_interleaved_sequences(seq_server, protocol):
+    """tritonclient's asyncio clients (http.aio, grpc.aio): three sequences interleaved step by
+    step from one event loop, every answer against the onnxruntime reference, then a request
+    without START refused with Triton's message."""
+    import asyncio
+
+    import tritonclient.grpc.aio as grpcaio
+    import tritonclient.http.aio as httpaio
+
+    model = "seq_direct"
+    seqs = {new_id(): sequence_values(seed, 5) for seed in (21, 22, 23)}
+    expected = {s: reference_run(model, s, values) for s, values in seqs.items()}
+
+    async def main() -> None:
+        client = (httpaio.InferenceServerClient(seq_server.http_host) if protocol == "http"
+                  else grpcaio.InferenceServerClient(seq_server.grpc_host))
+        try:
+            for step in range(5):
+                calls = [client.infer(model, _inputs(protocol, model, values[step]), sequence_id=s,
+                                      sequence_start=step == 0, sequence_end=step == 4)
+                         for s, values in seqs.items()]
+                for s, result in zip(seqs, await asyncio.gather(*calls)):
+                    got = {n: result.as_numpy(n) for n in BATCHED_OUTPUTS}
+                    check_step(model, s, got, expected[s][step], f"aio {protocol} seq {s} step {step}")
+            stray = new_id()
+            with pytest.raises(InferenceServerException) as refused:
+                await client.infer(model, _inputs(protocol, model, 1), sequence_id=stray)
+            assert no_start_message(model, stray) in str(refused.value), str(refused.value)
+        finally:
+            await client.close()
+
+    asyncio.run(main())

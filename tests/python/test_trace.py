@@ -1292,3 +1292,42 @@ def test_opentelemetry_traceparent_forces_sampling():
         roots = [s for s in spans if s["name"] == "InferRequest"]
         assert sorted(r["parent_span_id"] for r in roots) == ["", *[TRACEPARENT_SPAN_ID] * 3], roots
         assert all(r["trace_id"] == TRACEPARENT_TRACE_ID for r in roots if r["parent_span_id"]), roots
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_asyncio_clients_read_and_change_settings(tmp_path, protocol):
+    """tritonclient's asyncio clients: get_trace_settings / update_trace_settings globally and
+    for a model, a model override over the global setting, and its removal by clearing."""
+    import asyncio
+
+    import tritonclient.grpc.aio as grpcaio
+    import tritonclient.http.aio as httpaio
+
+    file = str(tmp_path / "aio.log")
+    args = trace_config(f"triton,file={file}", "level=TIMESTAMPS", "rate=1")
+
+    def flat(settings) -> dict:
+        if protocol == "http":
+            return settings
+        return {k: (v["value"] if k == "trace_level" else v["value"][0])
+                for k, v in settings["settings"].items()}
+
+    with serving("trace-aio", args) as server:
+        async def main() -> None:
+            client = (httpaio.InferenceServerClient(server.http_host) if protocol == "http"
+                      else grpcaio.InferenceServerClient(server.grpc_host))
+            kwargs = {} if protocol == "http" else {"as_json": True}
+            try:
+                initial = flat(await client.get_trace_settings(**kwargs))
+                assert initial["trace_rate"] == "1" and initial["trace_file"] == file, initial
+                changed = flat(await client.update_trace_settings(
+                    model_name=MODEL, settings={"trace_rate": "7"}, **kwargs))
+                assert changed["trace_rate"] == "7", changed
+                assert flat(await client.get_trace_settings(**kwargs))["trace_rate"] == "1"
+                cleared = flat(await client.update_trace_settings(
+                    model_name=MODEL, settings={"trace_rate": None}, **kwargs))
+                assert cleared == initial, cleared
+            finally:
+                await client.close()
+
+        asyncio.run(main())
