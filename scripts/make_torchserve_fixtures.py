@@ -43,6 +43,11 @@ Layout:
         raises PredictionException; {"die": true} os._exit(1)s the worker; {"headers": true}
         adds all the request headers the worker got; multipart without body/data ->
         {"parts": {name: len}}; not JSON -> {"bytes": len}.
+    <out>/model-store/segmenter_small.mar     handler image_segmenter (TorchServe's default),
+        model.pt only. model.pt = torch.jit.trace(strict=False) of a small fully convolutional
+        net on [N,3,224,224] answering a dict, as torchvision's segmentation models do:
+        {"out": Conv(3->8,3x3,p1)-ReLU-Conv(8->4,3x3,p1)} = [N,4,224,224] scores, weights from
+        torch.manual_seed(2) (last layer scaled x8 so the softmax is not flat).
     <out>/kitten.jpg                           a 320x240 JPEG (quality 90): colour gradient +
         shapes, drawn with numpy/PIL (no real kitten).
     <out>/handler.py                           the linear_base handler, as archived.
@@ -50,7 +55,11 @@ Layout:
     <out>/fixtures.json                        sha256 and size of each fixture, MANIFEST.json of
         each .mar, and locally computed expected outputs (the image_classifier pipeline run in
         this Python: Resize(256), CenterCrop(224), ToTensor, Normalize(ImageNet), softmax,
-        top 5 -> {label: prob}; and the Linear outputs).
+        top 5 -> {label: prob}; the Linear outputs; "segmenter_small/kitten.jpg": the
+        image_segmenter pipeline, the same preprocessing, out -> softmax over the classes ->
+        max -> stack([class as float, probability]) -> tolist(): "segments" the [224][224][2]
+        list (on one line), "shape", "class_counts", "top_probability_min_max" and
+        "top2_gap_below_0.02" (pixels whose two most probable classes are that close)).
     <out>/torchserve_reference.json            the recorded exchanges (see below).
 
 Determinism: model.pt, handler.py, custom_handler.py, kitten.jpg, the .mar files and
@@ -63,6 +72,8 @@ each .mar the real archiver wrote is then rewritten member for member, same byte
 compression: members sorted by name, times 1980-01-01 00:00:00, mode 0644, and "createdOn"
 replaced by "01/01/2024 00:00:00" (the archiver's format "%d/%m/%Y %H:%M:%S"; the manifest is
 re-serialised exactly as the archiver does, json.dumps(indent=2), keys in its order).
+The [224][224][2] lists (fixtures.json's "segments", the recorded segmenter answer) are
+written on one line each (json.dumps separators (",", ":")); everything else with indent=2.
 torchserve_reference.json is NOT deterministic: it holds live server answers (worker pids,
 start times, memory, latencies) verbatim; only absolute paths of the scratch directory are
 replaced by "<work>".
@@ -88,7 +99,8 @@ so the pid file, key_file.json and logs/ stay out of the system temp dir and the
      "startup_with_model": {...}                       `--models densenet_small=densenet_small.mar`
          with metrics_mode=prometheus: start_to_ping_s, start_to_first_prediction_s,
          pings_while_loading, predictions_while_loading, rss_after_first_prediction,
-         metrics {families, sample_names, ts_families}, exchanges,
+         metrics {families, sample_names, ts_families}, exchanges (describe_loaded_at_startup
+         once every worker is READY),
      "token_auth_default": {...}                       without --disable-token-auth: key_file.json
          shape (keys redacted to length + character classes), calls without/with tokens,
      "custom_handler": {...}                           custom_echo.mar on the first start, after
@@ -107,6 +119,16 @@ so the pid file, key_file.json and logs/ stay out of the system temp dir and the
          <out>), "die" (worker states seen until a new READY worker, restarted_s),
          "worker_errors_excerpt" (the custom part's model_log.log exception lines), "rows",
          "raw_bytes_hex", "broken_handler_py", "broken_manifest",
+     "image_segmenter": {...}                          segmenter_small.mar on the first start,
+         last (after the "allowed_urls" "default" part): "exchanges" register_segmenter_small
+         (1 worker, synchronous), describe_segmenter_small, predict_segmenter_kitten (raw POST
+         of kitten.jpg), predict_segmenter_bad_image_bytes, unregister_segmenter_small,
+         list_after_segmenter; predict_segmenter_kitten keeps "body_json" (the parsed
+         [224][224][2] list, on one line) and, instead of "body_raw" (~3 MB: the worker's
+         json.dumps(list, indent=2)), "body_raw_head" (its first 200 characters),
+         "body_raw_len", "body_raw_sha256" and "body_raw_is_json_dumps_indent_2";
+         "register_segmenter_small_s", "worker_errors_excerpt" (this part's model_log.log
+         exception lines),
      "allowed_urls": {...}                             registration from URLs (TorchServe's
          allowed_urls: comma-separated Java regexes, each matched case-insensitively against the
          whole url). The http server serves densenet_small.mar copies as "http_files"
@@ -161,6 +183,7 @@ CACHE = Path(os.environ.get("OXSERVE_CACHE", Path.home() / ".cache" / "oxserve")
 BIN = Path(sys.executable).parent
 FIXED_CREATED_ON = "01/01/2024 00:00:00"
 INF, MGMT, METRICS = 18080, 18081, 18082
+SEGMENTER_CLASSES = 4
 
 LABELS = [
     ("n01440764", "tench"),
@@ -342,6 +365,28 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+class Compact:
+    """A value that dumps() writes on one line (json.dumps with separators (",", ":")): the
+    segmenter's [224][224][2] lists, which would take ~100k lines indented."""
+
+    def __init__(self, value):
+        self.value = value
+
+
+def dumps(obj, sort_keys: bool = False) -> str:
+    """json.dumps(obj, indent=2), Compact values on one line."""
+    blobs = []
+
+    def default(o):
+        if isinstance(o, Compact):
+            blobs.append(json.dumps(o.value, separators=(",", ":")))
+            return f"@@compact:{len(blobs) - 1}@@"
+        raise TypeError(f"{type(o).__name__} is not JSON serializable")
+
+    text = json.dumps(obj, indent=2, sort_keys=sort_keys, default=default)
+    return re.sub(r'"@@compact:(\d+)@@"', lambda m: blobs[int(m.group(1))], text)
+
+
 def make_image(path: Path):
     import numpy as np
     from PIL import Image, ImageDraw
@@ -409,6 +454,32 @@ def make_models(work: Path):
     shutil.copy(d / "model.pt", c / "model.pt")
     (c / "custom_handler.py").write_text(CUSTOM_HANDLER)
 
+    # segmenter_small: TorchServe's image_segmenter reads the model's dict result's "out"
+    # ([N, classes, H, W] scores), as torchvision's segmentation models answer.
+    class SmallSegmenter(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1 = torch.nn.Conv2d(3, 8, 3, padding=1)
+            self.conv2 = torch.nn.Conv2d(8, SEGMENTER_CLASSES, 3, padding=1)
+
+        def forward(self, x):
+            return {"out": self.conv2(torch.relu(self.conv1(x)))}
+
+    torch.manual_seed(2)
+    seg = SmallSegmenter().eval()
+    with torch.no_grad():
+        seg.conv2.weight.mul_(8.0)
+        seg.conv2.bias.mul_(8.0)
+    d = work / "segmenter_small"
+    d.mkdir()
+    with torch.no_grad():
+        try:
+            traced = torch.jit.trace(seg, torch.zeros(1, 3, 224, 224), strict=False,
+                                     _store_inputs=False)
+        except TypeError:
+            traced = torch.jit.trace(seg, torch.zeros(1, 3, 224, 224), strict=False)
+        traced.save(str(d / "model.pt"))
+
 
 def archive(work: Path, store: Path, name: str, src: str, handler: str, extra: list[str]):
     cmd = [str(BIN / "torch-model-archiver"), "--model-name", name, "--version", "1.0",
@@ -461,9 +532,25 @@ def expected_outputs(work: Path, out: Path):
     rows = [[1.0, 2.0, 3.0, 4.0], [-1.0, 0.5, 0.0, 2.0]]
     with torch.inference_mode():
         linear = lin(torch.tensor(rows)).tolist()
+
+    # image_segmenter: TorchServe's ImageSegmenter.postprocess on the same preprocessing.
+    seg = torch.jit.load(str(work / "segmenter_small" / "model.pt"))
+    with torch.inference_mode():
+        scores = seg(x)["out"]
+        top = torch.max(F.softmax(scores, dim=1), dim=1)
+        segments = torch.stack([top.indices.type(top.values.dtype), top.values], dim=3)
+        second = torch.topk(F.softmax(scores, dim=1), 2, dim=1).values
     return {
         "densenet_small/kitten.jpg": {"logits": logits[0].tolist(), "top5": image},
         "linear_base": {"input": rows, "output": linear},
+        "segmenter_small/kitten.jpg": {
+            "shape": list(segments[0].shape),
+            "class_counts": torch.bincount(top.indices[0].flatten(),
+                                           minlength=SEGMENTER_CLASSES).tolist(),
+            "top_probability_min_max": [top.values.min().item(), top.values.max().item()],
+            "top2_gap_below_0.02": int((second[:, 0] - second[:, 1] < 0.02).sum()),
+            "segments": Compact(segments[0].tolist()),
+        },
     }
 
 
@@ -481,6 +568,7 @@ def build_fixtures(out: Path, work: Path):
         ("linear_base", "linear_base", "handler.py", []),
         ("linear_basehandler", "linear_base", "base_handler", []),
         ("custom_echo", "custom_echo", "custom_handler.py", []),
+        ("segmenter_small", "segmenter_small", "image_segmenter", []),
     ]:
         _, cmd = archive(work, store, name, src, handler, extra)
         cmds[name] = ["torch-model-archiver"] + cmd[1:cmd.index("--export-path")] + \
@@ -497,7 +585,7 @@ def build_fixtures(out: Path, work: Path):
                 files[rel]["archiver_command"] = cmds[p.stem]
     fixtures = {"files": files, "expected": expected_outputs(work, out),
                 "labels": {str(i): list(v) for i, v in enumerate(LABELS)}}
-    (out / "fixtures.json").write_text(json.dumps(fixtures, indent=2, sort_keys=True) + "\n")
+    (out / "fixtures.json").write_text(dumps(fixtures, sort_keys=True) + "\n")
     return fixtures
 
 
@@ -863,6 +951,9 @@ def run_workflow(out: Path, work: Path, args):
         # TorchServe's default allowed_urls, last (the listings above stay as they were).
         ref["allowed_urls"] = {"default": record_default_allowed_urls(store, work, http,
                                                                       requests)}
+        # image_segmenter (segmenter_small.mar), last: the listings above stay as they were.
+        seg_mark = _log_size(srv)
+        ref["image_segmenter"] = record_segmenter(work, jpg, requests)
     except BaseException:
         srv.dump_logs()
         http.close()
@@ -871,7 +962,9 @@ def run_workflow(out: Path, work: Path, args):
         srv.stop()
     ref["exchanges"] = rec.exchanges
     ref["worker_errors_excerpt"] = worker_errors(srv, work, end=log_mark)
-    ref["custom_handler"]["worker_errors_excerpt"] = worker_errors(srv, work, start=log_mark)
+    ref["custom_handler"]["worker_errors_excerpt"] = worker_errors(srv, work, start=log_mark,
+                                                                   end=seg_mark)
+    ref["image_segmenter"]["worker_errors_excerpt"] = worker_errors(srv, work, start=seg_mark)
     ref["startup_with_model"] = startup_with_model(work, store, jpg, requests)
     try:
         ref["allowed_urls"].update(record_allowed_urls(work, store, http, jpg, requests))
@@ -898,6 +991,41 @@ def worker_errors(srv: Server, work: Path, limit=40, start=0, end=None):
              for line in text.splitlines()
              if re.search(r"(Error|Exception)\b.*:|Traceback", line)]
     return lines[:limit]
+
+
+# ---------------------------------------------------------------------------------------------
+# TorchServe's default image_segmenter (segmenter_small.mar)
+
+
+def record_segmenter(work: Path, jpg: bytes, requests) -> dict:
+    """segmenter_small.mar (handler image_segmenter) on the running TorchServe: registration
+    (1 worker), describe, kitten.jpg, bytes that are no image, unregister. The prediction's
+    body (the Python worker's json.dumps(list, indent=2) of the [224][224][2] list, ~3 MB) is
+    kept as its parsed list on one line, the first 200 characters of the text, its length and
+    sha256, and whether it is exactly json.dumps(parsed, indent=2)."""
+    rec = Recorder(requests, work)
+    res = {}
+    t0 = time.monotonic()
+    rec("register_segmenter_small", "POST", MGMT, "/models?url=segmenter_small.mar"
+        "&initial_workers=1&synchronous=true")
+    res["register_segmenter_small_s"] = round(time.monotonic() - t0, 2)
+    _wait_workers(rec, "segmenter_small")
+    rec("describe_segmenter_small", "GET", MGMT, "/models/segmenter_small")
+    ex = rec("predict_segmenter_kitten", "POST", INF, "/predictions/segmenter_small", data=jpg)
+    raw = ex.pop("body_raw", None)
+    if raw is not None:
+        body = ex["body_json"]
+        ex["body_json"] = Compact(body)
+        ex["body_raw_head"] = raw[:200]
+        ex["body_raw_len"] = len(raw)
+        ex["body_raw_sha256"] = hashlib.sha256(raw.encode()).hexdigest()
+        ex["body_raw_is_json_dumps_indent_2"] = raw == json.dumps(body, indent=2)
+    rec("predict_segmenter_bad_image_bytes", "POST", INF, "/predictions/segmenter_small",
+        data=b"this is not an image")
+    rec("unregister_segmenter_small", "DELETE", MGMT, "/models/segmenter_small")
+    rec("list_after_segmenter", "GET", MGMT, "/models")
+    res["exchanges"] = rec.exchanges
+    return res
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1113,16 +1241,19 @@ def record_custom_handler(srv: Server, out: Path, work: Path, requests) -> dict:
     return res
 
 
-def _wait_workers(rec, model, timeout=60):
+def _wait_workers(rec, model, timeout=60, every=False):
+    """Until describe shows a READY worker of `model` (`every`: all its workers READY)."""
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
         ex = rec("wait", "GET", MGMT, f"/models/{model}", record=False)
         body = ex.get("body_json")
-        if isinstance(body, list) and body and any(
-                w.get("status") == "READY" for w in body[0].get("workers", [])):
-            return
+        if isinstance(body, list) and body:
+            ready = [w.get("status") == "READY" for w in body[0].get("workers", [])]
+            if ready and (all(ready) if every else any(ready)):
+                return
         time.sleep(0.2)
-    log(f"{model}: no READY worker after {timeout} s")
+    log(f"{model}: no READY worker after {timeout} s" if not every else
+        f"{model}: not all workers READY after {timeout} s")
 
 
 def token_probe(work: Path, store: Path, requests):
@@ -1210,6 +1341,9 @@ def startup_with_model(work: Path, store: Path, jpg: bytes, requests):
         res["pings_while_loading"] = pings
         res["predictions_while_loading"] = answers
         res["rss_after_first_prediction"] = srv.rss(requests)
+        # The first prediction can come before the other workers are READY (describe said
+        # "UNLOADING" for the second of 2 in one run): wait for all of them.
+        _wait_workers(rec, "densenet_small", every=True)
         rec("describe_loaded_at_startup", "GET", MGMT, "/models/densenet_small")
         for i in range(5):
             rec("predict", "POST", INF, "/predictions/densenet_small", data=jpg, record=i == 0)
@@ -1446,8 +1580,7 @@ def main():
         if not args.no_server:
             ref = run_workflow(tmp_out, work, args)
             ref["script_s"] = round(time.monotonic() - t_start, 1)
-            (tmp_out / "torchserve_reference.json").write_text(
-                json.dumps(ref, indent=2) + "\n")
+            (tmp_out / "torchserve_reference.json").write_text(dumps(ref) + "\n")
         (tmp_out / ".complete").write_text("")
         tmp_out.chmod(0o755)
         if out.exists():

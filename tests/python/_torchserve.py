@@ -79,7 +79,8 @@ def fixtures_dir() -> Path:
                  "with --no-server or without java)")
     return _fixtures.generated(
         FIXTURES_ENV, "venv-torchserve", "scripts/make_torchserve_fixtures.py",
-        ["model-store/densenet_small.mar", "model-store/linear_base.mar", "kitten.jpg",
+        ["model-store/densenet_small.mar", "model-store/linear_base.mar",
+         "model-store/segmenter_small.mar", "kitten.jpg",
          "fixtures.json", "torchserve_reference.json"],
         timeout=900, hints={"torchserve_reference.json": java_hint})
 

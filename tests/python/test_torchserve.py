@@ -34,6 +34,11 @@ management, metrics and gRPC ports on free ports).
    by a local http server and named by file:// urls (status, error type and message, describe's
    modelUrl, predictions, what was fetched, the model store's listing after each); TorchServe's
    default allowed_urls accepting an http url.
+10. image_segmenter natively (segmenter_small.mar): registration, describe (the worker is the
+   server itself) and unregister as TorchServe's; kitten.jpg's [224][224][2] answer laid out
+   as TorchServe's json.dumps(indent=2), the class as TorchServe's for >= 99 % of the pixels
+   and the probability within 5e-2 where it is (the resize is not PIL's); bytes that are no
+   image a 400 as for image_classifier.
 
 Differences from TorchServe asserted as oxserve's behaviour: /ping needs no key and an
 undecodable image is a 400 BadRequestException (TorchServe: 503 "Prediction failed"), both in
@@ -46,6 +51,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import stat
@@ -436,11 +442,13 @@ ESCAPES = {
 @pytest.fixture(scope="module")
 def ts_server(error_root):
     """Model API on, token authorization off, densenet_small at start-up; the store also holds
-    linear_base.mar (custom handler.py), linear_basehandler.mar (base_handler), a file that is
-    not a zip and archives with entries that leave the archive."""
+    linear_base.mar (custom handler.py), linear_basehandler.mar (base_handler),
+    segmenter_small.mar (image_segmenter), a file that is not a zip and archives with entries
+    that leave the archive."""
     store = error_root / "store"
     store.mkdir()
-    for name in ("densenet_small.mar", "linear_base.mar", "linear_basehandler.mar"):
+    for name in ("densenet_small.mar", "linear_base.mar", "linear_basehandler.mar",
+                 "segmenter_small.mar"):
         shutil.copy(STORE / name, store)
     (store / "not_a_zip.mar").write_bytes(b"this is not a zip archive\n" * 10)
     manifest = json.dumps(REFUSED_ARCHIVE_MANIFEST).encode()
@@ -1485,4 +1493,182 @@ def test_default_allowed_urls_accept_http(ts_server, tmp_path):
                                                ref["store_before"])
     assert not diffs, "oxserve differs from TorchServe:\n" + "\n".join(diffs)
     assert ts.store_listing(store) == before
+    assert_still_predicts(ts_server)
+
+
+# ---------------------------------------------------------------------------------------------
+# 10. image_segmenter natively
+#
+# segmenter_small.mar (handler image_segmenter, TorchServe's default): a traced fully
+# convolutional net answering {"out": [N, 4, 224, 224] scores}, as torchvision's segmentation
+# models do. TorchServe's ImageSegmenter: the image_classifier's preprocessing, then softmax
+# over the classes and per pixel [class index as a float, its probability]; its Python worker
+# answers json.dumps(list, indent=2) of the [224][224][2] list (the reference's
+# "image_segmenter" section keeps the parsed list and the text's first 200 characters).
+
+SEGMENTER = "segmenter_small"
+# The resize differs slightly from PIL's (docs/torchserve.md), and here nothing averages it
+# away: each pixel's scores come from its own 5x5 neighbourhood of the resized image, so a
+# probability moves by a few 1e-2 at worst (median ~2e-3) where the classifier's (averaged
+# over the image) move by 1e-3, and a pixel whose two most probable classes are that close
+# (the fixture has ~2 % within 0.02) may take the other one.
+SEGMENT_CLASS_AGREEMENT = 0.99
+SEGMENT_PROBABILITY_ATOL = 5e-2
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?|NaN|-?Infinity")
+
+
+def _layout(text: str, lines: int) -> list[str]:
+    """The first `lines` lines of a JSON text with every number written N."""
+    return [_NUMBER.sub("N", line) for line in text.split("\n")[:lines]]
+
+
+def _descendants(pid: int) -> list[int]:
+    """The live processes under `pid` (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+        if fields[0] not in ("Z", "X"):
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def _python_workers(server: TorchServe) -> set[int]:
+    return {p for p in _descendants(server.proc.pid) if WORKER_SCRIPT in _cmdline(p)}
+
+
+def _text_differences(text: str, parsed, head: str) -> list[str]:
+    """The answer's text against TorchServe's layout: exactly json.dumps(parsed, indent=2) (as
+    TorchServe's was, "body_raw_is_json_dumps_indent_2"), and its first lines as `head`'s
+    (TorchServe's first 200 characters), numbers aside."""
+    out = []
+    lines = head.count("\n")
+    if _layout(text, lines) != _layout(head, lines):
+        out.append(f"the text begins {text[:200]!r}, TorchServe's {head!r}")
+    python = json.dumps(parsed, indent=2)
+    if text != python:
+        have_lines, want_lines = text.split("\n"), python.split("\n")
+        differ = [(i + 1, h, w) for i, (h, w) in enumerate(zip(have_lines, want_lines))
+                  if h != w]
+        out.append(f"the text is not json.dumps(answer, indent=2): {len(differ)} lines differ "
+                   f"(line, oxserve, Python) {differ[:5]}; {len(have_lines)} lines, Python "
+                   f"{len(want_lines)}")
+    return out
+
+
+def segment_agreement(have, want) -> tuple[list[str], dict]:
+    """oxserve's [H][W][2] segments against TorchServe's: the same shape; the fraction of pixels
+    with the same class; the largest probability difference where the class is the same."""
+    shape = (len(want), len(want[0]), len(want[0][0]))
+    if not (isinstance(have, list) and len(have) == shape[0]
+            and all(isinstance(row, list) and len(row) == shape[1] for row in have)
+            and all(isinstance(px, list) and len(px) == shape[2]
+                    and all(isinstance(v, float) for v in px) for row in have for px in row)):
+        return [f"not a {shape[0]}x{shape[1]}x{shape[2]} list of floats"], {}
+    pixels = equal = 0
+    max_diff = 0.0
+    for row_have, row_want in zip(have, want):
+        for (c_have, p_have), (c_want, p_want) in zip(row_have, row_want):
+            pixels += 1
+            if c_have == c_want:
+                equal += 1
+                max_diff = max(max_diff, abs(p_have - p_want))
+    stats = {"pixels": pixels, "equal_class_fraction": equal / pixels,
+             "max_probability_difference": max_diff}
+    out = []
+    if equal / pixels < SEGMENT_CLASS_AGREEMENT:
+        out.append(f"the class equals TorchServe's for {equal} of {pixels} pixels "
+                   f"({equal / pixels:.4f} < {SEGMENT_CLASS_AGREEMENT})")
+    if max_diff > SEGMENT_PROBABILITY_ATOL:
+        out.append(f"a probability differs from TorchServe's by {max_diff:.3g} "
+                   f"(tolerance {SEGMENT_PROBABILITY_ATOL})")
+    return out, stats
+
+
+def test_image_segmenter_runs_natively_as_torchserve(ts_server):
+    """The reference's "image_segmenter" exchanges replayed on ts_server: the registration (1
+    worker) and describe as TorchServe's; the model runs in the server itself (describe's worker
+    pid is the server's own, memoryUsage 0, and no TorchServe worker process started for it);
+    kitten.jpg answers 200 with TorchServe's content type (TorchServe sends none with a
+    prediction; oxserve's native handlers send application/json, a documented difference), the
+    text laid out as TorchServe's (exactly json.dumps(answer, indent=2); its first lines as
+    TorchServe's, numbers aside), a 224x224x2 list whose class equals TorchServe's for at least
+    99 % of the pixels and, where it does, whose probability is within 5e-2 of TorchServe's
+    (SEGMENT_PROBABILITY_ATOL: the resize differs slightly from PIL's, and nothing averages
+    the difference away); unregister as TorchServe's."""
+    section = "image_segmenter"
+    ex = ts.exchange("predict_segmenter_kitten", section)
+    want = ex["body_json"]
+    assert ex["status"] == 200 and ex["body_raw_is_json_dumps_indent_2"], ex["status"]
+    workers_before = _python_workers(ts_server)
+    diffs: list[str] = []
+    registered = False
+    try:
+        r = ts.replay(ts_server, ts.exchange("register_segmenter_small", section))
+        registered = r.status_code == 200
+        diffs += ts.response_differences(r, ts.exchange("register_segmenter_small", section))
+        assert registered, f"registering {SEGMENTER}.mar: {r.status_code} {r.text}"
+        r = ts.replay(ts_server, ts.exchange("describe_segmenter_small", section))
+        diffs += ts.response_differences(r, ts.exchange("describe_segmenter_small", section))
+        workers = r.json()[0]["workers"]
+        assert [(w["status"], w["pid"], w["memoryUsage"]) for w in workers] == [
+            ("READY", ts_server.proc.pid, 0)], ("not a native model", workers)
+        assert _python_workers(ts_server) <= workers_before, "a Python worker was started"
+
+        r = ts.replay(ts_server, ex, data=JPG)
+        assert r.status_code == 200, (r.status_code, r.text[:500])
+        have_type = r.headers.get("content-type")
+        want_type = ex["headers"].get("content-type")
+        if want_type is not None:
+            if (have_type or "").split(";")[0].strip() != want_type:
+                diffs.append(f"content-type {have_type!r}, TorchServe has {want_type!r}")
+        elif have_type not in (None, "application/json"):
+            diffs.append(f"content-type {have_type!r}, TorchServe sends none")
+        have = r.json()
+        diffs += _text_differences(r.text, have, ex["body_raw_head"])
+        agreement, stats = segment_agreement(have, want)
+        print(f"image_segmenter agreement with TorchServe: {stats}")
+        diffs += [f"predict_segmenter_kitten: {d} ({stats})" for d in agreement]
+        r = ts.replay(ts_server, ts.exchange("unregister_segmenter_small", section))
+        registered = r.status_code != 200
+        diffs += ts.response_differences(r, ts.exchange("unregister_segmenter_small", section))
+    finally:
+        if registered:
+            ts_server.request("DELETE", "management", f"/models/{SEGMENTER}")
+    assert not diffs, "oxserve differs from TorchServe:\n" + "\n".join(diffs)
+    assert_still_predicts(ts_server)
+
+
+def test_image_segmenter_bad_image_is_a_bad_request(ts_server):
+    """Bytes that are no image: as the native image_classifier's, 400 BadRequestException
+    naming the problem (a documented difference: TorchServe answers 503 "Prediction failed",
+    recorded as predict_segmenter_bad_image_bytes); kitten.jpg still answers after them."""
+    ex = ts.exchange("predict_segmenter_bad_image_bytes", "image_segmenter")
+    assert (ex["status"], ex["body_json"]["message"]) == (503, "Prediction failed")
+    r = ts_server.request("POST", "management", f"/models?url={SEGMENTER}.mar&initial_workers=1"
+                          "&synchronous=true")
+    assert r.status_code == 200, r.text
+    try:
+        for body in (b"this is not an image", b"", b"\xff\xd8\xff\xe0" + b"\0" * 64):
+            r = ts_server.predict(SEGMENTER, body)
+            err = assert_torchserve_error(r, 400, "BadRequestException")
+            assert "image" in err["message"], err
+        r = ts_server.request("POST", "inference", f"/predictions/{SEGMENTER}",
+                              files={"data": ("x.jpg", b"not an image", "image/jpeg")})
+        assert_torchserve_error(r, 400, "BadRequestException")
+        # A good image still answers (its agreement with TorchServe is the test above's).
+        r = ts_server.predict(SEGMENTER)
+        assert r.status_code == 200, (r.status_code, r.text[:500])
+        body = r.json()
+        assert (len(body), len(body[0]), len(body[0][0])) == (224, 224, 2), r.text[:200]
+    finally:
+        r = ts_server.request("DELETE", "management", f"/models/{SEGMENTER}")
+        assert r.status_code == 200, r.text
     assert_still_predicts(ts_server)

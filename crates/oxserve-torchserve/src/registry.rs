@@ -263,16 +263,12 @@ impl TorchServe {
             }
             // The versions of a model share one engine configuration, so one kind of handler.
             if let Some(other) = entry.and_then(|e| e.versions.values().next())
-                && other.handler.is_python() != handler.is_python()
+                && other.handler.kind() != handler.kind()
             {
                 return Err(Error::invalid(format!(
                     "model {name} version {} has a {} handler; version {version} must have one too",
                     other.version,
-                    if other.handler.is_python() {
-                        "Python"
-                    } else {
-                        "native"
-                    }
+                    other.handler.kind()
                 )));
             }
             // Never reused, even after the model was unregistered: a version directory of an
@@ -456,10 +452,11 @@ impl TorchServe {
                 dims: first.handler.input_shape(),
                 ..Default::default()
             }];
+            let (output, dims) = first.handler.output();
             config.output = vec![triton::ModelOutput {
-                name: "OUTPUT__0".into(),
+                name: output.into(),
                 data_type: triton::DataType::TypeFp32 as i32,
-                dims: vec![-1],
+                dims,
                 ..Default::default()
             }];
         }
@@ -571,7 +568,7 @@ impl TorchServe {
         let mut shape = vec![1];
         shape.extend_from_slice(&input.shape);
         request.inputs = vec![DecodedInput::body(input.name, input.datatype, shape, input.data)];
-        request.outputs = vec![OutputRequest::named("OUTPUT__0")];
+        request.outputs = vec![OutputRequest::named(entry.handler.output().0)];
         let response = oxserve_frontend::run(&self.engine, &self.shm, request).await?;
         let output = response
             .outputs
