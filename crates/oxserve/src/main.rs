@@ -1,6 +1,7 @@
 //! The `oxserve` command: run the server, inspect a model repository, send a request, or
 //! generate load.
 
+mod allocator;
 mod bench;
 mod client;
 mod logging;
@@ -20,9 +21,6 @@ use oxserve_kserve::grpc::GrpcOptions;
 use oxserve_kserve::http::HttpOptions;
 use oxserve_server::{Listeners, ServerOptions};
 use settings::Settings;
-
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser)]
 #[command(

@@ -1,0 +1,40 @@
+//! The process's allocator: mimalloc, told to commit its arenas as they are used instead of
+//! all at once (`arena_eager_commit = 0`; mimalloc's default on Linux is eager). Memory in an
+//! eagerly committed arena stays resident after it is freed; committed on demand, freed pages
+//! are given back to the system after mimalloc's purge delay, so what an unloaded model or a
+//! finished burst of requests used does not stay in the server's RSS (BENCHMARKS.md, "Model
+//! lifecycle"). An operator's own `MIMALLOC_ARENA_EAGER_COMMIT` wins.
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// mimalloc's option index for `arena_eager_commit` (its `mi_option_e`; the Rust bindings do
+/// not name it).
+const ARENA_EAGER_COMMIT: libmimalloc_sys::mi_option_t = 4;
+
+/// Sets the option before the Rust runtime's first allocation makes mimalloc's first arena
+/// (whose commit mode is fixed then): a constructor, run before `main`.
+// SAFETY (the constructor): it runs after mimalloc's own (priority 101) set-up, touches no Rust
+// runtime state before the option is set, and only reads the environment, which nothing
+// writes this early.
+#[ctor::ctor(unsafe)]
+fn configure() {
+    set(0);
+    // Reading the environment allocates, so only after the option is in place.
+    if let Some(value) = std::env::var_os("MIMALLOC_ARENA_EAGER_COMMIT") {
+        set(match value.to_str().map(str::trim) {
+            Some("1" | "on" | "true" | "yes") => 1,
+            Some(v) => v.parse().unwrap_or(0),
+            None => 0,
+        });
+    }
+}
+
+fn set(value: std::ffi::c_long) {
+    // SAFETY: `mi_option_set` only stores an integer in mimalloc's option table; it takes no
+    // pointers and does not allocate.
+    #[allow(unsafe_code)]
+    unsafe {
+        libmimalloc_sys::mi_option_set(ARENA_EAGER_COMMIT, value);
+    }
+}
