@@ -274,6 +274,11 @@ fn select<'a>(result: &'a IValue, source: &OutputSource, single: bool) -> Option
                 _ => None,
             })
         }
+        // A list holding one dict: torchvision's detection models answer a dict per image, and
+        // one image runs at a time (their results differ in length from image to image).
+        (IValue::GenericList(items), OutputSource::Key(_)) if items.len() == 1 => {
+            select(&items[0], source, single)
+        }
         _ => None,
     }
 }
@@ -349,6 +354,8 @@ mod tests {
         )]);
         assert!(select(&dict, &OutputSource::Key("probs".into()), false).is_some());
         assert!(select(&dict, &OutputSource::Key("other".into()), false).is_none());
+        let one_image = IValue::GenericList(vec![dict]);
+        assert!(select(&one_image, &OutputSource::Key("probs".into()), false).is_some());
         let single = IValue::Tensor(a.shallow_clone());
         assert!(select(&single, &OutputSource::Key("y".into()), true).is_some());
         assert!(select(&single, &OutputSource::Key("y".into()), false).is_none());

@@ -8,8 +8,9 @@
 //! - A TorchScript file does not declare its inputs and outputs: config.pbtxt must (as in
 //!   Triton). Inputs named `INPUT__<i>` go to `forward` by index `i`; other names go in the
 //!   configuration's order. Outputs named `OUTPUT__<i>` are element `i` of a tuple or list
-//!   result (or the single tensor for `OUTPUT__0`); other names are keys of a dict result, or
-//!   the single tensor result when only one output is configured.
+//!   result (or the single tensor for `OUTPUT__0`); other names are keys of a dict result (or
+//!   of the one dict in a one-element list result, as detection models answer for one image),
+//!   or the single tensor result when only one output is configured.
 //! - One module is loaded per version and shared by its instances (libtorch runs a module's
 //!   `forward` from several threads at once); each run is under `no_grad`.
 //! - Types: BOOL, UINT8, INT8/16/32/64, FP16, BF16, FP32, FP64.

@@ -446,19 +446,33 @@ impl TorchServe {
             self.python_io(&mut config, &serving);
         } else {
             config.platform = "pytorch_libtorch".into();
+            let batches = first.handler.batches();
+            // A handler whose requests run alone gets an unbatched model: full shapes, the
+            // request's batch of one included.
+            let full = |dims: Vec<i64>| if batches { dims } else { [vec![1], dims].concat() };
+            if !batches {
+                config.max_batch_size = 0;
+                config.scheduling_choice = None;
+            }
             config.input = vec![triton::ModelInput {
                 name: "INPUT__0".into(),
                 data_type: triton::DataType::TypeFp32 as i32,
-                dims: first.handler.input_shape(),
+                dims: full(first.handler.input_shape()),
                 ..Default::default()
             }];
-            let (output, dims) = first.handler.output();
-            config.output = vec![triton::ModelOutput {
-                name: output.into(),
-                data_type: triton::DataType::TypeFp32 as i32,
-                dims,
-                ..Default::default()
-            }];
+            config.output = first
+                .handler
+                .outputs()
+                .into_iter()
+                .map(|o| triton::ModelOutput {
+                    name: o.name.into(),
+                    data_type: oxserve_repository::data_type_to_config(o.datatype),
+                    // The detector's outputs have no batch dimension: its model answers one
+                    // image's detections.
+                    dims: o.dims,
+                    ..Default::default()
+                })
+                .collect();
         }
         Some(ListedModel {
             name: name.to_string(),
@@ -568,16 +582,26 @@ impl TorchServe {
         let mut shape = vec![1];
         shape.extend_from_slice(&input.shape);
         request.inputs = vec![DecodedInput::body(input.name, input.datatype, shape, input.data)];
-        request.outputs = vec![OutputRequest::named(entry.handler.output().0)];
+        request.outputs = entry
+            .handler
+            .outputs()
+            .iter()
+            .map(|o| OutputRequest::named(o.name))
+            .collect();
         let response = oxserve_frontend::run(&self.engine, &self.shm, request).await?;
-        let output = response
+        let batched = entry.handler.batches();
+        let outputs = response
             .outputs
             .into_iter()
-            .next()
-            .map(|o| o.tensor)
-            .ok_or_else(|| Error::internal("the model returned no output"))?;
-        let row = first_row(output)?;
-        entry.handler.postprocess(&row)
+            .map(|o| {
+                if batched {
+                    first_row(o.tensor)
+                } else {
+                    Ok(o.tensor)
+                }
+            })
+            .collect::<Result<Vec<_>>>()?;
+        entry.handler.postprocess(&outputs)
     }
 }
 
@@ -625,7 +649,7 @@ fn first_row(t: Tensor) -> Result<Tensor> {
         .raw()
         .ok_or_else(|| Error::internal("the model's output holds strings"))?
         .slice(0..(per_row * size).min(t.raw().map_or(0, |r| r.len())));
-    Ok(Tensor::new(t.name, DataType::F32, shape, TensorData::Raw(raw)))
+    Ok(Tensor::new(t.name, t.datatype, shape, TensorData::Raw(raw)))
 }
 
 fn no_worker(name: &str) -> Error {
