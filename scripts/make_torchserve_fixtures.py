@@ -175,6 +175,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import typing
 import zipfile
 from pathlib import Path
 
@@ -184,6 +185,17 @@ BIN = Path(sys.executable).parent
 FIXED_CREATED_ON = "01/01/2024 00:00:00"
 INF, MGMT, METRICS = 18080, 18081, 18082
 SEGMENTER_CLASSES = 4
+# detector_small: one detection per cell of a DETECTOR_GRID (rows, columns) grid over the image
+# (2 x 3 = 6 per image), labels 1..5 named by DETECTOR_LABELS (its index_to_name.json, in the
+# plain {"class": "label"} form of TorchServe's load_label_mapping; "0" as torchvision's
+# detection models' background, never answered).
+DETECTOR_GRID = (2, 3)
+DETECTOR_LABELS = {"0": "__background__", "1": "cat", "2": "dog", "3": "bird", "4": "car",
+                   "5": "tree"}
+DETECTOR_SEED = 17
+# What the scores, labels and boxes of kitten.jpg must be like (checked when the fixtures are
+# built): at least this far from TorchServe's threshold 0.5, and some on each side of it.
+DETECTOR_SCORE_MARGIN = 0.1
 
 LABELS = [
     ("n01440764", "tench"),
@@ -405,6 +417,13 @@ def make_image(path: Path):
     img.save(path, "JPEG", quality=90)
 
 
+def make_black(path: Path):
+    """An all-black 64x48 RGB PNG (RGB: ToTensor gives it 3 channels, as the model needs)."""
+    from PIL import Image
+
+    Image.new("RGB", (64, 48)).save(path, "PNG")
+
+
 def make_models(work: Path):
     import torch
 
@@ -480,6 +499,69 @@ def make_models(work: Path):
             traced = torch.jit.trace(seg, torch.zeros(1, 3, 224, 224), strict=False)
         traced.save(str(d / "model.pt"))
 
+    # detector_small: TorchServe's object_detector calls the model on the stacked images
+    # ([N, 3, H, W], any H and W: its preprocessing is ToTensor only) and reads, per image, a
+    # dict {"boxes": [K, 4] float (x1, y1, x2, y2 in pixels), "labels": [K] int64, "scores":
+    # [K] float}, as torchvision's detection models answer. Scripted (not traced): the loop
+    # over the batch and the image size stay in the graph.
+    rows, cols = DETECTOR_GRID
+    classes = len(DETECTOR_LABELS) - 1
+
+    class SmallDetector(torch.nn.Module):
+        """Conv(3->8,3x3,p1,no bias)-ReLU-Conv(8->16,1x1,no bias)-ReLU-AdaptiveAvgPool(grid):
+        a 16-vector per grid cell, less their mean over the image's cells (so an image of one
+        colour has all of them 0). Per cell: score = sigmoid(Linear(16->1)), label =
+        argmax(Linear(16->5)) + 1 (int64), box = the cell's centre moved by (sigmoid(t0, t1) -
+        0.5) cells, (0.25 + sigmoid(t2, t3)) cells wide and high (t = Linear(16->4)), clamped
+        to the image and scaled to its width and height."""
+
+        def __init__(self):
+            super().__init__()
+            self.conv1 = torch.nn.Conv2d(3, 8, 3, padding=1, bias=False)
+            self.conv2 = torch.nn.Conv2d(8, 16, 1, bias=False)
+            self.pool = torch.nn.AdaptiveAvgPool2d(DETECTOR_GRID)
+            self.score = torch.nn.Linear(16, 1)
+            self.label = torch.nn.Linear(16, classes)
+            self.box = torch.nn.Linear(16, 4)
+            cy, cx = torch.meshgrid((torch.arange(rows) + 0.5) / rows,
+                                    (torch.arange(cols) + 0.5) / cols, indexing="ij")
+            self.register_buffer("centers", torch.stack([cx.flatten(), cy.flatten()], 1))
+            self.register_buffer("cell", torch.tensor([1.0 / cols, 1.0 / rows]))
+
+        def forward(self, x: torch.Tensor) -> typing.List[typing.Dict[str, torch.Tensor]]:
+            h = x.shape[2]
+            w = x.shape[3]
+            f = torch.relu(self.conv2(torch.relu(self.conv1(x))))
+            cells = self.pool(f).flatten(2).transpose(1, 2)
+            cells = cells - cells.mean(dim=1, keepdim=True)
+            scores = torch.sigmoid(self.score(cells)).squeeze(2)
+            labels = torch.argmax(self.label(cells), dim=2) + 1
+            t = torch.sigmoid(self.box(cells))
+            center = self.centers + (t[:, :, 0:2] - 0.5) * self.cell
+            half = (0.25 + t[:, :, 2:4]) * self.cell * 0.5
+            size = torch.tensor([float(w), float(h)], dtype=x.dtype, device=x.device)
+            lo = (center - half).clamp(0.0, 1.0) * size
+            hi = (center + half).clamp(0.0, 1.0) * size
+            boxes = torch.cat([lo, hi], dim=2)
+            out: typing.List[typing.Dict[str, torch.Tensor]] = []
+            for i in range(x.shape[0]):
+                out.append({"boxes": boxes[i], "labels": labels[i], "scores": scores[i]})
+            return out
+
+    torch.manual_seed(DETECTOR_SEED)
+    det = SmallDetector().eval()
+    with torch.no_grad():
+        # Score logits of -1 for an image of one colour (sigmoid 0.269: nothing detected);
+        # the gains spread kitten.jpg's scores to both sides of 0.5 and vary its labels.
+        det.score.weight.mul_(100.0)
+        det.score.bias.fill_(-1.0)
+        det.label.weight.mul_(40.0)
+        det.box.weight.mul_(40.0)
+    d = work / "detector_small"
+    d.mkdir()
+    torch.jit.script(det).save(str(d / "model.pt"))
+    (d / "index_to_name.json").write_text(json.dumps(DETECTOR_LABELS, indent=2) + "\n")
+
 
 def archive(work: Path, store: Path, name: str, src: str, handler: str, extra: list[str]):
     cmd = [str(BIN / "torch-model-archiver"), "--model-name", name, "--version", "1.0",
@@ -540,7 +622,18 @@ def expected_outputs(work: Path, out: Path):
         top = torch.max(F.softmax(scores, dim=1), dim=1)
         segments = torch.stack([top.indices.type(top.values.dtype), top.values], dim=3)
         second = torch.topk(F.softmax(scores, dim=1), 2, dim=1).values
+    detector = {f"detector_small/{name}": detect(work / "detector_small", out / name)
+                for name in ("kitten.jpg", "black.png")}
+    kitten = detector["detector_small/kitten.jpg"]["model"]["scores"]
+    black = detector["detector_small/black.png"]["model"]["scores"]
+    if not (0 < sum(p >= 0.5 for p in kitten) < len(kitten)
+            and min(abs(p - 0.5) for p in kitten) >= DETECTOR_SCORE_MARGIN
+            and max(black) < 0.5 - DETECTOR_SCORE_MARGIN):
+        raise SystemExit(f"detector_small: kitten.jpg scores {kitten}, black.png {black}: "
+                         "want some of kitten's on each side of 0.5, all "
+                         f">= {DETECTOR_SCORE_MARGIN} from it, black's all below")
     return {
+        **detector,
         "densenet_small/kitten.jpg": {"logits": logits[0].tolist(), "top5": image},
         "linear_base": {"input": rows, "output": linear},
         "segmenter_small/kitten.jpg": {
@@ -554,12 +647,41 @@ def expected_outputs(work: Path, out: Path):
     }
 
 
+def detect(model_dir: Path, image: Path) -> dict:
+    """TorchServe's object_detector pipeline on `image`, run with TorchServe's own
+    ObjectDetector (its preprocess: ToTensor and torch.stack; its inference: the model in
+    inference mode; its postprocess with the mapping load_label_mapping reads from index_to_name.json): "model"
+    (the model's scores, labels and boxes for the image: all 6 detections), "answer" (the
+    handler's answer for the image: [{label: box, "score": score}] for the scores >= 0.5) and
+    "answer_text" (json.dumps(answer, indent=2): what TorchServe's worker sends)."""
+    import torch
+    from ts.torch_handler.object_detector import ObjectDetector
+    from ts.utils.util import load_label_mapping
+
+    handler = ObjectDetector()
+    handler.device = torch.device("cpu")
+    handler.mapping = load_label_mapping(str(model_dir / "index_to_name.json"))
+    model = torch.jit.load(str(model_dir / "model.pt"), map_location="cpu")
+    model.eval()
+    handler.model = model
+    x = handler.preprocess([{"body": image.read_bytes()}])
+    result = handler.inference(x)
+    answer = handler.postprocess(result)[0]
+    return {
+        "input_shape": list(x.shape),
+        "model": {key: result[0][key].tolist() for key in ("scores", "labels", "boxes")},
+        "answer": answer,
+        "answer_text": json.dumps(answer, indent=2),
+    }
+
+
 def build_fixtures(out: Path, work: Path):
     store = out / "model-store"
     store.mkdir(parents=True)
     work.mkdir(parents=True)
     make_models(work)
     make_image(out / "kitten.jpg")
+    make_black(out / "black.png")
     shutil.copy(work / "linear_base" / "handler.py", out / "handler.py")
     shutil.copy(work / "custom_echo" / "custom_handler.py", out / "custom_handler.py")
     cmds = {}
@@ -569,13 +691,14 @@ def build_fixtures(out: Path, work: Path):
         ("linear_basehandler", "linear_base", "base_handler", []),
         ("custom_echo", "custom_echo", "custom_handler.py", []),
         ("segmenter_small", "segmenter_small", "image_segmenter", []),
+        ("detector_small", "detector_small", "object_detector", ["index_to_name.json"]),
     ]:
         _, cmd = archive(work, store, name, src, handler, extra)
         cmds[name] = ["torch-model-archiver"] + cmd[1:cmd.index("--export-path")] + \
             ["--export-path", "model-store"] + cmd[cmd.index("--export-path") + 2:]
     files = {}
-    for p in sorted([out / "kitten.jpg", out / "handler.py", out / "custom_handler.py",
-                     *store.glob("*.mar")]):
+    for p in sorted([out / "kitten.jpg", out / "black.png", out / "handler.py",
+                     out / "custom_handler.py", *store.glob("*.mar")]):
         rel = str(p.relative_to(out))
         files[rel] = {"sha256": sha256(p), "bytes": p.stat().st_size}
         if p.suffix == ".mar":
@@ -584,7 +707,8 @@ def build_fixtures(out: Path, work: Path):
                 files[rel]["manifest"] = json.loads(z.read("MAR-INF/MANIFEST.json"))
                 files[rel]["archiver_command"] = cmds[p.stem]
     fixtures = {"files": files, "expected": expected_outputs(work, out),
-                "labels": {str(i): list(v) for i, v in enumerate(LABELS)}}
+                "labels": {str(i): list(v) for i, v in enumerate(LABELS)},
+                "detector_labels": DETECTOR_LABELS}
     (out / "fixtures.json").write_text(dumps(fixtures, sort_keys=True) + "\n")
     return fixtures
 
@@ -954,6 +1078,10 @@ def run_workflow(out: Path, work: Path, args):
         # image_segmenter (segmenter_small.mar), last: the listings above stay as they were.
         seg_mark = _log_size(srv)
         ref["image_segmenter"] = record_segmenter(work, jpg, requests)
+        # object_detector (detector_small.mar), after it.
+        det_mark = _log_size(srv)
+        ref["object_detector"] = record_detector(work, jpg, (out / "black.png").read_bytes(),
+                                                 requests)
     except BaseException:
         srv.dump_logs()
         http.close()
@@ -964,7 +1092,9 @@ def run_workflow(out: Path, work: Path, args):
     ref["worker_errors_excerpt"] = worker_errors(srv, work, end=log_mark)
     ref["custom_handler"]["worker_errors_excerpt"] = worker_errors(srv, work, start=log_mark,
                                                                    end=seg_mark)
-    ref["image_segmenter"]["worker_errors_excerpt"] = worker_errors(srv, work, start=seg_mark)
+    ref["image_segmenter"]["worker_errors_excerpt"] = worker_errors(srv, work, start=seg_mark,
+                                                                    end=det_mark)
+    ref["object_detector"]["worker_errors_excerpt"] = worker_errors(srv, work, start=det_mark)
     ref["startup_with_model"] = startup_with_model(work, store, jpg, requests)
     try:
         ref["allowed_urls"].update(record_allowed_urls(work, store, http, jpg, requests))
@@ -1024,6 +1154,33 @@ def record_segmenter(work: Path, jpg: bytes, requests) -> dict:
         data=b"this is not an image")
     rec("unregister_segmenter_small", "DELETE", MGMT, "/models/segmenter_small")
     rec("list_after_segmenter", "GET", MGMT, "/models")
+    res["exchanges"] = rec.exchanges
+    return res
+
+
+# ---------------------------------------------------------------------------------------------
+# TorchServe's default object_detector (detector_small.mar)
+
+
+def record_detector(work: Path, jpg: bytes, black: bytes, requests) -> dict:
+    """detector_small.mar (handler object_detector) on the running TorchServe: registration
+    (1 worker), describe, kitten.jpg (raw POST), black.png (raw POST: nothing detected), bytes
+    that are no image, unregister. The answers are small: kept whole ("body_raw", the worker's
+    json.dumps(answer, indent=2), and "body_json")."""
+    rec = Recorder(requests, work)
+    res = {}
+    t0 = time.monotonic()
+    rec("register_detector_small", "POST", MGMT, "/models?url=detector_small.mar"
+        "&initial_workers=1&synchronous=true")
+    res["register_detector_small_s"] = round(time.monotonic() - t0, 2)
+    _wait_workers(rec, "detector_small")
+    rec("describe_detector_small", "GET", MGMT, "/models/detector_small")
+    rec("predict_detector_kitten", "POST", INF, "/predictions/detector_small", data=jpg)
+    rec("predict_detector_black_png", "POST", INF, "/predictions/detector_small", data=black)
+    rec("predict_detector_bad_image_bytes", "POST", INF, "/predictions/detector_small",
+        data=b"this is not an image")
+    rec("unregister_detector_small", "DELETE", MGMT, "/models/detector_small")
+    rec("list_after_detector", "GET", MGMT, "/models")
     res["exchanges"] = rec.exchanges
     return res
 
