@@ -48,8 +48,27 @@ Layout:
         net on [N,3,224,224] answering a dict, as torchvision's segmentation models do:
         {"out": Conv(3->8,3x3,p1)-ReLU-Conv(8->4,3x3,p1)} = [N,4,224,224] scores, weights from
         torch.manual_seed(2) (last layer scaled x8 so the softmax is not flat).
+    <out>/model-store/detector_small.mar      handler object_detector (TorchServe's default),
+        model.pt + index_to_name.json. model.pt = torch.jit.script of a small detector
+        (script_detector) taking [N,3,H,W] of any H, W (object_detector's preprocessing is
+        ToTensor only) and answering, as torchvision's detection models, a list with per image
+        {"boxes": [6,4] float (x1, y1, x2, y2 in pixels), "labels": [6] int64 in 1..5,
+        "scores": [6] float}: Conv(3->8,3x3,p1)-ReLU-Conv(8->16,1x1)-ReLU (no biases)-
+        AdaptiveAvgPool(2x3) = one 16-vector per cell of a 2x3 grid, less their mean; per cell
+        a detection: score sigmoid(Linear(16->1)) (bias -1: an image of one colour scores
+        0.269 everywhere, nothing detected), label argmax(Linear(16->5)) + 1, a box around the
+        cell's centre from sigmoid(Linear(16->4)), clamped to the image and scaled to its size.
+        Weights from torch.manual_seed(17) (score weights x100, label and box weights x40):
+        kitten.jpg has 3 scores >= 0.5 and 3 below, none within 0.1 of 0.5 (checked when
+        building). index_to_name.json = DETECTOR_LABELS, the plain {"1": "cat", ...} form
+        (TorchServe's load_label_mapping also takes [..., name] lists and
+        {"object_type_names": [...]}), with "0": "__background__" as torchvision's.
     <out>/kitten.jpg                           a 320x240 JPEG (quality 90): colour gradient +
         shapes, drawn with numpy/PIL (no real kitten).
+    <out>/kitten.png                           kitten.jpg as PIL decodes it (what TorchServe's
+        handlers see), written losslessly: the same pixels with no JPEG decoder in between.
+    <out>/black.png                            an all-black 64x48 RGB PNG (detector_small
+        detects nothing in it).
     <out>/handler.py                           the linear_base handler, as archived.
     <out>/custom_handler.py                    the custom_echo handler, as archived.
     <out>/fixtures.json                        sha256 and size of each fixture, MANIFEST.json of
@@ -59,11 +78,20 @@ Layout:
         image_segmenter pipeline, the same preprocessing, out -> softmax over the classes ->
         max -> stack([class as float, probability]) -> tolist(): "segments" the [224][224][2]
         list (on one line), "shape", "class_counts", "top_probability_min_max" and
-        "top2_gap_below_0.02" (pixels whose two most probable classes are that close)).
+        "top2_gap_below_0.02" (pixels whose two most probable classes are that close);
+        "detector_small/kitten.jpg", ".../kitten.png" (the same) and ".../black.png":
+        TorchServe's own ObjectDetector's preprocess, inference and postprocess (detect()) on
+        the image:
+        "input_shape", "model" (the model's 6 scores, labels and boxes), "answer" (the
+        handler's [{label name: box, "score": score}] for the scores >= 0.5) and "answer_text"
+        (json.dumps(answer, indent=2), what TorchServe's worker sends)); "labels" (densenet's
+        index_to_name.json) and "detector_labels" (detector_small's).
     <out>/torchserve_reference.json            the recorded exchanges (see below).
 
-Determinism: model.pt, handler.py, custom_handler.py, kitten.jpg, the .mar files and
-fixtures.json are byte for byte identical between runs (fixed seeds; pinned torch 2.13.0 and Pillow) from the same script
+Determinism: model.pt, handler.py, custom_handler.py, the images, the .mar files and
+fixtures.json are byte for byte identical between runs (fixed seeds; pinned torch 2.13.0 and
+Pillow; detector_small's model.pt scripted in a child process with PYTHONHASHSEED=0, since
+TorchScript writes a module's constants in the order of a set of strings) from the same script
 at the same paths: model.pt's *.debug_pkl members hold source ranges with the absolute paths
 (and line numbers) of this script and of venv-torch's torch/nn/*.py, so another checkout path
 or OXSERVE_CACHE changes their bytes (and sha256), never the weights or the outputs. torch-model-archiver itself is not
@@ -128,6 +156,15 @@ so the pid file, key_file.json and logs/ stay out of the system temp dir and the
          json.dumps(list, indent=2)), "body_raw_head" (its first 200 characters),
          "body_raw_len", "body_raw_sha256" and "body_raw_is_json_dumps_indent_2";
          "register_segmenter_small_s", "worker_errors_excerpt" (this part's model_log.log
+         exception lines),
+     "object_detector": {...}                          detector_small.mar on the first start,
+         after "image_segmenter": "exchanges" register_detector_small (1 worker,
+         synchronous), describe_detector_small, predict_detector_kitten (raw POST of
+         kitten.jpg), predict_detector_kitten_png (kitten.png: the same answer),
+         predict_detector_black_png (black.png: "[]"),
+         predict_detector_bad_image_bytes, unregister_detector_small, list_after_detector
+         (the answers are small: "body_raw" and "body_json" kept whole);
+         "register_detector_small_s", "worker_errors_excerpt" (this part's model_log.log
          exception lines),
      "allowed_urls": {...}                             registration from URLs (TorchServe's
          allowed_urls: comma-separated Java regexes, each matched case-insensitively against the
@@ -366,6 +403,7 @@ def parse_args():
     p.add_argument("--no-server", action="store_true", help="only build the fixtures")
     p.add_argument("--no-token-probe", action="store_true",
                    help="skip the second start that records the default token authorization")
+    p.add_argument("--script-detector", type=Path, help=argparse.SUPPRESS)
     return p.parse_args()
 
 
@@ -415,6 +453,15 @@ def make_image(path: Path):
     d.polygon([(200, 220), (260, 140), (310, 225)], fill=(200, 30, 40))
     d.line((0, 230, 320, 180), fill=(255, 255, 255), width=6)
     img.save(path, "JPEG", quality=90)
+
+
+def make_png_of(jpg: Path, path: Path):
+    """`jpg` as PIL decodes it (what TorchServe's handlers see), written losslessly as PNG: the
+    same pixels without a JPEG decoder of one's own in between."""
+    from PIL import Image
+
+    with Image.open(jpg) as img:
+        img.convert("RGB").save(path, "PNG")
 
 
 def make_black(path: Path):
@@ -499,11 +546,28 @@ def make_models(work: Path):
             traced = torch.jit.trace(seg, torch.zeros(1, 3, 224, 224), strict=False)
         traced.save(str(d / "model.pt"))
 
-    # detector_small: TorchServe's object_detector calls the model on the stacked images
-    # ([N, 3, H, W], any H and W: its preprocessing is ToTensor only) and reads, per image, a
-    # dict {"boxes": [K, 4] float (x1, y1, x2, y2 in pixels), "labels": [K] int64, "scores":
-    # [K] float}, as torchvision's detection models answer. Scripted (not traced): the loop
-    # over the batch and the image size stay in the graph.
+    # detector_small: scripted in a child process (script_detector).
+    d = work / "detector_small"
+    d.mkdir()
+    subprocess.run([sys.executable, str(SCRIPT), "--script-detector", str(d / "model.pt")],
+                   env=dict(os.environ, PYTHONHASHSEED="0"), check=True, stdout=sys.stderr)
+    (d / "index_to_name.json").write_text(json.dumps(DETECTOR_LABELS, indent=2) + "\n")
+
+
+def script_detector(path: Path):
+    """detector_small's model.pt, torch.jit.script'ed and saved to `path`. Run in a child
+    process with PYTHONHASHSEED=0 (make_models): TorchScript writes a module's __constants__
+    (a set of names) in the set's order, which string hashing makes differ from one process to
+    the next; with a fixed hash seed model.pt is byte for byte the same every run.
+
+    TorchServe's object_detector calls the model on the stacked images ([N, 3, H, W], any H and
+    W: its preprocessing is ToTensor only) and reads, per image, a dict {"boxes": [K, 4] float
+    (x1, y1, x2, y2 in pixels), "labels": [K] int64, "scores": [K] float}, as torchvision's
+    detection models answer. Scripted (not traced): the loop over the batch and the image size
+    stay in the graph."""
+    import torch
+
+    torch.set_num_threads(1)
     rows, cols = DETECTOR_GRID
     classes = len(DETECTOR_LABELS) - 1
 
@@ -557,10 +621,7 @@ def make_models(work: Path):
         det.score.bias.fill_(-1.0)
         det.label.weight.mul_(40.0)
         det.box.weight.mul_(40.0)
-    d = work / "detector_small"
-    d.mkdir()
-    torch.jit.script(det).save(str(d / "model.pt"))
-    (d / "index_to_name.json").write_text(json.dumps(DETECTOR_LABELS, indent=2) + "\n")
+    torch.jit.script(det).save(str(path))
 
 
 def archive(work: Path, store: Path, name: str, src: str, handler: str, extra: list[str]):
@@ -623,9 +684,11 @@ def expected_outputs(work: Path, out: Path):
         segments = torch.stack([top.indices.type(top.values.dtype), top.values], dim=3)
         second = torch.topk(F.softmax(scores, dim=1), 2, dim=1).values
     detector = {f"detector_small/{name}": detect(work / "detector_small", out / name)
-                for name in ("kitten.jpg", "black.png")}
+                for name in ("kitten.jpg", "kitten.png", "black.png")}
     kitten = detector["detector_small/kitten.jpg"]["model"]["scores"]
     black = detector["detector_small/black.png"]["model"]["scores"]
+    if detector["detector_small/kitten.png"] != detector["detector_small/kitten.jpg"]:
+        raise SystemExit("detector_small: kitten.png does not answer as kitten.jpg")
     if not (0 < sum(p >= 0.5 for p in kitten) < len(kitten)
             and min(abs(p - 0.5) for p in kitten) >= DETECTOR_SCORE_MARGIN
             and max(black) < 0.5 - DETECTOR_SCORE_MARGIN):
@@ -650,10 +713,11 @@ def expected_outputs(work: Path, out: Path):
 def detect(model_dir: Path, image: Path) -> dict:
     """TorchServe's object_detector pipeline on `image`, run with TorchServe's own
     ObjectDetector (its preprocess: ToTensor and torch.stack; its inference: the model in
-    inference mode; its postprocess with the mapping load_label_mapping reads from index_to_name.json): "model"
-    (the model's scores, labels and boxes for the image: all 6 detections), "answer" (the
-    handler's answer for the image: [{label: box, "score": score}] for the scores >= 0.5) and
-    "answer_text" (json.dumps(answer, indent=2): what TorchServe's worker sends)."""
+    inference mode; its postprocess, with the mapping load_label_mapping reads from
+    index_to_name.json): "input_shape", "model" (the model's scores, labels and boxes for the
+    image: all 6 detections), "answer" (the handler's answer for the image: [{label: box,
+    "score": score}] for the scores >= 0.5) and "answer_text" (json.dumps(answer, indent=2):
+    what TorchServe's worker sends)."""
     import torch
     from ts.torch_handler.object_detector import ObjectDetector
     from ts.utils.util import load_label_mapping
@@ -681,6 +745,7 @@ def build_fixtures(out: Path, work: Path):
     work.mkdir(parents=True)
     make_models(work)
     make_image(out / "kitten.jpg")
+    make_png_of(out / "kitten.jpg", out / "kitten.png")
     make_black(out / "black.png")
     shutil.copy(work / "linear_base" / "handler.py", out / "handler.py")
     shutil.copy(work / "custom_echo" / "custom_handler.py", out / "custom_handler.py")
@@ -697,8 +762,8 @@ def build_fixtures(out: Path, work: Path):
         cmds[name] = ["torch-model-archiver"] + cmd[1:cmd.index("--export-path")] + \
             ["--export-path", "model-store"] + cmd[cmd.index("--export-path") + 2:]
     files = {}
-    for p in sorted([out / "kitten.jpg", out / "black.png", out / "handler.py",
-                     out / "custom_handler.py", *store.glob("*.mar")]):
+    for p in sorted([out / "kitten.jpg", out / "kitten.png", out / "black.png",
+                     out / "handler.py", out / "custom_handler.py", *store.glob("*.mar")]):
         rel = str(p.relative_to(out))
         files[rel] = {"sha256": sha256(p), "bytes": p.stat().st_size}
         if p.suffix == ".mar":
@@ -1080,8 +1145,8 @@ def run_workflow(out: Path, work: Path, args):
         ref["image_segmenter"] = record_segmenter(work, jpg, requests)
         # object_detector (detector_small.mar), after it.
         det_mark = _log_size(srv)
-        ref["object_detector"] = record_detector(work, jpg, (out / "black.png").read_bytes(),
-                                                 requests)
+        ref["object_detector"] = record_detector(work, jpg, (out / "kitten.png").read_bytes(),
+                                                 (out / "black.png").read_bytes(), requests)
     except BaseException:
         srv.dump_logs()
         http.close()
@@ -1162,11 +1227,11 @@ def record_segmenter(work: Path, jpg: bytes, requests) -> dict:
 # TorchServe's default object_detector (detector_small.mar)
 
 
-def record_detector(work: Path, jpg: bytes, black: bytes, requests) -> dict:
+def record_detector(work: Path, jpg: bytes, png: bytes, black: bytes, requests) -> dict:
     """detector_small.mar (handler object_detector) on the running TorchServe: registration
-    (1 worker), describe, kitten.jpg (raw POST), black.png (raw POST: nothing detected), bytes
-    that are no image, unregister. The answers are small: kept whole ("body_raw", the worker's
-    json.dumps(answer, indent=2), and "body_json")."""
+    (1 worker), describe, kitten.jpg, kitten.png (the same pixels), black.png (nothing
+    detected; all raw POSTs), bytes that are no image, unregister. The answers are small: kept
+    whole ("body_raw", the worker's json.dumps(answer, indent=2), and "body_json")."""
     rec = Recorder(requests, work)
     res = {}
     t0 = time.monotonic()
@@ -1176,6 +1241,7 @@ def record_detector(work: Path, jpg: bytes, black: bytes, requests) -> dict:
     _wait_workers(rec, "detector_small")
     rec("describe_detector_small", "GET", MGMT, "/models/detector_small")
     rec("predict_detector_kitten", "POST", INF, "/predictions/detector_small", data=jpg)
+    rec("predict_detector_kitten_png", "POST", INF, "/predictions/detector_small", data=png)
     rec("predict_detector_black_png", "POST", INF, "/predictions/detector_small", data=black)
     rec("predict_detector_bad_image_bytes", "POST", INF, "/predictions/detector_small",
         data=b"this is not an image")
@@ -1719,6 +1785,9 @@ def versions():
 
 def main():
     args = parse_args()
+    if args.script_detector:  # the child process of make_models
+        script_detector(args.script_detector)
+        return
     out = args.out.resolve()
     if args.if_needed and (out / ".complete").is_file():
         print(out)

@@ -4,7 +4,8 @@ and oxserve started as `torchserve`, for test_torchserve.py.
 Where the fixtures come from, first match wins:
 
 1. `OXSERVE_TORCHSERVE_FIXTURES`: a directory the generator made before (model-store/ with the
-   .mar archives, kitten.jpg, fixtures.json, torchserve_reference.json);
+   .mar archives, kitten.jpg, kitten.png, black.png, fixtures.json,
+   torchserve_reference.json);
 2. the generator itself, run with the Python of the TorchServe venv
    (`$OXSERVE_CACHE/venv-torchserve/bin/python scripts/make_torchserve_fixtures.py
    --if-needed`, OXSERVE_CACHE defaulting to ~/.cache/oxserve, from scripts/setup-torchserve.sh);
@@ -80,8 +81,8 @@ def fixtures_dir() -> Path:
     return _fixtures.generated(
         FIXTURES_ENV, "venv-torchserve", "scripts/make_torchserve_fixtures.py",
         ["model-store/densenet_small.mar", "model-store/linear_base.mar",
-         "model-store/segmenter_small.mar", "kitten.jpg",
-         "fixtures.json", "torchserve_reference.json"],
+         "model-store/segmenter_small.mar", "model-store/detector_small.mar", "kitten.jpg",
+         "kitten.png", "black.png", "fixtures.json", "torchserve_reference.json"],
         timeout=900, hints={"torchserve_reference.json": java_hint})
 
 

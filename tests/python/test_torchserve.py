@@ -39,6 +39,13 @@ management, metrics and gRPC ports on free ports).
    as TorchServe's json.dumps(indent=2), the class as TorchServe's for >= 99 % of the pixels
    and the probability within 5e-2 where it is (the resize is not PIL's); bytes that are no
    image a 400 as for image_classifier.
+11. object_detector natively (detector_small.mar, a scripted TorchScript detector): registration,
+   describe (the worker is the server itself) and unregister as TorchServe's; no resize
+   (ToTensor only), so the answers are the very texts TorchServe sent (their values first
+   compared within a relative 1e-6 to say which differ): kitten.png (kitten.jpg's pixels as
+   PIL decodes them, lossless), an all-black PNG (nothing scores >= 0.5: "[]"), and kitten.jpg
+   itself (which also needs the JPEG decoded to PIL's very pixels); bytes that are no image
+   the native image_classifier's 400.
 
 Differences from TorchServe asserted as oxserve's behaviour: /ping needs no key and an
 undecodable image is a 400 BadRequestException (TorchServe: 503 "Prediction failed"), both in
@@ -50,6 +57,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 import shutil
@@ -443,12 +451,12 @@ ESCAPES = {
 def ts_server(error_root):
     """Model API on, token authorization off, densenet_small at start-up; the store also holds
     linear_base.mar (custom handler.py), linear_basehandler.mar (base_handler),
-    segmenter_small.mar (image_segmenter), a file that is not a zip and archives with entries
-    that leave the archive."""
+    segmenter_small.mar (image_segmenter), detector_small.mar (object_detector), a file that is
+    not a zip and archives with entries that leave the archive."""
     store = error_root / "store"
     store.mkdir()
     for name in ("densenet_small.mar", "linear_base.mar", "linear_basehandler.mar",
-                 "segmenter_small.mar"):
+                 "segmenter_small.mar", "detector_small.mar"):
         shutil.copy(STORE / name, store)
     (store / "not_a_zip.mar").write_bytes(b"this is not a zip archive\n" * 10)
     manifest = json.dumps(REFUSED_ARCHIVE_MANIFEST).encode()
@@ -1670,5 +1678,209 @@ def test_image_segmenter_bad_image_is_a_bad_request(ts_server):
         assert (len(body), len(body[0]), len(body[0][0])) == (224, 224, 2), r.text[:200]
     finally:
         r = ts_server.request("DELETE", "management", f"/models/{SEGMENTER}")
+        assert r.status_code == 200, r.text
+    assert_still_predicts(ts_server)
+
+
+# ---------------------------------------------------------------------------------------------
+# 11. object_detector natively
+#
+# detector_small.mar (handler object_detector, TorchServe's default): a torch.jit.script'ed
+# detector taking [N, 3, H, W] at the image's own size and answering, as torchvision's detection
+# models, a list with per image {"boxes": [6, 4], "labels": [6] int64, "scores": [6]}.
+# TorchServe's ObjectDetector: ToTensor only (no resize, no normalization), the model, then per
+# image [{label name (index_to_name.json): box, "score": score}] for the scores >= 0.5; its
+# Python worker answers json.dumps(answer, indent=2). The reference's "object_detector" section
+# keeps the answers whole (they are small). With no resize the model sees the same tensor as in
+# TorchServe when the image decodes to the same pixels, so the text is expected to be
+# TorchServe's exactly: for the PNGs (lossless; kitten.png holds kitten.jpg's pixels as PIL
+# decodes them, and TorchServe answered it as kitten.jpg) and, given a JPEG decoder that
+# decodes as PIL's libjpeg-turbo does, for kitten.jpg.
+
+DETECTOR = "detector_small"
+DETECTOR_SECTION = "object_detector"
+# Used only to say which values differ (and by how much) when the text is not TorchServe's:
+# the text itself must be equal.
+DETECTOR_VALUE_RTOL = 1e-6
+
+
+def _first_text_difference(have: str, want: str) -> str:
+    """Where `have` first differs from TorchServe's `want`: the offset, and the characters
+    around it in both."""
+    i = next((k for k, (a, b) in enumerate(zip(have, want)) if a != b), min(len(have), len(want)))
+    lo = max(0, i - 40)
+    return (f"the text differs from TorchServe's at character {i} (lengths {len(have)}, "
+            f"TorchServe {len(want)}): oxserve {have[lo:i + 40]!r}, TorchServe "
+            f"{want[lo:i + 40]!r}")
+
+
+def detection_differences(have, want, path: str = "$",
+                          rtol: float = DETECTOR_VALUE_RTOL) -> list[str]:
+    """An object_detector answer against TorchServe's, parsed: the same structure (lists of the
+    same lengths, the same keys in the same order), floats within a relative `rtol`, every other
+    value (labels, types) equal."""
+    if isinstance(want, dict):
+        if not isinstance(have, dict) or list(have) != list(want):
+            return [f"{path}: keys {list(have) if isinstance(have, dict) else have!r}, "
+                    f"TorchServe has {list(want)}"]
+        out = []
+        for key in want:
+            out += detection_differences(have[key], want[key], f"{path}.{key}", rtol)
+        return out
+    if isinstance(want, list):
+        if not isinstance(have, list) or len(have) != len(want):
+            return [f"{path}: {have!r}, TorchServe has {len(want)} entries"]
+        out = []
+        for i, (h, w) in enumerate(zip(have, want)):
+            out += detection_differences(h, w, f"{path}[{i}]", rtol)
+        return out
+    if isinstance(want, float) and type(have) is float:
+        if not math.isclose(have, want, rel_tol=rtol, abs_tol=0.0):
+            rel = abs(have - want) / abs(want) if want else math.inf
+            return [f"{path}: {have!r}, TorchServe has {want!r} (relative {rel:.3g} > {rtol})"]
+        return []
+    if type(have) is not type(want) or have != want:
+        return [f"{path}: {have!r}, TorchServe has {want!r}"]
+    return []
+
+
+def _content_type_differences(r: requests.Response, ex: dict) -> list[str]:
+    """TorchServe sends no content type with a prediction; oxserve's native handlers send
+    application/json (a documented difference)."""
+    have = r.headers.get("content-type")
+    want = ex["headers"].get("content-type")
+    if want is not None:
+        if (have or "").split(";")[0].strip() != want:
+            return [f"{ex['name']}: content-type {have!r}, TorchServe has {want!r}"]
+    elif have not in (None, "application/json"):
+        return [f"{ex['name']}: content-type {have!r}, TorchServe sends none"]
+    return []
+
+
+def _detector_prediction_differences(r: requests.Response, ex: dict) -> list[str]:
+    """A prediction against TorchServe's recorded one: status, content type, the parsed values
+    (within DETECTOR_VALUE_RTOL, to say what differs), then the exact text."""
+    name = ex["name"]
+    if r.status_code != ex["status"]:
+        return [f"{name}: status {r.status_code}, TorchServe has {ex['status']}: {r.text[:500]}"]
+    out = _content_type_differences(r, ex)
+    try:
+        have = r.json()
+    except ValueError:
+        return out + [f"{name}: body is not JSON: {r.text[:300]!r}"]
+    values = detection_differences(have, ex["body_json"])
+    out += [f"{name}: {d}" for d in values]
+    if r.text != ex["body_raw"]:
+        agree = ("the values agree within a relative "
+                 f"{DETECTOR_VALUE_RTOL}" if not values else f"{len(values)} values differ")
+        out.append(f"{name}: {_first_text_difference(r.text, ex['body_raw'])} ({agree})")
+    return out
+
+
+def test_object_detector_runs_natively_as_torchserve(ts_server):
+    """The reference's "object_detector" exchanges replayed on ts_server: the registration (1
+    worker) and describe as TorchServe's; the model runs in the server itself (describe's worker
+    pid is the server's own, memoryUsage 0, and no TorchServe worker process started for it);
+    kitten.png (kitten.jpg's pixels as PIL decodes them) answers 200 with the very text
+    TorchServe sent (its values are also compared within a relative 1e-6 first, to name what
+    differs), as a raw body and as the multipart part "data" (TorchServe's handler reads "data"
+    as it reads "body"); the all-black PNG answers TorchServe's "[]"; unregister as
+    TorchServe's."""
+    section = DETECTOR_SECTION
+    kitten = ts.exchange("predict_detector_kitten", section)
+    png = ts.exchange("predict_detector_kitten_png", section)
+    black = ts.exchange("predict_detector_black_png", section)
+    expected = json.loads((ts.fixtures_dir() / "fixtures.json").read_text())["expected"]
+    # The recordings are what the generator computed with TorchServe's ObjectDetector in
+    # Python; kitten.png answered as kitten.jpg, with detections on both sides of the threshold.
+    assert kitten["status"] == 200 and kitten["body_raw"] == \
+        expected[f"{DETECTOR}/kitten.jpg"]["answer_text"], kitten["body_raw"][:300]
+    assert (png["status"], png["body_raw"]) == (200, kitten["body_raw"]), png["body_raw"][:300]
+    scores = expected[f"{DETECTOR}/kitten.jpg"]["model"]["scores"]
+    assert 0 < len(kitten["body_json"]) < len(scores), scores
+    assert (black["status"], black["body_raw"]) == (200, "[]"), black
+    png_bytes = (ts.fixtures_dir() / "kitten.png").read_bytes()
+    workers_before = _python_workers(ts_server)
+    diffs: list[str] = []
+    registered = False
+    try:
+        r = ts.replay(ts_server, ts.exchange("register_detector_small", section))
+        registered = r.status_code == 200
+        diffs += ts.response_differences(r, ts.exchange("register_detector_small", section))
+        assert registered, f"registering {DETECTOR}.mar: {r.status_code} {r.text}"
+        r = ts.replay(ts_server, ts.exchange("describe_detector_small", section))
+        diffs += ts.response_differences(r, ts.exchange("describe_detector_small", section))
+        workers = r.json()[0]["workers"]
+        assert [(w["status"], w["pid"], w["memoryUsage"]) for w in workers] == [
+            ("READY", ts_server.proc.pid, 0)], ("not a native model", workers)
+        assert _python_workers(ts_server) <= workers_before, "a Python worker was started"
+
+        r = ts.replay(ts_server, png, data=png_bytes)
+        diffs += _detector_prediction_differences(r, png)
+        r = ts_server.request("POST", "inference", f"/predictions/{DETECTOR}",
+                              files={"data": ("kitten.png", png_bytes, "image/png")})
+        diffs += [f"multipart: {d}" for d in _detector_prediction_differences(r, png)]
+        r = ts.replay(ts_server, black, data=(ts.fixtures_dir() / "black.png").read_bytes())
+        diffs += _detector_prediction_differences(r, black)
+        assert _python_workers(ts_server) <= workers_before, "a Python worker was started"
+
+        r = ts.replay(ts_server, ts.exchange("unregister_detector_small", section))
+        registered = r.status_code != 200
+        diffs += ts.response_differences(r, ts.exchange("unregister_detector_small", section))
+    finally:
+        if registered:
+            ts_server.request("DELETE", "management", f"/models/{DETECTOR}")
+    assert not diffs, "oxserve differs from TorchServe:\n" + "\n".join(diffs)
+    assert_still_predicts(ts_server)
+
+
+def test_object_detector_jpeg_answer_is_torchserves_text(ts_server):
+    """kitten.jpg, raw and as the multipart part "data": 200 with the very text TorchServe sent
+    (the values compared within a relative 1e-6 first, to name what differs). This needs the
+    JPEG decoded to the pixels PIL's libjpeg-turbo gives (kitten.png's, answered exactly by the
+    test above): with no resize, every decoded pixel reaches the model as it is."""
+    kitten = ts.exchange("predict_detector_kitten", DETECTOR_SECTION)
+    r = ts_server.request("POST", "management", f"/models?url={DETECTOR}.mar&initial_workers=1"
+                          "&synchronous=true")
+    assert r.status_code == 200, r.text
+    try:
+        diffs = _detector_prediction_differences(ts.replay(ts_server, kitten, data=JPG), kitten)
+        r = ts_server.request("POST", "inference", f"/predictions/{DETECTOR}",
+                              files={"data": ("kitten.jpg", JPG, "image/jpeg")})
+        diffs += [f"multipart: {d}" for d in _detector_prediction_differences(r, kitten)]
+    finally:
+        r = ts_server.request("DELETE", "management", f"/models/{DETECTOR}")
+        assert r.status_code == 200, r.text
+    assert not diffs, "oxserve differs from TorchServe:\n" + "\n".join(diffs)
+
+
+def test_object_detector_bad_image_is_a_bad_request(ts_server):
+    """Bytes that are no image: the native image_classifier's answer to the same bytes, a 400
+    BadRequestException naming the problem (a documented difference: TorchServe answers 503
+    "Prediction failed", recorded as predict_detector_bad_image_bytes); kitten.jpg still answers
+    after them."""
+    ex = ts.exchange("predict_detector_bad_image_bytes", DETECTOR_SECTION)
+    assert (ex["status"], ex["body_json"]["message"]) == (503, "Prediction failed")
+    r = ts_server.request("POST", "management", f"/models?url={DETECTOR}.mar&initial_workers=1"
+                          "&synchronous=true")
+    assert r.status_code == 200, r.text
+    try:
+        for body in (b"this is not an image", b"", b"\xff\xd8\xff\xe0" + b"\0" * 64):
+            r = ts_server.predict(DETECTOR, body)
+            err = assert_torchserve_error(r, 400, "BadRequestException")
+            assert "image" in err["message"], err
+            classifier = ts_server.predict(MODEL, body)
+            assert (r.status_code, err) == (classifier.status_code, classifier.json()), (
+                f"object_detector answers {body[:8]!r} with {r.status_code} {err}, the "
+                f"image_classifier with {classifier.status_code} {classifier.text}")
+        r = ts_server.request("POST", "inference", f"/predictions/{DETECTOR}",
+                              files={"data": ("x.jpg", b"not an image", "image/jpeg")})
+        assert_torchserve_error(r, 400, "BadRequestException")
+        # A good image still answers (its agreement with TorchServe is the test above's).
+        r = ts_server.predict(DETECTOR)
+        assert r.status_code == 200, (r.status_code, r.text[:500])
+        assert isinstance(r.json(), list) and r.json(), r.text[:300]
+    finally:
+        r = ts_server.request("DELETE", "management", f"/models/{DETECTOR}")
         assert r.status_code == 200, r.text
     assert_still_predicts(ts_server)

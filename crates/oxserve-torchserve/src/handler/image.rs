@@ -15,24 +15,64 @@ const MAX_SIDE: u32 = 8192;
 const MAX_DECODE_BYTES: u64 = 256 << 20;
 
 /// The request's image as RGB. A small file can declare a huge image: dimensions and decoder
-/// memory are capped so a request cannot make the server allocate gigabytes.
+/// memory are capped so a request cannot make the server allocate gigabytes. JPEG goes through
+/// libjpeg-turbo's decoder (mozjpeg's build of it: the accurate integer IDCT and smooth chroma
+/// upsampling, as PIL decodes for TorchServe, so the pixels are PIL's); other formats through
+/// the `image` crate.
 fn decode(body: &[u8]) -> Result<image::RgbImage> {
+    let image = if body.starts_with(&[0xff, 0xd8, 0xff]) {
+        decode_jpeg(body)?
+    } else {
+        decode_other(body)?
+    };
+    if image.width() == 0 || image.height() == 0 {
+        return Err(Error::invalid("the image is empty"));
+    }
+    Ok(image)
+}
+
+fn cannot_decode(e: impl std::fmt::Display) -> Error {
+    Error::invalid(format!("cannot decode the image: {e}"))
+}
+
+fn decode_jpeg(body: &[u8]) -> Result<image::RgbImage> {
+    // mozjpeg reports libjpeg's errors by unwinding through its Rust callbacks; a decode that
+    // fails in a way it does not turn into an `Err` must still be a bad request.
+    let decoded = std::panic::catch_unwind(|| -> std::io::Result<Option<(u32, u32, Vec<u8>)>> {
+        let mut header = mozjpeg::Decompress::new_mem(body)?;
+        let (w, h) = (header.width(), header.height());
+        if w > MAX_SIDE as usize || h > MAX_SIDE as usize || (w * h * 3) as u64 > MAX_DECODE_BYTES {
+            return Ok(None);
+        }
+        header.dct_method(mozjpeg::DctMethod::IntegerSlow);
+        header.do_fancy_upsampling(true);
+        let mut started = header.rgb()?;
+        let pixels = started.read_scanlines::<u8>()?;
+        started.finish()?;
+        Ok(Some((w as u32, h as u32, pixels)))
+    });
+    match decoded {
+        Ok(Ok(Some((w, h, pixels)))) => image::RgbImage::from_raw(w, h, pixels)
+            .ok_or_else(|| cannot_decode("the JPEG decoder returned too few pixels")),
+        Ok(Ok(None)) => Err(cannot_decode(format!(
+            "the image is larger than the limits ({MAX_SIDE} pixels a side, {} MiB decoded)",
+            MAX_DECODE_BYTES >> 20
+        ))),
+        Ok(Err(e)) => Err(cannot_decode(e)),
+        Err(_) => Err(cannot_decode("the JPEG data is corrupt")),
+    }
+}
+
+fn decode_other(body: &[u8]) -> Result<image::RgbImage> {
     let mut limits = image::Limits::default();
     limits.max_image_width = Some(MAX_SIDE);
     limits.max_image_height = Some(MAX_SIDE);
     limits.max_alloc = Some(MAX_DECODE_BYTES);
     let mut reader = image::ImageReader::new(std::io::Cursor::new(body))
         .with_guessed_format()
-        .map_err(|e| Error::invalid(format!("cannot decode the image: {e}")))?;
+        .map_err(cannot_decode)?;
     reader.limits(limits);
-    let image = reader
-        .decode()
-        .map_err(|e| Error::invalid(format!("cannot decode the image: {e}")))?
-        .to_rgb8();
-    if image.width() == 0 || image.height() == 0 {
-        return Err(Error::invalid("the image is empty"));
-    }
-    Ok(image)
+    Ok(reader.decode().map_err(cannot_decode)?.to_rgb8())
 }
 
 /// An FP32 CHW tensor named as the model's first input.
@@ -157,6 +197,28 @@ mod tests {
             err.contains("cannot decode") && err.to_lowercase().contains("limit"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn jpegs_decode_within_the_limits_and_bad_ones_are_refused() {
+        let mut jpg = Vec::new();
+        let img = image::RgbImage::from_fn(16, 8, |x, _| image::Rgb([(x * 16) as u8, 0, 200]));
+        image::DynamicImage::ImageRgb8(img)
+            .write_to(&mut std::io::Cursor::new(&mut jpg), image::ImageFormat::Jpeg)
+            .unwrap();
+        assert_eq!(decode(&jpg).unwrap().dimensions(), (16, 8));
+        // The frame header (SOF0: FF C0, length, precision, then height and width) patched
+        // to declare 60,000 x 60,000 pixels: refused before decoding.
+        let sof = jpg.windows(2).position(|w| w == [0xff, 0xc0]).unwrap();
+        let mut bomb = jpg.clone();
+        bomb[sof + 5..sof + 7].copy_from_slice(&60_000u16.to_be_bytes());
+        bomb[sof + 7..sof + 9].copy_from_slice(&60_000u16.to_be_bytes());
+        let err = decode(&bomb).unwrap_err().to_string();
+        assert!(err.contains("limits"), "{err}");
+        for broken in [&jpg[..jpg.len() / 2], &jpg[..20], &[0xff, 0xd8, 0xff][..]] {
+            let err = decode(broken).unwrap_err().to_string();
+            assert!(err.contains("cannot decode"), "{} bytes: {err}", broken.len());
+        }
     }
 
     #[test]
