@@ -1,8 +1,57 @@
 //! Concatenating requests into one batch along the first dimension and splitting the outputs
 //! back, so each request gets exactly its own rows.
 
+use std::time::{Duration, Instant};
+
 use bytes::{Bytes, BytesMut};
+use oxserve_backend::{BackendError, BackendErrorKind, Batch, ModelInstance};
 use oxserve_core::{Tensor, TensorData};
+
+/// The span the lines written while a batch runs belong to: its one request's own, or a
+/// `batch` span under the first request's that records the others as causes.
+pub(crate) fn batch_span<'a>(mut spans: impl ExactSizeIterator<Item = &'a tracing::Span>) -> tracing::Span {
+    let requests = spans.len();
+    let Some(first) = spans.next() else {
+        return tracing::Span::none();
+    };
+    if requests == 1 {
+        return first.clone();
+    }
+    let span = tracing::error_span!(parent: first, "batch", requests);
+    for other in spans {
+        span.follows_from(other);
+    }
+    span
+}
+
+/// What one execution took: assembling the inputs (from `started`), the engine's run, and the
+/// outputs it produced.
+pub(crate) struct Executed {
+    pub compute_input: Duration,
+    pub compute_infer: Duration,
+    pub produced: Vec<Tensor>,
+}
+
+/// Concatenates the requests' inputs and runs them on the instance.
+pub(crate) fn run_concatenated(
+    instance: &mut dyn ModelInstance,
+    inputs: Vec<Vec<Tensor>>,
+    wanted: &[String],
+    started: Instant,
+) -> Result<Executed, BackendError> {
+    let inputs = concat_inputs(inputs).map_err(|m| BackendError::new(BackendErrorKind::InvalidInput, m))?;
+    let compute_input = started.elapsed();
+    let t0 = Instant::now();
+    let produced = instance.execute(Batch {
+        inputs,
+        outputs: wanted.to_vec(),
+    })?;
+    Ok(Executed {
+        compute_input,
+        compute_infer: t0.elapsed(),
+        produced,
+    })
+}
 
 /// Concatenates the `i`-th input of every request. One request passes through untouched.
 pub(crate) fn concat_inputs(mut requests: Vec<Vec<Tensor>>) -> Result<Vec<Tensor>, String> {

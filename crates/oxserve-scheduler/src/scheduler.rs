@@ -15,12 +15,12 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use oxserve_backend::support::{panic_message, truncate};
-use oxserve_backend::{BackendError, BackendErrorKind, Batch, LoadedModel, ModelInstance};
+use oxserve_backend::{BackendError, BackendErrorKind, LoadedModel, ModelInstance};
 use oxserve_core::Tensor;
 use parking_lot::{Condvar, Mutex};
 use tokio::sync::oneshot;
 
-use crate::batch::{concat_inputs, slice_rows};
+use crate::batch::{Executed, batch_span, run_concatenated, slice_rows};
 use crate::health::{FailureWindow, Verdict};
 use crate::instances::{Ready, Supervisor, create_instance, discard, recreate, row_shapes, start_threads};
 use crate::queue::{self, BatchQueue, Decision, Entry, Swept};
@@ -536,17 +536,10 @@ fn execute(
 ) -> Vec<Outcome> {
     // Lines written while this batch runs belong to its requests: one request's own span, or a
     // `batch` span under the first request's that records the others as causes.
-    let span = match live.as_slice() {
-        [] => return Vec::new(),
-        [one] => one.span.clone(),
-        [first, rest @ ..] => {
-            let span = tracing::error_span!(parent: &first.span, "batch", requests = live.len());
-            for e in rest {
-                span.follows_from(&e.span);
-            }
-            span
-        }
-    };
+    if live.is_empty() {
+        return Vec::new();
+    }
+    let span = batch_span(live.iter().map(|e| &e.span));
     let _in_span = span.enter();
     let total_rows: usize = live.iter().map(|e| e.rows).sum();
     let mut wanted: Vec<String> = Vec::new();
@@ -564,18 +557,11 @@ fn execute(
         inputs.push(e.inputs);
     }
     let single = meta.len() == 1;
-    let result = concat_inputs(inputs)
-        .map_err(|m| BackendError::new(BackendErrorKind::InvalidInput, m))
-        .and_then(|inputs| {
-            let t_input = started.elapsed();
-            let t0 = Instant::now();
-            let produced = instance.execute(Batch {
-                inputs,
-                outputs: wanted.clone(),
-            })?;
-            Ok((t_input, t0.elapsed(), produced))
-        });
-    let (compute_input, compute_infer, produced) = match result {
+    let Executed {
+        compute_input,
+        compute_infer,
+        produced,
+    } = match run_concatenated(instance, inputs, &wanted, started) {
         Ok(r) => r,
         Err(e) => return meta.iter().map(|_| Err(ExecError::Backend(e.clone()))).collect(),
     };

@@ -7,12 +7,12 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use oxserve_backend::support::{panic_message, truncate};
-use oxserve_backend::{BackendError, BackendErrorKind, Batch, LoadedModel, ModelInstance};
+use oxserve_backend::{BackendError, BackendErrorKind, LoadedModel, ModelInstance};
 use oxserve_core::{DataType, Tensor, TensorData};
 
 use super::slots::{Candidate, Taken};
 use super::{ControlInput, ControlKind, CorrelationId, Outcome, SequenceStrategy, Shared};
-use crate::batch::{concat_inputs, slice_rows};
+use crate::batch::{Executed, batch_span, run_concatenated, slice_rows};
 use crate::health::Verdict;
 use crate::instances::{Ready, Supervisor, create_instance, discard, recreate};
 use crate::types::{BatchTiming, Completed, ExecError, RequestTiming};
@@ -257,16 +257,7 @@ fn execute(
     direct: bool,
     started: Instant,
 ) -> Vec<(Outcome, Option<Vec<Tensor>>)> {
-    let span = match rows {
-        [one] => one.span.clone(),
-        _ => {
-            let span = tracing::error_span!(parent: &rows[0].span, "batch", requests = rows.len());
-            for r in &rows[1..] {
-                span.follows_from(&r.span);
-            }
-            span
-        }
-    };
+    let span = batch_span(rows.iter().map(|r| &r.span));
     let _in_span = span.enter();
     let batched = shared.config.max_batch_size > 0;
     // Direct: each request sits in its slot's row, idle slots below the highest used one
@@ -299,18 +290,11 @@ fn execute(
             wanted.push(s.output.clone());
         }
     }
-    let result = concat_inputs(inputs)
-        .map_err(|m| BackendError::new(BackendErrorKind::InvalidInput, m))
-        .and_then(|inputs| {
-            let t_input = started.elapsed();
-            let t0 = Instant::now();
-            let produced = instance.execute(Batch {
-                inputs,
-                outputs: wanted.clone(),
-            })?;
-            Ok((t_input, t0.elapsed(), produced))
-        });
-    let (compute_input, compute_infer, produced) = match result {
+    let Executed {
+        compute_input,
+        compute_infer,
+        produced,
+    } = match run_concatenated(instance, inputs, &wanted, started) {
         Ok(r) => r,
         Err(e) => {
             return rows
