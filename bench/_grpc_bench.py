@@ -1,5 +1,5 @@
-"""What bench/streaming_figures.py and bench/ensemble_figures.py share: a measured window,
-CPU readings from /proc, the load-average wait, and starting / stopping an oxserve whose
+"""What bench/streaming_figures.py and bench/ensemble_figures.py share: a measured window
+and its figures from /proc (server, client and machine CPU), the load-average wait, and starting / stopping an oxserve whose
 models are loaded in explicit control mode and polled ready over gRPC."""
 
 from __future__ import annotations
@@ -12,8 +12,10 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import grpc
+import numpy as np
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,6 +40,29 @@ def machine_busy_s() -> float:
     """CPU time all processes used so far (/proc/stat: everything but idle and iowait), seconds."""
     f = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
     return (f[0] + f[1] + f[2] + f[5] + f[6] + f[7]) / os.sysconf("SC_CLK_TCK")
+
+
+def measured_window(run: Callable[[], Window], pid: int, name: str) -> tuple[Window, dict]:
+    """Runs one measured window (`run`) and reads, over it, the server's CPU (process `pid`),
+    this client's and the rest of the machine's: the window and its figures per answer."""
+    hz = os.sysconf("SC_CLK_TCK")
+    s0, c0, m0 = server_ticks(pid), os.times(), machine_busy_s()
+    w = run()
+    s1, c1, m1 = server_ticks(pid), os.times(), machine_busy_s()
+    if w.first is None:
+        raise SystemExit(f"{name}: no answer")
+    n = len(w.latencies)
+    lat = np.array(w.latencies) * 1e6
+    client_s = (c1.user + c1.system) - (c0.user + c0.system)
+    server_s = (s1 - s0) / hz
+    return w, {
+        "requests": n, "errors": w.errors, "rps": n / w.elapsed,
+        "p50": float(np.percentile(lat, 50)), "p99": float(np.percentile(lat, 99)),
+        "server_us": server_s * 1e6 / max(n, 1), "server_cores": server_s / w.elapsed,
+        "client_us": client_s * 1e6 / max(n, 1), "client_cores": client_s / w.elapsed,
+        # everything else on the machine (other jobs, the kernel outside these two processes)
+        "other_cores": ((m1 - m0) - server_s - client_s) / w.elapsed,
+    }
 
 
 def start_server(binary: str, repository: Path, models: tuple[str, ...]) -> tuple[subprocess.Popen, str]:

@@ -75,7 +75,7 @@ import numpy as np
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 import _grpc_bench
-from _grpc_bench import Window, loadavg, machine_busy_s, server_ticks, stop_server, wait_for_quiet
+from _grpc_bench import Window, loadavg, stop_server, wait_for_quiet
 
 ROOT = Path(__file__).resolve().parent.parent
 REPOSITORY = ROOT / "tests" / "fixtures" / "ensemble"
@@ -316,27 +316,13 @@ def start_server(binary: str) -> tuple[subprocess.Popen, str]:
 
 def measure(mode: str, target: str, pid: int, args) -> dict:
     run_mode(mode, target, args.concurrency, args.warmup)
-    hz = os.sysconf("SC_CLK_TCK")
-    s0, c0, m0 = server_ticks(pid), os.times(), machine_busy_s()
-    w = run_mode(mode, target, args.concurrency, args.duration)
-    s1, c1, m1 = server_ticks(pid), os.times(), machine_busy_s()
-    if w.first is None:
-        raise SystemExit(f"{mode}: no answer")
+    w, figures = _grpc_bench.measured_window(
+        lambda: run_mode(mode, target, args.concurrency, args.duration), pid, mode)
     what, client = mode.split("-")
     check(what, w.first)
-    n = len(w.latencies)
-    lat = np.array(w.latencies) * 1e6
-    client_s = (c1.user + c1.system) - (c0.user + c0.system)
-    row = {
-        "mode": mode, "what": what, "client": client,
-        "in_flight": 1 if client == "c1" else args.concurrency,
-        "requests": n, "errors": w.errors, "rps": n / w.elapsed,
-        "p50": float(np.percentile(lat, 50)), "p99": float(np.percentile(lat, 99)),
-        "server_us": (s1 - s0) / hz * 1e6 / max(n, 1),
-        "server_cores": (s1 - s0) / hz / w.elapsed,
-        "client_us": client_s * 1e6 / max(n, 1), "client_cores": client_s / w.elapsed,
-        "other_cores": ((m1 - m0) - (s1 - s0) / hz - client_s) / w.elapsed,
-    }
+    n = figures["requests"]
+    row = {"mode": mode, "what": what, "client": client,
+           "in_flight": 1 if client == "c1" else args.concurrency, **figures}
     unit = "pipeline" if what in ("ensemble", "steps") else "request"
     print(f"  {mode}: {row['rps']:,.0f} {unit}s/s, {n} {unit}s, {w.errors} errors, p50 "
           f"{row['p50']:,.0f} µs, p99 {row['p99']:,.0f} µs; server CPU {row['server_us']:.1f} "

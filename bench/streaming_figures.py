@@ -54,7 +54,7 @@ import numpy as np
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 import _grpc_bench
-from _grpc_bench import Window, loadavg, machine_busy_s, server_ticks, stop_server, wait_for_quiet
+from _grpc_bench import Window, loadavg, stop_server, wait_for_quiet
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "add_sub"
@@ -295,25 +295,11 @@ def start_server(binary: str) -> tuple[subprocess.Popen, str]:
 
 def measure(mode: str, target: str, pid: int, args) -> dict:
     run_mode(mode, target, args.concurrency, args.warmup)
-    hz = os.sysconf("SC_CLK_TCK")
-    s0, c0, m0 = server_ticks(pid), os.times(), machine_busy_s()
-    w = run_mode(mode, target, args.concurrency, args.duration)
-    s1, c1, m1 = server_ticks(pid), os.times(), machine_busy_s()
-    if w.first is None:
-        raise SystemExit(f"{mode}: no answer")
+    w, figures = _grpc_bench.measured_window(
+        lambda: run_mode(mode, target, args.concurrency, args.duration), pid, mode)
     check(w.first)
-    n = len(w.latencies)
-    lat = np.array(w.latencies) * 1e6
-    client_s = (c1.user + c1.system) - (c0.user + c0.system)
-    row = {
-        "mode": mode, "requests": n, "errors": w.errors, "rps": n / w.elapsed,
-        "p50": float(np.percentile(lat, 50)), "p99": float(np.percentile(lat, 99)),
-        "server_us": (s1 - s0) / hz * 1e6 / max(n, 1),
-        "server_cores": (s1 - s0) / hz / w.elapsed,
-        "client_us": client_s * 1e6 / max(n, 1), "client_cores": client_s / w.elapsed,
-        # everything else on the machine (other jobs, the kernel outside these two processes)
-        "other_cores": ((m1 - m0) - (s1 - s0) / hz - client_s) / w.elapsed,
-    }
+    n = figures["requests"]
+    row = {"mode": mode, **figures}
     print(f"  {mode}: {row['rps']:,.0f} req/s, {n} answers, {w.errors} errors, p50 "
           f"{row['p50']:,.0f} µs, p99 {row['p99']:,.0f} µs; server CPU {row['server_us']:.1f} "
           f"µs/request ({row['server_cores']:.2f} cores), client CPU {row['client_us']:.1f} "
