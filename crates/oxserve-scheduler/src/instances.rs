@@ -6,13 +6,14 @@
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::mpsc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use oxserve_backend::support::{panic_message, truncate};
 use oxserve_backend::{BackendError, BackendErrorKind, LoadedModel, ModelInstance};
 use oxserve_core::Tensor;
+use parking_lot::{Condvar, Mutex};
 
-use crate::health::Verdict;
+use crate::health::{FailureWindow, Verdict};
 
 /// How an instance thread tells `start` that its instance exists (or why it does not).
 pub(crate) type Ready = mpsc::Sender<Result<(), BackendError>>;
@@ -90,14 +91,65 @@ pub(crate) fn discard(instance: Box<dyn ModelInstance>, index: usize) {
     }
 }
 
+/// Creates the thread's first instance and tells `start` how it went; `None` when it could
+/// not be made. The sender is let go of here: `start` must see the channel close if a sibling
+/// thread dies without answering, which it cannot while serving threads still hold senders.
+pub(crate) fn first_instance(
+    model: &dyn LoadedModel,
+    index: usize,
+    ready: Ready,
+) -> Option<Box<dyn ModelInstance>> {
+    match create_instance(model, index) {
+        Ok(instance) => {
+            let _ = ready.send(Ok(()));
+            Some(instance)
+        }
+        Err(e) => {
+            let _ = ready.send(Err(e));
+            None
+        }
+    }
+}
+
+/// Waits `wait` on `wake`; false if `halted` (the scheduler stops or gave up) says so before
+/// or meanwhile.
+pub(crate) fn pause_unless<S>(
+    state: &Mutex<S>,
+    wake: &Condvar,
+    wait: Duration,
+    halted: impl Fn(&S) -> bool,
+) -> bool {
+    let until = Instant::now() + wait;
+    let mut st = state.lock();
+    while !halted(&st) {
+        if wake.wait_until(&mut st, until).timed_out() {
+            break;
+        }
+    }
+    !halted(&st)
+}
+
 /// What re-creating a failed instance needs from its scheduler.
 pub(crate) trait Supervisor {
     /// The scheduler's thread name, for logs.
     fn name(&self) -> &str;
-    /// Counts a failure against the restart policy (giving the version up at the limit).
-    fn instance_failed(&self, reason: &str) -> Verdict;
+    /// The failures of the version's instances within the restart policy's window.
+    fn failures(&self) -> &parking_lot::Mutex<FailureWindow>;
+    /// Stops the version after `failures` failures: every waiting request is answered with the
+    /// reason and new ones are refused.
+    fn give_up(&self, failures: usize, last: &str);
     /// Waits `wait`; false if the scheduler stops or gives up meanwhile.
     fn pause(&self, wait: Duration) -> bool;
+
+    /// Counts an instance failure, giving up at the limit before anyone hears of the failure,
+    /// so that a client answered "the instance failed" finds the version's state settled.
+    fn instance_failed(&self, reason: &str) -> Verdict {
+        let verdict = self.failures().lock().record(Instant::now());
+        if let Verdict::GiveUp { failures } = verdict {
+            self.give_up(failures, reason);
+        }
+        verdict
+    }
 }
 
 /// Re-creates the instance after the policy's backoff, counting re-creations that fail; `None`

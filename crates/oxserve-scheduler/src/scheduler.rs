@@ -22,7 +22,9 @@ use tokio::sync::oneshot;
 
 use crate::batch::{Executed, batch_span, run_concatenated, slice_rows};
 use crate::health::{FailureWindow, Verdict};
-use crate::instances::{Ready, Supervisor, create_instance, discard, recreate, row_shapes, start_threads};
+use crate::instances::{
+    Ready, Supervisor, discard, first_instance, pause_unless, recreate, row_shapes, start_threads,
+};
 use crate::queue::{self, BatchQueue, Decision, Entry, Swept};
 use crate::types::{
     BatchTiming, Completed, ExecError, ExecutionObserver, Job, RequestTiming, SchedulerConfig, TimeoutAction,
@@ -155,27 +157,18 @@ impl Supervisor for Shared {
         &self.config.thread_name
     }
 
-    /// Counts an instance failure, giving up at the limit before anyone hears of the failure,
-    /// so that a client answered "the instance failed" finds the version's state settled.
-    fn instance_failed(&self, reason: &str) -> Verdict {
-        let verdict = self.failures.lock().record(Instant::now());
-        if let Verdict::GiveUp { failures } = verdict {
-            self.give_up(failures, reason);
-        }
-        verdict
+    fn failures(&self) -> &Mutex<FailureWindow> {
+        &self.failures
     }
 
-    /// Waits `wait` before an instance is re-created; false if the scheduler stops or gives up
-    /// meanwhile.
+    fn give_up(&self, failures: usize, last: &str) {
+        Shared::give_up(self, failures, last);
+    }
+
+    /// Waits on `halt` (not `wake`, so that a request's `notify_one` always reaches an
+    /// instance that can run it).
     fn pause(&self, wait: Duration) -> bool {
-        let until = Instant::now() + wait;
-        let mut st = self.state.lock();
-        while !st.stopping && !st.failed {
-            if self.halt.wait_until(&mut st, until).timed_out() {
-                break;
-            }
-        }
-        !st.stopping && !st.failed
+        pause_unless(&self.state, &self.halt, wait, |st| st.stopping || st.failed)
     }
 }
 
@@ -376,17 +369,9 @@ impl Drop for BatchScheduler {
 /// Creates the instance, reports to [`BatchScheduler::start`], then serves until the scheduler
 /// stops, re-creating the instance after each failure until the restart policy gives up.
 fn instance_thread(shared: &Shared, model: &dyn LoadedModel, index: usize, ready: Ready) {
-    let mut instance = match create_instance(model, index) {
-        Ok(instance) => instance,
-        Err(e) => {
-            let _ = ready.send(Err(e));
-            return;
-        }
+    let Some(mut instance) = first_instance(model, index, ready) else {
+        return;
     };
-    let _ = ready.send(Ok(()));
-    // Let go of the sender now: `start` must see the channel close if a sibling thread dies
-    // without answering, which it cannot while serving threads still hold senders.
-    drop(ready);
     loop {
         let (reason, verdict) = match catch_unwind(AssertUnwindSafe(|| serve(shared, instance.as_mut()))) {
             Ok(Served::Stopped) => {

@@ -13,8 +13,8 @@ use oxserve_core::{DataType, Tensor, TensorData};
 use super::slots::{Candidate, Taken};
 use super::{ControlInput, ControlKind, CorrelationId, Outcome, SequenceStrategy, Shared};
 use crate::batch::{Executed, batch_span, run_concatenated, slice_rows};
-use crate::health::Verdict;
-use crate::instances::{Ready, Supervisor, create_instance, discard, recreate};
+use crate::health::FailureWindow;
+use crate::instances::{Ready, Supervisor, discard, first_instance, pause_unless, recreate};
 use crate::types::{BatchTiming, Completed, ExecError, RequestTiming};
 
 /// Which of the ready sequences run now, or how long to wait for more.
@@ -77,15 +77,9 @@ pub(crate) fn choose(
 /// Creates the instance, reports to `start`, then serves until the scheduler stops,
 /// re-creating the instance after a failure until the restart policy gives up.
 pub(super) fn instance_thread(shared: &Shared, model: &dyn LoadedModel, index: usize, ready: Ready) {
-    let mut instance = match create_instance(model, index) {
-        Ok(instance) => instance,
-        Err(e) => {
-            let _ = ready.send(Err(e));
-            return;
-        }
+    let Some(mut instance) = first_instance(model, index, ready) else {
+        return;
     };
-    let _ = ready.send(Ok(()));
-    drop(ready);
     while let Some(batch) = next_batch(shared, index) {
         let Some(reason) = run_batch(shared, instance.as_mut(), batch) else {
             continue;
@@ -105,23 +99,16 @@ impl Supervisor for Shared {
         &self.config.thread_name
     }
 
-    fn instance_failed(&self, reason: &str) -> Verdict {
-        let verdict = self.failures.lock().record(Instant::now());
-        if let Verdict::GiveUp { failures } = verdict {
-            self.give_up(failures, reason);
-        }
-        verdict
+    fn failures(&self) -> &parking_lot::Mutex<FailureWindow> {
+        &self.failures
+    }
+
+    fn give_up(&self, failures: usize, last: &str) {
+        Shared::give_up(self, failures, last);
     }
 
     fn pause(&self, wait: Duration) -> bool {
-        let until = Instant::now() + wait;
-        let mut st = self.state.lock();
-        while !st.stopping && !st.failed {
-            if self.wake.wait_until(&mut st, until).timed_out() {
-                break;
-            }
-        }
-        !st.stopping && !st.failed
+        pause_unless(&self.state, &self.wake, wait, |st| st.stopping || st.failed)
     }
 }
 
