@@ -159,21 +159,29 @@ mod tests {
         !crc
     }
 
-    #[test]
-    fn images_become_normalised_chw_crops() {
-        let mut png = Vec::new();
-        let img = image::RgbImage::from_fn(300, 200, |x, _| image::Rgb([(x % 256) as u8, 128, 255]));
+    fn encoded(img: image::RgbImage, format: image::ImageFormat) -> Vec<u8> {
+        let mut out = Vec::new();
         image::DynamicImage::ImageRgb8(img)
-            .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+            .write_to(&mut std::io::Cursor::new(&mut out), format)
             .unwrap();
-        let t = normalised_crop(&png).unwrap();
-        assert_eq!(t.shape, [3, 224, 224]);
-        let v: Vec<f32> = t
-            .raw()
+        out
+    }
+
+    fn values(t: &Tensor) -> Vec<f32> {
+        t.raw()
             .unwrap()
             .chunks(4)
             .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-            .collect();
+            .collect()
+    }
+
+    #[test]
+    fn images_become_normalised_chw_crops() {
+        let img = image::RgbImage::from_fn(300, 200, |x, _| image::Rgb([(x % 256) as u8, 128, 255]));
+        let png = encoded(img, image::ImageFormat::Png);
+        let t = normalised_crop(&png).unwrap();
+        assert_eq!(t.shape, [3, 224, 224]);
+        let v = values(&t);
         // Blue is 255 everywhere: (1 - 0.406) / 0.225.
         assert!((v[2 * 224 * 224] - (1.0 - 0.406) / 0.225).abs() < 1e-5);
         assert!(
@@ -201,11 +209,8 @@ mod tests {
 
     #[test]
     fn jpegs_decode_within_the_limits_and_bad_ones_are_refused() {
-        let mut jpg = Vec::new();
         let img = image::RgbImage::from_fn(16, 8, |x, _| image::Rgb([(x * 16) as u8, 0, 200]));
-        image::DynamicImage::ImageRgb8(img)
-            .write_to(&mut std::io::Cursor::new(&mut jpg), image::ImageFormat::Jpeg)
-            .unwrap();
+        let jpg = encoded(img, image::ImageFormat::Jpeg);
         assert_eq!(decode(&jpg).unwrap().dimensions(), (16, 8));
         // The frame header (SOF0: FF C0, length, precision, then height and width) patched
         // to declare 60,000 x 60,000 pixels: refused before decoding.
@@ -223,19 +228,10 @@ mod tests {
 
     #[test]
     fn to_tensor_keeps_the_image_size_and_scales_to_one() {
-        let mut png = Vec::new();
         let img = image::RgbImage::from_fn(5, 3, |x, y| image::Rgb([(x * 50) as u8, (y * 100) as u8, 255]));
-        image::DynamicImage::ImageRgb8(img)
-            .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
-            .unwrap();
-        let t = to_tensor(&png).unwrap();
+        let t = to_tensor(&encoded(img, image::ImageFormat::Png)).unwrap();
         assert_eq!(t.shape, [3, 3, 5]);
-        let v: Vec<f32> = t
-            .raw()
-            .unwrap()
-            .chunks(4)
-            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-            .collect();
+        let v = values(&t);
         // Red at (x = 4, y = 0) is 200 / 255; blue is 1 everywhere.
         assert_eq!(v[4], 200.0 / 255.0);
         assert!(v[2 * 15..].iter().all(|&b| b == 1.0));
