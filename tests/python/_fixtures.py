@@ -1,5 +1,6 @@
 """Generated fixtures shared by the TensorFlow, PyTorch and TorchServe test helpers: the cache
-the set-up scripts fill, and one generator run per fixture set.
+the set-up scripts fill, and one generator run per fixture set; and reference outputs of an
+ONNX file from Python onnxruntime.
 
 A generator is a script run with its own virtual environment's python (`--if-needed`; it
 prints its output directory as the last stdout line), unless an environment variable names a
@@ -8,8 +9,10 @@ directory it made earlier. No tritonclient here: tests/python_tf imports this mo
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
@@ -50,3 +53,25 @@ def generated(env_var: str, venv: str, script: str, required: list[str], timeout
                         + (hints or {}).get(name, "")
                         + (f"; from ${env_var}" if env else ""), pytrace=False)
     return path
+
+
+@functools.lru_cache(maxsize=None)
+def _ort_session(path: str):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    opts.inter_op_num_threads = 1
+    return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+
+
+_ort_lock = threading.Lock()
+
+
+def ort_run(path: Path, feeds: dict) -> dict:
+    """Every output of the ONNX file at `path` for `feeds`, by name, from Python onnxruntime on
+    the CPU (one session per file, one run at a time)."""
+    with _ort_lock:
+        sess = _ort_session(str(path))
+        names = [o.name for o in sess.get_outputs()]
+        return dict(zip(names, sess.run(names, feeds)))

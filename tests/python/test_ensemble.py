@@ -43,6 +43,7 @@ import tritonclient.http as httpclient
 import tritonclient.http.aio as httpaio
 from tritonclient.utils import InferenceServerException
 
+from _fixtures import ort_run
 from _server import ROOT, ServerProcess
 
 ENSEMBLE_REPOSITORY = "tests/fixtures/ensemble"
@@ -74,25 +75,8 @@ PIPELINE_STEPS = [
 # reference (onnxruntime on the step models, one after another)
 # ---------------------------------------------------------------------------------------
 
-@functools.lru_cache(maxsize=None)
-def _session(model: str):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    opts.inter_op_num_threads = 1
-    path = ROOT / ENSEMBLE_REPOSITORY / model / "1" / "model.onnx"
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-
-
-_ort_lock = threading.Lock()
-
-
 def _ort(model: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    with _ort_lock:
-        sess = _session(model)
-        names = [o.name for o in sess.get_outputs()]
-        return dict(zip(names, sess.run(names, feeds)))
+    return ort_run(ROOT / ENSEMBLE_REPOSITORY / model / "1" / "model.onnx", feeds)
 
 
 def reference(raw: np.ndarray) -> dict[str, np.ndarray]:

@@ -25,7 +25,6 @@ shows) and ends every sequence it starts, so no test waits on another's slots.
 
 from __future__ import annotations
 
-import functools
 import itertools
 import queue
 import threading
@@ -41,6 +40,7 @@ import tritonclient.http as httpclient
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
+from _fixtures import ort_run
 from _server import ROOT, ServerProcess
 
 SEQUENCE_REPOSITORY = "tests/fixtures/sequence"
@@ -69,25 +69,8 @@ def new_id() -> int:
 # reference (onnxruntime on the fixture's ONNX file, sequence batcher done by hand)
 # ---------------------------------------------------------------------------------------
 
-@functools.lru_cache(maxsize=None)
-def _session(model: str):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    opts.inter_op_num_threads = 1
-    path = ROOT / SEQUENCE_REPOSITORY / model / "1" / "model.onnx"
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-
-
-_ort_lock = threading.Lock()
-
-
 def _ort(model: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    with _ort_lock:
-        sess = _session(model)
-        names = [o.name for o in sess.get_outputs()]
-        return dict(zip(names, sess.run(names, feeds)))
+    return ort_run(ROOT / SEQUENCE_REPOSITORY / model / "1" / "model.onnx", feeds)
 
 
 class Reference:
