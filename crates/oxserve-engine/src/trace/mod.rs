@@ -12,7 +12,7 @@ pub mod settings;
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use oxserve_core::{Error, Result, Trace, TraceRecord, TraceSink};
 use parking_lot::Mutex;
@@ -214,6 +214,15 @@ pub struct TraceManager {
     shared: Shared,
     layers: Mutex<Layers>,
     next_id: AtomicU64,
+    /// Some setting in force traces at all (its level is not OFF): when none does, requests
+    /// are not sampled and pay one atomic load, not the settings' locks.
+    any_on: AtomicBool,
+}
+
+impl Layers {
+    fn any_on(&self) -> bool {
+        !self.global.values.level.is_off() || self.models.values().any(|(_, a)| !a.values.level.is_off())
+    }
 }
 
 impl TraceManager {
@@ -235,6 +244,7 @@ impl TraceManager {
             count: shared.config.count,
             log_frequency: shared.config.log_frequency,
         };
+        let shared_level_off = defaults.level.is_off();
         let global = Active::new(defaults, &shared);
         Ok(TraceManager {
             shared,
@@ -244,6 +254,7 @@ impl TraceManager {
                 models: HashMap::new(),
             }),
             next_id: AtomicU64::new(1),
+            any_on: AtomicBool::new(!shared_level_off),
         })
     }
 
@@ -267,6 +278,9 @@ impl TraceManager {
     /// A trace for a request to `model` when the settings sample it. `traceparent` is the
     /// client's W3C trace context: in OpenTelemetry mode a valid one forces the trace.
     pub fn sample(&self, model: &str, traceparent: Option<&str>) -> Option<Arc<Trace>> {
+        if !self.any_on.load(Ordering::Acquire) {
+            return None;
+        }
         let active = self.active_for(model);
         let context = traceparent
             .filter(|_| self.shared.config.mode == TraceMode::OpenTelemetry)
@@ -325,6 +339,16 @@ impl TraceManager {
     /// model follows the global one again); a global change reaches the models that inherit.
     pub fn update(&self, model: Option<&str>, update: &TraceUpdate) -> Result<Vec<(String, Vec<String>)>> {
         let mut layers = self.layers.lock();
+        let applied = self.apply(&mut layers, model, update);
+        // Whatever was applied (a global change stays when re-deriving a model fails, as in
+        // Triton), the fast path follows it.
+        self.any_on.store(layers.any_on(), Ordering::Release);
+        drop(layers);
+        applied.map(|shown| self.show(&shown))
+    }
+
+    /// [`Self::update`] on the locked settings: the setting to show afterwards.
+    fn apply(&self, layers: &mut Layers, model: Option<&str>, update: &TraceUpdate) -> Result<Arc<Active>> {
         match model {
             None => {
                 let fields = layers.global_fields.updated(update);
@@ -337,24 +361,18 @@ impl TraceManager {
                     let derived = self.resolve(&fields, Some(&layers.global))?;
                     layers.models.insert(name, (fields, derived));
                 }
-                let global = Arc::clone(&layers.global);
-                drop(layers);
-                Ok(self.show(&global))
+                Ok(Arc::clone(&layers.global))
             }
             Some(m) => {
                 let current = layers.models.get(m).map(|(f, _)| *f).unwrap_or_default();
                 let fields = current.updated(update);
                 if fields.is_empty() {
                     layers.models.remove(m);
-                    let global = Arc::clone(&layers.global);
-                    drop(layers);
-                    return Ok(self.show(&global));
+                    return Ok(Arc::clone(&layers.global));
                 }
-                let over = Arc::clone(&layers.global);
-                let active = self.resolve(&fields, Some(&over))?;
+                let active = self.resolve(&fields, Some(&layers.global))?;
                 layers.models.insert(m.to_string(), (fields, Arc::clone(&active)));
-                drop(layers);
-                Ok(self.show(&active))
+                Ok(active)
             }
         }
     }
@@ -524,6 +542,25 @@ mod tests {
             "t.json",
             "the file shows as given on the command line"
         );
+    }
+
+    #[test]
+    fn switching_a_level_on_or_off_reaches_the_sampler() {
+        let m = manager("/nonexistent/t.json", Level::OFF, 1);
+        assert!(m.sample("m", None).is_none());
+        let on = TraceUpdate {
+            level: Change::Set(TIMESTAMPS),
+            ..TraceUpdate::default()
+        };
+        m.update(Some("m"), &on).unwrap();
+        assert!(m.sample("m", None).is_some(), "the model's own level is on");
+        assert!(m.sample("other", None).is_none(), "the global level is still off");
+        let off = TraceUpdate {
+            level: Change::Clear,
+            ..TraceUpdate::default()
+        };
+        m.update(Some("m"), &off).unwrap();
+        assert!(m.sample("m", None).is_none());
     }
 
     #[test]
