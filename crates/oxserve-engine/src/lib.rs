@@ -7,6 +7,7 @@ mod classification;
 mod entries;
 mod lifecycle;
 mod manager;
+mod memory;
 mod model;
 mod scheduling;
 mod sequence;
@@ -24,6 +25,7 @@ pub use manager::{
     BACKEND_REASON_PARAMETER, ControlMode, ENSEMBLE, ENSEMBLE_STEPS_PARAMETER, ListedModel, ManagerOptions,
     ModelManager, PLACEMENT_REASON_PARAMETER, UNLOADED_REASON,
 };
+pub use memory::set_memory_release_hook;
 pub use service::{IndexEntry, InferenceService, ServerMetadata};
 pub use shadow::ShadowStats;
 pub use stats::{BatchStat, FailureReason, InferStats, Metrics, ModelStatistics, StatDuration};

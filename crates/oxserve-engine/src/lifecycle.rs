@@ -210,6 +210,8 @@ impl ModelManager {
         built: Built,
         override_dir: Option<tempfile::TempDir>,
     ) -> std::result::Result<(), String> {
+        // The load's temporaries (file contents, parsed graphs) are freed by now, on this thread.
+        crate::memory::release_freed_memory();
         let serving_before = |v: &u64| -> Option<Arc<ServedVersion>> {
             current
                 .and_then(|r| r.versions.get(v))
@@ -816,6 +818,8 @@ fn retire_loop(shared: Weak<RetireShared>, table: Weak<ArcSwap<ModelTable>>) {
             // Stops the scheduler (its queue is empty: nothing else held the version) and
             // frees the engine's model.
             drop(served);
+            // Before the version shows as unloaded, so what it used is given back by then.
+            crate::memory::release_freed_memory();
             tracing::info!(model = %model, version, "model version unloaded");
             if !replaced && let Some(table) = table.upgrade() {
                 table.rcu(|t| {

@@ -38,3 +38,25 @@ fn set(value: std::ffi::c_long) {
         libmimalloc_sys::mi_option_set(ARENA_EAGER_COMMIT, value);
     }
 }
+
+/// Makes the allocators give back now the pages freed so far: mimalloc's (its arenas' and
+/// abandoned segments' included) instead of on a later allocation after its purge delay, and
+/// glibc's arenas. The engine calls it when a load has finished and once a model version has
+/// been unloaded (`oxserve_engine::set_memory_release_hook`): a large amount was just freed and
+/// the server may stay quiet for a while. Not on the request path.
+pub fn release_freed_memory() {
+    // SAFETY: `mi_collect` takes no pointers; with `force` it collects the calling thread's
+    // heap, the abandoned segments and purges the arenas, all under mimalloc's own locks.
+    #[allow(unsafe_code)]
+    unsafe {
+        libmimalloc_sys::mi_collect(true);
+    }
+    // ONNX Runtime, TensorFlow and libtorch allocate through glibc's malloc, whose per-thread
+    // arenas keep freed memory until trimmed.
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: `malloc_trim` takes no pointers and is thread-safe (it locks each arena in turn).
+    #[allow(unsafe_code)]
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}

@@ -306,6 +306,7 @@ fn tritonserver_cli() -> Cli {
 
 fn main() -> std::process::ExitCode {
     disable_onnxruntime_telemetry();
+    oxserve_engine::set_memory_release_hook(allocator::release_freed_memory);
     if invoked_as(tfserving_cli::TENSORFLOW_MODEL_SERVER) {
         let args = tfserving_cli::parse();
         return exit_code(tfserving_cli::run(args));
