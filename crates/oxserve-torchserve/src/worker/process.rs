@@ -109,6 +109,23 @@ static NEXT_SOCKET: AtomicU64 = AtomicU64::new(9000);
 type Tail = Arc<Mutex<VecDeque<String>>>;
 const TAIL_LINES: usize = 200;
 
+/// The longest path a Unix socket can have (`sun_path` holds 108 bytes with the final NUL).
+const UNIX_PATH_MAX: usize = 107;
+
+/// Where the worker's socket directory goes: the temporary directory (TMPDIR, as TorchServe
+/// puts its sockets), or `/tmp` when TMPDIR is so long that the socket's path would not fit
+/// in a Unix socket address (the worker would fail with "AF_UNIX path too long").
+fn socket_parent() -> PathBuf {
+    // "/oxserve-ts-worker-XXXXXX/.ts.sock." and up to 20 digits.
+    const SUFFIX: usize = "/oxserve-ts-worker-XXXXXX/.ts.sock.".len() + 20;
+    let tmp = std::env::temp_dir();
+    if tmp.as_os_str().len() + SUFFIX <= UNIX_PATH_MAX {
+        tmp
+    } else {
+        PathBuf::from("/tmp")
+    }
+}
+
 pub struct Worker {
     child: Child,
     stream: UnixStream,
@@ -123,7 +140,7 @@ impl Worker {
     pub fn start(code: &WorkerCode, spec: &WorkerSpec) -> Result<Worker, WorkerError> {
         let dir = tempfile::Builder::new()
             .prefix("oxserve-ts-worker-")
-            .tempdir()
+            .tempdir_in(socket_parent())
             .map_err(|e| WorkerError::Start(format!("cannot create the worker's socket directory: {e}")))?;
         // The worker takes the number after the last dot as a port (it adds its rank to it).
         let socket = dir.path().join(format!(
