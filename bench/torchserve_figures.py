@@ -349,7 +349,7 @@ def measure(case: Case, server: str, binary: str, store: Path, args) -> tuple:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def close(a, b, atol: float = 2e-3) -> bool:
+def close(a, b, atol: float = 1e-4) -> bool:
     """JSON values equal up to `atol` on numbers (densenet's probabilities differ by up to
     ~7e-4: oxserve's image resampling is not PIL's)."""
     if isinstance(a, dict) and isinstance(b, dict):
@@ -368,7 +368,7 @@ def agreement(answers: list[bytes]) -> str:
         values = [json.loads(a) for a in answers]
     except ValueError:
         return "answers DIFFER"
-    return "answers agree within 2e-3" if all(close(values[0], v) for v in values[1:]) else "answers DIFFER"
+    return "answers agree within 1e-4" if all(close(values[0], v) for v in values[1:]) else "answers DIFFER"
 
 
 def loadavg() -> str:

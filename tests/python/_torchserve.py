@@ -56,7 +56,7 @@ REFERENCE_PORTS = {"18080": "inference", "18081": "management", "18082": "metric
 VOLATILE_KEYS = {"pid", "startTime", "memoryUsage"}
 VOLATILE_WORKER_KEYS = {"id"}
 # oxserve's image resize differs slightly from PIL's (docs/torchserve.md).
-PROBABILITY_ATOL = 2e-3
+PROBABILITY_ATOL = 1e-4
 TIMEOUT_S = 60.0
 
 

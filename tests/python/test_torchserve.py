@@ -13,7 +13,7 @@ management, metrics and gRPC ports on free ports).
    unregister), each answer compared with TorchServe's field by field: the status, the JSON
    keys (recursively) and the values that are not volatile (pids, start times, worker ids,
    memory: compared by JSON type); predictions: the same labels in the same order,
-   probabilities within 2e-3 (oxserve's resize is not PIL's). TorchServe's asynchronous
+   probabilities within 1e-4 (oxserve's resize is Pillow's algorithm, a level off at times). TorchServe's asynchronous
    answers (202) and the form of a worker's startTime have tests of their own.
 2. `--models densenet=densenet_small.mar` at start-up (loadedAtStartup true).
 3. `--start` in the background, then `--stop` (the pid file in $TMPDIR).
@@ -36,8 +36,8 @@ management, metrics and gRPC ports on free ports).
    default allowed_urls accepting an http url.
 10. image_segmenter natively (segmenter_small.mar): registration, describe (the worker is the
    server itself) and unregister as TorchServe's; kitten.jpg's [224][224][2] answer laid out
-   as TorchServe's json.dumps(indent=2), the class as TorchServe's for >= 99 % of the pixels
-   and the probability within 5e-2 where it is (the resize is not PIL's); bytes that are no
+   as TorchServe's json.dumps(indent=2), the class as TorchServe's for >= 99.5 % of the pixels
+   and the probability within 3e-2 where it is (the resize is a level off at times); bytes that are no
    image a 400 as for image_classifier.
 11. object_detector natively (detector_small.mar, a scripted TorchScript detector): registration,
    describe (the worker is the server itself) and unregister as TorchServe's; no resize
@@ -818,6 +818,18 @@ def custom_server(custom_store):
         yield server, registered
 
 
+def test_python_workers_start_with_a_tmpdir_too_long_for_a_socket(tmp_path, custom_store):
+    """The Python worker listens on a Unix socket, whose path may not exceed 107 bytes; with a
+    TMPDIR longer than that allows, the socket goes to /tmp and custom_echo (loaded at start-up)
+    still answers as TorchServe."""
+    ws = Workspace(tmp_path / ("long-tmpdir-" + "x" * 90))
+    assert len(str(ws.tmp)) > 107 - len("/oxserve-ts-worker-XXXXXX/.ts.sock.1"), ws.tmp
+    server = TorchServe("long-tmpdir", ws, custom_store, "--disable-token-auth",
+                        "--models", f"{CUSTOM}.mar")
+    with serving(server):
+        assert_custom_predicts(server, timeout=ts.TIMEOUT_S)
+
+
 def test_custom_handler_registers_as_torchserve(custom_server):
     """Registering custom_echo.mar (custom_handler.py) answers as TorchServe; describe shows one
     READY worker with TorchServe's fields (runtime python, batch size 1, ...)."""
@@ -1515,13 +1527,13 @@ def test_default_allowed_urls_accept_http(ts_server, tmp_path):
 # "image_segmenter" section keeps the parsed list and the text's first 200 characters).
 
 SEGMENTER = "segmenter_small"
-# The resize differs slightly from PIL's (docs/torchserve.md), and here nothing averages it
-# away: each pixel's scores come from its own 5x5 neighbourhood of the resized image, so a
-# probability moves by a few 1e-2 at worst (median ~2e-3) where the classifier's (averaged
-# over the image) move by 1e-3, and a pixel whose two most probable classes are that close
-# (the fixture has ~2 % within 0.02) may take the other one.
-SEGMENT_CLASS_AGREEMENT = 0.99
-SEGMENT_PROBABILITY_ATOL = 5e-2
+# The resize leaves a few pixels one level off PIL's (3.6 % of kitten.jpg's samples;
+# docs/torchserve.md), and here nothing averages that away: each pixel's scores come from its
+# own 5x5 neighbourhood of the resized image, so a probability moves by up to ~2e-2 where the
+# classifier's (averaged over the image) move by 1e-5, and a pixel whose two most probable
+# classes are that close (the fixture has ~2 % within 0.02) may take the other one (0.2 % do).
+SEGMENT_CLASS_AGREEMENT = 0.995
+SEGMENT_PROBABILITY_ATOL = 3e-2
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?|NaN|-?Infinity")
 
 
@@ -1608,9 +1620,9 @@ def test_image_segmenter_runs_natively_as_torchserve(ts_server):
     prediction; oxserve's native handlers send application/json, a documented difference), the
     text laid out as TorchServe's (exactly json.dumps(answer, indent=2); its first lines as
     TorchServe's, numbers aside), a 224x224x2 list whose class equals TorchServe's for at least
-    99 % of the pixels and, where it does, whose probability is within 5e-2 of TorchServe's
-    (SEGMENT_PROBABILITY_ATOL: the resize differs slightly from PIL's, and nothing averages
-    the difference away); unregister as TorchServe's."""
+    99.5 % of the pixels and, where it does, whose probability is within 3e-2 of TorchServe's
+    (SEGMENT_PROBABILITY_ATOL: the resize leaves a few pixels one level off PIL's, and nothing
+    averages the difference away); unregister as TorchServe's."""
     section = "image_segmenter"
     ex = ts.exchange("predict_segmenter_kitten", section)
     want = ex["body_json"]

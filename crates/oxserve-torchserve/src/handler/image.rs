@@ -75,11 +75,16 @@ fn decode_other(body: &[u8]) -> Result<image::RgbImage> {
     Ok(reader.decode().map_err(cannot_decode)?.to_rgb8())
 }
 
-/// An FP32 CHW tensor named as the model's first input.
-fn chw_tensor(values: Vec<f32>, height: u32, width: u32) -> Tensor {
-    let mut raw = Vec::with_capacity(values.len() * 4);
-    for v in values {
-        raw.extend_from_slice(&v.to_le_bytes());
+/// An FP32 CHW tensor named as the model's first input, `[3, height, width]`, from
+/// `value(channel, y, x)`, written straight into the tensor's little-endian bytes.
+fn chw_tensor(height: u32, width: u32, value: impl Fn(usize, u32, u32) -> f32) -> Tensor {
+    let mut raw = Vec::with_capacity(3 * (height * width) as usize * 4);
+    for c in 0..3 {
+        for y in 0..height {
+            for x in 0..width {
+                raw.extend_from_slice(&value(c, y, x).to_le_bytes());
+            }
+        }
     }
     Tensor::new(
         "INPUT__0",
@@ -87,6 +92,36 @@ fn chw_tensor(values: Vec<f32>, height: u32, width: u32) -> Tensor {
         vec![3, i64::from(height), i64::from(width)],
         TensorData::Raw(Bytes::from(raw)),
     )
+}
+
+/// What ToTensor then Normalize(ImageNet) make of each channel's 256 pixel values, computed
+/// as torchvision computes them (`v / 255`, then `(v - mean) / std`, in f32), so a table look-up
+/// gives the same floats as the arithmetic per pixel.
+fn normalised_values() -> &'static [[f32; 256]; 3] {
+    static TABLE: std::sync::OnceLock<[[f32; 256]; 3]> = std::sync::OnceLock::new();
+    TABLE.get_or_init(|| {
+        std::array::from_fn(|c| std::array::from_fn(|v| (v as f32 / 255.0 - MEAN[c]) / STD[c]))
+    })
+}
+
+/// torchvision's Resize on a PIL image: Pillow's bilinear convolution (its filter widened by
+/// the scale when shrinking, as PIL's antialiasing does), by fast_image_resize, which
+/// implements Pillow's algorithm: the pixels are PIL's or one level off (3.6 % of the samples
+/// of the test kitten, checked against torchvision).
+fn resize(image: image::RgbImage, width: u32, height: u32) -> Result<Vec<u8>> {
+    use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer, images::Image};
+    let (w, h) = image.dimensions();
+    let src = Image::from_vec_u8(w, h, image.into_raw(), PixelType::U8x3)
+        .map_err(|e| Error::internal(format!("cannot resize the image: {e}")))?;
+    let mut dst = Image::new(width, height, PixelType::U8x3);
+    Resizer::new()
+        .resize(
+            &src,
+            &mut dst,
+            &ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Bilinear)),
+        )
+        .map_err(|e| Error::internal(format!("cannot resize the image: {e}")))?;
+    Ok(dst.into_vec())
 }
 
 /// The classifier's and segmenter's input: `[3, 224, 224]`.
@@ -99,7 +134,14 @@ pub(super) fn normalised_crop(body: &[u8]) -> Result<Tensor> {
     } else {
         (((u64::from(RESIZE) * u64::from(w)) / u64::from(h)) as u32, RESIZE)
     };
-    let resized = image::imageops::resize(&image, nw, nh, image::imageops::FilterType::Triangle);
+    // A thin image resizes to a huge one (1 × 8192 → 256 × 2,097,152): refused, not allocated.
+    if u64::from(nw) * u64::from(nh) * 3 > MAX_DECODE_BYTES {
+        return Err(Error::invalid(format!(
+            "cannot resize the image: {w}x{h} would become {nw}x{nh}, larger than the limit ({} MiB)",
+            MAX_DECODE_BYTES >> 20
+        )));
+    }
+    let resized = resize(image, nw, nh)?;
     // CenterCrop(224): offsets rounded as torchvision rounds them (Python's round: halves to
     // even, so a 341-pixel side starts the crop at 58, not 59).
     let top = ((f64::from(nh) - f64::from(CROP)) / 2.0)
@@ -108,32 +150,22 @@ pub(super) fn normalised_crop(body: &[u8]) -> Result<Tensor> {
     let left = ((f64::from(nw) - f64::from(CROP)) / 2.0)
         .round_ties_even()
         .max(0.0) as u32;
-    let plane = (CROP * CROP) as usize;
-    let mut chw = vec![0f32; 3 * plane];
-    for y in 0..CROP.min(nh) {
-        for x in 0..CROP.min(nw) {
-            let pixel = resized.get_pixel(left + x, top + y);
-            for c in 0..3 {
-                let v = f32::from(pixel[c]) / 255.0;
-                chw[c * plane + (y * CROP + x) as usize] = (v - MEAN[c]) / STD[c];
-            }
+    let table = normalised_values();
+    Ok(chw_tensor(CROP, CROP, |c, y, x| {
+        if y >= nh || x >= nw {
+            return 0.0;
         }
-    }
-    Ok(chw_tensor(chw, CROP, CROP))
+        table[c][usize::from(resized[((top + y) * nw + left + x) as usize * 3 + c])]
+    }))
 }
 
 /// The object detector's input: the image as it is, `[3, H, W]` in [0, 1] (ToTensor).
 pub(super) fn to_tensor(body: &[u8]) -> Result<Tensor> {
     let image = decode(body)?;
     let (w, h) = image.dimensions();
-    let plane = (w * h) as usize;
-    let mut chw = vec![0f32; 3 * plane];
-    for (x, y, pixel) in image.enumerate_pixels() {
-        for c in 0..3 {
-            chw[c * plane + (y * w + x) as usize] = f32::from(pixel[c]) / 255.0;
-        }
-    }
-    Ok(chw_tensor(chw, h, w))
+    Ok(chw_tensor(h, w, |c, y, x| {
+        f32::from(image.get_pixel(x, y)[c]) / 255.0
+    }))
 }
 
 #[cfg(test)]
@@ -205,6 +237,24 @@ mod tests {
             err.contains("cannot decode") && err.to_lowercase().contains("limit"),
             "{err}"
         );
+        // A thin image that Resize(256) would blow up to 256 × 512,000 pixels is refused too.
+        let thin = encoded(image::RgbImage::new(1, 2000), image::ImageFormat::Png);
+        let err = normalised_crop(&thin).unwrap_err().to_string();
+        assert!(err.contains("1x2000 would become 256x512000"), "{err}");
+    }
+
+    #[test]
+    fn resizing_is_pillows_bilinear_filter() {
+        // Shrinking 4 → 2 pixels with PIL's bilinear filter: its support widened ×2 by the
+        // scale, the window cut at the border and the weights renormalised (3/7, 3/7, 1/7 over
+        // pixels 0–2 for the first output pixel): Pillow 13 resizes [0, 40, 80, 120] to
+        // [29, 91], where a plain 2-tap average would give [20, 100].
+        let row = image::RgbImage::from_fn(4, 1, |x, _| {
+            let v = (x * 40) as u8;
+            image::Rgb([v, v, v])
+        });
+        let out = resize(row, 2, 1).unwrap();
+        assert_eq!(out, [29, 29, 29, 91, 91, 91]);
     }
 
     #[test]
