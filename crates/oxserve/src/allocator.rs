@@ -5,6 +5,9 @@
 //! finished burst of requests used does not stay in the server's RSS (BENCHMARKS.md, "Model
 //! lifecycle"). An operator's own `MIMALLOC_ARENA_EAGER_COMMIT` wins.
 
+use std::cell::Cell;
+use std::sync::atomic::{AtomicU64, Ordering};
+
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -45,12 +48,8 @@ fn set(value: std::ffi::c_long) {
 /// been unloaded (`oxserve_engine::set_memory_release_hook`): a large amount was just freed and
 /// the server may stay quiet for a while. Not on the request path.
 pub fn release_freed_memory() {
-    // SAFETY: `mi_collect` takes no pointers; with `force` it collects the calling thread's
-    // heap, the abandoned segments and purges the arenas, all under mimalloc's own locks.
-    #[allow(unsafe_code)]
-    unsafe {
-        libmimalloc_sys::mi_collect(true);
-    }
+    RELEASES.fetch_add(1, Ordering::Relaxed);
+    collect_this_thread();
     // ONNX Runtime, TensorFlow and libtorch allocate through glibc's malloc, whose per-thread
     // arenas keep freed memory until trimmed.
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
@@ -58,5 +57,35 @@ pub fn release_freed_memory() {
     #[allow(unsafe_code)]
     unsafe {
         libc::malloc_trim(0);
+    }
+}
+
+/// How many releases there have been: the async workers compare it with the count they last
+/// saw (`SEEN_RELEASES`).
+static RELEASES: AtomicU64 = AtomicU64::new(0);
+
+thread_local! {
+    static SEEN_RELEASES: Cell<u64> = const { Cell::new(0) };
+}
+
+/// The async runtime's park hook: an async worker collects its own heap once after each
+/// release. mimalloc's pages belong to the thread that allocated them, and the request
+/// handling on these threads (model metadata, answers, the load and unload calls themselves)
+/// leaves pages that only their owner purges, so a release on the unloading thread alone left
+/// most of the growth over reload cycles (BENCHMARKS.md, "Model lifecycle"). Between releases
+/// this is a relaxed load and a thread-local compare per park.
+pub fn collect_after_release() {
+    let releases = RELEASES.load(Ordering::Relaxed);
+    if SEEN_RELEASES.with(|seen| seen.replace(releases)) != releases {
+        collect_this_thread();
+    }
+}
+
+fn collect_this_thread() {
+    // SAFETY: `mi_collect` takes no pointers; with `force` it collects the calling thread's
+    // heap, the abandoned segments and purges the arenas, all under mimalloc's own locks.
+    #[allow(unsafe_code)]
+    unsafe {
+        libmimalloc_sys::mi_collect(true);
     }
 }

@@ -351,6 +351,8 @@ fn runtime_with(workers: Option<usize>) -> anyhow::Result<tokio::runtime::Runtim
         builder.worker_threads(n);
     }
     builder
+        // After a model is unloaded each worker gives back the pages its own heap freed.
+        .on_thread_park(allocator::collect_after_release)
         .enable_all()
         .build()
         .context("cannot start the async runtime")
