@@ -1192,6 +1192,19 @@ def worker_errors(srv: Server, work: Path, limit=40, start=0, end=None):
 # TorchServe's default image_segmenter (segmenter_small.mar)
 
 
+def _register_and_describe(rec: "Recorder", model: str) -> dict:
+    """Registers `model`.mar with one worker, synchronously, waits for it and describes it
+    (exchanges register_<model> and describe_<model>); the results dict with the registration's
+    duration."""
+    t0 = time.monotonic()
+    rec(f"register_{model}", "POST", MGMT, f"/models?url={model}.mar"
+        "&initial_workers=1&synchronous=true")
+    res = {f"register_{model}_s": round(time.monotonic() - t0, 2)}
+    _wait_workers(rec, model)
+    rec(f"describe_{model}", "GET", MGMT, f"/models/{model}")
+    return res
+
+
 def record_segmenter(work: Path, jpg: bytes, requests) -> dict:
     """segmenter_small.mar (handler image_segmenter) on the running TorchServe: registration
     (1 worker), describe, kitten.jpg, bytes that are no image, unregister. The prediction's
@@ -1199,13 +1212,7 @@ def record_segmenter(work: Path, jpg: bytes, requests) -> dict:
     kept as its parsed list on one line, the first 200 characters of the text, its length and
     sha256, and whether it is exactly json.dumps(parsed, indent=2)."""
     rec = Recorder(requests, work)
-    res = {}
-    t0 = time.monotonic()
-    rec("register_segmenter_small", "POST", MGMT, "/models?url=segmenter_small.mar"
-        "&initial_workers=1&synchronous=true")
-    res["register_segmenter_small_s"] = round(time.monotonic() - t0, 2)
-    _wait_workers(rec, "segmenter_small")
-    rec("describe_segmenter_small", "GET", MGMT, "/models/segmenter_small")
+    res = _register_and_describe(rec, "segmenter_small")
     ex = rec("predict_segmenter_kitten", "POST", INF, "/predictions/segmenter_small", data=jpg)
     raw = ex.pop("body_raw", None)
     if raw is not None:
@@ -1233,13 +1240,7 @@ def record_detector(work: Path, jpg: bytes, png: bytes, black: bytes, requests) 
     detected; all raw POSTs), bytes that are no image, unregister. The answers are small: kept
     whole ("body_raw", the worker's json.dumps(answer, indent=2), and "body_json")."""
     rec = Recorder(requests, work)
-    res = {}
-    t0 = time.monotonic()
-    rec("register_detector_small", "POST", MGMT, "/models?url=detector_small.mar"
-        "&initial_workers=1&synchronous=true")
-    res["register_detector_small_s"] = round(time.monotonic() - t0, 2)
-    _wait_workers(rec, "detector_small")
-    rec("describe_detector_small", "GET", MGMT, "/models/detector_small")
+    res = _register_and_describe(rec, "detector_small")
     rec("predict_detector_kitten", "POST", INF, "/predictions/detector_small", data=jpg)
     rec("predict_detector_kitten_png", "POST", INF, "/predictions/detector_small", data=png)
     rec("predict_detector_black_png", "POST", INF, "/predictions/detector_small", data=black)

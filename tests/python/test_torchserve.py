@@ -1612,6 +1612,36 @@ def segment_agreement(have, want) -> tuple[list[str], dict]:
     return out, stats
 
 
+@contextlib.contextmanager
+def _registered_natively(server: TorchServe, section: str, model: str):
+    """Registers `model` as the reference's `section` recorded it and describes it, both
+    compared with TorchServe's answers; the model must run in the server itself (describe's
+    worker pid is the server's own, memoryUsage 0, no Python worker started for it). Yields the
+    differences found (the caller adds its own); then unregisters it as TorchServe did, and on
+    any failure deletes it so the shared server stays clean."""
+    workers_before = _python_workers(server)
+    diffs: list[str] = []
+    registered = False
+    try:
+        r = ts.replay(server, ts.exchange(f"register_{model}", section))
+        registered = r.status_code == 200
+        diffs += ts.response_differences(r, ts.exchange(f"register_{model}", section))
+        assert registered, f"registering {model}.mar: {r.status_code} {r.text}"
+        r = ts.replay(server, ts.exchange(f"describe_{model}", section))
+        diffs += ts.response_differences(r, ts.exchange(f"describe_{model}", section))
+        workers = r.json()[0]["workers"]
+        assert [(w["status"], w["pid"], w["memoryUsage"]) for w in workers] == [
+            ("READY", server.proc.pid, 0)], ("not a native model", workers)
+        assert _python_workers(server) <= workers_before, "a Python worker was started"
+        yield diffs
+        r = ts.replay(server, ts.exchange(f"unregister_{model}", section))
+        registered = r.status_code != 200
+        diffs += ts.response_differences(r, ts.exchange(f"unregister_{model}", section))
+    finally:
+        if registered:
+            server.request("DELETE", "management", f"/models/{model}")
+
+
 def test_image_segmenter_runs_natively_as_torchserve(ts_server):
     """The reference's "image_segmenter" exchanges replayed on ts_server: the registration (1
     worker) and describe as TorchServe's; the model runs in the server itself (describe's worker
@@ -1627,21 +1657,7 @@ def test_image_segmenter_runs_natively_as_torchserve(ts_server):
     ex = ts.exchange("predict_segmenter_kitten", section)
     want = ex["body_json"]
     assert ex["status"] == 200 and ex["body_raw_is_json_dumps_indent_2"], ex["status"]
-    workers_before = _python_workers(ts_server)
-    diffs: list[str] = []
-    registered = False
-    try:
-        r = ts.replay(ts_server, ts.exchange("register_segmenter_small", section))
-        registered = r.status_code == 200
-        diffs += ts.response_differences(r, ts.exchange("register_segmenter_small", section))
-        assert registered, f"registering {SEGMENTER}.mar: {r.status_code} {r.text}"
-        r = ts.replay(ts_server, ts.exchange("describe_segmenter_small", section))
-        diffs += ts.response_differences(r, ts.exchange("describe_segmenter_small", section))
-        workers = r.json()[0]["workers"]
-        assert [(w["status"], w["pid"], w["memoryUsage"]) for w in workers] == [
-            ("READY", ts_server.proc.pid, 0)], ("not a native model", workers)
-        assert _python_workers(ts_server) <= workers_before, "a Python worker was started"
-
+    with _registered_natively(ts_server, section, SEGMENTER) as diffs:
         r = ts.replay(ts_server, ex, data=JPG)
         assert r.status_code == 200, (r.status_code, r.text[:500])
         have_type = r.headers.get("content-type")
@@ -1656,12 +1672,6 @@ def test_image_segmenter_runs_natively_as_torchserve(ts_server):
         agreement, stats = segment_agreement(have, want)
         print(f"image_segmenter agreement with TorchServe: {stats}")
         diffs += [f"predict_segmenter_kitten: {d} ({stats})" for d in agreement]
-        r = ts.replay(ts_server, ts.exchange("unregister_segmenter_small", section))
-        registered = r.status_code != 200
-        diffs += ts.response_differences(r, ts.exchange("unregister_segmenter_small", section))
-    finally:
-        if registered:
-            ts_server.request("DELETE", "management", f"/models/{SEGMENTER}")
     assert not diffs, "oxserve differs from TorchServe:\n" + "\n".join(diffs)
     assert_still_predicts(ts_server)
 
@@ -1813,20 +1823,7 @@ def test_object_detector_runs_natively_as_torchserve(ts_server):
     assert (black["status"], black["body_raw"]) == (200, "[]"), black
     png_bytes = (ts.fixtures_dir() / "kitten.png").read_bytes()
     workers_before = _python_workers(ts_server)
-    diffs: list[str] = []
-    registered = False
-    try:
-        r = ts.replay(ts_server, ts.exchange("register_detector_small", section))
-        registered = r.status_code == 200
-        diffs += ts.response_differences(r, ts.exchange("register_detector_small", section))
-        assert registered, f"registering {DETECTOR}.mar: {r.status_code} {r.text}"
-        r = ts.replay(ts_server, ts.exchange("describe_detector_small", section))
-        diffs += ts.response_differences(r, ts.exchange("describe_detector_small", section))
-        workers = r.json()[0]["workers"]
-        assert [(w["status"], w["pid"], w["memoryUsage"]) for w in workers] == [
-            ("READY", ts_server.proc.pid, 0)], ("not a native model", workers)
-        assert _python_workers(ts_server) <= workers_before, "a Python worker was started"
-
+    with _registered_natively(ts_server, section, DETECTOR) as diffs:
         r = ts.replay(ts_server, png, data=png_bytes)
         diffs += _detector_prediction_differences(r, png)
         r = ts_server.request("POST", "inference", f"/predictions/{DETECTOR}",
@@ -1835,13 +1832,6 @@ def test_object_detector_runs_natively_as_torchserve(ts_server):
         r = ts.replay(ts_server, black, data=(ts.fixtures_dir() / "black.png").read_bytes())
         diffs += _detector_prediction_differences(r, black)
         assert _python_workers(ts_server) <= workers_before, "a Python worker was started"
-
-        r = ts.replay(ts_server, ts.exchange("unregister_detector_small", section))
-        registered = r.status_code != 200
-        diffs += ts.response_differences(r, ts.exchange("unregister_detector_small", section))
-    finally:
-        if registered:
-            ts_server.request("DELETE", "management", f"/models/{DETECTOR}")
     assert not diffs, "oxserve differs from TorchServe:\n" + "\n".join(diffs)
     assert_still_predicts(ts_server)
 

@@ -191,10 +191,7 @@ pub(super) fn detections(outputs: &[Tensor], labels: Option<&HashMap<usize, Stri
 /// the classes, then per pixel `[class, probability]` (the class as a float, as torch.stack
 /// makes it), as the worker's `json.dumps(..., indent=2)` writes the `[H][W][2]` list.
 pub(super) fn segments(output: &Tensor) -> Result<String> {
-    let raw = output
-        .raw()
-        .filter(|_| output.datatype == DataType::F32)
-        .ok_or_else(|| Error::internal("the segmenter's output 'out' is not FP32 scores"))?;
+    let scores = floats(output, "the segmenter's output 'out'")?;
     let [classes, height, width] = output.shape[..] else {
         return Err(Error::internal(format!(
             "the segmenter's output 'out' has shape {:?}; expected [classes, height, width] per image",
@@ -209,10 +206,6 @@ pub(super) fn segments(output: &Tensor) -> Result<String> {
     if classes == 0 {
         return Err(Error::internal("the segmenter returned no classes"));
     }
-    let scores: Vec<f32> = raw
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect();
     let plane = height * width;
     let mut out = String::with_capacity(plane * 48);
     out.push_str("[\n");
