@@ -1682,26 +1682,46 @@ def test_image_segmenter_bad_image_is_a_bad_request(ts_server):
     recorded as predict_segmenter_bad_image_bytes); kitten.jpg still answers after them."""
     ex = ts.exchange("predict_segmenter_bad_image_bytes", "image_segmenter")
     assert (ex["status"], ex["body_json"]["message"]) == (503, "Prediction failed")
-    r = ts_server.request("POST", "management", f"/models?url={SEGMENTER}.mar&initial_workers=1"
-                          "&synchronous=true")
-    assert r.status_code == 200, r.text
-    try:
-        for body in (b"this is not an image", b"", b"\xff\xd8\xff\xe0" + b"\0" * 64):
-            r = ts_server.predict(SEGMENTER, body)
-            err = assert_torchserve_error(r, 400, "BadRequestException")
-            assert "image" in err["message"], err
-        r = ts_server.request("POST", "inference", f"/predictions/{SEGMENTER}",
-                              files={"data": ("x.jpg", b"not an image", "image/jpeg")})
-        assert_torchserve_error(r, 400, "BadRequestException")
+    with _registered(ts_server, SEGMENTER):
+        _bad_images_are_bad_requests(ts_server, SEGMENTER)
         # A good image still answers (its agreement with TorchServe is the test above's).
         r = ts_server.predict(SEGMENTER)
         assert r.status_code == 200, (r.status_code, r.text[:500])
         body = r.json()
         assert (len(body), len(body[0]), len(body[0][0])) == (224, 224, 2), r.text[:200]
-    finally:
-        r = ts_server.request("DELETE", "management", f"/models/{SEGMENTER}")
-        assert r.status_code == 200, r.text
     assert_still_predicts(ts_server)
+
+
+@contextlib.contextmanager
+def _registered(server: TorchServe, model: str):
+    """`model`.mar registered with one worker for the block, unregistered after it."""
+    r = server.request("POST", "management", f"/models?url={model}.mar&initial_workers=1"
+                       "&synchronous=true")
+    assert r.status_code == 200, r.text
+    try:
+        yield
+    finally:
+        r = server.request("DELETE", "management", f"/models/{model}")
+        assert r.status_code == 200, r.text
+
+
+BAD_IMAGES = (b"this is not an image", b"", b"\xff\xd8\xff\xe0" + b"\0" * 64)
+
+
+def _bad_images_are_bad_requests(server: TorchServe, model: str) -> list[tuple[bytes, int, dict]]:
+    """Each of BAD_IMAGES as a raw body, then one as the multipart part "data": a 400
+    BadRequestException (naming the image for the raw ones). The raw ones' (body, status,
+    error body)."""
+    answers = []
+    for body in BAD_IMAGES:
+        r = server.predict(model, body)
+        err = assert_torchserve_error(r, 400, "BadRequestException")
+        assert "image" in err["message"], err
+        answers.append((body, r.status_code, err))
+    r = server.request("POST", "inference", f"/predictions/{model}",
+                       files={"data": ("x.jpg", b"not an image", "image/jpeg")})
+    assert_torchserve_error(r, 400, "BadRequestException")
+    return answers
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1863,26 +1883,14 @@ def test_object_detector_bad_image_is_a_bad_request(ts_server):
     after them."""
     ex = ts.exchange("predict_detector_bad_image_bytes", DETECTOR_SECTION)
     assert (ex["status"], ex["body_json"]["message"]) == (503, "Prediction failed")
-    r = ts_server.request("POST", "management", f"/models?url={DETECTOR}.mar&initial_workers=1"
-                          "&synchronous=true")
-    assert r.status_code == 200, r.text
-    try:
-        for body in (b"this is not an image", b"", b"\xff\xd8\xff\xe0" + b"\0" * 64):
-            r = ts_server.predict(DETECTOR, body)
-            err = assert_torchserve_error(r, 400, "BadRequestException")
-            assert "image" in err["message"], err
+    with _registered(ts_server, DETECTOR):
+        for body, status, err in _bad_images_are_bad_requests(ts_server, DETECTOR):
             classifier = ts_server.predict(MODEL, body)
-            assert (r.status_code, err) == (classifier.status_code, classifier.json()), (
-                f"object_detector answers {body[:8]!r} with {r.status_code} {err}, the "
+            assert (status, err) == (classifier.status_code, classifier.json()), (
+                f"object_detector answers {body[:8]!r} with {status} {err}, the "
                 f"image_classifier with {classifier.status_code} {classifier.text}")
-        r = ts_server.request("POST", "inference", f"/predictions/{DETECTOR}",
-                              files={"data": ("x.jpg", b"not an image", "image/jpeg")})
-        assert_torchserve_error(r, 400, "BadRequestException")
         # A good image still answers (its agreement with TorchServe is the test above's).
         r = ts_server.predict(DETECTOR)
         assert r.status_code == 200, (r.status_code, r.text[:500])
         assert isinstance(r.json(), list) and r.json(), r.text[:300]
-    finally:
-        r = ts_server.request("DELETE", "management", f"/models/{DETECTOR}")
-        assert r.status_code == 200, r.text
     assert_still_predicts(ts_server)
