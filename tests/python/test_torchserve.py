@@ -1682,7 +1682,7 @@ def test_image_segmenter_bad_image_is_a_bad_request(ts_server):
     recorded as predict_segmenter_bad_image_bytes); kitten.jpg still answers after them."""
     ex = ts.exchange("predict_segmenter_bad_image_bytes", "image_segmenter")
     assert (ex["status"], ex["body_json"]["message"]) == (503, "Prediction failed")
-    with _registered(ts_server, SEGMENTER):
+    with _registered(ts_server, f"{SEGMENTER}.mar", SEGMENTER):
         _bad_images_are_bad_requests(ts_server, SEGMENTER)
         # A good image still answers (its agreement with TorchServe is the test above's).
         r = ts_server.predict(SEGMENTER)
@@ -1690,19 +1690,6 @@ def test_image_segmenter_bad_image_is_a_bad_request(ts_server):
         body = r.json()
         assert (len(body), len(body[0]), len(body[0][0])) == (224, 224, 2), r.text[:200]
     assert_still_predicts(ts_server)
-
-
-@contextlib.contextmanager
-def _registered(server: TorchServe, model: str):
-    """`model`.mar registered with one worker for the block, unregistered after it."""
-    r = server.request("POST", "management", f"/models?url={model}.mar&initial_workers=1"
-                       "&synchronous=true")
-    assert r.status_code == 200, r.text
-    try:
-        yield
-    finally:
-        r = server.request("DELETE", "management", f"/models/{model}")
-        assert r.status_code == 200, r.text
 
 
 BAD_IMAGES = (b"this is not an image", b"", b"\xff\xd8\xff\xe0" + b"\0" * 64)
@@ -1883,7 +1870,7 @@ def test_object_detector_bad_image_is_a_bad_request(ts_server):
     after them."""
     ex = ts.exchange("predict_detector_bad_image_bytes", DETECTOR_SECTION)
     assert (ex["status"], ex["body_json"]["message"]) == (503, "Prediction failed")
-    with _registered(ts_server, DETECTOR):
+    with _registered(ts_server, f"{DETECTOR}.mar", DETECTOR):
         for body, status, err in _bad_images_are_bad_requests(ts_server, DETECTOR):
             classifier = ts_server.predict(MODEL, body)
             assert (status, err) == (classifier.status_code, classifier.json()), (
