@@ -85,6 +85,7 @@ input [ { name: "x", data_type: TYPE_FP32, dims: [ 64 ] } ]
 output [ { name: "y", data_type: TYPE_FP32, dims: [ 10 ] } ]
 dynamic_batching { }
 instance_group [ { count: 2, kind: KIND_CPU } ]
+parameters { key: "allow_thread_spinning" value: { string_value: "true" } }
 """
 
 
@@ -111,6 +112,7 @@ CORRUPT = {
     "truncated_pb": ("saved_model.pb cut in half", ("savedmodel", "saved_model.pb")),
     "corrupt_variables_index": ("variables/variables.index replaced by garbage", ("savedmodel", "variables", "sstable")),
     "missing_variables_data": ("variables/variables.data-* removed", ("savedmodel", "variables")),
+    "bad_parameter": ("allow_thread_spinning neither true nor false", ("allow_thread_spinning",)),
 }
 
 
@@ -133,6 +135,9 @@ def _break(name: str, version_dir: Path) -> None:
         assert shards, f"no variables.data-* in {variables}"
         for shard in shards:
             shard.unlink()
+    elif name == "bad_parameter":
+        (version_dir.parent / "config.pbtxt").write_text(
+            'parameters { key: "allow_thread_spinning" value: { string_value: "sometimes" } }\n')
     else:
         raise AssertionError(name)
 
@@ -474,6 +479,7 @@ def test_explicit_config_is_used(layout_server):
     assert "dynamic_batching" in config, config
     groups = config["instance_group"]
     assert [(int(g["count"]), g["kind"]) for g in groups] == [(2, "KIND_CPU")], groups
+    assert config["parameters"]["allow_thread_spinning"] == {"string_value": "true"}, config
     assert meta["inputs"] == [{"name": "x", "datatype": "FP32", "shape": [-1, 64]}], meta
     assert meta["outputs"] == [{"name": "y", "datatype": "FP32", "shape": [-1, 10]}], meta
 

@@ -25,6 +25,18 @@ pub fn internal(message: impl Into<String>) -> BackendError {
     BackendError::new(BackendErrorKind::Internal, message)
 }
 
+/// A yes/no model parameter: `1`/`0`, `true`/`false`, `on`/`off`, `yes`/`no` (any case), as the
+/// engines' own configuration keys accept them.
+pub fn bool_parameter(key: &str, value: &str) -> Result<bool, BackendError> {
+    match value.trim().to_ascii_lowercase().as_str() {
+        "1" | "true" | "on" | "yes" => Ok(true),
+        "0" | "false" | "off" | "no" => Ok(false),
+        _ => Err(invalid_model(format!(
+            "parameter '{key}' must be 1 or 0 (true or false), got '{value}'"
+        ))),
+    }
+}
+
 /// The file name of a model path, for messages: the full path of a repository version
 /// directory says little and may leak the server's layout to clients.
 pub fn file_label(path: &Path) -> String {

@@ -25,6 +25,7 @@
 use std::collections::BTreeMap;
 
 use ort::session::builder::GraphOptimizationLevel;
+use oxserve_backend::support::bool_parameter;
 use oxserve_backend::{BackendError, LoadSpec};
 
 use crate::error::invalid_model;
@@ -105,7 +106,7 @@ impl SessionConfig {
         };
         let mem_pattern = params
             .get("enable_mem_pattern")
-            .map(|v| boolean("enable_mem_pattern", v))
+            .map(|v| bool_parameter("enable_mem_pattern", v))
             .transpose()?;
         let mut entries: Vec<(String, String)> = params
             .iter()
@@ -146,16 +147,6 @@ fn count(params: &BTreeMap<String, String>, key: &str) -> Result<Option<usize>, 
             })
         })
         .transpose()
-}
-
-fn boolean(key: &str, value: &str) -> Result<bool, BackendError> {
-    match value.trim().to_ascii_lowercase().as_str() {
-        "1" | "true" | "on" | "yes" => Ok(true),
-        "0" | "false" | "off" | "no" => Ok(false),
-        _ => Err(invalid_model(format!(
-            "parameter '{key}' must be 1 or 0 (true or false), got '{value}'"
-        ))),
-    }
 }
 
 #[cfg(test)]

@@ -14,7 +14,14 @@
 //! - All instances share the one session (TensorFlow runs a session from several threads at
 //!   once), so N instances cost threads, not N copies of the weights.
 //! - Threads: `intra_op_parallelism_threads` / `inter_op_parallelism_threads` model parameters,
-//!   else the server's defaults ([`TfOptions`]), else TensorFlow's (one per core).
+//!   else the server's defaults ([`TfOptions`]), else TensorFlow's (one per core). TensorFlow
+//!   keeps one intra-op and one inter-op pool per process, made with the options of the first
+//!   session loaded: later models share them whatever their own settings (TF Serving alike).
+//! - Idle pool threads sleep rather than spin (`parameters { key: "allow_thread_spinning" }`
+//!   turns TensorFlow's spinning back on), as the ONNX Runtime engine's do: a spinning pool
+//!   burns the cores the protocol threads, other instances and other models need, and on the
+//!   benchmark machine it cost 5–32 % more server CPU per request for no throughput
+//!   (BENCHMARKS.md, "TensorFlow and TF Serving").
 
 mod api;
 mod handles;
@@ -25,7 +32,7 @@ pub mod savedmodel;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
-use oxserve_backend::support::{invalid_model, unsupported};
+use oxserve_backend::support::{bool_parameter, invalid_model, unsupported};
 use oxserve_backend::{Backend, BackendError, BackendErrorKind, LoadSpec, LoadedModel, ModelSignature};
 
 /// Engine settings from the server's configuration.
@@ -115,6 +122,12 @@ impl TfBackend {
             tags,
             intra_op_threads: threads("intra_op_parallelism_threads", self.options.intra_op_threads)?,
             inter_op_threads: threads("inter_op_parallelism_threads", self.options.inter_op_threads)?,
+            thread_spinning: spec
+                .parameters
+                .get("allow_thread_spinning")
+                .map(|v| bool_parameter("allow_thread_spinning", v))
+                .transpose()?
+                .unwrap_or(false),
         })
     }
 }
@@ -147,5 +160,54 @@ impl Backend for TfBackend {
     fn availability(&self) -> Result<String, BackendError> {
         self.api()
             .map(|api| format!("TensorFlow {} from {}", api.version, api.library.display()))
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+
+    fn spec(parameters: &[(&str, &str)]) -> LoadSpec {
+        LoadSpec {
+            model_name: "m".into(),
+            version: 1,
+            model_path: PathBuf::from("/nonexistent"),
+            inputs: Vec::new(),
+            outputs: Vec::new(),
+            max_batch_size: 0,
+            instance_count: 1,
+            devices: Vec::new(),
+            graph_optimization_level: 0,
+            parameters: parameters
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect::<BTreeMap<_, _>>(),
+            gpu_accelerators: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn thread_spinning_is_off_unless_a_parameter_turns_it_on() {
+        let backend = TfBackend::new(TfOptions::default());
+        assert!(!backend.settings(&spec(&[])).unwrap().thread_spinning);
+        assert!(
+            backend
+                .settings(&spec(&[("allow_thread_spinning", "true")]))
+                .unwrap()
+                .thread_spinning
+        );
+        assert!(
+            !backend
+                .settings(&spec(&[("allow_thread_spinning", "0")]))
+                .unwrap()
+                .thread_spinning
+        );
+        let err = backend
+            .settings(&spec(&[("allow_thread_spinning", "sometimes")]))
+            .unwrap_err();
+        assert!(err.to_string().contains("allow_thread_spinning"), "{err}");
     }
 }

@@ -21,6 +21,8 @@ pub(crate) struct SessionSettings {
     /// 0 = TensorFlow's choice (one thread per core).
     pub intra_op_threads: i32,
     pub inter_op_threads: i32,
+    /// Whether idle pool threads spin waiting for work (TensorFlow's default) rather than sleep.
+    pub thread_spinning: bool,
 }
 
 /// One tensor of a signature, bound to its graph endpoint.
@@ -52,16 +54,23 @@ fn bind(session: &Session, meta: &TensorMeta, tensor_name: &str) -> Result<Bindi
     })
 }
 
+/// The serialized `ConfigProto` a session is loaded with.
+fn session_config(settings: &SessionSettings) -> Vec<u8> {
+    prost::Message::encode_to_vec(&savedmodel::SessionConfig {
+        intra_op_parallelism_threads: settings.intra_op_threads,
+        inter_op_parallelism_threads: settings.inter_op_threads,
+        experimental: Some(savedmodel::SessionExperimental {
+            disable_thread_spinning: !settings.thread_spinning,
+        }),
+    })
+}
+
 pub(crate) fn load(
     api: Arc<Api>,
     spec: &LoadSpec,
     settings: &SessionSettings,
 ) -> Result<TfModel, BackendError> {
-    let config = savedmodel::SessionConfig {
-        intra_op_parallelism_threads: settings.intra_op_threads,
-        inter_op_parallelism_threads: settings.inter_op_threads,
-    };
-    let config_bytes = prost::Message::encode_to_vec(&config);
+    let config_bytes = session_config(settings);
     // The MetaGraphDef TensorFlow returns is the one it loaded: signatures come from it.
     let (session, meta_bytes) =
         Session::load(api, &spec.model_path, &settings.tags, &config_bytes).map_err(|e| {
@@ -280,4 +289,28 @@ fn from_tensorflow(binding: &Binding, result: OwnedTensor) -> Result<Tensor, Bac
         }
     };
     Ok(Tensor::new(name, datatype, shape, data))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn session_config_sleeps_idle_threads_unless_spinning_is_asked_for() {
+        let mut settings = SessionSettings {
+            tags: vec!["serve".into()],
+            intra_op_threads: 2,
+            inter_op_threads: 1,
+            thread_spinning: false,
+        };
+        // ConfigProto on the wire: intra_op_parallelism_threads (2) = 2, inter_op (5) = 1,
+        // experimental (16) { disable_thread_spinning (9) = true }.
+        assert_eq!(
+            session_config(&settings),
+            [0x10, 2, 0x28, 1, 0x82, 0x01, 2, 0x48, 1]
+        );
+        settings.thread_spinning = true;
+        // The switch false is TensorFlow's default: the Experimental message stays empty.
+        assert_eq!(session_config(&settings), [0x10, 2, 0x28, 1, 0x82, 0x01, 0]);
+    }
 }

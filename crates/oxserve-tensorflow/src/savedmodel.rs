@@ -71,6 +71,15 @@ pub(crate) struct SessionConfig {
     pub intra_op_parallelism_threads: i32,
     #[prost(int32, tag = "5")]
     pub inter_op_parallelism_threads: i32,
+    #[prost(message, optional, tag = "16")]
+    pub experimental: Option<SessionExperimental>,
+}
+
+/// `ConfigProto.Experimental`: only the switch the engine sets.
+#[derive(Clone, PartialEq, prost::Message)]
+pub(crate) struct SessionExperimental {
+    #[prost(bool, tag = "9")]
+    pub disable_thread_spinning: bool,
 }
 
 /// The signature a request without a signature name runs, as TF Serving's.
