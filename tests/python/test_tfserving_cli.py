@@ -33,12 +33,14 @@ import os
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import requests
+import tritonclient.grpc as grpcclient
 
 import _tf
 from _models import add_sub_inputs, ort_run
@@ -603,6 +605,62 @@ def test_thread_flags_accepted(link):
             for future in [pool.submit(check_two_sig, server, "/v1/models/two_sig", "2", [i % 3])
                            for i in range(12)]:
                 future.result()
+
+
+def test_tf_serving_test_harness_flags(link):
+    """The flags TF Serving's own integration tests start every server with
+    (model_servers/test_util/tensorflow_model_server_test_base.py): --rest_api_timeout_in_ms and
+    --grpc_socket_path. Every gRPC service also answers on the Unix socket, a stale socket file
+    left by an earlier run is replaced, and the TCP port keeps serving."""
+    grpc_port, rest_port = free_ports(2)
+    # Under /tmp: a Unix socket's path must stay under 108 bytes, pytest's tmp_path may not.
+    sock_dir = Path(tempfile.mkdtemp(prefix="oxs-uds-", dir="/tmp"))
+    sock = sock_dir / "tf-serving.sock"
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(str(sock))
+    stale.close()
+    argv = [f"--port={grpc_port}", f"--rest_api_port={rest_port}", "--rest_api_timeout_in_ms=5000",
+            f"--grpc_socket_path={sock}", "--model_name=two_sig", f"--model_base_path={MODELS / 'two_sig'}"]
+    try:
+        with serving("harness", link, argv) as server:
+            check_two_sig(server, "/v1/models/two_sig", "2")
+            # C-core gRPC clients send the socket's path as :authority by default, which the
+            # HTTP/2 library refuses (docs/tfserving.md); "localhost" is what grpc-go sends.
+            for url, args in ((f"unix:{sock}", [("grpc.default_authority", "localhost")]),
+                              (server.grpc_host, None)):
+                client = grpcclient.InferenceServerClient(url=url, channel_args=args)
+                try:
+                    assert client.is_server_live(), url
+                    assert client.is_model_ready("two_sig"), url
+                    rows, want = two_sig_rows("2", [0, 2, 1])
+                    x = grpcclient.InferInput("x", [len(rows), len(rows[0])], "FP32")
+                    x.set_data_from_numpy(np.array(rows, np.float32))
+                    result = client.infer("two_sig", [x])
+                    for k, w in want.items():
+                        _tf.assert_matches(f"{url} {k}", result.as_numpy(k), w)
+                finally:
+                    client.close()
+    finally:
+        shutil.rmtree(sock_dir, ignore_errors=True)
+
+
+def test_rest_api_timeout(link, tmp_path):
+    """A REST predict not answered within --rest_api_timeout_in_ms is DEADLINE_EXCEEDED (504,
+    TF Serving's error shape) well before its 3-second batch delay would have run it; the server
+    goes on serving."""
+    params = tmp_path / "batching.config"
+    params.write_text("max_batch_size { value: 8 } batch_timeout_micros { value: 3000000 }\n")
+    grpc_port, rest_port = free_ports(2)
+    argv = [f"--port={grpc_port}", f"--rest_api_port={rest_port}", "--rest_api_timeout_in_ms=300",
+            "--model_name=two_sig", f"--model_base_path={MODELS / 'two_sig'}",
+            f"--batching_parameters_file={params}"]
+    with serving("rest-timeout", link, argv) as server:
+        rows, _ = two_sig_rows("2", [1])
+        began = time.monotonic()
+        message = error(server.post("/v1/models/two_sig:predict", {"instances": rows}), 504)
+        assert time.monotonic() - began < 2.5, "answered only after the batch delay"
+        assert "deadline" in message.lower() and "300 ms" in message, message
+        assert ok(server.get("/v1/models/two_sig")) == {"model_version_status": [status_entry("2")]}
 
 
 def test_version_flag(link):

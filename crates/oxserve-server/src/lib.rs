@@ -76,6 +76,11 @@ pub struct ServerOptions {
     pub http_metrics_path: Option<String>,
     /// TF Serving's gRPC services (served on the gRPC listener beside KServe's).
     pub tfserving_grpc: oxserve_tfserving::grpc::GrpcOptions,
+    /// TF Serving's `--rest_api_timeout_in_ms` for its REST API's calls; `None`: no limit.
+    pub tfserving_rest_timeout: Option<std::time::Duration>,
+    /// Also serve every gRPC service on this Unix domain socket (TF Serving's
+    /// `--grpc_socket_path`).
+    pub grpc_unix_socket: Option<std::path::PathBuf>,
     /// More routes on the HTTP listener (TorchServe's inference API).
     pub extra_http_routes: Option<axum::Router>,
     /// More metric families rendered at each scrape (TorchServe's `ts_*`).
@@ -237,6 +242,7 @@ pub async fn serve(
             engine.clone(),
             oxserve_tfserving::rest::RestOptions {
                 max_body_bytes: options.http.max_body_bytes,
+                request_timeout: options.tfserving_rest_timeout,
             },
         ));
     if let Some(path) = &options.http_metrics_path {
@@ -323,6 +329,15 @@ pub async fn serve(
         .layer(GuardLayer::new(access.clone(), GrpcWire))
         .layer(budget.grpc_layer(options.grpc.max_message_bytes))
         .add_routes(grpc_routes);
+    // The same services on a Unix domain socket, beside the TCP listener.
+    let grpc_unix: Option<ServerFuture<tonic::transport::Error>> = match &options.grpc_unix_socket {
+        None => None,
+        Some(path) => Some(Box::pin(
+            grpc_router
+                .clone()
+                .serve_with_incoming_shutdown(unix_incoming(path)?, stopped(stop_rx.clone())),
+        )),
+    };
     let grpc: ServerFuture<tonic::transport::Error> = match listeners.grpc_tls.clone() {
         Some(tls) => Box::pin(grpc_router.serve_with_incoming_shutdown(
             tls::grpc_incoming(TlsListener::new(listeners.grpc, tls)),
@@ -375,6 +390,12 @@ pub async fn serve(
             async { http.await.context("HTTP server failed") },
             async { grpc.await.context("gRPC server failed") },
             async {
+                match grpc_unix {
+                    Some(server) => server.await.context("gRPC server on the Unix socket failed"),
+                    None => Ok(()),
+                }
+            },
+            async {
                 match metrics {
                     Some(server) => server.await.context("metrics server failed"),
                     None => Ok(()),
@@ -396,9 +417,10 @@ pub async fn serve(
         results
     };
     tokio::select! {
-        (http_result, grpc_result, metrics_result) = servers => {
+        (http_result, grpc_result, grpc_unix_result, metrics_result) = servers => {
             http_result?;
             grpc_result?;
+            grpc_unix_result?;
             metrics_result?;
             tracing::info!("all connections closed");
         }
@@ -407,6 +429,29 @@ pub async fn serve(
         }
     }
     Ok(())
+}
+
+/// Connections accepted on a Unix domain socket at `path`. A file left there by an earlier
+/// run is replaced (as gRPC's own `unix:` listener does); anything else there is an error.
+fn unix_incoming(
+    path: &std::path::Path,
+) -> anyhow::Result<impl futures::Stream<Item = std::io::Result<tokio::net::UnixStream>> + use<>> {
+    use std::os::unix::fs::FileTypeExt;
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        anyhow::ensure!(
+            meta.file_type().is_socket(),
+            "gRPC socket path {} exists and is not a socket",
+            path.display()
+        );
+        std::fs::remove_file(path).with_context(|| format!("cannot replace {}", path.display()))?;
+    }
+    let listener = tokio::net::UnixListener::bind(path)
+        .with_context(|| format!("cannot listen on the Unix socket {}", path.display()))?;
+    tracing::info!(path = %path.display(), "gRPC listening on a Unix socket");
+    Ok(futures::stream::unfold(listener, |listener| async move {
+        let accepted = listener.accept().await.map(|(stream, _)| stream);
+        Some((accepted, listener))
+    }))
 }
 
 /// Drops idle rate-limit buckets every few seconds, so memory follows the active clients.

@@ -23,12 +23,16 @@ use crate::spec::{self, ModelRef, VersionChoice};
 pub struct RestOptions {
     /// The largest request body read (after decompression).
     pub max_body_bytes: usize,
+    /// TF Serving's `--rest_api_timeout_in_ms`: a predict, classify or regress call not answered
+    /// within it ends with DEADLINE_EXCEEDED (its work is abandoned); `None`: no limit.
+    pub request_timeout: Option<std::time::Duration>,
 }
 
 impl Default for RestOptions {
     fn default() -> Self {
         RestOptions {
             max_body_bytes: 64 << 20,
+            request_timeout: None,
         }
     }
 }
@@ -51,7 +55,7 @@ pub fn router(engine: InferenceService, options: RestOptions) -> Router {
     Router::new()
         .route("/v1/models", get(missing_model).post(missing_model))
         .route("/v1/models/", get(missing_model).post(missing_model))
-        .route("/v1/models/{*rest}", get(get_model).post(post_model))
+        .route("/v1/models/{*rest}", get(get_model).post(post_model_in_time))
         .with_state(state)
 }
 
@@ -122,6 +126,29 @@ async fn get_model(
     Ok(json_response(
         serde_json::to_string_pretty(&body).unwrap_or_default(),
     ))
+}
+
+/// [`post_model`] within `--rest_api_timeout_in_ms`. Dropping the call on time-out abandons
+/// its request: a queued one never runs, a running batch finishes for its other requests.
+async fn post_model_in_time(
+    State(s): State<RestState>,
+    Path(rest): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> std::result::Result<Response, RestError> {
+    let Some(limit) = s.options.request_timeout else {
+        return post_model(State(s), Path(rest), headers, body).await;
+    };
+    match tokio::time::timeout(limit, post_model(State(s), Path(rest), headers, body)).await {
+        Ok(answer) => answer,
+        Err(_) => Err(RestError(Error::new(
+            oxserve_core::ErrorKind::DeadlineExceeded,
+            format!(
+                "Deadline exceeded: no answer within the REST API timeout of {} ms",
+                limit.as_millis()
+            ),
+        ))),
+    }
 }
 
 async fn post_model(

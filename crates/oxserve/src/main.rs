@@ -541,6 +541,10 @@ struct ServeExtras {
     model_list_poll: Option<(std::time::Duration, ModelListSource)>,
     /// How TF Serving's config reload serves the models it lists.
     tfserving_grpc: oxserve_tfserving::grpc::GrpcOptions,
+    /// TF Serving's `--rest_api_timeout_in_ms`.
+    tfserving_rest_timeout: Option<std::time::Duration>,
+    /// TF Serving's `--grpc_socket_path`: gRPC on a Unix domain socket too.
+    grpc_unix_socket: Option<PathBuf>,
     /// TorchServe's APIs (inference routes on the HTTP listener, management on its own).
     torchserve: Option<TorchServeSetup>,
     /// Triton's trace settings at start (`--trace-config`); `None`: tracing off.
@@ -652,6 +656,8 @@ fn run_server(settings: Settings, extras: ServeExtras) -> anyhow::Result<()> {
         max_inflight_bytes: settings.server.max_inflight_bytes,
         http_metrics_path: extras.http_metrics_path,
         tfserving_grpc: extras.tfserving_grpc,
+        tfserving_rest_timeout: extras.tfserving_rest_timeout,
+        grpc_unix_socket: extras.grpc_unix_socket,
         extra_http_routes: None,
         extra_listeners: Vec::new(),
         extra_grpc: None,

@@ -45,6 +45,13 @@ pub struct TfServingArgs {
     /// API; oxserve then listens on a free port chosen by the system.
     #[arg(long = "rest_api_port", default_value_t = 0)]
     rest_api_port: u16,
+    /// Timeout of a REST API call in milliseconds (predict, classify, regress): an answer not
+    /// ready by then is DEADLINE_EXCEEDED (HTTP 504). 0: no limit.
+    #[arg(long = "rest_api_timeout_in_ms", default_value_t = 30_000)]
+    rest_api_timeout_in_ms: u64,
+    /// Also serve gRPC on this Unix domain socket (clients use `unix:PATH`).
+    #[arg(long = "grpc_socket_path")]
+    grpc_socket_path: Option<PathBuf>,
     /// Threads serving requests (the async runtime's workers, for REST and gRPC alike).
     #[arg(long = "rest_api_num_threads")]
     rest_api_num_threads: Option<usize>,
@@ -237,6 +244,12 @@ pub fn run(args: TfServingArgs) -> anyhow::Result<()> {
                 base_dir: cwd,
                 ..Default::default()
             },
+            tfserving_rest_timeout: (args.rest_api_timeout_in_ms > 0)
+                .then(|| Duration::from_millis(args.rest_api_timeout_in_ms)),
+            grpc_unix_socket: args
+                .grpc_socket_path
+                .clone()
+                .filter(|p| !p.as_os_str().is_empty()),
             torchserve: None,
             trace: None,
         },

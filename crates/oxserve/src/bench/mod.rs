@@ -222,6 +222,8 @@ mod tests {
             max_inflight_bytes: None,
             http_metrics_path: None,
             tfserving_grpc: Default::default(),
+            tfserving_rest_timeout: None,
+            grpc_unix_socket: None,
             extra_http_routes: None,
             extra_listeners: Vec::new(),
             extra_grpc: None,
