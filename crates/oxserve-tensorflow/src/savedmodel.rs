@@ -64,7 +64,8 @@ pub(crate) struct Dim {
     pub size: i64,
 }
 
-/// `ConfigProto`'s thread settings (tensorflow/core/protobuf/config.proto).
+/// The `ConfigProto` fields the engine sets (tensorflow/core/protobuf/config.proto): thread
+/// counts and the spinning switch.
 #[derive(Clone, PartialEq, prost::Message)]
 pub(crate) struct SessionConfig {
     #[prost(int32, tag = "2")]

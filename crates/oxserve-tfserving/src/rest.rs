@@ -136,10 +136,12 @@ async fn post_model_in_time(
     headers: HeaderMap,
     body: Body,
 ) -> std::result::Result<Response, RestError> {
-    let Some(limit) = s.options.request_timeout else {
-        return post_model(State(s), Path(rest), headers, body).await;
+    let limit = s.options.request_timeout;
+    let answer = post_model(State(s), Path(rest), headers, body);
+    let Some(limit) = limit else {
+        return answer.await;
     };
-    match tokio::time::timeout(limit, post_model(State(s), Path(rest), headers, body)).await {
+    match tokio::time::timeout(limit, answer).await {
         Ok(answer) => answer,
         Err(_) => Err(RestError(Error::new(
             oxserve_core::ErrorKind::DeadlineExceeded,
